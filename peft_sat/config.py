@@ -1,0 +1,140 @@
+"""`SATConfig`: the configuration of Sparsity-Accelerated Training as a PEFT method.
+
+Every field documents itself through its ``metadata["help"]`` string (the single source of truth, checked by
+``tests/test_config.py``); every check lives in ``__post_init__`` and names the field, the rule and the value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from peft.config import PeftConfig
+
+IMPORTANCE_METRICS = ("uniform", "magnitude", "wanda", "maxip")
+SELECTION_METHODS = ("topk", "sampling")
+HEAD_GRANULARITIES = ("kv_group", "q_head")
+OMITTABLE_BLOCKS = ("mlp", "attention")
+
+
+@dataclass
+class SATConfig(PeftConfig):
+    """Configuration of Sparsity-Accelerated Training (SAT, arXiv 2406.01392).
+
+    In training mode each targeted block scores its units (MLP channels, attention heads) on the current
+    micro-batch, keeps the most important ``1 - omission_rate`` fraction and computes forward and backward on the
+    kept units only, as smaller dense matrix products. Evaluation (``model.eval()``) always runs the dense model.
+
+    Example:
+        >>> import peft_sat  # registers the PEFT method "sat"
+        >>> from peft import get_peft_model
+        >>> model = get_peft_model(model, peft_sat.SATConfig(omission_rate=0.5))  # doctest: +SKIP
+    """
+
+    omission_rate: float = field(
+        default=0.5,
+        metadata={
+            "help": (
+                "Fraction of units (MLP channels, attention heads or KV groups) omitted per layer and training step, "
+                "in [0, 1) ('r' in the paper). Used as a constant rate unless a scheduler drives it."
+            )
+        },
+    )
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Names (suffix match) or a regex of the MLP / self-attention blocks to sparsify. Default per model "
+                "type: ['mlp', 'self_attn'] for Llama, Mistral, Qwen2 and Qwen3."
+            )
+        },
+    )
+    omit: list[Literal["mlp", "attention"]] = field(
+        default_factory=lambda: ["mlp", "attention"],
+        metadata={"help": "Which kinds of units to omit: any of 'mlp' (channels) and 'attention' (heads)."},
+    )
+    importance: Literal["uniform", "magnitude", "wanda", "maxip"] = field(
+        default="maxip",
+        metadata={
+            "help": (
+                "How units are scored each step, see `peft_sat.importance`: 'uniform' (random), 'magnitude' "
+                "(weight norms), 'wanda' (|W| times input-feature norm), 'maxip' (activation magnitude on sampled "
+                "tokens)."
+            )
+        },
+    )
+    selection: Literal["topk", "sampling"] = field(
+        default="topk",
+        metadata={
+            "help": (
+                "How kept units are chosen from the scores: 'topk' (highest scores) or 'sampling' (without "
+                "replacement, probability proportional to the score, seeded by `seed`)."
+            )
+        },
+    )
+    head_granularity: Literal["kv_group", "q_head"] = field(
+        default="kv_group",
+        metadata={
+            "help": (
+                "Attention unit: 'kv_group' omits whole GQA groups (a KV head with its query heads); 'q_head' omits "
+                "single query heads and projects only the KV heads that the kept query heads use."
+            )
+        },
+    )
+    score_tokens: int = field(
+        default=32,
+        metadata={
+            "help": (
+                "Number of non-padding tokens sampled from the micro-batch to compute activation-based scores "
+                "('maxip'); bounds the scoring cost. Must be >= 1."
+            )
+        },
+    )
+    train_base: Optional[bool] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Whether the base model's weights are trained. None: True when SAT is the PEFT method of "
+                "`get_peft_model` (full-parameter SAT, the paper's setting); left untouched by `apply_sat` (e.g. "
+                "under LoRA only the adapters train)."
+            )
+        },
+    )
+    seed: int = field(
+        default=0,
+        metadata={"help": "Seed of the 'uniform' scores and of 'sampling' selection (combined with step and layer)."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from .registration import SAT_PEFT_TYPE  # the enum member exists once peft_sat is imported
+
+        self.peft_type = SAT_PEFT_TYPE
+        if isinstance(self.target_modules, list):
+            self.target_modules = list(self.target_modules)
+        self.omit = list(self.omit) if isinstance(self.omit, (list, tuple)) else self.omit
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first invalid field, its rule and its value."""
+        rate = self.omission_rate
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
+            raise ValueError(f"`omission_rate` must be a float in [0, 1), got {rate!r}.")
+        if not isinstance(self.omit, list) or not self.omit or any(o not in OMITTABLE_BLOCKS for o in self.omit):
+            raise ValueError(f"`omit` must be a non-empty list of {list(OMITTABLE_BLOCKS)}, got {self.omit!r}.")
+        _check_choice("importance", self.importance, IMPORTANCE_METRICS)
+        _check_choice("selection", self.selection, SELECTION_METHODS)
+        _check_choice("head_granularity", self.head_granularity, HEAD_GRANULARITIES)
+        if isinstance(self.score_tokens, bool) or not isinstance(self.score_tokens, int) or self.score_tokens < 1:
+            raise ValueError(f"`score_tokens` must be an int >= 1, got {self.score_tokens!r}.")
+        if self.train_base is not None and not isinstance(self.train_base, bool):
+            raise ValueError(f"`train_base` must be True, False or None, got {self.train_base!r}.")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"`seed` must be an int, got {self.seed!r}.")
+        if self.target_modules is not None and not isinstance(self.target_modules, (str, list)):
+            raise ValueError(f"`target_modules` must be a list of names, a regex string or None, got {self.target_modules!r}.")
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {list(choices)}, got {value!r}.")

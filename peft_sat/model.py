@@ -1,0 +1,199 @@
+"""`SATModel` (the PEFT tuner) and `apply_sat` / `remove_sat` (the same conversion on any model, in place).
+
+SAT owns no weights: it re-classes the targeted MLP / attention blocks (``peft_sat.modules``) and, for
+full-parameter SAT, trains the base weights themselves. Hence the tuner overrides what PEFT assumes of adapter
+weights: which parameters train (``train_base``), what ``save_pretrained`` writes (the full weights when the base
+trains, nothing otherwise) and what unloading means (restoring the original classes; nothing to merge).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
+from torch import nn
+from transformers import PreTrainedModel
+
+from .config import SATConfig
+from .modules import block_kind, convert_block, restore_block, unsupported_block_error
+from .state import SATState
+
+DEFAULT_TARGET_MODULES = {model_type: ["mlp", "self_attn"] for model_type in ("llama", "mistral", "qwen2", "qwen3")}
+
+
+class SATModel(BaseTuner):
+    """PEFT tuner for Sparsity-Accelerated Training; created by ``get_peft_model(model, SATConfig(...))``.
+
+    Example:
+        >>> import peft_sat
+        >>> from peft import get_peft_model
+        >>> model = get_peft_model(model, peft_sat.SATConfig(omission_rate=0.5))  # doctest: +SKIP
+        >>> model.print_trainable_parameters()  # doctest: +SKIP  (all base weights: full-parameter SAT)
+    """
+
+    prefix: str = "sat_"
+    tuner_layer_cls = BaseTunerLayer  # SAT has no tuner layers; kept for PEFT code that reads the attribute
+    target_module_mapping = DEFAULT_TARGET_MODULES
+
+    def _prepare_adapter_config(self, peft_config: SATConfig, model_config: dict) -> SATConfig:
+        if peft_config.target_modules is None:
+            peft_config.target_modules = default_target_modules(model_config.get("model_type"))
+        if peft_config.train_base is None:
+            peft_config.train_base = True  # SAT alone is full-parameter SAT (the paper's setting)
+        return peft_config
+
+    def _pre_injection_hook(self, model: nn.Module, config: SATConfig, adapter_name: str) -> None:
+        if len(self.peft_config) > 1:
+            raise ValueError("A model holds one SAT configuration; call `remove_sat` before adding another.")
+        self._sat_blocks: list[nn.Module] = []
+        self.sat_state = _new_state(model, config)
+
+    def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):
+        if _convert_if_omitted(target, current_key, config, self.sat_state, len(self._sat_blocks)):
+            self._sat_blocks.append(target)
+
+    def _post_injection_hook(self, model: nn.Module, config: SATConfig, adapter_name: str) -> None:
+        if not self._sat_blocks:
+            raise ValueError(f"`target_modules` {config.target_modules!r} matched no block that `omit` selects.")
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        _set_base_trainable(model, self.peft_config[self.active_adapter].train_base)
+
+    def _enable_adapter_layers(self, enabled: bool = True) -> None:
+        # `with peft_model.disable_adapter():` trains / runs the dense model.
+        self.sat_state.enabled = enabled
+
+    def set_adapter(self, adapter_name, inference_mode: bool = False) -> None:
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        if any(name not in self.peft_config for name in names):
+            raise ValueError(f"Adapter {adapter_name!r} not found; SAT holds {list(self.peft_config)}.")
+
+    def _unload_and_optionally_merge(self, merge: bool = True, progressbar: bool = False, safe_merge=False,
+                                     adapter_names=None) -> nn.Module:
+        # Full-parameter SAT trains the base weights in place: there is nothing to merge, only classes to restore.
+        remove_sat(self.model)
+        if hasattr(self.model, "peft_config"):
+            del self.model.peft_config
+        return self.model
+
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        # With a trained base, the "adapter" is the whole model (PEFT would otherwise save nothing of it).
+        return dict(state_dict) if config.train_base else {}
+
+
+def default_target_modules(model_type: Optional[str]) -> list[str]:
+    """The default blocks per model type; TypeError naming the supported types otherwise."""
+    if model_type not in DEFAULT_TARGET_MODULES:
+        raise TypeError(
+            f"peft_sat has no default `target_modules` for model type {model_type!r}; supported model types: "
+            f"{sorted(DEFAULT_TARGET_MODULES)}."
+        )
+    return list(DEFAULT_TARGET_MODULES[model_type])
+
+
+def apply_sat(model: nn.Module, config: SATConfig) -> nn.Module:
+    """Convert the targeted blocks of ``model`` to SAT blocks, in place, and return ``model``.
+
+    ``model`` may be a transformers model, a LoRA ``PeftModel`` (full precision or bitsandbytes 4-bit) or a model
+    already carrying SAT (its SAT is replaced by this config). Adapters keep training as before; base weights are
+    made trainable / frozen only when ``config.train_base`` is True / False.
+
+    Raises:
+        TypeError: the model has no supported block among its targets (the message lists what is supported).
+        ValueError: ``target_modules`` matched nothing.
+
+    Example:
+        >>> lora_model = apply_sat(get_peft_model(model, LoraConfig(...)), SATConfig(omission_rate=0.5))  # doctest: +SKIP
+    """
+    if isinstance(config, dict):
+        config = SATConfig(**config)
+    config.validate()
+    remove_sat(model)
+    base = _transformers_model(model)
+    if config.target_modules is None:
+        config.target_modules = default_target_modules(getattr(getattr(base, "config", None), "model_type", None))
+    state = _new_state(base, config)
+    blocks: list[nn.Module] = []
+    for name, module in base.named_modules():
+        if check_target_module_exists(config, name) and _convert_if_omitted(module, name, config, state, len(blocks)):
+            blocks.append(module)
+    if not blocks:
+        raise ValueError(f"`target_modules` {config.target_modules!r} matched no block that `omit` selects.")
+    if config.train_base is not None:
+        _set_base_trainable(base, config.train_base)
+    return model
+
+
+def remove_sat(model: nn.Module) -> nn.Module:
+    """Undo ``apply_sat`` (or the SAT of a ``SATModel``) in place: original classes, no hooks. Returns ``model``."""
+    base = _transformers_model(model)
+    state = getattr(base, "sat_state", None)
+    if state is not None:
+        state.detach()
+        del base.sat_state
+    for module in base.modules():
+        restore_block(module)
+    return model
+
+
+def get_sat_state(model: nn.Module) -> Optional[SATState]:
+    """The ``SATState`` of a model carrying SAT (through any PEFT / DDP wrapping), or None."""
+    return getattr(_transformers_model(model), "sat_state", None)
+
+
+# ---- helpers -------------------------------------------------------------------------------------------------
+
+
+def _transformers_model(model: nn.Module) -> nn.Module:
+    """Unwrap DDP / PeftModel / BaseTuner down to the model that holds the blocks."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP / accelerate wrappers
+            model = model.module
+        elif hasattr(model, "get_base_model") and not isinstance(model, PreTrainedModel):  # PeftModel
+            model = model.get_base_model()
+        elif isinstance(model, BaseTuner):
+            model = model.model
+        else:
+            return model
+
+
+def _new_state(base: nn.Module, config: SATConfig) -> SATState:
+    state = SATState(config=config, omission_rate=config.omission_rate)
+    models = [m for m in base.modules() if isinstance(m, PreTrainedModel)] or [base]
+    state.attach(models)
+    base.sat_state = state
+    return state
+
+
+def _convert_if_omitted(module: nn.Module, name: str, config: SATConfig, state: SATState, block_id: int) -> bool:
+    """Convert a targeted block when its kind is in ``config.omit``; TypeError for a target SAT cannot slice."""
+    kind = block_kind(module)
+    if kind is None:
+        raise unsupported_block_error(module, name)
+    if kind not in config.omit:
+        return False
+    convert_block(module, state, block_id, config.head_granularity)
+    return True
+
+
+def _set_base_trainable(model: nn.Module, trainable: bool) -> None:
+    """Set ``requires_grad`` of every base (non-adapter) parameter; adapter parameters are left as they are."""
+    adapter_params = _adapter_parameter_ids(model)
+    for param in model.parameters():
+        if id(param) not in adapter_params and _is_trainable_dtype(param):
+            param.requires_grad_(trainable)
+
+
+def _adapter_parameter_ids(model: nn.Module) -> set[int]:
+    ids: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            base_ids = {id(p) for p in module.get_base_layer().parameters()}
+            ids.update(id(p) for p in module.parameters() if id(p) not in base_ids)
+    return ids
+
+
+def _is_trainable_dtype(param: torch.Tensor) -> bool:
+    return param.dtype.is_floating_point or param.dtype.is_complex  # 4-bit packed weights (uint8) never train

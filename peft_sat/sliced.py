@@ -1,0 +1,137 @@
+"""Sliced linear algebra: a projection restricted to kept output rows or kept input columns.
+
+For a projection ``y = x W^T + b`` with W (out, in):
+
+    linear_rows(module, x, rows):  y[..., rows]           = x W[rows]^T + b[rows]             (..., in) -> (..., k)
+    linear_cols(module, h, cols):  y with h on cols only  = h W[:, cols]^T + b                (..., k)  -> (..., out)
+
+computed as smaller dense matmuls (the saved FLOPs are real: no dense product is masked afterwards). Supported
+``module`` types, dispatched at call time so that the projection found *now* is used (LoRA may be injected after
+SAT):
+
+- ``nn.Linear`` (with or without bias);
+- PEFT LoRA layers (``lora.Linear``, ``lora.bnb.Linear4bit``): ``+ s * B[rows] A drop(x)`` for rows and
+  ``+ s * B A[:, cols] drop(h)`` for columns, summed over active adapters, skipped when merged or disabled;
+- bitsandbytes ``Linear4bit`` (see ``peft_sat.bnb``, imported lazily).
+
+Anything else (DoRA and other LoRA variants, unknown layers) runs the dense projection and slices / scatters around
+it, with a one-time warning: exact, but without the speed-up.
+"""
+
+from __future__ import annotations
+
+import warnings
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .ops import gather_linear
+
+_warned: set[str] = set()
+
+
+def linear_rows(module: nn.Module, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Kept output rows of ``module(x)``: (..., in) -> (..., len(rows))."""
+    return _dispatch(module, x, rows, by_rows=True)
+
+
+def linear_cols(module: nn.Module, h: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``module`` applied to an input that is non-zero on ``cols`` only: (..., len(cols)) -> (..., out)."""
+    return _dispatch(module, h, cols, by_rows=False)
+
+
+def _dispatch(module: nn.Module, x: torch.Tensor, index: torch.Tensor, by_rows: bool) -> torch.Tensor:
+    if type(module) is nn.Linear or isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward:
+        return gather_linear(x, module.weight, module.bias, index, by_rows)
+    if _is_lora(module):
+        return _lora(module, x, index, by_rows)
+    if _is_bnb_4bit(module):
+        from .bnb import linear4bit_sliced
+
+        return linear4bit_sliced(module, x, index, by_rows)
+    return _dense_fallback(module, x, index, by_rows, reason=f"{type(module).__name__} has no sliced kernel")
+
+
+def _is_lora(module: nn.Module) -> bool:
+    return hasattr(module, "lora_A") and hasattr(module, "base_layer") and hasattr(module, "scaling")
+
+
+def _is_bnb_4bit(module: nn.Module) -> bool:
+    return type(module).__name__ == "Linear4bit" and type(module).__module__.startswith("bitsandbytes")
+
+
+def _lora(module: nn.Module, x: torch.Tensor, index: torch.Tensor, by_rows: bool) -> torch.Tensor:
+    """Mirror of ``peft.tuners.lora.layer.Linear.forward`` on a slice."""
+    if module.disable_adapters and module.merged:
+        module.unmerge()
+    active = [a for a in module.active_adapters if a in module.lora_A.keys()]
+    if module.disable_adapters or module.merged or not active:
+        return _dispatch(module.base_layer, x, index, by_rows)
+    variants = [a for a in active if a in getattr(module, "lora_variant", {})]
+    if variants:
+        return _dense_fallback(module, x, index, by_rows, reason=f"LoRA variant (e.g. DoRA) on adapters {variants}")
+
+    result = _dispatch(module.base_layer, x, index, by_rows)
+    result_dtype = result.dtype
+    for adapter in active:
+        lora_a, lora_b = module.lora_A[adapter], module.lora_B[adapter]
+        dropout, scaling = module.lora_dropout[adapter], module.scaling[adapter]
+        x_cast = module._cast_input_dtype(x, lora_a.weight.dtype)
+        if by_rows:
+            # y[..., rows] += s * B[rows] A drop(x): A sees the full input, B only its kept rows.
+            bias = None if lora_b.bias is None else lora_b.bias[index]
+            delta = F.linear(lora_a(dropout(x_cast)), lora_b.weight[index], bias)
+        else:
+            # y += s * B A[:, cols] drop(h): the input exists on the kept columns only.
+            delta = lora_b(F.linear(dropout(x_cast), lora_a.weight[:, index], lora_a.bias))
+        result = result + delta * scaling
+    return result.to(result_dtype)
+
+
+def _dense_fallback(module: nn.Module, x: torch.Tensor, index: torch.Tensor, by_rows: bool, reason: str):
+    """Exact but unaccelerated: dense projection, then slice its output (rows) or scatter its input (cols)."""
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(
+            f"peft_sat: {reason}; this projection runs dense inside the sparse block (exact, no speed-up).",
+            stacklevel=3,
+        )
+    if by_rows:
+        return module(x).index_select(-1, index)
+    full = x.new_zeros(*x.shape[:-1], _in_features(module))
+    return module(full.index_copy(-1, index, x))
+
+
+def _in_features(module: nn.Module) -> int:
+    base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+    return base.in_features
+
+
+# ---- read-only views of the base projection, used for importance scores ----------------------------------------
+
+
+def base_layer(module: nn.Module) -> nn.Module:
+    """The innermost base layer (``nn.Linear`` or ``Linear4bit``) under any LoRA wrapping."""
+    while hasattr(module, "base_layer"):
+        module = module.base_layer
+    return module
+
+
+def base_weight(module: nn.Module) -> torch.Tensor:
+    """The base weight (out, in) as a dense tensor, detached; 4-bit weights are dequantized (a transient copy)."""
+    layer = base_layer(module)
+    if _is_bnb_4bit(layer):
+        from .bnb import dequantize_weight
+
+        return dequantize_weight(layer)
+    return layer.weight.detach()
+
+
+def project_base(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x W^T`` with the base weight (no bias, no adapters, no dropout), without autograd: for scoring only."""
+    layer = base_layer(module)
+    with torch.no_grad():
+        # 4-bit: dequantize instead of calling the layer, whose no-grad CPU path may repack the weight in place
+        # (STACK_NOTES: AVX512-BF16 inference layout).
+        weight = base_weight(layer)
+        return F.linear(x.to(weight.dtype), weight)

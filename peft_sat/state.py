@@ -1,0 +1,72 @@
+"""Run-time state shared by the SAT blocks of one model: the omission rate, the current batch's padding mask and
+a forward counter that keys per-step randomness and the selection cache.
+
+Why a counter set by a model-level hook: gradient checkpointing re-runs a layer's forward inside backward; the
+re-run must pick the same units, so nothing inside a re-runnable layer forward may advance state. The counter moves
+only when a whole transformers model (``PreTrainedModel``) starts a forward, which checkpointing never re-runs.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from .config import SATConfig
+
+
+@dataclass
+class SATState:
+    """Mutable state of SAT on one model (one instance shared by all its SAT blocks)."""
+
+    config: SATConfig
+    omission_rate: float
+    enabled: bool = True
+    forward_count: int = 0
+    token_mask: Optional[torch.Tensor] = None  # (B, T) bool, True at real (non-padding) tokens
+    hooks: list[Any] = field(default_factory=list, repr=False)
+
+    def set_omission_rate(self, rate: float) -> None:
+        """Set the rate used by the next training forwards, e.g. from a scheduler."""
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"`omission_rate` must be in [0, 1), got {rate!r}.")
+        self.omission_rate = float(rate)
+
+    def generator(self, device: torch.device, block_id: int) -> torch.Generator:
+        """A generator seeded by (config seed, forward count, block): reproducible and identical in re-runs."""
+        seed = (self.config.seed * 1_000_003 + self.forward_count) * 10_007 + block_id
+        return torch.Generator(device=device).manual_seed(seed % (2**63 - 1))
+
+    def attach(self, models: list[nn.Module]) -> None:
+        """Register the batch hook on every transformers model in the tree (outer and inner both see the mask)."""
+        for model in models:
+            names = list(inspect.signature(model.forward).parameters)
+            position = names.index("attention_mask") if "attention_mask" in names else None
+            hook = model.register_forward_pre_hook(_BatchHook(self, position), with_kwargs=True)
+            self.hooks.append(hook)
+
+    def detach(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks.clear()
+        self.token_mask = None
+
+
+class _BatchHook:
+    """Forward pre-hook: advance the counter and remember the 2-D padding mask of the batch (None when packed)."""
+
+    def __init__(self, state: SATState, mask_position: Optional[int]) -> None:
+        self.state = state
+        self.mask_position = mask_position
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.state.forward_count += 1
+        mask = kwargs.get("attention_mask")
+        if mask is None and self.mask_position is not None and len(args) > self.mask_position:
+            mask = args[self.mask_position]
+        # Only a (B, T) mask marks padding; 4-D masks and TRL's padding-free packing (no mask, position_ids and
+        # cu_seq_lens in kwargs) contain no padding tokens to exclude.
+        self.state.token_mask = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
