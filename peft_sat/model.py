@@ -179,6 +179,11 @@ def _transformers_model(model: nn.Module) -> nn.Module:
 
 
 def _new_state(base: nn.Module, config: SATConfig) -> SATState:
+    for module in base.modules():
+        # On CPUs with AVX512-BF16 a no-grad forward of a bnb Linear4bit (dense evaluation) repacks its weight in
+        # place into an inference layout; training afterwards gets silently wrong gradients (STACK_NOTES).
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
     state = SATState(config=config, omission_rate=config.omission_rate)
     models = [m for m in base.modules() if isinstance(m, PreTrainedModel)] or [base]
     state.attach(models)

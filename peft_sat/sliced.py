@@ -57,7 +57,8 @@ def _is_lora(module: nn.Module) -> bool:
 
 
 def _is_bnb_4bit(module: nn.Module) -> bool:
-    return type(module).__name__ == "Linear4bit" and type(module).__module__.startswith("bitsandbytes")
+    """bitsandbytes ``Linear4bit`` or a subclass (``LinearNF4``, ``LinearFP4``), without importing bitsandbytes."""
+    return any(c.__name__ == "Linear4bit" and c.__module__.startswith("bitsandbytes") for c in type(module).__mro__)
 
 
 def _lora(module: nn.Module, x: torch.Tensor, index: torch.Tensor, by_rows: bool) -> torch.Tensor:
