@@ -7,7 +7,7 @@ Every field documents itself through its ``metadata["help"]`` string (the single
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Literal
 
 from peft.config import PeftConfig
 
@@ -41,7 +41,7 @@ class SATConfig(PeftConfig):
             )
         },
     )
-    target_modules: Optional[Union[list[str], str]] = field(
+    target_modules: list[str] | str | None = field(
         default=None,
         metadata={
             "help": (
@@ -91,7 +91,7 @@ class SATConfig(PeftConfig):
             )
         },
     )
-    train_base: Optional[bool] = field(
+    train_base: bool | None = field(
         default=None,
         metadata={
             "help": (
@@ -144,7 +144,7 @@ class SATConfig(PeftConfig):
             )
         },
     )
-    ladder_stairs: Optional[list[tuple[float, float]]] = field(
+    ladder_stairs: list[tuple[float, float]] | None = field(
         default=None,
         metadata={
             "help": (
@@ -183,7 +183,9 @@ class SATConfig(PeftConfig):
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"`seed` must be an int, got {self.seed!r}.")
         if self.target_modules is not None and not isinstance(self.target_modules, (str, list)):
-            raise ValueError(f"`target_modules` must be a list of names, a regex string or None, got {self.target_modules!r}.")
+            raise ValueError(
+                f"`target_modules` must be a list of names, a regex string or None, got {self.target_modules!r}."
+            )
         self._validate_schedule_fields()
 
     def _validate_schedule_fields(self) -> None:
@@ -226,11 +228,15 @@ def _check_stairs(stairs: object) -> None:
     """``ladder_stairs``: non-empty (fraction, rate) pairs (tuples or JSON lists), from 0.0, strictly increasing."""
     example = "e.g. [(0.0, 0.5), (0.6, 0.25), (0.85, 0.0)]"
     if not isinstance(stairs, (list, tuple)) or not stairs:
-        raise ValueError(f"`ladder_stairs` must be a non-empty list of (fraction, rate) pairs ({example}), got {stairs!r}.")
+        raise ValueError(
+            f"`ladder_stairs` must be a non-empty list of (fraction, rate) pairs ({example}), got {stairs!r}."
+        )
     previous = -1.0
     for stair in stairs:
         if not isinstance(stair, (list, tuple)) or len(stair) != 2 or not all(_is_number(v) for v in stair):
-            raise ValueError(f"`ladder_stairs` items must be (fraction, rate) number pairs ({example}), got {stair!r}.")
+            raise ValueError(
+                f"`ladder_stairs` items must be (fraction, rate) number pairs ({example}), got {stair!r}."
+            )
         start, rate = stair
         if not previous < start < 1.0:
             raise ValueError(

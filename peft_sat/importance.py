@@ -23,14 +23,14 @@ read only S tokens so that scoring costs a few percent of the sliced step (``SAT
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 
 Project = Callable[[torch.Tensor], torch.Tensor]  # x (S, H) -> (S, out) with the layer's base weight, no grad
 
 
-def valid_tokens(x: torch.Tensor, token_mask: Optional[torch.Tensor]) -> torch.Tensor:
+def valid_tokens(x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
     """Flatten ``x`` (..., H) to the (N, H) rows where ``token_mask`` (...,) is true; all rows if no usable mask.
 
     A mask that selects nothing (a batch of pure padding) falls back to all rows so that scores stay finite.

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
@@ -71,8 +70,9 @@ class SATModel(BaseTuner):
         if any(name not in self.peft_config for name in names):
             raise ValueError(f"Adapter {adapter_name!r} not found; SAT holds {list(self.peft_config)}.")
 
-    def _unload_and_optionally_merge(self, merge: bool = True, progressbar: bool = False, safe_merge=False,
-                                     adapter_names=None) -> nn.Module:
+    def _unload_and_optionally_merge(
+        self, merge: bool = True, progressbar: bool = False, safe_merge=False, adapter_names=None
+    ) -> nn.Module:
         # Full-parameter SAT trains the base weights in place: there is nothing to merge, only classes to restore.
         remove_sat(self.model)
         if hasattr(self.model, "peft_config"):
@@ -85,7 +85,7 @@ class SATModel(BaseTuner):
         return dict(state_dict) if config.train_base else {}
 
 
-def default_target_modules(model_type: Optional[str]) -> list[str]:
+def default_target_modules(model_type: str | None) -> list[str]:
     """The default blocks per model type; TypeError naming the supported types otherwise."""
     if model_type not in DEFAULT_TARGET_MODULES:
         raise TypeError(
@@ -157,7 +157,7 @@ def sat_disabled(model: nn.Module) -> Iterator[None]:
         state.enabled = was_enabled
 
 
-def get_sat_state(model: nn.Module) -> Optional[SATState]:
+def get_sat_state(model: nn.Module) -> SATState | None:
     """The ``SATState`` of a model carrying SAT (through any PEFT / DDP wrapping), or None."""
     return getattr(_transformers_model(model), "sat_state", None)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -36,13 +36,13 @@ class SATBlockMixin:
     sat_state: SATState
     sat_block_id: int
     sat_num_units: int
-    sat_last_kept: Optional[torch.Tensor]  # kept units of the latest sparse forward (for tests and statistics)
+    sat_last_kept: torch.Tensor | None  # kept units of the latest sparse forward (for tests and statistics)
 
     def _sat_init(self, state: SATState, block_id: int) -> None:
         self.sat_state = state
         self.sat_block_id = block_id
         self.sat_last_kept = None
-        self._sat_cache: Optional[tuple[int, float, Any]] = None
+        self._sat_cache: tuple[int, float, Any] | None = None
 
     def sat_is_sparse(self) -> bool:
         """True when this forward computes on a sub-network: training mode, SAT enabled, rate > 0."""
@@ -109,7 +109,7 @@ class HeadSelection:
     q_heads: torch.Tensor  # (kq,) kept query heads
     q_rows: torch.Tensor  # (kq * d,) rows of q_proj = columns of o_proj
     kv_rows: torch.Tensor  # (kkv * d,) rows of k_proj / v_proj
-    kv_for_q: Optional[torch.Tensor]  # q_head granularity: (kq,) position of each query head's KV head among kept
+    kv_for_q: torch.Tensor | None  # q_head granularity: (kq,) position of each query head's KV head among kept
 
 
 class _GroupsOverride:
@@ -138,7 +138,10 @@ class SATAttentionMixin(SATBlockMixin):
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
         if not self.sat_is_sparse():
             return super().forward(
-                hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask, cache=cache,
+                hidden_states,
+                position_embeddings=position_embeddings,
+                attention_mask=attention_mask,
+                cache=cache,
                 **kwargs,
             )
         # The KV cache is not updated: sliced keys of a sub-network must never serve generation, and training
@@ -232,8 +235,8 @@ class SATAttentionMixin(SATBlockMixin):
 _SAT_CLASSES: dict[type, type] = {}
 
 
-def block_kind(module: nn.Module) -> Optional[str]:
-    """"mlp" / "attention" for a supported block (or one already converted), else None."""
+def block_kind(module: nn.Module) -> str | None:
+    """ "mlp" / "attention" for a supported block (or one already converted), else None."""
     cls = getattr(type(module), "_sat_original_class", type(module))
     if cls.__name__ in SUPPORTED_MLP:
         return "mlp"
@@ -271,8 +274,10 @@ def convert_block(module: nn.Module, state: SATState, block_id: int, head_granul
     module.__class__ = sat_class(original)
     module._sat_init(state, block_id)
     if block_kind(module) == "mlp":
-        module.sat_num_units = module.gate_proj.out_features if hasattr(module.gate_proj, "out_features") else (
-            base_weight(module.gate_proj).shape[0]
+        module.sat_num_units = (
+            module.gate_proj.out_features
+            if hasattr(module.gate_proj, "out_features")
+            else (base_weight(module.gate_proj).shape[0])
         )
     else:
         module.sat_head_granularity = head_granularity

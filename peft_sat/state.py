@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,7 +26,7 @@ class SATState:
     omission_rate: float
     enabled: bool = True
     forward_count: int = 0
-    token_mask: Optional[torch.Tensor] = None  # (B, T) bool, True at real (non-padding) tokens
+    token_mask: torch.Tensor | None = None  # (B, T) bool, True at real (non-padding) tokens
     hooks: list[Any] = field(default_factory=list, repr=False)
 
     def set_omission_rate(self, rate: float) -> None:
@@ -58,7 +58,7 @@ class SATState:
 class _BatchHook:
     """Forward pre-hook: advance the counter and remember the 2-D padding mask of the batch (None when packed)."""
 
-    def __init__(self, state: SATState, mask_position: Optional[int]) -> None:
+    def __init__(self, state: SATState, mask_position: int | None) -> None:
         self.state = state
         self.mask_position = mask_position
 

@@ -62,7 +62,9 @@ def quantize_4bit(model: nn.Module, tmp_path) -> nn.Module:
     quantized = AutoModelForCausalLM.from_pretrained(
         tmp_path,
         quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.float32,
         ),
         dtype=torch.float32,
@@ -215,3 +217,15 @@ def omitted_slices(block: SATBlockMixin) -> list[tuple[str, torch.Tensor, int, t
             add("k", block.k_proj, rows_of(omitted_kv), None)
             add("v", block.v_proj, rows_of(omitted_kv), None)
     return [s for s in slices if s[3].numel() > 0]
+
+
+def assert_matches_masked_reference(sat: nn.Module, reference: nn.Module, inputs: dict, atol: float = 1e-5) -> None:
+    """One step of ``sat`` equals ``reference`` with the same units masked: loss and every gradient."""
+    sat_loss = train_step(sat, inputs)
+    with masked(reference, unit_masks(sat)):
+        reference_loss = train_step(reference, inputs)
+    torch.testing.assert_close(sat_loss, reference_loss, rtol=0, atol=atol)
+    sat_grads, reference_grads = gradients(sat), gradients(reference)
+    assert sat_grads.keys() == reference_grads.keys() and sat_grads
+    for name, grad in reference_grads.items():
+        torch.testing.assert_close(sat_grads[name], grad, rtol=0, atol=atol, msg=name)

@@ -29,7 +29,9 @@ def _train(model, steps: int = 2):
 def test_full_parameter_round_trip(tmp_path):
     sat = _train(get_peft_model(tiny_model(), peft_sat.SATConfig(omission_rate=0.5)))
     trained = {k: v.clone() for k, v in sat.get_base_model().state_dict().items()}
-    assert not torch.equal(trained["model.layers.0.mlp.up_proj.weight"], tiny_model().model.layers[0].mlp.up_proj.weight)
+    assert not torch.equal(
+        trained["model.layers.0.mlp.up_proj.weight"], tiny_model().model.layers[0].mlp.up_proj.weight
+    )
     sat.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["peft_type"] == "SAT" and config["train_base"] is True

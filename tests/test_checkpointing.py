@@ -1,0 +1,52 @@
+"""Gradient checkpointing re-runs layer forwards inside backward: the re-run must select the same units, so the
+gradients equal those of the same step without checkpointing."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import get_peft_model
+from sat_testing import batch, gradients, lora_config, tiny_model, train_step
+
+import peft_sat
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+@pytest.mark.parametrize("stack", ["full", "lora"])
+def test_checkpointed_step_equals_plain_step(stack, use_reentrant):
+    # "sampling" and "uniform" draw random numbers: a re-run that re-selected would pick other units.
+    config = peft_sat.SATConfig(omission_rate=0.5, importance="uniform", selection="sampling", seed=5)
+    base = tiny_model()
+    model = (
+        get_peft_model(base, config)
+        if stack == "full"
+        else peft_sat.apply_sat(get_peft_model(base, lora_config()), config)
+    )
+    checkpointed = copy.deepcopy(model)
+    checkpointed.get_base_model().gradient_checkpointing_enable({"use_reentrant": use_reentrant})
+    if use_reentrant:
+        checkpointed.get_base_model().enable_input_require_grads()
+    plain, checkpointed = model.train(), checkpointed.train()
+    assert peft_sat.get_sat_state(checkpointed) is not peft_sat.get_sat_state(plain)
+
+    inputs = batch()
+    plain_loss = train_step(plain, inputs)
+    checkpointed_loss = train_step(checkpointed, inputs)
+    torch.testing.assert_close(checkpointed_loss, plain_loss, rtol=0, atol=1e-6)
+    plain_grads, checkpointed_grads = gradients(plain), gradients(checkpointed)
+    assert plain_grads.keys() == checkpointed_grads.keys()
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(checkpointed_grads[name], grad, rtol=0, atol=1e-6, msg=name)
+
+
+def test_selection_is_refreshed_every_model_forward():
+    config = peft_sat.SATConfig(omission_rate=0.5, importance="uniform", selection="sampling")
+    model = get_peft_model(tiny_model(), config).train()
+    mlp = model.get_base_model().model.layers[0].mlp
+    seen = set()
+    for _ in range(6):
+        model(**batch())
+        seen.add(tuple(mlp.sat_last_kept.tolist()))
+    assert len(seen) > 1, "a new random sub-network must be drawn each forward"

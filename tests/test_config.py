@@ -1,0 +1,96 @@
+"""SATConfig: registration with PEFT, documented fields, and errors that name the field, rule and value."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from peft import PeftConfig, get_peft_model
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+from peft.utils import PeftType
+from sat_testing import tiny_model
+from transformers import GPT2Config, GPT2LMHeadModel
+
+import peft_sat
+from peft_sat import SATConfig, SATModel
+
+
+def test_import_registers_the_peft_method():
+    assert PeftType.SAT.value == "SAT" and PeftType("SAT") is PeftType.SAT
+    assert PEFT_TYPE_TO_CONFIG_MAPPING[PeftType.SAT] is SATConfig
+    assert PEFT_TYPE_TO_TUNER_MAPPING[PeftType.SAT] is SATModel
+    assert SATConfig().peft_type is PeftType.SAT
+    peft_sat.register()  # idempotent
+    assert isinstance(get_peft_model(tiny_model(), SATConfig()).base_model, SATModel)
+
+
+def test_every_field_has_help():
+    own = {f.name for f in dataclasses.fields(SATConfig)} - {f.name for f in dataclasses.fields(PeftConfig)}
+    assert {
+        "omission_rate",
+        "target_modules",
+        "omit",
+        "importance",
+        "selection",
+        "head_granularity",
+        "train_base",
+        "seed",
+    } <= own
+    for field in dataclasses.fields(SATConfig):
+        if field.name in own:
+            assert len(field.metadata.get("help", "")) > 20, f"`{field.name}` needs a help string"
+
+
+def test_config_round_trips_through_json(tmp_path):
+    config = SATConfig(omission_rate=0.3, importance="wanda", selection="sampling", omit=["mlp"], seed=7)
+    config.save_pretrained(tmp_path)
+    loaded = PeftConfig.from_pretrained(tmp_path)
+    assert isinstance(loaded, SATConfig) and loaded.to_dict() == config.to_dict()
+
+
+@pytest.mark.parametrize(
+    "field,value,rule",
+    [
+        ("omission_rate", 1.0, "in [0, 1)"),
+        ("omission_rate", -0.1, "in [0, 1)"),
+        ("omission_rate", "0.5", "in [0, 1)"),
+        ("omit", [], "non-empty list"),
+        ("omit", ["mlp", "embeddings"], "non-empty list"),
+        ("importance", "random", "must be one of"),
+        ("selection", "greedy", "must be one of"),
+        ("head_granularity", "head", "must be one of"),
+        ("score_tokens", 0, ">= 1"),
+        ("train_base", "yes", "True, False or None"),
+        ("seed", 1.5, "must be an int"),
+        ("target_modules", 3, "list of names"),
+    ],
+)
+def test_invalid_values_raise_naming_field_rule_and_value(field, value, rule):
+    with pytest.raises(ValueError) as error:
+        SATConfig(**{field: value})
+    message = str(error.value)
+    assert f"`{field}`" in message and rule in message and repr(value) in message
+
+
+def test_unsupported_model_type_raises_type_error_naming_supported():
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32))
+    with pytest.raises(TypeError, match="supported model types: .*llama"):
+        get_peft_model(model, SATConfig())
+    with pytest.raises(TypeError, match="supported model types"):
+        peft_sat.apply_sat(model, SATConfig())
+
+
+def test_target_that_cannot_be_sliced_raises_type_error():
+    with pytest.raises(TypeError, match=r"cannot sparsify `.*q_proj`.*Supported blocks: LlamaMLP"):
+        peft_sat.apply_sat(tiny_model(), SATConfig(target_modules=["q_proj"]))
+
+
+def test_targets_matching_nothing_raise():
+    with pytest.raises(ValueError, match="matched no block"):
+        peft_sat.apply_sat(tiny_model(), SATConfig(target_modules=["mlp"], omit=["attention"]))
+
+
+def test_omit_restricts_the_converted_blocks():
+    model = peft_sat.apply_sat(tiny_model(), SATConfig(omit=["mlp"]))
+    assert type(model.model.layers[0].mlp).__name__ == "SATLlamaMLP"
+    assert type(model.model.layers[0].self_attn).__name__ == "LlamaAttention"
