@@ -22,7 +22,7 @@ from torch import nn
 
 from . import importance
 from .selection import num_kept, select_units
-from .sliced import base_weight, linear_cols, linear_rows, project_base
+from .sliced import base_layer, base_weight, linear_cols, linear_rows, project_base
 from .state import SATState
 
 SUPPORTED_FAMILIES = ("Llama", "Mistral", "Qwen2", "Qwen3")
@@ -274,11 +274,7 @@ def convert_block(module: nn.Module, state: SATState, block_id: int, head_granul
     module.__class__ = sat_class(original)
     module._sat_init(state, block_id)
     if block_kind(module) == "mlp":
-        module.sat_num_units = (
-            module.gate_proj.out_features
-            if hasattr(module.gate_proj, "out_features")
-            else (base_weight(module.gate_proj).shape[0])
-        )
+        module.sat_num_units = base_layer(module.gate_proj).out_features  # intermediate channels
     else:
         module.sat_head_granularity = head_granularity
         num_heads, num_kv_heads, _ = module._sat_shape

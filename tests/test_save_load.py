@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
@@ -26,8 +27,9 @@ def _train(model, steps: int = 2):
     return model
 
 
-def test_full_parameter_round_trip(tmp_path):
-    sat = _train(get_peft_model(tiny_model(), peft_sat.SATConfig(omission_rate=0.5)))
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied-embeddings"])
+def test_full_parameter_round_trip(tmp_path, tied):
+    sat = _train(get_peft_model(tiny_model(tie_word_embeddings=tied), peft_sat.SATConfig(omission_rate=0.5)))
     trained = {k: v.clone() for k, v in sat.get_base_model().state_dict().items()}
     assert not torch.equal(
         trained["model.layers.0.mlp.up_proj.weight"], tiny_model().model.layers[0].mlp.up_proj.weight
@@ -36,7 +38,7 @@ def test_full_parameter_round_trip(tmp_path):
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["peft_type"] == "SAT" and config["train_base"] is True
 
-    loaded = PeftModel.from_pretrained(tiny_model(seed=123), tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_model(seed=123, tie_word_embeddings=tied), tmp_path)
     assert isinstance(loaded.peft_config["default"], peft_sat.SATConfig)
     for key, value in loaded.get_base_model().state_dict().items():
         assert torch.equal(value, trained[key]), key
