@@ -1,0 +1,314 @@
+"""`SATCallback`: drives the SAT omission rate inside a `transformers.Trainer` / TRL trainer and logs what it saves.
+
+Example:
+    >>> from peft import LoraConfig
+    >>> from trl import SFTTrainer
+    >>> from peft_sat import SATCallback, SATConfig
+    >>> trainer = SFTTrainer(model, train_dataset=data, peft_config=LoraConfig(r=16),  # doctest: +SKIP
+    ...                      callbacks=[SATCallback(SATConfig(omission_rate=0.5))])
+    >>> trainer.train()  # doctest: +SKIP
+
+Every log entry of the Trainer (``state.log_history`` and every ``report_to`` backend) then carries:
+
+- ``sat/omission_rate``: the rate of the latest optimizer step (0 while SAT is disabled);
+- ``sat/kept_fraction``: kept units / all units of the SAT blocks at that rate (``num_kept`` per block);
+- ``sat/flops_saved_fraction``: estimated fraction of the dense training FLOPs saved so far (see
+  ``SATFlopsEstimator``), i.e. ``sat/dense_steps_saved / global_step``;
+- ``sat/dense_steps_saved``: the same saving counted in dense optimizer steps.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from typing import Any
+
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.utils import logging
+
+from .config import SATConfig
+from .model import apply_sat, get_sat_state, remove_sat
+from .modules import SATBlockMixin, block_kind
+from .schedules import describe_schedule, omission_rate_at, validate_schedule
+from .selection import num_kept
+from .state import SATState
+
+logger = logging.get_logger(__name__)
+
+# Fields that decide the rate of every step; a model's SAT and the callback must agree on them.
+SCHEDULE_FIELDS = ("omission_rate", "schedule", "warmup_ratio", "ladder_full_rate_ratio", "ladder_rungs", "ladder_stairs")
+
+
+class SATFlopsEstimator:
+    """Estimate of the training FLOPs that SAT saves, from the shapes of a model's linear layers. An ESTIMATE.
+
+    Per token, a linear layer ``(in, out)`` costs about ``6 * in * out`` FLOPs in training (2 forward, 4 backward;
+    2 + 2 when its weight is frozen, a factor that cancels in the fractions below). SAT slices the projections of a
+    block along its units, so at omission rate ``r`` a block with ``n`` units keeps ``k = num_kept(n, r)`` and its
+    projections cost ``k / n`` of their dense FLOPs:
+
+    - MLP: ``gate_proj``, ``up_proj`` (rows) and ``down_proj`` (columns) all scale with kept channels;
+    - attention, ``kv_group``: ``q/k/v/o_proj`` scale with kept KV groups; ``q_head``: ``q/o_proj`` scale with kept
+      query heads while ``k/v_proj`` are counted dense (a KV head is only dropped when all its query heads are).
+
+    ``saved_fraction(r) = sum_blocks sum_proj in * out * (1 - k / n) / sum_all_linear in * out``, where the
+    denominator holds every ``nn.Linear`` of the base model, so the dense parts (LM head, unconverted blocks) dilute
+    the saving. Not counted: the attention core (``Q K^T`` and ``A V``, which scale with sequence length and also
+    shrink with kept heads), embeddings lookups, norms, activations, LoRA adapter matmuls, the importance-scoring
+    overhead, and the fact that layers falling back to a dense product (e.g. DoRA) save nothing.
+    """
+
+    def __init__(self, model: nn.Module, sat_state: SATState) -> None:
+        costs = _linear_costs(model)
+        self.dense_cost = float(sum(costs.values()))
+        # (num_units, cost of the projections that scale with kept units) per SAT block
+        self.blocks: list[tuple[int, float]] = []
+        for module in model.modules():
+            if not isinstance(module, SATBlockMixin) or module.sat_state is not sat_state:
+                continue
+            if block_kind(module) == "mlp":
+                names = ("gate_proj", "up_proj", "down_proj")
+            elif getattr(module, "sat_head_granularity", "kv_group") == "kv_group":
+                names = ("q_proj", "k_proj", "v_proj", "o_proj")
+            else:
+                names = ("q_proj", "o_proj")
+            cost = sum(costs.get(id(_base_linear(getattr(module, name))), 0) for name in names)
+            self.blocks.append((module.sat_num_units, float(cost)))
+        self.num_units = sum(units for units, _ in self.blocks)
+        self._saved: dict[float, float] = {}
+
+    def kept_fraction(self, rate: float) -> float:
+        """Kept units / all units of the SAT blocks at omission rate ``rate`` (1.0 without blocks)."""
+        if not self.num_units:
+            return 1.0
+        return sum(num_kept(units, rate) for units, _ in self.blocks) / self.num_units
+
+    def saved_fraction(self, rate: float) -> float:
+        """Estimated fraction of one dense training step's FLOPs saved by a step at omission rate ``rate``."""
+        if rate not in self._saved:  # a few distinct rates per run (a ladder): cache them
+            saved = sum(cost * (1.0 - num_kept(units, rate) / units) for units, cost in self.blocks if rate > 0)
+            self._saved[rate] = saved / self.dense_cost if self.dense_cost else 0.0
+        return self._saved[rate]
+
+
+class SATCallback(TrainerCallback):
+    """Apply or drive SAT in a Trainer: the rate follows the config's schedule, one value per optimizer step.
+
+    Args:
+        config: the ``SATConfig`` to apply at ``on_train_begin`` when the model carries no SAT yet (e.g. with
+            ``SFTTrainer(..., peft_config=LoraConfig(...))``, where the LoRA model exists only inside the trainer).
+            None: the model must already carry SAT (``get_peft_model(model, SATConfig(...))`` or ``apply_sat``), whose
+            config's schedule is then followed. A dict is read as ``SATConfig(**config)``.
+
+    The rate of optimizer step ``s`` (``state.global_step`` before it) is ``omission_rate_at(config, s, max_steps)``,
+    set in ``on_step_begin``: all micro-batches of a gradient-accumulation window share it. Evaluation and generation
+    inside training are dense because SAT blocks are sparse only in training mode. The rate is a pure function of
+    ``global_step``, so ``resume_from_checkpoint`` continues the schedule where it stopped; the FLOPs counter is
+    rebuilt from the schedule on resume, so the callback needs no checkpointed state (no ``ExportableState``, hence it
+    works with the default ``restore_callback_states_from_checkpoint=False``).
+
+    Raises (at ``on_train_begin``, before any step):
+        ValueError: the schedule does not fit ``max_steps``; no config and no SAT on the model; the model's SAT has a
+            different schedule than ``config``; ``config.train_base`` would change which parameters train after the
+            optimizer was built.
+    """
+
+    def __init__(self, config: SATConfig | dict | None = None) -> None:
+        if isinstance(config, dict):
+            config = SATConfig(**config)
+        if config is not None and not isinstance(config, SATConfig):
+            raise TypeError(f"`config` must be a SATConfig, a dict of its fields or None, got {type(config).__name__}.")
+        self.config = config
+        self.sat_state: SATState | None = None
+        self.flops: SATFlopsEstimator | None = None
+        self.dense_steps_saved = 0.0
+        self.steps_counted = 0  # optimizer steps included in `dense_steps_saved`
+        self._trainer: Trainer | None = None  # whose `log` we wrapped, during `train()` only
+        self._training = False
+        self._warned_fallback = False
+
+    # ---- events --------------------------------------------------------------------------------------------
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       model: nn.Module | None = None, **kwargs: Any) -> None:
+        if model is None:
+            raise ValueError("SATCallback needs the Trainer's model in `on_train_begin`; got none.")
+        sat_state = get_sat_state(model)
+        if sat_state is None and self.config is None:
+            raise ValueError(
+                "`SATCallback()` without a config needs a model that already carries SAT (`get_peft_model(model, "
+                "SATConfig(...))` or `apply_sat`); pass `SATCallback(SATConfig(...))` to apply it here."
+            )
+        config = sat_state.config if sat_state is not None else self.config
+        if sat_state is not None and self.config is not None:
+            _check_same_schedule(self.config, sat_state.config)
+        if isinstance(state.max_steps, bool) or not isinstance(state.max_steps, int) or state.max_steps < 1:
+            raise ValueError(
+                f"SATCallback needs the number of optimizer steps to follow a schedule, got `max_steps`="
+                f"{state.max_steps!r}; set `max_steps` in the training arguments (e.g. for an IterableDataset)."
+            )
+        validate_schedule(config, state.max_steps)  # before touching the model: a bad schedule changes nothing
+        if sat_state is None:
+            sat_state = _apply_keeping_trainability(model, copy.deepcopy(config))
+        self.sat_state = sat_state
+        self.flops = SATFlopsEstimator(model, sat_state)
+        # Resumed runs: count the steps already done as the schedule ran them (the rate is a function of the step).
+        done = state.global_step
+        rates = [omission_rate_at(config, step, state.max_steps) for step in range(done)]
+        self.dense_steps_saved = sum(self.flops.saved_fraction(rate) for rate in rates)
+        self.steps_counted = done
+        sat_state.set_omission_rate(omission_rate_at(config, done, state.max_steps))
+        self._training = True
+        self._trainer = _calling_trainer()
+        if self._trainer is not None:
+            _wrap_log(self._trainer, self.metrics)
+        logger.info(f"SAT omission-rate schedule over {state.max_steps} steps: {describe_schedule(config, state.max_steps)}")
+
+    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if self.sat_state is not None:
+            self.sat_state.set_omission_rate(omission_rate_at(self.sat_state.config, state.global_step, state.max_steps))
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if self.flops is not None and state.global_step > self.steps_counted:
+            self.dense_steps_saved += self.flops.saved_fraction(self.current_rate())
+            self.steps_counted = state.global_step
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+               logs: dict[str, float] | None = None, **kwargs: Any) -> None:
+        if not self._training or self._trainer is not None or logs is None or "sat/omission_rate" in logs:
+            return
+        # Fallback when the Trainer could not be found (callback driven by hand or by a custom loop): the Trainer
+        # wrote `log_history` and called the callbacks listed before this one (the `report_to` integrations) already.
+        metrics = self.metrics()
+        logs.update(metrics)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(metrics)
+        if not self._warned_fallback:
+            self._warned_fallback = True
+            logger.warning("SATCallback found no Trainer: `sat/*` metrics reach only callbacks listed after it.")
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self._training = False
+        if self._trainer is not None:
+            _unwrap_log(self._trainer)  # leave the Trainer as found; the model keeps SAT (dense in eval mode)
+            self._trainer = None
+
+    # ---- metrics -------------------------------------------------------------------------------------------
+
+    def current_rate(self) -> float:
+        """The omission rate the SAT blocks use now (0 while SAT is disabled)."""
+        state = self.sat_state
+        return state.omission_rate if state is not None and state.enabled else 0.0
+
+    def metrics(self) -> dict[str, float]:
+        """The ``sat/*`` values added to every log entry."""
+        if self.flops is None:
+            return {}
+        rate = self.current_rate()
+        return {
+            "sat/omission_rate": rate,
+            "sat/kept_fraction": self.flops.kept_fraction(rate),
+            "sat/flops_saved_fraction": self.dense_steps_saved / self.steps_counted if self.steps_counted else 0.0,
+            "sat/dense_steps_saved": self.dense_steps_saved,
+        }
+
+
+# ---- helpers -------------------------------------------------------------------------------------------------
+
+
+def _check_same_schedule(given: SATConfig, existing: SATConfig) -> None:
+    differing = [name for name in SCHEDULE_FIELDS if getattr(given, name) != getattr(existing, name)]
+    if differing:
+        details = ", ".join(f"`{name}`: {getattr(given, name)!r} vs {getattr(existing, name)!r}" for name in differing)
+        raise ValueError(
+            f"The model already carries SAT with a different schedule than SATCallback's config ({details}). Pass "
+            "`SATCallback()` to follow the model's config, or `remove_sat(model)` first to apply the callback's."
+        )
+
+
+def _apply_keeping_trainability(model: nn.Module, config: SATConfig) -> SATState:
+    """``apply_sat``, refusing a ``train_base`` that would change ``requires_grad`` after the optimizer exists.
+
+    Why: the Trainer has already built its optimizer from the parameters that required grad; a base made trainable
+    now would collect gradients that no optimizer applies (silently wasted compute), a frozen one would stop training.
+    """
+    params = list(model.parameters())
+    before = [param.requires_grad for param in params]
+    apply_sat(model, config)
+    changed = sum(flag != param.requires_grad for flag, param in zip(before, params))
+    if changed:
+        remove_sat(model)
+        for flag, param in zip(before, params):
+            param.requires_grad_(flag)
+        raise ValueError(
+            f"`train_base`={config.train_base} would change `requires_grad` of {changed} parameters after the Trainer "
+            "built its optimizer. Use `train_base=None` with SATCallback (the Trainer's model decides what trains), or "
+            "apply SAT before creating the Trainer (`get_peft_model(model, SATConfig(...))` or `apply_sat`)."
+        )
+    return get_sat_state(model)
+
+
+def _calling_trainer(max_depth: int = 8) -> Trainer | None:
+    """The ``Trainer`` whose callback handler is calling us, found on the call stack, or None.
+
+    Why: ``Trainer.log`` appends ``logs`` to ``state.log_history`` and then calls ``on_log`` of the callbacks in
+    order, the ``report_to`` integrations before any user callback (transformers 5.24 ``Trainer.log`` and
+    ``Trainer.__init__``), so adding keys in ``on_log`` reaches neither. Callbacks get no reference to the Trainer;
+    its frame is two calls above ours (``Trainer._inner_training_loop`` -> ``CallbackHandler.on_train_begin`` ->
+    ``call_event``).
+    """
+    frame = sys._getframe(1)
+    try:
+        for _ in range(max_depth):
+            if frame is None:
+                return None
+            candidate = frame.f_locals.get("self")
+            if isinstance(candidate, Trainer):
+                return candidate
+            frame = frame.f_back
+        return None
+    finally:
+        del frame  # frames hold their locals: do not keep a reference cycle
+
+
+def _wrap_log(trainer: Trainer, metrics: Any) -> None:
+    """Make ``trainer.log(logs)`` add ``metrics()`` to ``logs`` before the Trainer records and dispatches them."""
+    _unwrap_log(trainer)
+    original = trainer.log  # bound method: TRL's overrides (e.g. SFTTrainer.log) stay in the chain
+
+    def log(logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        logs.update(metrics())
+        return original(logs, *args, **kwargs)
+
+    log._sat_previous = trainer.__dict__.get("log")  # None: the class's own method
+    trainer.log = log
+
+
+def _unwrap_log(trainer: Trainer) -> None:
+    current = trainer.__dict__.get("log")
+    if current is None or not hasattr(current, "_sat_previous"):
+        return
+    if current._sat_previous is None:
+        del trainer.log
+    else:
+        trainer.log = current._sat_previous
+
+
+def _base_linear(module: nn.Module) -> nn.Module:
+    return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+
+
+def _linear_costs(model: nn.Module) -> dict[int, int]:
+    """``id(layer) -> in * out`` for every base-model ``nn.Linear`` (4-bit included); adapter layers excluded."""
+    adapter_parts: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            base = {id(m) for m in module.get_base_layer().modules()}
+            adapter_parts.update(id(m) for m in module.modules() if id(m) not in base)
+    return {
+        id(module): module.in_features * module.out_features
+        for module in model.modules()
+        if isinstance(module, nn.Linear) and id(module) not in adapter_parts
+    }

@@ -1,0 +1,272 @@
+"""SATCallback inside real training loops (transformers ``Trainer`` and TRL ``SFTTrainer``) on a tiny Llama:
+the logged rates follow the ladder and end at 0, every log entry carries the ``sat/*`` metrics (also for callbacks
+that run before SATCallback, as the ``report_to`` integrations do), LoRA / full-parameter SAT train, evaluation is
+dense, resume continues the schedule, and bad set-ups fail before the first step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from trainer_utils import SAT_KEYS, lm_dataset, text_dataset, tiny_llama, tiny_tokenizer, train_logs, training_args
+from transformers import Trainer, TrainerCallback, TrainerState
+
+import peft_sat
+from peft_sat import SATCallback, SATConfig, get_sat_state, omission_rate_at
+from peft_sat.callback import SATFlopsEstimator
+from peft_sat.modules import SATBlockMixin
+
+# "uniform" scores keep these tests about the schedule, not the importance metric; r = 0.5 of 2 KV groups / 128
+# channels is exactly half of every block.
+CONFIG = dict(omission_rate=0.5, importance="uniform")
+STEPS = 8
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matmuls run faster on one thread, and on a busy 2-core machine intra-op threads spinning against other
+    processes made these runs up to 20x slower (measured: 0.5 s vs 10 s per test)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def expected_rates(config: SATConfig, steps: int = STEPS) -> list[float]:
+    """A log at ``global_step`` g reports the rate of the step just finished, step g - 1."""
+    return [omission_rate_at(config, g - 1, steps) for g in range(1, steps + 1)]
+
+
+class LogRecorder(TrainerCallback):
+    """Stands where the ``report_to`` integrations stand: before SATCallback in the callback list."""
+
+    def __init__(self) -> None:
+        self.logs: list[dict] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs))
+
+
+def sat_blocks(model) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if isinstance(m, SATBlockMixin)]
+
+
+# ---- Trainer -------------------------------------------------------------------------------------------------
+
+
+def test_trainer_logs_follow_the_ladder_and_reach_every_logger(tmp_path):
+    config = SATConfig(**CONFIG)
+    recorder = LogRecorder()
+    model = tiny_llama()
+    trainer = Trainer(
+        model=model, args=training_args(tmp_path), train_dataset=lm_dataset(), callbacks=[recorder, SATCallback(config)]
+    )
+    trainer.train()
+
+    logs = train_logs(trainer.state.log_history)
+    assert [entry["step"] for entry in logs] == list(range(1, STEPS + 1))
+    assert [entry["sat/omission_rate"] for entry in logs] == pytest.approx(expected_rates(config))
+    assert logs[0]["sat/omission_rate"] == 0.5 and logs[-1]["sat/omission_rate"] == 0.0
+    assert logs[0]["sat/kept_fraction"] == 0.5 and logs[-1]["sat/kept_fraction"] == 1.0
+    for entry in trainer.state.log_history + recorder.logs:  # train steps and the final summary, history and callbacks
+        assert all(key in entry for key in SAT_KEYS), entry
+    saved = [entry["sat/dense_steps_saved"] for entry in logs]
+    assert all(a <= b for a, b in zip(saved, saved[1:])) and saved[-1] > 0
+    assert logs[-1]["sat/flops_saved_fraction"] == pytest.approx(saved[-1] / STEPS, abs=1e-6)
+    # the model trained sparse, and the Trainer is left as found
+    assert all(block.sat_last_kept is not None for block in sat_blocks(model))
+    assert "log" not in trainer.__dict__
+
+
+def test_rate_is_set_once_per_optimizer_step(tmp_path):
+    config = SATConfig(**CONFIG)
+    model = tiny_llama()
+    seen: list[float] = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(get_sat_state(module).omission_rate))
+    args = training_args(tmp_path, per_device_train_batch_size=1, gradient_accumulation_steps=2)
+    Trainer(model=model, args=args, train_dataset=lm_dataset(), callbacks=[SATCallback(config)]).train()
+    # every micro-batch of an accumulation window runs at its optimizer step's rate
+    assert seen == [omission_rate_at(config, step, STEPS) for step in range(STEPS) for _ in range(2)]
+
+
+def test_evaluation_inside_training_is_dense(tmp_path):
+    config = SATConfig(**CONFIG)
+    model = tiny_llama()
+    records: list[tuple[bool, bool, float]] = []  # (training mode, sparse forward, rate) per MLP forward
+    mlp = model.model.layers[0].mlp
+
+    def record(module, args):
+        records.append((module.training, module.sat_is_sparse(), module.sat_state.omission_rate))
+
+    class HookOnTrainBegin(TrainerCallback):  # the block becomes a SAT block only in SATCallback.on_train_begin
+        def on_train_begin(self, args, state, control, **kwargs):
+            mlp.register_forward_pre_hook(record)
+
+    args = training_args(tmp_path, eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=4)
+    trainer = Trainer(
+        model=model, args=args, train_dataset=lm_dataset(), eval_dataset=lm_dataset(num_rows=4, seed=1),
+        callbacks=[SATCallback(config), HookOnTrainBegin()],
+    )
+    trainer.train()
+    evals = [r for r in records if not r[0]]
+    assert evals and any(rate > 0 for _, _, rate in evals), "an evaluation must happen while the rate is > 0"
+    assert not any(sparse for _, sparse, _ in evals)
+    assert any(sparse for training, sparse, _ in records if training)
+    eval_logs = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+    assert len(eval_logs) == STEPS // 2 and all("sat/omission_rate" in entry for entry in eval_logs)
+
+
+def test_full_parameter_sat_from_get_peft_model(tmp_path):
+    config = SATConfig(**CONFIG, ladder_rungs=2)
+    model = get_peft_model(tiny_llama(), config)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    recorder = LogRecorder()
+    # no config: the callback drives the SAT already on the model, with that model's schedule
+    trainer = Trainer(model=model, args=training_args(tmp_path), train_dataset=lm_dataset(),
+                      callbacks=[recorder, SATCallback()])
+    trainer.train()
+    logs = train_logs(trainer.state.log_history)
+    assert [entry["sat/omission_rate"] for entry in logs] == pytest.approx(expected_rates(config))
+    assert logs[-1]["sat/omission_rate"] == 0.0
+    changed = [name for name, p in model.named_parameters() if not torch.equal(before[name], p)]
+    assert any("mlp.gate_proj" in name for name in changed) and any("self_attn.q_proj" in name for name in changed)
+
+
+def test_resume_from_checkpoint_continues_the_schedule(tmp_path):
+    # "magnitude" scores depend on the weights only, so the resumed run selects the same sub-networks as the
+    # uninterrupted one and the losses must agree too.
+    config = SATConfig(omission_rate=0.5, importance="magnitude", ladder_rungs=2)
+    args = training_args(tmp_path / "run", save_strategy="steps", save_steps=4)
+    full = Trainer(model=tiny_llama(), args=args, train_dataset=lm_dataset(), callbacks=[SATCallback(config)])
+    full.train()
+    reference = train_logs(full.state.log_history)
+
+    args = training_args(tmp_path / "resumed", save_strategy="no")
+    resumed = Trainer(model=tiny_llama(seed=1), args=args, train_dataset=lm_dataset(), callbacks=[SATCallback(config)])
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-4"))
+    continued = train_logs(resumed.state.log_history)[-4:]  # log_history also holds the 4 steps before the checkpoint
+
+    assert [entry["step"] for entry in continued] == [5, 6, 7, 8]
+    for mine, theirs in zip(continued, reference[4:]):
+        assert {key: mine[key] for key in SAT_KEYS} == pytest.approx({key: theirs[key] for key in SAT_KEYS})
+        assert mine["loss"] == pytest.approx(theirs["loss"], abs=1e-4)
+    assert continued[-1]["sat/omission_rate"] == 0.0
+
+
+# ---- TRL SFTTrainer ------------------------------------------------------------------------------------------
+
+
+def test_sft_trainer_with_lora_and_sat_callback(tmp_path):
+    from trl import SFTConfig, SFTTrainer
+
+    config = SATConfig(**CONFIG)
+    recorder = LogRecorder()
+    trainer = SFTTrainer(
+        model=tiny_llama(),
+        args=training_args(tmp_path, cls=SFTConfig, max_length=32),
+        train_dataset=text_dataset(),
+        processing_class=tiny_tokenizer(),
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
+        callbacks=[recorder, SATCallback(config)],
+    )
+    model = trainer.model  # the LoRA PeftModel, created inside the trainer; SAT is applied at train begin
+    assert get_sat_state(model) is None
+    lora = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    frozen = {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}
+    assert lora and all("lora_" in name for name in lora)
+    trainer.train()
+
+    assert get_sat_state(model) is not None and len(sat_blocks(model)) == 4  # 2 layers x (mlp, self_attn)
+    logs = train_logs(trainer.state.log_history)
+    assert [entry["sat/omission_rate"] for entry in logs] == pytest.approx(expected_rates(config))
+    assert logs[-1]["sat/omission_rate"] == 0.0
+    assert all(key in entry for entry in recorder.logs for key in SAT_KEYS)
+    params = dict(model.named_parameters())
+    assert all(not torch.equal(lora[name], params[name]) for name in lora if "lora_B" in name)
+    assert all(torch.equal(frozen[name], params[name]) for name in frozen)
+
+
+# ---- set-ups that must fail before the first step --------------------------------------------------------------
+
+
+def _trainer(tmp_path, model, *callbacks, **arg_overrides) -> Trainer:
+    return Trainer(model=model, args=training_args(tmp_path, **arg_overrides), train_dataset=lm_dataset(),
+                   callbacks=list(callbacks))
+
+
+def test_schedule_that_does_not_fit_max_steps_fails_before_training(tmp_path):
+    model = tiny_llama()
+    trainer = _trainer(tmp_path, model, SATCallback(SATConfig(ladder_rungs=10)))
+    with pytest.raises(ValueError, match="`ladder_rungs`=10 does not fit `total_steps`=8"):
+        trainer.train()
+    assert trainer.state.global_step == 0 and get_sat_state(model) is None
+
+
+def test_callback_without_config_needs_sat_on_the_model(tmp_path):
+    with pytest.raises(ValueError, match=r"`SATCallback\(\)` without a config needs a model that already carries SAT"):
+        _trainer(tmp_path, tiny_llama(), SATCallback()).train()
+
+
+def test_callback_config_must_agree_with_the_models_sat(tmp_path):
+    model = get_peft_model(tiny_llama(), SATConfig(**CONFIG))
+    with pytest.raises(ValueError, match=r"different schedule .*`ladder_rungs`: 2 vs 3"):
+        _trainer(tmp_path, model, SATCallback(SATConfig(**CONFIG, ladder_rungs=2))).train()
+
+
+def test_train_base_that_would_bypass_the_optimizer_is_refused(tmp_path):
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"`train_base`=True would change `requires_grad` of \d+ parameters"):
+        _trainer(tmp_path, model, SATCallback(SATConfig(**CONFIG, train_base=True))).train()
+    assert get_sat_state(model) is None
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
+
+
+def test_bad_callback_config_type():
+    with pytest.raises(TypeError, match="`config` must be a SATConfig"):
+        SATCallback(config=0.5)
+    assert SATCallback({"omission_rate": 0.3}).config.omission_rate == 0.3
+
+
+# ---- without a Trainer, and the FLOPs estimate -----------------------------------------------------------------
+
+
+def test_fallback_logging_without_a_trainer():
+    """Driven by hand (no Trainer on the stack), the metrics still reach ``logs`` and the log history."""
+    model = tiny_llama()
+    callback = SATCallback(SATConfig(**CONFIG))
+    state = TrainerState(max_steps=STEPS)
+    callback.on_train_begin(None, state, None, model=model)
+    for _ in range(3):
+        callback.on_step_begin(None, state, None)
+        state.global_step += 1
+        callback.on_step_end(None, state, None)
+    logs = {"loss": 1.0}
+    state.log_history.append({**logs, "step": state.global_step})
+    callback.on_log(None, state, None, logs=logs)
+    assert logs["sat/omission_rate"] == 0.5 and logs["sat/dense_steps_saved"] == pytest.approx(3 * 0.45)
+    assert state.log_history[-1]["sat/kept_fraction"] == 0.5
+
+
+def test_flops_estimate_matches_the_formula():
+    hidden, inter, heads, kv_heads, head_dim, vocab, layers = 64, 128, 4, 2, 16, 128, 2
+    mlp = 3 * hidden * inter
+    q_o = 2 * hidden * heads * head_dim
+    k_v = 2 * hidden * kv_heads * head_dim
+    dense = layers * (mlp + q_o + k_v) + hidden * vocab  # + LM head
+
+    def estimator(model):
+        return SATFlopsEstimator(model, get_sat_state(model))
+
+    model = peft_sat.apply_sat(tiny_llama(), SATConfig(omission_rate=0.5))
+    assert estimator(model).saved_fraction(0.5) == pytest.approx(layers * (mlp + q_o + k_v) * 0.5 / dense)
+    assert estimator(model).saved_fraction(0.0) == 0.0
+    # q_head: k/v projections are counted dense; rate 0.25 of 4 heads omits 1, of 128 channels 32
+    model = peft_sat.apply_sat(tiny_llama(), SATConfig(head_granularity="q_head"))
+    assert estimator(model).saved_fraction(0.25) == pytest.approx(layers * (mlp + q_o) * 0.25 / dense)
+    assert estimator(model).kept_fraction(0.25) == pytest.approx((96 + 3) * layers / ((128 + 4) * layers))
+    # MLP only; LoRA adapter layers are not counted (same dense cost as the plain model)
+    lora = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules="all-linear"))
+    peft_sat.apply_sat(lora, SATConfig(omit=["mlp"]))
+    assert estimator(lora).dense_cost == dense
+    assert estimator(lora).saved_fraction(0.5) == pytest.approx(layers * mlp * 0.5 / dense)
