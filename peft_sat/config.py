@@ -15,6 +15,7 @@ IMPORTANCE_METRICS = ("uniform", "magnitude", "wanda", "maxip")
 SELECTION_METHODS = ("topk", "sampling")
 HEAD_GRANULARITIES = ("kv_group", "q_head")
 OMITTABLE_BLOCKS = ("mlp", "attention")
+DISTRIBUTED_SELECTIONS = ("shared", "per_rank")
 SCHEDULES = ("ladder", "constant", "linear")  # peft_sat.schedules implements them
 
 
@@ -105,6 +106,29 @@ class SATConfig(PeftConfig):
         default=0,
         metadata={"help": "Seed of the 'uniform' scores and of 'sampling' selection (combined with step and layer)."},
     )
+    layers_to_transform: int | list[int] | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "Only sparsify the blocks of these layer indices (PEFT's convention: the number after "
+                "`layers_pattern`, e.g. 'layers' in 'model.layers.3.mlp'). None: every layer."
+            )
+        },
+    )
+    layers_pattern: str | list[str] | None = field(
+        default=None,
+        metadata={"help": "Name of the layer list for `layers_to_transform` (e.g. 'layers'); None: PEFT's defaults."},
+    )
+    distributed_selection: Literal["shared", "per_rank"] = field(
+        default="shared",
+        metadata={
+            "help": (
+                "Under DDP / FSDP: 'shared' sums the importance scores over ranks before selection (one small vector "
+                "per layer), so every rank trains the same sub-network; 'per_rank' lets each rank select from its own "
+                "micro-batch (no communication, ranks then update different units)."
+            )
+        },
+    )
     schedule: Literal["ladder", "constant", "linear"] = field(
         default="ladder",
         metadata={
@@ -185,6 +209,22 @@ class SATConfig(PeftConfig):
         if self.target_modules is not None and not isinstance(self.target_modules, (str, list)):
             raise ValueError(
                 f"`target_modules` must be a list of names, a regex string or None, got {self.target_modules!r}."
+            )
+        _check_choice("distributed_selection", self.distributed_selection, DISTRIBUTED_SELECTIONS)
+        layers = self.layers_to_transform
+        if layers is not None and not (
+            (isinstance(layers, int) and not isinstance(layers, bool) and layers >= 0)
+            or (
+                isinstance(layers, list)
+                and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers)
+            )
+        ):
+            raise ValueError(
+                f"`layers_to_transform` must be a layer index >= 0, a list of them or None, got {layers!r}."
+            )
+        if self.layers_pattern is not None and layers is None:
+            raise ValueError(
+                f"`layers_pattern` needs `layers_to_transform`, got `layers_pattern`={self.layers_pattern!r}."
             )
         self._validate_schedule_fields()
 

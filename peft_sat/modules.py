@@ -23,7 +23,7 @@ from torch import nn
 from . import importance
 from .selection import num_kept, select_units
 from .sliced import base_layer, base_weight, linear_cols, linear_rows, project_base
-from .state import SATState
+from .state import SATState, sum_across_ranks
 
 SUPPORTED_FAMILIES = ("Llama", "Mistral", "Qwen2", "Qwen3")
 SUPPORTED_MLP = tuple(f"{family}MLP" for family in SUPPORTED_FAMILIES)
@@ -60,6 +60,8 @@ class SATBlockMixin:
             x_valid = importance.valid_tokens(x.detach(), state.token_mask)
             x_sample = importance.sample_tokens(x_valid, config.score_tokens, generator)
             scores = self._sat_scores(config.importance, x_valid, x_sample, generator)
+            if config.distributed_selection == "shared":
+                scores = sum_across_ranks(scores)  # every rank keeps the same units
             kept = select_units(scores, num_kept(scores.shape[0], state.omission_rate), config.selection, generator)
         selection = self._sat_selection(kept)
         self._sat_cache = (*key, selection)

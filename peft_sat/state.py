@@ -70,3 +70,18 @@ class _BatchHook:
         # Only a (B, T) mask marks padding; 4-D masks and TRL's padding-free packing (no mask, position_ids and
         # cu_seq_lens in kwargs) contain no padding tokens to exclude.
         self.state.token_mask = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+
+def sum_across_ranks(scores: torch.Tensor) -> torch.Tensor:
+    """Sum a score vector over the ranks of the default process group (identity outside distributed runs).
+
+    Every rank then selects from the same scores with the same seeded generator, so DDP / FSDP replicas train the
+    same sub-network; the cost is one all-reduce of a (num_units,) vector per block and forward.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return scores
+    if torch.distributed.get_world_size() == 1:
+        return scores
+    scores = scores.float().clone()
+    torch.distributed.all_reduce(scores)
+    return scores
