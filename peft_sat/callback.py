@@ -30,7 +30,7 @@ from transformers.utils import logging
 
 from .config import SATConfig
 from .model import apply_sat, get_sat_state, remove_sat
-from .modules import SATBlockMixin, block_kind
+from .blocks import SATBlockMixin, block_kind
 from .schedules import describe_schedule, omission_rate_at, validate_schedule
 from .selection import num_kept
 from .state import SATState

@@ -1,6 +1,6 @@
 """`SATModel` (the PEFT tuner) and `apply_sat` / `remove_sat` (the same conversion on any model, in place).
 
-SAT owns no weights: it re-classes the targeted MLP / attention blocks (``peft_sat.modules``) and, for
+SAT owns no weights: it re-classes the targeted MLP / attention blocks (``peft_sat.blocks``) and, for
 full-parameter SAT, trains the base weights themselves. Hence the tuner overrides what PEFT assumes of adapter
 weights: which parameters train (``train_base``), what ``save_pretrained`` writes (the full weights when the base
 trains, nothing otherwise) and what unloading means (restoring the original classes; nothing to merge).
@@ -9,6 +9,7 @@ trains, nothing otherwise) and what unloading means (restoring the original clas
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -16,11 +17,16 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_mod
 from torch import nn
 from transformers import PreTrainedModel
 
+from .blocks import (
+    DEFAULT_TARGET_MODULES,
+    block_kind,
+    convert_block,
+    restore_block,
+    unsliceable_reason,
+    unsupported_block_error,
+)
 from .config import SATConfig
-from .modules import block_kind, convert_block, restore_block, unsupported_block_error
 from .state import SATState
-
-DEFAULT_TARGET_MODULES = {model_type: ["mlp", "self_attn"] for model_type in ("llama", "mistral", "qwen2", "qwen3")}
 
 
 class SATModel(BaseTuner):
@@ -197,6 +203,13 @@ def _convert_if_omitted(module: nn.Module, name: str, config: SATConfig, state: 
     if kind is None:
         raise unsupported_block_error(module, name)
     if kind not in config.omit:
+        return False
+    if reason := unsliceable_reason(module):
+        warnings.warn(
+            f"peft_sat: the heads of `{name}` ({type(module).__name__}) cannot be sliced exactly: {reason}. Its "
+            "attention trains dense; SAT sparsifies the MLP blocks only.",
+            stacklevel=3,
+        )
         return False
     convert_block(module, state, block_id, config.head_granularity)
     return True

@@ -6,6 +6,7 @@ Each rank trains on its share of the same global batches and saves its final par
 
 from __future__ import annotations
 
+import datetime
 import os
 import sys
 
@@ -26,7 +27,7 @@ def main(stack: str, importance: str, out_dir: str, wrapper: str = "ddp") -> Non
     torch.set_num_threads(1)
     distributed = "WORLD_SIZE" in os.environ
     if distributed:
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=180))  # fail, never hang
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
 
     config = peft_sat.SATConfig(omission_rate=0.5, importance=importance, selection="topk")

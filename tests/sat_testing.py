@@ -13,9 +13,9 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import peft_sat
-from peft_sat.modules import SATAttentionMixin, SATBlockMixin, SATMLPMixin
+from peft_sat.blocks import SATAttentionMixin, SATBlockMixin, SATMLPMixin
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "granite", "phi3", "olmo2")
 ATTENTION = ("eager", "sdpa")
 STACKS = ("full", "lora", "qlora")
 GRANULARITIES = ("kv_group", "q_head")
@@ -37,6 +37,8 @@ def tiny_config(family: str, attn: str = "sdpa", **overrides):
         attention_dropout=0.0,
         tie_word_embeddings=False,
     )
+    if family == "phi3":  # Phi3 derives head_dim = hidden / heads and its default pad id exceeds the tiny vocab
+        kwargs.update(hidden_size=128, pad_token_id=0)
     kwargs.update(overrides)
     config = AutoConfig.for_model(family, **kwargs)
     config._attn_implementation = attn

@@ -94,3 +94,22 @@ def test_omit_restricts_the_converted_blocks():
     model = peft_sat.apply_sat(tiny_model(), SATConfig(omit=["mlp"]))
     assert type(model.model.layers[0].mlp).__name__ == "SATLlamaMLP"
     assert type(model.model.layers[0].self_attn).__name__ == "LlamaAttention"
+
+
+def test_olmo2_heads_cannot_be_sliced_so_only_its_mlp_is_sparsified():
+    from sat_testing import sat_blocks
+
+    with pytest.warns(UserWarning, match="q/k RMSNorm spans all heads.*MLP blocks only"):
+        model = peft_sat.apply_sat(tiny_model("olmo2"), SATConfig())
+    assert [type(block).__name__ for _, block in sat_blocks(model)] == ["SATOlmo2MLP", "SATOlmo2MLP"]
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match="matched no block"):
+        peft_sat.apply_sat(tiny_model("olmo2"), SATConfig(omit=["attention"]))
+
+
+def test_layers_to_transform_restricts_the_layers():
+    from sat_testing import sat_blocks
+
+    model = peft_sat.apply_sat(tiny_model(), SATConfig(layers_to_transform=[1]))
+    assert [name for name, _ in sat_blocks(model)] == ["model.layers.1.self_attn", "model.layers.1.mlp"]
+    full = get_peft_model(tiny_model(), SATConfig(layers_to_transform=0, layers_pattern="layers"))
+    assert [name for name, _ in sat_blocks(full)] == ["model.layers.0.self_attn", "model.layers.0.mlp"]

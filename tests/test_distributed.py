@@ -39,7 +39,7 @@ def _run(args: list[str], out_dir: Path, processes: int) -> None:
         ]
     else:
         command = [sys.executable, str(WORKER), *args[:2], str(out_dir)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=400, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 

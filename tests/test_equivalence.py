@@ -1,6 +1,7 @@
 """The central invariant: one SAT training step equals a masked dense reference on the same weights.
 
-Matrix: model family x {full-parameter, LoRA, QLoRA} x {kv_group, q_head} x {eager, sdpa}. For each case: same
+Matrix: model family (Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma2, Gemma3, Granite, Phi3 with fused projections,
+Olmo2 with MLP-only SAT) x {full-parameter, LoRA, QLoRA} x {kv_group, q_head} x {eager, sdpa}. For each case: same
 loss, every gradient within 1e-5, omitted units get exactly zero gradient, kept units do get gradient.
 """
 
@@ -25,7 +26,15 @@ from sat_testing import (
 
 import peft_sat
 
-CASES = [(s, f, g, a) for s in STACKS for f in FAMILIES for g in GRANULARITIES for a in ATTENTION]
+# Gemma2 has no sdpa support in transformers (its softcapping needs eager): that combination does not exist.
+CASES = [
+    (s, f, g, a)
+    for s in STACKS
+    for f in FAMILIES
+    for g in GRANULARITIES
+    for a in ATTENTION
+    if not (f == "gemma2" and a == "sdpa")
+]
 
 
 @pytest.mark.parametrize("stack,family,granularity,attn", CASES, ids=["-".join(c) for c in CASES])

@@ -1,0 +1,187 @@
+"""Self-attention blocks on kept heads: rows of q / k / v, columns of o, honouring GQA.
+
+Units (``SATConfig.head_granularity``), with n_q query heads in n_kv groups of g = n_q / n_kv, head dim d:
+
+- ``kv_group``: keep whole groups G; query heads ``G * g + j``; ``num_key_value_groups`` is unchanged.
+- ``q_head``: keep any query heads Q; project only the KV heads U = unique(Q // g) they use, then gather one K/V
+  per kept query head, so the kernel sees ``num_key_value_groups = 1``.
+
+One forward covers the Llama layout and its relatives: optional per-head q / k norms (Qwen3, Gemma3), sliding
+windows (Mistral, Qwen2), logit softcapping (Gemma2), each model file's own eager kernel. Phi3's fused
+``qkv_proj`` is sliced once with the q, k and v rows concatenated (``SATFusedAttentionMixin``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import importance
+from ..sliced import base_weight, linear_cols, linear_rows, project_base
+from .base import SATBlockMixin
+
+
+@dataclass(frozen=True)
+class HeadSelection:
+    """Kept attention units as indices into the projections (d = head_dim)."""
+
+    q_heads: torch.Tensor  # (kq,) kept query heads
+    q_rows: torch.Tensor  # (kq * d,) rows of q_proj = columns of o_proj
+    kv_rows: torch.Tensor  # (kkv * d,) rows of k_proj / v_proj
+    kv_for_q: torch.Tensor | None  # q_head granularity: (kq,) position of each query head's KV head among kept
+
+
+class _GroupsOverride:
+    """A read-through view of an attention module that reports ``num_key_value_groups = 1``.
+
+    With ``q_head`` granularity K/V are already expanded to one head per kept query head, so the attention kernel
+    must not repeat them again; the module itself stays untouched (no mutation inside forward).
+    """
+
+    num_key_value_groups = 1
+
+    def __init__(self, module: nn.Module) -> None:
+        self._module = module
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._module, name)
+
+
+class SATAttentionMixin(SATBlockMixin):
+    """Attention with separate ``q_proj`` / ``k_proj`` / ``v_proj`` / ``o_proj``."""
+
+    _sat_eager_attention: Any  # the model file's own eager kernel (softcapping variants differ)
+    _sat_apply_rotary: Any
+    sat_head_granularity: str
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
+        if not self.sat_is_sparse():
+            return super().forward(
+                hidden_states,
+                position_embeddings=position_embeddings,
+                attention_mask=attention_mask,
+                cache=cache,
+                **kwargs,
+            )
+        # The KV cache is not updated: sliced keys of a sub-network must never serve generation, and training
+        # forwards do not read a cache.
+        kwargs.pop("past_key_values", None)
+        sel: HeadSelection = self._sat_select(hidden_states)
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+
+        query, key, value = (t.view(hidden_shape) for t in self._sat_qkv(hidden_states, sel))  # (B, T, heads, d)
+        if hasattr(self, "q_norm"):  # per-head RMSNorm over head_dim (Qwen3, Gemma3): slicing heads is exact
+            query, key = self.q_norm(query), self.k_norm(key)
+        query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # (B, heads, T, d)
+
+        cos, sin = position_embeddings
+        query, key = self._sat_apply_rotary(query, key, cos, sin)
+
+        module: Any = self
+        if sel.kv_for_q is not None:
+            key, value = key[:, sel.kv_for_q], value[:, sel.kv_for_q]  # (B, kq, T, d): one KV per query head
+            module = _GroupsOverride(self)
+
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, self._sat_eager_attention)
+        if hasattr(self, "attn_logit_softcapping"):  # Gemma2
+            kwargs["softcap"] = self.attn_logit_softcapping
+        attn_output, attn_weights = attention(
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            sliding_window=getattr(self, "sliding_window", getattr(self.config, "sliding_window", None)),
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()  # (B, T, kq * d)
+        return linear_cols(self.o_proj, attn_output, sel.q_rows), attn_weights
+
+    # -- layout-specific parts ---------------------------------------------------------------------------------
+
+    def _sat_qkv(self, x: torch.Tensor, sel: HeadSelection) -> tuple[torch.Tensor, ...]:
+        """Flat (B, T, heads * d) query, key and value of the kept heads."""
+        return (
+            linear_rows(self.q_proj, x, sel.q_rows),
+            linear_rows(self.k_proj, x, sel.kv_rows),
+            linear_rows(self.v_proj, x, sel.kv_rows),
+        )
+
+    def _sat_score_views(self) -> dict[str, Callable]:
+        return dict(
+            w_q=lambda: base_weight(self.q_proj),
+            project_q=lambda s: project_base(self.q_proj, s),
+            project_v=lambda s: project_base(self.v_proj, s),
+        )
+
+    # -- units ------------------------------------------------------------------------------------------------
+
+    @property
+    def _sat_shape(self) -> tuple[int, int, int]:
+        num_heads = self.config.num_attention_heads
+        return num_heads, num_heads // self.num_key_value_groups, self.head_dim
+
+    def _sat_scores(self, metric, x, x_sample, generator):
+        num_heads, num_kv_heads, head_dim = self._sat_shape
+        if metric == "uniform":  # draw per unit so that kv_group and q_head are both uniformly random
+            return importance.uniform_scores(self.sat_num_units, generator)
+        scores = importance.head_scores(
+            metric,
+            x=x,
+            x_sample=x_sample,
+            w_o=lambda: base_weight(self.o_proj),
+            num_heads=num_heads,
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+            generator=generator,
+            **self._sat_score_views(),
+        )
+        return scores if self.sat_head_granularity == "q_head" else importance.group_scores(scores, num_kv_heads)
+
+    def _sat_selection(self, kept: torch.Tensor) -> HeadSelection:
+        _, _, head_dim = self._sat_shape
+        groups = self.num_key_value_groups
+        offsets = torch.arange(head_dim, device=kept.device)
+        if self.sat_head_granularity == "kv_group":
+            kv_heads = kept
+            q_heads = (kv_heads[:, None] * groups + torch.arange(groups, device=kept.device)).reshape(-1)
+            kv_for_q = None
+        else:
+            q_heads = kept
+            kv_heads, kv_for_q = torch.unique(q_heads // groups, sorted=True, return_inverse=True)
+        self.sat_last_kept = q_heads
+        return HeadSelection(
+            q_heads=q_heads,
+            q_rows=(q_heads[:, None] * head_dim + offsets).reshape(-1),
+            kv_rows=(kv_heads[:, None] * head_dim + offsets).reshape(-1),
+            kv_for_q=kv_for_q,
+        )
+
+
+class SATFusedAttentionMixin(SATAttentionMixin):
+    """Phi3 attention: ``qkv_proj`` rows are [q (n_q * d) | k (n_kv * d) | v (n_kv * d)]."""
+
+    def _sat_qkv(self, x: torch.Tensor, sel: HeadSelection) -> tuple[torch.Tensor, ...]:
+        num_heads, num_kv_heads, head_dim = self._sat_shape
+        q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+        rows = torch.cat([sel.q_rows, q_size + sel.kv_rows, q_size + kv_size + sel.kv_rows])
+        kept_kv = sel.kv_rows.numel()
+        return linear_rows(self.qkv_proj, x, rows).split([sel.q_rows.numel(), kept_kv, kept_kv], dim=-1)
+
+    def _sat_score_views(self) -> dict[str, Callable]:
+        num_heads, num_kv_heads, head_dim = self._sat_shape
+        q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+        return dict(
+            w_q=lambda: base_weight(self.qkv_proj)[:q_size],
+            project_q=lambda s: project_base(self.qkv_proj, s)[:, :q_size],
+            project_v=lambda s: project_base(self.qkv_proj, s)[:, q_size + kv_size :],
+        )
