@@ -199,8 +199,11 @@ def omitted_slices(block: SATBlockMixin) -> list[tuple[str, torch.Tensor, int, t
 
     if isinstance(block, SATMLPMixin):
         omitted = torch.tensor([i for i in range(block.sat_num_units) if i not in set(kept.tolist())])
-        add("gate", block.gate_proj, omitted, None)
-        add("up", block.up_proj, omitted, None)
+        if hasattr(block, "gate_up_proj"):  # Phi3: gate rows then up rows
+            add("gate_up", block.gate_up_proj, torch.cat([omitted, omitted + block.sat_num_units]), None)
+        else:
+            add("gate", block.gate_proj, omitted, None)
+            add("up", block.up_proj, omitted, None)
         add("down", block.down_proj, None, omitted)
     else:
         d, groups = block.head_dim, block.num_key_value_groups
@@ -213,11 +216,21 @@ def omitted_slices(block: SATBlockMixin) -> list[tuple[str, torch.Tensor, int, t
         def rows_of(heads):
             return torch.tensor([h * d + j for h in heads for j in range(d)], dtype=torch.long)
 
-        add("q", block.q_proj, rows_of(omitted_q), None)
         add("o", block.o_proj, None, rows_of(omitted_q))
-        if omitted_kv:
-            add("k", block.k_proj, rows_of(omitted_kv), None)
-            add("v", block.v_proj, rows_of(omitted_kv), None)
+        if hasattr(block, "qkv_proj"):  # Phi3: rows [q | k | v]
+            q_size, kv_size = num_heads * d, num_heads // groups * d
+            kv_rows = rows_of(omitted_kv)
+            add(
+                "qkv",
+                block.qkv_proj,
+                torch.cat([rows_of(omitted_q), q_size + kv_rows, q_size + kv_size + kv_rows]),
+                None,
+            )
+        else:
+            add("q", block.q_proj, rows_of(omitted_q), None)
+            if omitted_kv:
+                add("k", block.k_proj, rows_of(omitted_kv), None)
+                add("v", block.v_proj, rows_of(omitted_kv), None)
     return [s for s in slices if s[3].numel() > 0]
 
 

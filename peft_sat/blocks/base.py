@@ -37,6 +37,9 @@ class SATBlockMixin:
         state = self.sat_state
         return self.training and state.enabled and state.omission_rate > 0.0
 
+    # Selection is data-dependent Python (seeded generators, top-k / sampling, the per-forward cache): run it
+    # eagerly under torch.compile; the compiled sliced forward gets the kept indices as tensor inputs.
+    @torch.compiler.disable
     def _sat_select(self, x: torch.Tensor) -> Any:
         state = self.sat_state
         key = (state.forward_count, state.omission_rate)
