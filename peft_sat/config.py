@@ -6,8 +6,11 @@ Every field documents itself through its ``metadata["help"]`` string (the single
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from difflib import get_close_matches
+from typing import Any, Literal
 
 from peft.config import PeftConfig
 
@@ -189,6 +192,39 @@ class SATConfig(PeftConfig):
             self.target_modules = list(self.target_modules)
         self.omit = list(self.omit) if isinstance(self.omit, (list, tuple)) else self.omit
         self.validate()
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> SATConfig:
+        """Build a config from a plain mapping (e.g. parsed YAML); unknown keys are rejected by name.
+
+        Wrong types are caught by ``validate`` like any other invalid value.
+
+        Example:
+            >>> SATConfig.from_dict({"omission_rate": 0.4, "importance": "wanda"}).omission_rate
+            0.4
+        """
+        if not isinstance(values, Mapping):
+            raise ValueError(f"A SATConfig must be a mapping of field names to values, got {values!r}.")
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            hints = [
+                f"`{k}` (did you mean `{m[0]}`?)" if (m := get_close_matches(k, known, n=1)) else f"`{k}`"
+                for k in unknown
+            ]
+            raise ValueError(f"Unknown SATConfig key(s): {', '.join(hints)}. Known keys: {', '.join(known)}.")
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> SATConfig:
+        """``from_dict`` of a YAML file (the whole file, or its ``sat`` section when it has one)."""
+        import yaml
+
+        with open(path) as file:
+            values = yaml.safe_load(file) or {}
+        if isinstance(values, Mapping) and isinstance(values.get("sat"), Mapping):
+            values = values["sat"]
+        return cls.from_dict(values)
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first invalid field, its rule and its value."""

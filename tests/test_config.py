@@ -113,3 +113,30 @@ def test_layers_to_transform_restricts_the_layers():
     assert [name for name, _ in sat_blocks(model)] == ["model.layers.1.self_attn", "model.layers.1.mlp"]
     full = get_peft_model(tiny_model(), SATConfig(layers_to_transform=0, layers_pattern="layers"))
     assert [name for name, _ in sat_blocks(full)] == ["model.layers.0.self_attn", "model.layers.0.mlp"]
+
+
+@pytest.mark.parametrize(
+    "text,key",
+    [
+        ("omision_rate: 0.5\n", "omision_rate"),
+        ("omission_rate: '0.5'\n", "omission_rate"),
+        ("omission_rate: 0.5\nscore_tokens: 3.5\n", "score_tokens"),
+        ("omit: mlp\n", "omit"),
+        ("importance: Wanda\n", "importance"),
+        ("sat:\n  selection: [topk]\n", "selection"),
+    ],
+)
+def test_yaml_with_unknown_keys_or_wrong_types_is_rejected_naming_the_key(tmp_path, text, key):
+    path = tmp_path / "sat.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=f"`{key}`"):
+        SATConfig.from_yaml(path)
+
+
+def test_yaml_round_trip(tmp_path):
+    path = tmp_path / "sat.yaml"
+    path.write_text("sat:\n  omission_rate: 0.4\n  omit: [mlp]\n  ladder_rungs: 2\n")
+    config = SATConfig.from_yaml(path)
+    assert (config.omission_rate, config.omit, config.ladder_rungs) == (0.4, ["mlp"], 2)
+    with pytest.raises(ValueError, match=r"did you mean `omission_rate`"):
+        SATConfig.from_dict({"omission_rte": 0.4})
