@@ -1,0 +1,328 @@
+"""The recipes (``recipes/sft.py``, ``recipes/cpt.py``): every YAML parses, both run end to end in-process on a tiny
+offline Llama (and, behind ``slow``, on the real SmolLM2), and bad input fails before training with every problem."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # `recipes` is a folder of scripts at the repository root, not an installed package
+
+from peft_sat import SATConfig  # noqa: E402
+from recipes import cpt, sft  # noqa: E402
+from recipes.arguments import SAT_PREFIX, SATArguments  # noqa: E402
+from recipes.common import RecipeError  # noqa: E402
+from recipes.data import _fitting_prefix, pack_blocks, split_train_eval  # noqa: E402
+from recipes.report import METRICS_FILE, PLOT_FILE, dense_time_saved  # noqa: E402
+
+RECIPES = {"sft": sft, "cpt": cpt}
+RECIPE_YAMLS = sorted((ROOT / "recipes").glob("*/config_*.yaml"))
+ACCELERATE_YAMLS = sorted((ROOT / "recipes" / "accelerate_configs").glob("*.yaml"))
+WORDS = "the a python function returns value list of numbers hello world how are you fine thanks what is sat sparse training".split()
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+# ---- fixtures: a tiny offline model, tokenizer and datasets ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer Llama (dims multiples of 64 for 4-bit) with a word-level tokenizer that has a ChatML template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    specials = ["<unk>", "<|im_start|>", "<|im_end|>"]
+    vocab = {token: i for i, token in enumerate(specials + ["user", "assistant", "system"] + WORDS)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        bos_token="<|im_start|>",
+    )
+    tokenizer.chat_template = CHATML
+    tokenizer.save_pretrained(path)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=128,
+        eos_token_id=vocab["<|im_end|>"],
+        pad_token_id=vocab["<|im_end|>"],
+        bos_token_id=1,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def _sentence(i: int, n: int = 6) -> str:
+    return " ".join(WORDS[(i * 7 + k * 3) % len(WORDS)] for k in range(n))
+
+
+@pytest.fixture(scope="module")
+def chat_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "chat.jsonl"
+    rows = [
+        {"messages": [{"role": "user", "content": _sentence(i)}, {"role": "assistant", "content": _sentence(i + 1)}]}
+        for i in range(40)
+    ]
+    path.write_text("\n".join(json.dumps(row) for row in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_text("\n".join(_sentence(i, 12) for i in range(60)))
+    return path
+
+
+def parse(recipe: str, *args: str):
+    return RECIPES[recipe].make_parser().parse_args_and_config(list(args))
+
+
+def tiny_args(recipe: str, model_dir: Path, data: Path, out: Path, *extra: str):
+    """Arguments for a 6-step run on the tiny model: ladder 0.5, 0.5, 0.5, 1/3, 1/6, 0."""
+    common = (
+        "--max_steps 6 --per_device_train_batch_size 2 --per_device_eval_batch_size 4 --max_length 16 "
+        "--eval_samples 4 --learning_rate 1e-3 --disable_tqdm true --lora_r 4 --lora_alpha 8"
+    )
+    paths = ["--model_name_or_path", str(model_dir), "--dataset_name", str(data), "--output_dir", str(out)]
+    return parse(recipe, *paths, *common.split(), *extra)
+
+
+# ---- configs ---------------------------------------------------------------------------------------------------
+
+
+def test_recipe_yamls_exist_for_every_variant():
+    names = {str(p.relative_to(ROOT / "recipes")) for p in RECIPE_YAMLS}
+    for recipe in RECIPES:
+        assert {f"{recipe}/config_{variant}.yaml" for variant in ("full", "lora", "qlora")} <= names
+    assert {p.stem for p in ACCELERATE_YAMLS} >= {
+        "single_device",
+        "multi_gpu",
+        "fsdp2",
+        "deepspeed_zero2",
+        "deepspeed_zero3",
+        "cpu_multi_process",
+    }
+
+
+@pytest.mark.parametrize("path", RECIPE_YAMLS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_recipe_yaml_parses_with_known_keys(path):
+    recipe = path.parent.name
+    # TrlParser raises on keys that no argument class knows (fail_with_unknown_args=True).
+    script_args, training_args, model_args, sat_args = parse(recipe, "--config", str(path))
+    keys = set(yaml.safe_load(path.read_text()))
+    assert keys <= {action.dest for action in RECIPES[recipe].make_parser()._actions}
+    assert training_args.output_dir.startswith("outputs/")
+    assert model_args.load_in_4bit == path.stem.endswith("qlora")
+    assert model_args.use_peft == (path.stem != "config_full")
+    assert isinstance(sat_args.to_sat_config(), SATConfig)
+
+
+@pytest.mark.parametrize("path", ACCELERATE_YAMLS, ids=lambda p: p.name)
+def test_accelerate_yaml_loads(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(path))  # raises on unknown keys
+    assert config.mixed_precision == "no"  # precision comes from the training arguments, per machine
+    assert config.use_cpu == (path.stem == "cpu_multi_process")
+
+
+def test_unknown_yaml_key_is_refused(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("sat_omision_rate: 0.3\n")
+    with pytest.raises(ValueError, match="sat_omision_rate"):
+        parse("sft", "--config", str(path))
+
+
+def test_sat_arguments_mirror_every_sat_config_field():
+    own = {f.name for f in dataclasses.fields(SATConfig)} - {f.name for f in dataclasses.fields(SATConfig.__mro__[1])}
+    arguments = {f.name: f for f in dataclasses.fields(SATArguments)}
+    assert {SAT_PREFIX + name for name in own - {"train_base"}} | {"use_sat"} == set(arguments)
+    assert all(f.metadata.get("help") for f in arguments.values())
+
+
+def test_embedded_defaults_and_overrides():
+    script_args, training_args, model_args, sat_args = parse("sft")
+    assert model_args.model_name_or_path is None and script_args.dataset_name is None  # the built-in assets
+    assert model_args.use_peft and sat_args.use_sat and training_args.max_steps > 0
+    assert training_args.bf16 == torch.cuda.is_available() and not training_args.activation_checkpointing
+    _, _, model_args, sat_args = parse(
+        "cpt", "--sat_omission_rate", "0.3", "--sat_ladder_stairs", "[[0.0, 0.3], [0.5, 0.0]]"
+    )
+    assert not model_args.use_peft  # cpt.py defaults to full-parameter SAT
+    config = sat_args.to_sat_config()
+    assert config.omission_rate == 0.3 and config.ladder_stairs == [[0.0, 0.3], [0.5, 0.0]]
+
+
+# ---- data and report helpers -----------------------------------------------------------------------------------
+
+
+def test_fitting_prefix_keeps_whole_exchanges():
+    messages = [
+        {"role": "user", "content": "a" * 10},
+        {"role": "assistant", "content": "b" * 10},
+        {"role": "user", "content": "c" * 10},
+        {"role": "assistant", "content": "d" * 100},
+    ]
+    assert len(_fitting_prefix(messages, 50)) == 2
+    assert len(_fitting_prefix(messages, None)) == 4
+    assert _fitting_prefix(messages, 15) is None
+
+
+def test_pack_blocks_and_held_out_tail(tiny_model_dir):
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    data = Dataset.from_dict({"text": [_sentence(i, 10) for i in range(9)]})  # 9 * (10 words + EOS) = 99 tokens
+    blocks = pack_blocks(data, tokenizer, "text", 8)
+    assert len(blocks) == 12 and all(len(ids) == 8 for ids in blocks["input_ids"])
+    args = sft.make_parser().parse_args_and_config(["--eval_samples", "3"])[0]
+    train, held_out = split_train_eval(blocks, args, seed=0, shuffle=False)
+    assert held_out["input_ids"] == blocks["input_ids"][-3:] and len(train) == 9
+
+
+def test_dense_time_saved_is_measured_from_dense_steps():
+    records = [
+        {"step": s + 1, "omission_rate": r, "seconds": t}
+        for s, (r, t) in enumerate([(0.5, 9.0), (0.5, 1.0), (0.5, 1.0), (0.25, 1.5), (0.0, 2.0), (0.0, 2.0)])
+    ]
+    result = dense_time_saved(records)
+    assert result["step_time_dense_s"] == 2.0
+    assert result["dense_time_saved_s"] == pytest.approx(3 * (2.0 - 1.0) + (2.0 - 1.5))
+    no_dense = dense_time_saved([{**r, "omission_rate": 0.5} for r in records])
+    assert no_dense["dense_time_saved_s"] is None and "not measured" in no_dense["dense_time_note"]
+
+
+# ---- end to end on a tiny model --------------------------------------------------------------------------------
+
+
+def _logged_rates(metrics: dict) -> list[float]:
+    return [entry["sat/omission_rate"] for entry in metrics["log_history"] if "loss" in entry]
+
+
+EXPECTED_KEYS = {
+    "eval_loss_before",
+    "eval_loss_after",
+    "tokens_per_s",
+    "wall_time_s",
+    "train_runtime_s",
+    "dense_time_saved_s",
+    "step_time_dense_s",
+    "flops_saved_fraction_estimate",
+    "schedule",
+    "steps",
+}
+
+
+@pytest.mark.parametrize("variant", ["lora", "full", "qlora"])
+def test_sft_end_to_end(variant, tiny_model_dir, chat_file, tmp_path):
+    extra = {"lora": [], "full": ["--use_peft", "false"], "qlora": ["--load_in_4bit", "true"]}[variant]
+    metrics = sft.main(*tiny_args("sft", tiny_model_dir, chat_file, tmp_path, *extra))
+
+    saved = json.loads((tmp_path / METRICS_FILE).read_text())
+    assert EXPECTED_KEYS <= set(saved) and saved["variant"] == variant and saved["global_step"] == 6
+    assert (tmp_path / PLOT_FILE).stat().st_size > 1000
+    weights = "adapter_model.safetensors" if variant != "full" else "model.safetensors"
+    assert (tmp_path / weights).is_file()
+    rates = _logged_rates(metrics)
+    assert rates[0] == 0.5 and rates[-1] == 0.0 and rates == sorted(rates, reverse=True)  # the ladder, down to dense
+    assert [r["omission_rate"] for r in metrics["steps"]] == [0.5, 0.5, 0.5, 1 / 3, 1 / 6, 0.0]
+    assert all(v == v for v in (metrics["eval_loss_before"], metrics["eval_loss_after"]))  # not NaN
+
+
+def test_cpt_end_to_end_full(tiny_model_dir, text_file, tmp_path):
+    metrics = cpt.main(*tiny_args("cpt", tiny_model_dir, text_file, tmp_path, "--sat_ladder_rungs", "1"))
+    assert metrics["variant"] == "full" and metrics["unit"] == "blocks" and metrics["eval_examples"] == 4
+    assert (tmp_path / "model.safetensors").is_file() and (tmp_path / PLOT_FILE).is_file()
+    assert _logged_rates(metrics)[-1] == 0.0
+    assert metrics["train_tokens"] == 6 * 2 * 16  # full packed blocks, no padding
+    assert metrics["eval_loss_after"] < metrics["eval_loss_before"]  # lr 1e-3 on repeated text: it learns
+
+
+def test_dense_baseline(tiny_model_dir, text_file, tmp_path):
+    metrics = cpt.main(*tiny_args("cpt", tiny_model_dir, text_file, tmp_path, "--use_sat", "false"))
+    assert not metrics["sat"] and metrics["schedule"] == "dense"
+    assert all("sat/omission_rate" not in entry for entry in metrics["log_history"])
+    assert metrics["step_time_dense_s"] is not None
+
+
+# ---- bad input: one error listing every problem, before any training -------------------------------------------
+
+
+def test_bad_input_reports_every_problem_at_once(tmp_path):
+    bad_data = tmp_path / "bad.jsonl"
+    bad_data.write_text('{"question": "q", "answer": "a"}\n')
+    bad_sat = "--sat_omission_rate 1.2 --sat_ladder_rungs 0".split()
+    paths = ["--model_name_or_path", str(tmp_path / "no-such-model"), "--dataset_name", str(bad_data)]
+    args = parse("sft", *paths, *bad_sat, "--output_dir", str(tmp_path / "out"))
+    with pytest.raises(RecipeError) as info:
+        sft.main(*args)
+    message = str(info.value)
+    assert "4 problem(s)" in message
+    for expected in ("--sat_omission_rate", "--sat_ladder_rungs", "no-such-model", "columns ['question', 'answer']"):
+        assert expected in message
+    assert not (tmp_path / "out").exists()  # nothing trained, nothing written
+
+
+def test_schedule_that_does_not_fit_the_steps(tiny_model_dir, chat_file, tmp_path):
+    args = tiny_args("sft", tiny_model_dir, chat_file, tmp_path, "--max_steps", "3", "--sat_ladder_rungs", "5")
+    with pytest.raises(RecipeError, match=r"does not fit the 3 optimizer steps.*ladder_rungs"):
+        sft.main(*args)
+
+
+def test_unknown_dataset_and_missing_text_column(tiny_model_dir, chat_file, tmp_path):
+    with pytest.raises(RecipeError, match=r"no/such-dataset-xyz' could not be loaded"):
+        cpt.main(*tiny_args("cpt", tiny_model_dir, Path("no/such-dataset-xyz"), tmp_path))
+    with pytest.raises(RecipeError, match=r"dataset_text_field`='text'"):
+        cpt.main(*tiny_args("cpt", tiny_model_dir, chat_file, tmp_path))  # chat data has no text column
+
+
+def test_qlora_needs_peft_and_cpt_needs_a_block_size(tiny_model_dir, text_file, tmp_path):
+    args = tiny_args("cpt", tiny_model_dir, text_file, tmp_path, "--load_in_4bit", "true", "--use_peft", "false")
+    with pytest.raises(RecipeError, match="use_peft: true"):
+        cpt.main(*args)
+
+
+# ---- the real SmolLM2 (slow; CI runs it) -----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["sft", "cpt"])
+def test_recipe_on_real_smollm2(recipe, tmp_path):
+    pytest.importorskip("gguf")
+    from peft_sat import assets
+
+    try:
+        assets.smollm2_path()
+    except ModuleNotFoundError as error:
+        pytest.skip(str(error))
+    short = (
+        "--max_steps 2 --max_length 64 --eval_samples 4 --per_device_train_batch_size 2 --per_device_eval_batch_size 4 "
+        "--sat_ladder_rungs 1 --max_train_samples 64 --disable_tqdm true"
+    )
+    metrics = RECIPES[recipe].main(*parse(recipe, "--output_dir", str(tmp_path), *short.split()))
+    assert metrics["global_step"] == 2 and _logged_rates(metrics) == [0.5, 0.0]
+    assert metrics["eval_loss_before"] < 6.0  # pre-trained, not random (ln 49152 = 10.8)
+    assert (tmp_path / METRICS_FILE).is_file() and (tmp_path / PLOT_FILE).is_file()
