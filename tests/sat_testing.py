@@ -23,7 +23,11 @@ VOCAB = 128
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def tiny_config(family: str, attn: str = "sdpa", **overrides):
+def default_attention(family: str) -> str:
+    return "eager" if family == "gemma2" else "sdpa"  # transformers refuses sdpa for Gemma2 (softcapping)
+
+
+def tiny_config(family: str, attn: str | None = None, **overrides):
     """Dimensions are multiples of 64 so that 4-bit blocks align (STACK_NOTES); 8 query heads in 4 KV groups."""
     kwargs = dict(
         hidden_size=64,
@@ -41,12 +45,13 @@ def tiny_config(family: str, attn: str = "sdpa", **overrides):
         kwargs.update(hidden_size=128, pad_token_id=0)
     kwargs.update(overrides)
     config = AutoConfig.for_model(family, **kwargs)
-    config._attn_implementation = attn
+    config._attn_implementation = attn or default_attention(family)
     return config
 
 
-def tiny_model(family: str = "llama", attn: str = "sdpa", seed: int = 0, **overrides) -> nn.Module:
+def tiny_model(family: str = "llama", attn: str | None = None, seed: int = 0, **overrides) -> nn.Module:
     torch.manual_seed(seed)
+    attn = attn or default_attention(family)
     model = AutoModelForCausalLM.from_config(tiny_config(family, attn, **overrides), attn_implementation=attn)
     if family == "qwen2":  # Qwen2 has q/k/v biases: make them non-zero so slicing them is tested
         with torch.no_grad():
