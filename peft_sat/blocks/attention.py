@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .. import importance
-from ..sliced import base_weight, linear_cols, linear_rows, project_base
+from ..sliced import base_weight, linear_cols, linear_rows, linear_rows_fused, project_base
 from .base import SATBlockMixin
 
 
@@ -110,11 +110,9 @@ class SATAttentionMixin(SATBlockMixin):
 
     def _sat_qkv(self, x: torch.Tensor, sel: HeadSelection) -> tuple[torch.Tensor, ...]:
         """Flat (B, T, heads * d) query, key and value of the kept heads."""
-        return (
-            linear_rows(self.q_proj, x, sel.q_rows),
-            linear_rows(self.k_proj, x, sel.kv_rows),
-            linear_rows(self.v_proj, x, sel.kv_rows),
-        )
+        # one matmul for the three when they are plain nn.Linear (or LoRA over one): they read the same input
+        projections, rows = (self.q_proj, self.k_proj, self.v_proj), (sel.q_rows, sel.kv_rows, sel.kv_rows)
+        return tuple(linear_rows_fused(projections, x, rows))
 
     def _sat_score_views(self) -> dict[str, Callable]:
         return dict(

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 
 from .. import importance
-from ..sliced import base_layer, base_weight, linear_cols, linear_rows, project_base
+from ..sliced import base_layer, base_weight, linear_cols, linear_rows, linear_rows_fused, project_base
 from .base import SATBlockMixin
 
 
@@ -36,7 +36,8 @@ class SATMLPMixin(SATBlockMixin):
         return self.act_fn
 
     def _sat_gate_up(self, x: torch.Tensor, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return linear_rows(self.gate_proj, x, kept), linear_rows(self.up_proj, x, kept)
+        gate, up = linear_rows_fused((self.gate_proj, self.up_proj), x, (kept, kept))  # one matmul when plain
+        return gate, up
 
     def _sat_score_views(self) -> dict[str, Callable]:
         """Base weights and no-grad projections that the importance metrics read."""

@@ -1,0 +1,186 @@
+"""Exactness of ``peft_sat.ops.gather_linear`` against plain ``F.linear`` on the gathered / masked weight.
+
+float64 so that "equal" means equal up to summation order; seeded inputs, non-zero biases, unsorted and sorted
+indices (distinct: the contract of ``gather_linear``). Omitted rows / columns must get exactly zero gradient, and gradients must flow through autograd's own
+accumulation (``.grad`` sums over backward calls, post-accumulate hooks fire: what DDP relies on).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import peft_sat.ops
+from peft_sat.ops import gather_linear
+
+OUT, IN = 12, 10
+TOL = dict(rtol=1e-12, atol=1e-12)
+
+
+def _tensors(by_rows: bool, bias: bool, weight_grad: bool, x_grad: bool, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(OUT, IN, dtype=torch.float64, generator=generator).requires_grad_(weight_grad)
+    b = torch.randn(OUT, dtype=torch.float64, generator=generator).requires_grad_(weight_grad) if bias else None
+    index = torch.tensor([9, 1, 4, 5]) if by_rows else torch.tensor([0, 3, 7, 8])  # unsorted rows, sorted cols
+    width = IN if by_rows else index.numel()
+    x = torch.randn(2, 3, width, dtype=torch.float64, generator=generator).requires_grad_(x_grad)  # 3-D input
+    return x, weight, b, index
+
+
+def _reference(x, weight, bias, index, by_rows):
+    """Autograd through plain ops: ``F.linear`` on the gathered weight."""
+    if by_rows:
+        return F.linear(x, weight.index_select(0, index), None if bias is None else bias.index_select(0, index))
+    return F.linear(x, weight.index_select(1, index), bias)
+
+
+def _grads(out, inputs, grad_out):
+    wanted = [t for t in inputs if t is not None and t.requires_grad]
+    return torch.autograd.grad(out, wanted, grad_out) if wanted else ()
+
+
+@pytest.mark.parametrize("by_rows", [True, False], ids=["rows", "cols"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("weight_grad", [True, False], ids=["trainable", "frozen"])
+@pytest.mark.parametrize("x_grad", [True, False], ids=["x_grad", "x_const"])
+@pytest.mark.parametrize("regather", [False, True], ids=["keep_copy", "regather"])
+def test_forward_and_gradients_equal_plain_linear(by_rows, bias, weight_grad, x_grad, regather, monkeypatch):
+    # both backward strategies on CPU: keep the gathered copy (CPU default) or re-gather it (accelerators' default)
+    monkeypatch.setattr(peft_sat.ops, "REGATHER_DEVICES", {"cpu"} if regather else set())
+    x, weight, b, index = _tensors(by_rows, bias, weight_grad, x_grad)
+    out = gather_linear(x, weight, b, index, by_rows)
+    expected = _reference(x, weight, b, index, by_rows)
+    torch.testing.assert_close(out, expected, **TOL)
+    assert out.shape == (2, 3, index.numel() if by_rows else OUT)
+    grad_out = torch.randn_like(out)
+    got, want = _grads(out, (x, weight, b), grad_out), _grads(expected, (x, weight, b), grad_out)
+    assert len(got) == len(want) == int(x_grad) + int(weight_grad) * (1 + int(bias))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, **TOL)
+
+
+@pytest.mark.parametrize("by_rows", [True, False], ids=["rows", "cols"])
+def test_gradient_equals_masked_dense_reference_and_is_zero_outside(by_rows):
+    """The sliced step equals a dense step whose omitted units are masked out; omitted units get exact zeros."""
+    x, weight, b, index = _tensors(by_rows, bias=True, weight_grad=True, x_grad=True)
+    grad_out = torch.randn(2, 3, index.numel() if by_rows else OUT, dtype=torch.float64)
+    gather_linear(x, weight, b, index, by_rows).backward(grad_out)
+
+    weight_ref, b_ref = weight.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    if by_rows:  # dense product, then keep the selected output rows
+        dense = F.linear(x.detach(), weight_ref, b_ref).index_select(-1, index)
+        kept = torch.zeros(OUT, dtype=torch.bool).index_fill_(0, index, True)
+        weight_kept, bias_kept = kept[:, None].expand(OUT, IN), kept
+    else:  # dense product of an input that is zero outside the selected columns
+        full = torch.zeros(2, 3, IN, dtype=torch.float64).index_copy(-1, index, x.detach())
+        dense = F.linear(full, weight_ref, b_ref)
+        kept = torch.zeros(IN, dtype=torch.bool).index_fill_(0, index, True)
+        weight_kept, bias_kept = kept[None, :].expand(OUT, IN), torch.ones(OUT, dtype=torch.bool)
+    dense.backward(grad_out)
+
+    torch.testing.assert_close(weight.grad, weight_ref.grad, **TOL)
+    torch.testing.assert_close(b.grad, b_ref.grad, **TOL)
+    assert weight.grad.shape == weight.shape and weight.grad.is_contiguous()
+    assert torch.count_nonzero(weight.grad[~weight_kept]) == 0  # exactly zero, not merely small
+    assert torch.count_nonzero(b.grad[~bias_kept]) == 0
+    assert torch.all(weight.grad[weight_kept] != 0)  # the equality above is not trivially 0 == 0
+
+
+@pytest.mark.parametrize("by_rows", [True, False], ids=["rows", "cols"])
+def test_gradients_accumulate_through_autograd(by_rows):
+    """Two backward calls sum into ``.grad`` via AccumulateGrad, whose hooks (used by DDP) fire each time."""
+    x, weight, b, index = _tensors(by_rows, bias=True, weight_grad=True, x_grad=False)
+    fired = []
+    weight.register_post_accumulate_grad_hook(lambda p: fired.append(p.grad.clone()))
+    other_index = index.flip(0)[:2]
+    gather_linear(x, weight, b, index, by_rows).sum().backward()
+    first = weight.grad.clone()
+    x2 = x[..., : other_index.numel()] if not by_rows else x
+    gather_linear(x2, weight, b, other_index, by_rows).sum().backward()
+
+    ref = weight.detach().clone().requires_grad_()
+    _reference(x, ref, b.detach(), index, by_rows).sum().backward()
+    _reference(x2, ref, b.detach(), other_index, by_rows).sum().backward()
+    torch.testing.assert_close(weight.grad, ref.grad, **TOL)
+    assert len(fired) == 2
+    torch.testing.assert_close(fired[0], first, **TOL)
+
+
+@pytest.mark.parametrize("by_rows", [True, False], ids=["rows", "cols"])
+@pytest.mark.parametrize("kept", [[0], list(range(OUT)), [3, 11]], ids=["one", "all", "edges"])
+def test_extreme_selections(by_rows, kept):
+    """One unit, every unit (an identity gather), and the first / last units (the padded zero slice's neighbours)."""
+    index = torch.tensor([k for k in kept if by_rows or k < IN])
+    _, weight, b, _ = _tensors(by_rows, bias=True, weight_grad=True, x_grad=True)
+    x = torch.randn(2, 3, IN if by_rows else index.numel(), dtype=torch.float64, requires_grad=True)
+    grad_out = torch.randn(2, 3, index.numel() if by_rows else OUT, dtype=torch.float64)
+    got = _grads(gather_linear(x, weight, b, index, by_rows), (x, weight, b), grad_out)
+    want = _grads(_reference(x, weight, b, index, by_rows), (x, weight, b), grad_out)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, **TOL)
+
+
+def test_no_grad_and_non_contiguous_input():
+    x, weight, b, index = _tensors(False, bias=True, weight_grad=True, x_grad=False)
+    x_t = x.transpose(0, 1).contiguous().transpose(0, 1)  # same values, non-contiguous layout
+    with torch.no_grad():
+        out = gather_linear(x_t, weight, b, index, False)
+    assert not out.requires_grad
+    torch.testing.assert_close(out, _reference(x, weight, b, index, False), **TOL)
+    x_t.requires_grad_()
+    grad_x = torch.autograd.grad(gather_linear(x_t, weight, b, index, False).sum(), x_t)[0]
+    torch.testing.assert_close(grad_x, torch.autograd.grad(_reference(x_t, weight, b, index, False).sum(), x_t)[0])
+
+
+@pytest.mark.parametrize("by_rows", [True, False], ids=["rows", "cols"])
+def test_gradcheck(by_rows):
+    x, weight, b, index = _tensors(by_rows, bias=True, weight_grad=True, x_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w, bb: gather_linear(x, w, bb, index, by_rows), (x, weight, b))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_low_precision_and_autocast(dtype):
+    x, weight, b, index = _tensors(True, bias=True, weight_grad=True, x_grad=True)
+    x, weight, b = (t.detach().to(dtype).requires_grad_() for t in (x, weight, b))
+    out = gather_linear(x, weight, b, index, True)
+    out.sum().backward()
+    assert out.dtype == dtype and weight.grad.dtype == dtype and x.grad.dtype == dtype
+    # autocast: fp32 weights, bf16 compute; gradients come back in each input's own dtype
+    x32, w32 = x.detach().float().requires_grad_(), weight.detach().float().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = gather_linear(x32, w32, None, index, True)
+    out.float().sum().backward()
+    assert w32.grad.dtype == torch.float32 and x32.grad.dtype == torch.float32
+    assert torch.count_nonzero(w32.grad[[0, 3, 6, 7, 8, 10, 11]]) == 0
+
+
+@pytest.mark.parametrize("regather", [False, True], ids=["keep_copy", "regather"])
+@pytest.mark.parametrize("biases", [(True, True), (False, False), (True, False)], ids=["bias", "no_bias", "mixed"])
+@pytest.mark.parametrize("trainable", [(True, True), (False, False), (True, False)], ids=["train", "frozen", "mixed"])
+def test_stacked_rows_equal_separate_projections(regather, biases, trainable, monkeypatch):
+    """q / k / v (or gate / up) as one matmul: outputs and every gradient equal three separate plain linears."""
+    monkeypatch.setattr(peft_sat.ops, "REGATHER_DEVICES", {"cpu"} if regather else set())
+    generator = torch.Generator().manual_seed(3)
+    outs, indices = (12, 6, 6), (torch.tensor([0, 5, 7, 11]), torch.tensor([1, 2]), torch.tensor([1, 2]))
+    weights = [torch.randn(o, IN, dtype=torch.float64, generator=generator) for o in outs]
+    bias_flags = (*biases, biases[0])
+    train_flags = (*trainable, trainable[0])
+    weights = [w.requires_grad_(t) for w, t in zip(weights, train_flags)]
+    bs = [torch.randn(o, dtype=torch.float64, generator=generator).requires_grad_(t) if f else None
+          for o, f, t in zip(outs, bias_flags, train_flags)]  # fmt: skip
+    x = torch.randn(2, 3, IN, dtype=torch.float64, generator=generator, requires_grad=True)
+
+    out = peft_sat.ops.gather_linear_rows(x, weights, bs, indices)
+    expected = torch.cat([_reference(x, w, b, i, True) for w, b, i in zip(weights, bs, indices)], dim=-1)
+    torch.testing.assert_close(out, expected, **TOL)
+    grad_out = torch.randn_like(out)
+    inputs = (x, *weights, *bs)
+    for g, w in zip(_grads(out, inputs, grad_out), _grads(expected, inputs, grad_out), strict=True):
+        torch.testing.assert_close(g, w, **TOL)
+    out = peft_sat.ops.gather_linear_rows(x, weights, bs, indices)
+    out.backward(grad_out)
+    for weight, index in zip(weights, indices):
+        if weight.requires_grad:
+            omitted = torch.ones(weight.shape[0], dtype=torch.bool).index_fill_(0, index, False)
+            assert torch.count_nonzero(weight.grad[omitted]) == 0
