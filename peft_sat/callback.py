@@ -28,9 +28,9 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.utils import logging
 
+from .blocks import SATBlockMixin, block_kind
 from .config import SATConfig
 from .model import apply_sat, get_sat_state, remove_sat
-from .blocks import SATBlockMixin, block_kind
 from .schedules import describe_schedule, omission_rate_at, validate_schedule
 from .selection import num_kept
 from .state import SATState
