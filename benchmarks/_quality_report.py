@@ -1,0 +1,448 @@
+"""Tables (``quality.md``) and plots (PNG, matplotlib Agg) of ``benchmarks/quality.py``, rendered from its JSON only.
+
+Every number printed here is computed from ``quality.json``; nothing is typed by hand. Partial results (a single
+part, tiny mode) render what they hold.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+MD_FILE = "quality.md"
+BEGIN = "<!-- quality.md begin -->"  # --update-doc replaces the text between these lines
+END = "<!-- quality.md end -->"
+PLOTS = {"curves": "loss_curves.png", "ablation": "ablation.png", "sweep": "omission_sweep.png"}
+TASK_LABELS = {"cpt": "CPT, full-parameter", "sft": "SFT, LoRA r16"}
+LOSS_TARGET_PCT = 1.0  # issue 4: SAT final held-out loss within 1% of dense
+TIME_TARGET_PCT = 30.0  # issue 4: wall time at least 30% below dense for the same steps
+
+
+# ---- selection of runs ---------------------------------------------------------------------------------------
+
+
+def comparisons(results: dict) -> dict[tuple[str, int], list[dict]]:
+    """(task, steps) -> the dense-vs-SAT comparison runs, sorted by seed."""
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for key, run in results.get("runs", {}).items():
+        if not key.startswith(("grid:", "probe:")):
+            groups.setdefault((run["task"], len(run["dense"]["rates"])), []).append(run)
+    return {k: sorted(v, key=lambda r: r["seed"]) for k, v in sorted(groups.items())}
+
+
+def grid_runs(results: dict) -> tuple[dict | None, list[dict]]:
+    """The grid's dense reference and its SAT cells (each a run with ``arm``), first grid setting found."""
+    runs = [run for key, run in results.get("runs", {}).items() if key.startswith("grid:")]
+    if not runs:
+        return None, []
+    prefix = min(run["key"].rsplit("|", 1)[0] for run in runs)
+    runs = [run for run in runs if run["key"].rsplit("|", 1)[0] == prefix]
+    dense = next((run for run in runs if run["arm"]["sat_config"] is None), None)
+    return dense, [run for run in runs if run["arm"]["sat_config"] is not None]
+
+
+def find_cell(cells: list[dict], default: dict, **overrides) -> dict | None:
+    """The cell whose SAT config equals ``default`` with ``overrides`` (seed ignored)."""
+    want = {k: v for k, v in {**default, **overrides}.items() if k != "seed"}
+    for cell in cells:
+        config = {k: v for k, v in cell["arm"]["sat_config"].items() if k != "seed"}
+        if json.dumps(config, sort_keys=True) == json.dumps(want, sort_keys=True):
+            return cell
+    return None
+
+
+# ---- numbers -------------------------------------------------------------------------------------------------
+
+
+def mean_sd(values: list[float], digits: int = 4, suffix: str = "") -> str:
+    if not values:
+        return "-"
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.{digits}f}{suffix}"
+    return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}{suffix}"
+
+
+def seconds(values: list[float]) -> str:
+    """``mean_sd`` of durations with digits that suit their size (tiny runs take milliseconds)."""
+    mean = statistics.fmean(values) if values else 0.0
+    return mean_sd(values, 0 if mean >= 100 else 1 if mean >= 1 else 3)
+
+
+def full_rate_speedup(dense: dict, sat: dict, times: str = "step_cpu_times_s") -> float | None:
+    """Median dense / median SAT step time over the steps SAT ran at its highest rate (first step excluded)."""
+    top = max(sat["rates"])
+    at_top = [i for i, rate in enumerate(sat["rates"]) if rate == top]
+    steps = [i for i in at_top if i > 0] or at_top  # a linear decay has its top rate at step 0 only
+    if top == 0 or not steps:
+        return None
+    return statistics.median(dense[times][i] for i in steps) / statistics.median(sat[times][i] for i in steps)
+
+
+def fmt(value: float | None, spec: str = ".4f", suffix: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+# ---- markdown ------------------------------------------------------------------------------------------------
+
+
+def comparison_tables(results: dict) -> list[str]:
+    lines = []
+    for (task, steps), runs in comparisons(results).items():
+        setup, n = runs[0]["setup"], len(runs)
+        lines += [
+            f"### {TASK_LABELS.get(task, task)}: dense vs SAT, {steps} steps, {n} seed(s)",
+            "",
+            f"Data: {runs[0]['data']}. Batch {setup['batch']}, AdamW lr {setup['lr']:g} (constant, no weight decay, "
+            f"gradient clipping 1.0). SAT: `SATConfig(seed=s)` defaults. Seeds: {[r['seed'] for r in runs]}.",
+            "",
+            "| arm | held-out loss before | final held-out loss | final perplexity | vs dense | training wall s "
+            "| wall saving | training CPU s | CPU saving | FLOPs saving (estimate) |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for arm in ("dense", "sat"):
+            data = [r[arm] for r in runs]
+            finals = [d["final_loss"] for d in data]
+            row = [
+                "dense" if arm == "dense" else "SAT",
+                mean_sd([d["evals"][0]["loss"] for d in data]),
+                mean_sd(finals),
+                mean_sd([math.exp(x) for x in finals], 2),
+                "-" if arm == "dense" else mean_sd([r["loss_gap_pct"] for r in runs], 2, "%"),
+                seconds([d["train_time_s"] for d in data]),
+                "-" if arm == "dense" else mean_sd([r["wall_saving_pct"] for r in runs], 1, "%"),
+                seconds([d["train_cpu_s"] for d in data]),
+                "-" if arm == "dense" else mean_sd([r["cpu_saving_pct"] for r in runs], 1, "%"),
+                "-" if arm == "dense" else mean_sd([100 * d["flops_saved_fraction_estimate"] for d in data], 1, "%"),
+            ]
+            lines.append("| " + " | ".join(row) + " |")
+        lines += [
+            "",
+            "| seed | dense final | SAT final | vs dense | SAT reaches dense's final loss | dense loss at SAT's "
+            "wall time | wall saving | speed-up at the full rate (CPU, wall) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in runs:
+            ttt = r["time_to_target"]
+            reached = (
+                f"step {ttt['step']}, {ttt['train_time_s']:.3g} s "
+                f"({100 * ttt['train_time_s'] / r['dense']['train_time_s']:.0f}% of dense's time)"
+                if ttt["reached"]
+                else "not reached"
+            )
+            cpu = full_rate_speedup(r["dense"], r["sat"])
+            wall = full_rate_speedup(r["dense"], r["sat"], "step_times_s")
+            lines.append(
+                f"| {r['seed']} | {r['dense']['final_loss']:.4f} | {r['sat']['final_loss']:.4f} | "
+                f"{r['loss_gap_pct']:+.2f}% | {reached} | {r['dense_loss_at_sat_time']:.4f} | "
+                f"{r['wall_saving_pct']:.1f}% | {fmt(cpu, '.2f', 'x')}, {fmt(wall, '.2f', 'x')} |"
+            )
+        lines.append("")
+    return lines
+
+
+def verdict_lines(results: dict) -> list[str]:
+    lines = ["### Targets of issue 4 (computed from the runs above)", ""]
+    for (task, steps), runs in comparisons(results).items():
+        gaps = [r["loss_gap_pct"] for r in runs]
+        savings = [r["wall_saving_pct"] for r in runs]
+        gap, saving = statistics.fmean(gaps), statistics.fmean(savings)
+        loss_ok, time_ok = gap <= LOSS_TARGET_PCT, saving >= TIME_TARGET_PCT
+        lines.append(
+            f"- {TASK_LABELS.get(task, task)}, {steps} steps, {len(runs)} seed(s): final held-out loss within "
+            f"{LOSS_TARGET_PCT:g}% of dense: **{'met' if loss_ok else 'not met'}** (mean gap {gap:+.2f}%, seeds "
+            f"{', '.join(f'{g:+.2f}%' for g in gaps)}); wall time >= {TIME_TARGET_PCT:g}% below dense: "
+            f"**{'met' if time_ok else 'not met'}** (mean saving {saving:.1f}%"
+            + ("" if time_ok else f", {TIME_TARGET_PCT - saving:.1f} points short")
+            + ")."
+        )
+    return lines + [""]
+
+
+def grid_tables(results: dict) -> list[str]:
+    dense, cells = grid_runs(results)
+    if dense is None or not cells:
+        return []
+    default = results["default_sat_config"]
+    base = dense["arm"]["final_loss"]
+    setup = dense["setup"]
+    steps = len(dense["arm"]["rates"])
+    lines = [
+        f"### Ablation grid: {TASK_LABELS.get(dense['task'], dense['task'])}, {steps} steps, seed {dense['seed']} only",
+        "",
+        f"Data: {dense['data']}. Batch {setup['batch']}, lr {setup['lr']:g}. One seed per cell (compute budget): "
+        "compare the spread of the seeds above before reading small differences. Held-out loss before training: "
+        f"{dense['arm']['evals'][0]['loss']:.4f}; dense after {steps} steps: {base:.4f}. Other fields: defaults "
+        f"(omission rate {default['omission_rate']:g}). Speed-up: median dense / SAT CPU time per step over SAT's "
+        "full-rate steps (grid cells run one after another, not in lockstep).",
+        "",
+        "| importance | selection | schedule | final held-out loss | vs dense | speed-up at the full rate (CPU) |",
+        "|---|---|---|---|---|---|",
+        f"| dense | - | - | {base:.4f} | - | - |",
+    ]
+    for importance in ("uniform", "magnitude", "wanda", "maxip"):
+        for selection in ("topk", "sampling"):
+            for schedule in ("constant", "ladder"):
+                cell = find_cell(cells, default, importance=importance, selection=selection, schedule=schedule)
+                if cell is not None:
+                    lines.append(_cell_row(f"{importance} | {selection} | {schedule}", cell, dense, base))
+    shapes = [
+        ("ladder (default shape)", {"schedule": "ladder"}),
+        ("constant", {"schedule": "constant"}),
+        ("linear", {"schedule": "linear"}),
+        ("ladder f=0.25", {"schedule": "ladder", "ladder_full_rate_ratio": 0.25}),
+        ("ladder f=0.75", {"schedule": "ladder", "ladder_full_rate_ratio": 0.75}),
+    ]
+    shape_rows = [(name, find_cell(cells, default, **o)) for name, o in shapes]
+    if sum(cell is not None for _, cell in shape_rows) > 2:
+        lines += [
+            "",
+            f"Schedule shapes (importance {default['importance']}, selection {default['selection']}, rate "
+            f"{default['omission_rate']:g}; the default ladder keeps the full rate for the first "
+            f"{default['ladder_full_rate_ratio']:g} of the steps, then {default['ladder_rungs']} rungs down to dense):",
+            "",
+            "| schedule | final held-out loss | vs dense | speed-up at the full rate (CPU) | FLOPs saving (estimate) |",
+            "|---|---|---|---|---|",
+        ]
+        for name, cell in shape_rows:
+            if cell is not None:
+                flops = 100 * cell["arm"]["flops_saved_fraction_estimate"]
+                lines.append(_cell_row(name, cell, dense, base) + f" {flops:.1f}% |")
+    omits = [
+        ("MLP channels + heads (default)", {"omit": ["mlp", "attention"]}),
+        ("MLP channels only", {"omit": ["mlp"]}),
+        ("attention heads only", {"omit": ["attention"]}),
+    ]
+    omit_rows = [(name, find_cell(cells, default, **o)) for name, o in omits]
+    if sum(cell is not None for _, cell in omit_rows) > 1:
+        lines += [
+            "",
+            f"Omitted units ({default['importance']}, {default['selection']}, default ladder, rate "
+            f"{default['omission_rate']:g}; heads per `head_granularity`={default['head_granularity']!r}):",
+            "",
+            "| omitted | final held-out loss | vs dense | speed-up at the full rate (CPU) | FLOPs saving (estimate) |",
+            "|---|---|---|---|---|",
+        ]
+        for name, cell in omit_rows:
+            if cell is not None:
+                flops = 100 * cell["arm"]["flops_saved_fraction_estimate"]
+                lines.append(_cell_row(name, cell, dense, base) + f" {flops:.1f}% |")
+    sweep = sweep_points(results)
+    if sweep:
+        lines += [
+            "",
+            f"Omission-rate sweep ({default['importance']}, {default['selection']}, default ladder):",
+            "",
+            "| omission rate | final held-out loss | vs dense | speed-up at the full rate (CPU) | FLOPs saving (estimate) |",
+            "|---|---|---|---|---|",
+        ]
+        for rate, cell in sweep:
+            flops = 100 * cell["arm"]["flops_saved_fraction_estimate"]
+            lines.append(_cell_row(f"{rate:g}", cell, dense, base) + f" {flops:.1f}% |")
+    return lines + [""]
+
+
+def probe_tables(results: dict) -> list[str]:
+    probes = [run for key, run in results.get("runs", {}).items() if key.startswith("probe:")]
+    if not probes:
+        return []
+    probe = probes[0]
+    dense = probe["dense_loss"]
+    by_name = {cell["name"]: cell["sparse_loss"] for cell in probe["cells"]}
+    rate = next(c["sat_config"]["omission_rate"] for c in probe["cells"] if "/" in c["name"])
+
+    def entry(name: str) -> str:
+        loss = by_name.get(name)
+        return "-" if loss is None else f"{loss:.3f} ({100 * (loss - dense) / dense:+.1f}%)"
+
+    lines = [
+        f"### Sub-network fidelity before training ({TASK_LABELS.get(probe['task'], probe['task'])} data)",
+        "",
+        "Held-out loss of the pre-trained model's SPARSE forward (training mode, no gradient, no update), i.e. of "
+        f"the sub-network a SAT step trains, against the dense model's {dense:.4f}; omission rate {rate:g}. The "
+        "further a sub-network is from the dense model, the more of its gradient goes into compensating for the "
+        "omitted units instead of learning the data.",
+        "",
+        "| importance | selection | MLP channels + heads | MLP channels only | heads only |",
+        "|---|---|---|---|---|",
+    ]
+    for importance in ("uniform", "magnitude", "wanda", "maxip"):
+        for selection in ("topk", "sampling"):
+            names = [f"{importance}/{selection}/{omit}" for omit in ("mlp+attention", "mlp", "attention")]
+            lines.append(f"| {importance} | {selection} | " + " | ".join(entry(n) for n in names) + " |")
+    rates = [c for c in probe["cells"] if c["name"].startswith("rate ")]
+    if rates:
+        config = rates[0]["sat_config"]
+        lines += [
+            "",
+            f"By omission rate ({config['importance']}, {config['selection']}, MLP channels + heads): "
+            + ", ".join(f"r = {c['sat_config']['omission_rate']:g}: {entry(c['name'])}" for c in rates)
+            + ".",
+        ]
+    return lines + [""]
+
+
+def sweep_points(results: dict) -> list[tuple[float, dict]]:
+    dense, cells = grid_runs(results)
+    default = results.get("default_sat_config", {})
+    points = []
+    for cell in cells:
+        config = cell["arm"]["sat_config"]
+        others = {k: v for k, v in config.items() if k not in ("omission_rate", "seed")}
+        if others == {k: v for k, v in default.items() if k not in ("omission_rate", "seed")}:
+            points.append((config["omission_rate"], cell))
+    return sorted(points, key=lambda p: p[0]) if len(points) > 1 else []
+
+
+def _cell_row(name: str, cell: dict, dense: dict, base: float) -> str:
+    loss = cell["arm"]["final_loss"]
+    speed = full_rate_speedup(dense["arm"], cell["arm"])
+    return f"| {name} | {loss:.4f} | {100 * (loss - base) / base:+.2f}% | {fmt(speed, '.2f', 'x')} |"
+
+
+def markdown(results: dict) -> str:
+    m = results.get("machine", {})
+    lines = [
+        f"<!-- generated by benchmarks/quality.py from {results.get('mode', '?')} runs; do not edit by hand -->",
+        "",
+        f"Model: {results.get('model', '?')}. Machine: {m.get('cpu', '?')}, {m.get('cpu_count', '?')} cores, "
+        f"torch {m.get('torch', '?')} ({m.get('torch_threads', '?')} thread(s)), Python {m.get('python', '?')}.",
+        "",
+        "Commands:",
+        "",
+        *[f"    {c}" for c in results.get("commands", [])],
+        "",
+    ]
+    if a := results.get("anatomy"):
+        lines += [
+            f"Where a training step's matmul FLOPs go in this model (share of the {a['linear_macs_per_token']:,} "
+            f"multiply-adds per token of its linear layers): attention projections {100 * a['attention_share']:.1f}%, "
+            f"MLP {100 * a['mlp_share']:.1f}%, LM head {100 * a['lm_head_share']:.1f}% (dense under SAT), other "
+            f"{100 * a['other_share']:.1f}%. The attention core (QK^T, AV) and the embeddings, norms and optimizer "
+            "are not in this count.",
+            "",
+        ]
+    lines += comparison_tables(results) + verdict_lines(results) + probe_tables(results) + grid_tables(results)
+    return "\n".join(lines)
+
+
+# ---- plots ---------------------------------------------------------------------------------------------------
+
+
+def plot_curves(results: dict, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    groups = comparisons(results)
+    fig, axes = plt.subplots(2, max(1, len(groups)), figsize=(6 * max(1, len(groups)), 8), squeeze=False)
+    for col, ((task, steps), runs) in enumerate(groups.items()):
+        top, bottom = axes[0, col], axes[1, col]
+        for arm, color in (("dense", "tab:blue"), ("sat", "tab:orange")):
+            for i, run in enumerate(runs):
+                evals = run[arm]["evals"]
+                label = ("dense" if arm == "dense" else "SAT (default)") if i == 0 else None
+                top.plot(
+                    [e["step"] for e in evals], [e["loss"] for e in evals], "o-", color=color, alpha=0.8, label=label
+                )
+                bottom.plot(
+                    [e["train_time_s"] for e in evals],
+                    [e["loss"] for e in evals],
+                    "o-",
+                    color=color,
+                    alpha=0.8,
+                    label=label,
+                )
+        rate_axis = top.twinx()
+        rate_axis.step(range(steps), runs[0]["sat"]["rates"], where="post", color="gray", alpha=0.5)
+        rate_axis.set_ylabel("SAT omission rate (gray)")
+        rate_axis.set_ylim(0, 1)
+        top.set_title(f"{TASK_LABELS.get(task, task)}: held-out loss (dense eval), {len(runs)} seed(s)")
+        top.set_xlabel("optimizer step")
+        bottom.set_xlabel("training wall time (s)")
+        for ax in (top, bottom):
+            ax.set_ylabel("held-out loss")
+            ax.grid(alpha=0.3)
+            ax.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_ablation(results: dict, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    dense, cells = grid_runs(results)
+    fig, ax = plt.subplots(figsize=(8, 6))
+    if dense is not None and cells:
+        default = results["default_sat_config"]
+        names, losses, colors = [], [], []
+        for importance in ("uniform", "magnitude", "wanda", "maxip"):
+            for selection in ("topk", "sampling"):
+                for schedule, color in (("constant", "tab:red"), ("ladder", "tab:green")):
+                    cell = find_cell(cells, default, importance=importance, selection=selection, schedule=schedule)
+                    if cell is not None:
+                        names.append(f"{importance} / {selection} / {schedule}")
+                        losses.append(cell["arm"]["final_loss"])
+                        colors.append(color)
+        ax.barh(range(len(names)), losses, color=colors)
+        ax.set_yticks(range(len(names)), names)
+        ax.invert_yaxis()
+        ax.axvline(dense["arm"]["final_loss"], color="tab:blue", linestyle="--", label="dense")
+        ax.axvline(dense["arm"]["evals"][0]["loss"], color="gray", linestyle=":", label="before training")
+        low = min(losses + [dense["arm"]["final_loss"]])
+        high = max(losses + [dense["arm"]["evals"][0]["loss"]])
+        ax.set_xlim(low - 0.1 * (high - low + 1e-9), high + 0.1 * (high - low + 1e-9))
+        ax.set_xlabel("final held-out loss (lower is better); red: constant rate, green: ladder")
+        ax.set_title(f"Ablation grid ({dense['task']}, seed {dense['seed']})")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_sweep(results: dict, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    dense, _ = grid_runs(results)
+    points = sweep_points(results)
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    if dense is not None and points:
+        rates = [0.0] + [rate for rate, _ in points]
+        losses = [dense["arm"]["final_loss"]] + [cell["arm"]["final_loss"] for _, cell in points]
+        ax.plot(rates, losses, "o-", color="tab:orange", label="final held-out loss")
+        ax.set_xlabel("omission rate r (0 = dense; default ladder)")
+        ax.set_ylabel("final held-out loss")
+        speed = ax.twinx()
+        ups = [1.0] + [full_rate_speedup(dense["arm"], cell["arm"]) or 1.0 for _, cell in points]
+        speed.plot(rates, ups, "s--", color="tab:purple", label="speed-up at the full rate (CPU)")
+        speed.set_ylabel("speed-up at the full rate (CPU time)")
+        ax.set_title(f"Omission-rate sweep ({dense['task']}, seed {dense['seed']})")
+        ax.grid(alpha=0.3)
+        fig.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def update_doc(doc: Path, text: str) -> None:
+    """Replace the lines between ``BEGIN`` and ``END`` in ``doc`` with ``text``; ValueError without both markers."""
+    content = doc.read_text()
+    if BEGIN not in content or END not in content:
+        raise ValueError(f"{doc} needs the lines {BEGIN!r} and {END!r} around the generated quality tables.")
+    head, rest = content.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    doc.write_text(f"{head}{BEGIN}\n{text.rstrip()}\n{END}{tail}")
+
+
+def render(results: dict, out: Path, doc: str | None = None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    text = markdown(results)
+    (out / MD_FILE).write_text(text)
+    if doc:
+        update_doc(Path(doc), text)
+    plot_curves(results, out / PLOTS["curves"])
+    plot_ablation(results, out / PLOTS["ablation"])
+    plot_sweep(results, out / PLOTS["sweep"])

