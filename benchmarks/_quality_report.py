@@ -1,4 +1,5 @@
-"""Tables (``quality.md``) and plots (PNG, matplotlib Agg) of ``benchmarks/quality.py``, rendered from its JSON only.
+"""Tables (``quality.md``) of ``benchmarks/quality.py`` and the driver of its plots (``_quality_plots``), rendered
+from its JSON only.
 
 Every number printed here is computed from ``quality.json``; nothing is typed by hand. Partial results (a single
 part, tiny mode) render what they hold.
@@ -158,6 +159,14 @@ def verdict_lines(results: dict) -> list[str]:
             + ("" if time_ok else f", {TIME_TARGET_PCT - saving:.1f} points short")
             + ")."
         )
+        flops = statistics.fmean(100 * r["sat"]["flops_saved_fraction_estimate"] for r in runs)
+        ahead = sum(r["dense_loss_at_sat_time"] < r["sat"]["final_loss"] for r in runs)
+        lines.append(
+            f"  The schedule's estimated FLOPs saving is {flops:.1f}%"
+            + (f", below the {TIME_TARGET_PCT:g}% target even at 100% efficiency." if flops < TIME_TARGET_PCT else ".")
+            + f" At SAT's training wall time, dense training had already reached a lower held-out loss than SAT's "
+            f"final one in {ahead} of {len(runs)} seed(s)."
+        )
     return lines + [""]
 
 
@@ -203,13 +212,13 @@ def grid_tables(results: dict) -> list[str]:
             f"{default['omission_rate']:g}; the default ladder keeps the full rate for the first "
             f"{default['ladder_full_rate_ratio']:g} of the steps, then {default['ladder_rungs']} rungs down to dense):",
             "",
-            "| schedule | final held-out loss | vs dense | speed-up at the full rate (CPU) | FLOPs saving (estimate) |",
-            "|---|---|---|---|---|",
+            "| schedule | final held-out loss | vs dense | speed-up at the full rate (CPU) | FLOPs saving (estimate) "
+            "| loss gap per FLOPs-saving point |",
+            "|---|---|---|---|---|---|",
         ]
         for name, cell in shape_rows:
             if cell is not None:
-                flops = 100 * cell["arm"]["flops_saved_fraction_estimate"]
-                lines.append(_cell_row(name, cell, dense, base) + f" {flops:.1f}% |")
+                lines.append(_cell_row(name, cell, dense, base) + _flops_cells(cell, base))
     omits = [
         ("MLP channels + heads (default)", {"omit": ["mlp", "attention"]}),
         ("MLP channels only", {"omit": ["mlp"]}),
@@ -222,25 +231,25 @@ def grid_tables(results: dict) -> list[str]:
             f"Omitted units ({default['importance']}, {default['selection']}, default ladder, rate "
             f"{default['omission_rate']:g}; heads per `head_granularity`={default['head_granularity']!r}):",
             "",
-            "| omitted | final held-out loss | vs dense | speed-up at the full rate (CPU) | FLOPs saving (estimate) |",
-            "|---|---|---|---|---|",
+            "| omitted | final held-out loss | vs dense | speed-up at the full rate (CPU) | FLOPs saving (estimate) "
+            "| loss gap per FLOPs-saving point |",
+            "|---|---|---|---|---|---|",
         ]
         for name, cell in omit_rows:
             if cell is not None:
-                flops = 100 * cell["arm"]["flops_saved_fraction_estimate"]
-                lines.append(_cell_row(name, cell, dense, base) + f" {flops:.1f}% |")
+                lines.append(_cell_row(name, cell, dense, base) + _flops_cells(cell, base))
     sweep = sweep_points(results)
     if sweep:
         lines += [
             "",
             f"Omission-rate sweep ({default['importance']}, {default['selection']}, default ladder):",
             "",
-            "| omission rate | final held-out loss | vs dense | speed-up at the full rate (CPU) | FLOPs saving (estimate) |",
-            "|---|---|---|---|---|",
+            "| omission rate | final held-out loss | vs dense | speed-up at the full rate (CPU) | FLOPs saving (estimate) "
+            "| loss gap per FLOPs-saving point |",
+            "|---|---|---|---|---|---|",
         ]
         for rate, cell in sweep:
-            flops = 100 * cell["arm"]["flops_saved_fraction_estimate"]
-            lines.append(_cell_row(f"{rate:g}", cell, dense, base) + f" {flops:.1f}% |")
+            lines.append(_cell_row(f"{rate:g}", cell, dense, base) + _flops_cells(cell, base))
     return lines + [""]
 
 
@@ -296,6 +305,13 @@ def sweep_points(results: dict) -> list[tuple[float, dict]]:
     return sorted(points, key=lambda p: p[0]) if len(points) > 1 else []
 
 
+def _flops_cells(cell: dict, base: float) -> str:
+    """FLOPs-saving estimate and the loss gap (%) paid per percentage point of it (lower is a better trade)."""
+    flops = 100 * cell["arm"]["flops_saved_fraction_estimate"]
+    gap = 100 * (cell["arm"]["final_loss"] - base) / base
+    return f" {flops:.1f}% | {fmt(gap / flops if flops else None, '.2f')} |"
+
+
 def _cell_row(name: str, cell: dict, dense: dict, base: float) -> str:
     loss = cell["arm"]["final_loss"]
     speed = full_rate_speedup(dense["arm"], cell["arm"])
@@ -314,6 +330,9 @@ def markdown(results: dict) -> str:
         "",
         *[f"    {c}" for c in results.get("commands", [])],
         "",
+        f"Wall time of all stored runs, evaluations included: "
+        f"{sum(run.get('elapsed_s', 0.0) for run in results.get('runs', {}).values()) / 60:.1f} minutes.",
+        "",
     ]
     if a := results.get("anatomy"):
         lines += [
@@ -326,103 +345,6 @@ def markdown(results: dict) -> str:
         ]
     lines += comparison_tables(results) + verdict_lines(results) + probe_tables(results) + grid_tables(results)
     return "\n".join(lines)
-
-
-# ---- plots ---------------------------------------------------------------------------------------------------
-
-
-def plot_curves(results: dict, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    groups = comparisons(results)
-    fig, axes = plt.subplots(2, max(1, len(groups)), figsize=(6 * max(1, len(groups)), 8), squeeze=False)
-    for col, ((task, steps), runs) in enumerate(groups.items()):
-        top, bottom = axes[0, col], axes[1, col]
-        for arm, color in (("dense", "tab:blue"), ("sat", "tab:orange")):
-            for i, run in enumerate(runs):
-                evals = run[arm]["evals"]
-                label = ("dense" if arm == "dense" else "SAT (default)") if i == 0 else None
-                top.plot(
-                    [e["step"] for e in evals], [e["loss"] for e in evals], "o-", color=color, alpha=0.8, label=label
-                )
-                bottom.plot(
-                    [e["train_time_s"] for e in evals],
-                    [e["loss"] for e in evals],
-                    "o-",
-                    color=color,
-                    alpha=0.8,
-                    label=label,
-                )
-        rate_axis = top.twinx()
-        rate_axis.step(range(steps), runs[0]["sat"]["rates"], where="post", color="gray", alpha=0.5)
-        rate_axis.set_ylabel("SAT omission rate (gray)")
-        rate_axis.set_ylim(0, 1)
-        top.set_title(f"{TASK_LABELS.get(task, task)}: held-out loss (dense eval), {len(runs)} seed(s)")
-        top.set_xlabel("optimizer step")
-        bottom.set_xlabel("training wall time (s)")
-        for ax in (top, bottom):
-            ax.set_ylabel("held-out loss")
-            ax.grid(alpha=0.3)
-            ax.legend(loc="upper right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_ablation(results: dict, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    dense, cells = grid_runs(results)
-    fig, ax = plt.subplots(figsize=(8, 6))
-    if dense is not None and cells:
-        default = results["default_sat_config"]
-        names, losses, colors = [], [], []
-        for importance in ("uniform", "magnitude", "wanda", "maxip"):
-            for selection in ("topk", "sampling"):
-                for schedule, color in (("constant", "tab:red"), ("ladder", "tab:green")):
-                    cell = find_cell(cells, default, importance=importance, selection=selection, schedule=schedule)
-                    if cell is not None:
-                        names.append(f"{importance} / {selection} / {schedule}")
-                        losses.append(cell["arm"]["final_loss"])
-                        colors.append(color)
-        ax.barh(range(len(names)), losses, color=colors)
-        ax.set_yticks(range(len(names)), names)
-        ax.invert_yaxis()
-        ax.axvline(dense["arm"]["final_loss"], color="tab:blue", linestyle="--", label="dense")
-        ax.axvline(dense["arm"]["evals"][0]["loss"], color="gray", linestyle=":", label="before training")
-        low = min(losses + [dense["arm"]["final_loss"]])
-        high = max(losses + [dense["arm"]["evals"][0]["loss"]])
-        ax.set_xlim(low - 0.1 * (high - low + 1e-9), high + 0.1 * (high - low + 1e-9))
-        ax.set_xlabel("final held-out loss (lower is better); red: constant rate, green: ladder")
-        ax.set_title(f"Ablation grid ({dense['task']}, seed {dense['seed']})")
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_sweep(results: dict, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    dense, _ = grid_runs(results)
-    points = sweep_points(results)
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    if dense is not None and points:
-        rates = [0.0] + [rate for rate, _ in points]
-        losses = [dense["arm"]["final_loss"]] + [cell["arm"]["final_loss"] for _, cell in points]
-        ax.plot(rates, losses, "o-", color="tab:orange", label="final held-out loss")
-        ax.set_xlabel("omission rate r (0 = dense; default ladder)")
-        ax.set_ylabel("final held-out loss")
-        speed = ax.twinx()
-        ups = [1.0] + [full_rate_speedup(dense["arm"], cell["arm"]) or 1.0 for _, cell in points]
-        speed.plot(rates, ups, "s--", color="tab:purple", label="speed-up at the full rate (CPU)")
-        speed.set_ylabel("speed-up at the full rate (CPU time)")
-        ax.set_title(f"Omission-rate sweep ({dense['task']}, seed {dense['seed']})")
-        ax.grid(alpha=0.3)
-        fig.legend(loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def update_doc(doc: Path, text: str) -> None:
@@ -439,10 +361,12 @@ def render(results: dict, out: Path, doc: str | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
+    import _quality_plots as qplots  # imports this module: kept out of module level
+
     text = markdown(results)
     (out / MD_FILE).write_text(text)
     if doc:
         update_doc(Path(doc), text)
-    plot_curves(results, out / PLOTS["curves"])
-    plot_ablation(results, out / PLOTS["ablation"])
-    plot_sweep(results, out / PLOTS["sweep"])
+    qplots.plot_curves(results, out / PLOTS["curves"])
+    qplots.plot_ablation(results, out / PLOTS["ablation"])
+    qplots.plot_sweep(results, out / PLOTS["sweep"])

@@ -21,7 +21,7 @@ settings (so parts can run as separate commands; ``--fresh`` discards them).
 
 Examples:
     .venv/bin/python benchmarks/quality.py --tiny --out /tmp/quality_tiny     # seconds: smoke test
-    .venv/bin/python benchmarks/quality.py --out docs/img/quality             # the real runs (about 40 minutes)
+    .venv/bin/python benchmarks/quality.py --out docs/img/quality             # the real runs (about an hour on 2 CPU cores)
 """
 
 from __future__ import annotations

@@ -1,0 +1,102 @@
+"""Plots (PNG, matplotlib Agg) of ``benchmarks/quality.py``, drawn from its JSON only (run selection in
+``_quality_report``): loss curves dense vs SAT, the ablation grid, loss and speed-up against the omission rate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from _quality_report import TASK_LABELS, comparisons, find_cell, full_rate_speedup, grid_runs, sweep_points
+
+
+def plot_curves(results: dict, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    groups = comparisons(results)
+    fig, axes = plt.subplots(2, max(1, len(groups)), figsize=(6 * max(1, len(groups)), 8), squeeze=False)
+    for col, ((task, steps), runs) in enumerate(groups.items()):
+        top, bottom = axes[0, col], axes[1, col]
+        for arm, color in (("dense", "tab:blue"), ("sat", "tab:orange")):
+            for i, run in enumerate(runs):
+                evals = run[arm]["evals"]
+                label = ("dense" if arm == "dense" else "SAT (default)") if i == 0 else None
+                top.plot(
+                    [e["step"] for e in evals], [e["loss"] for e in evals], "o-", color=color, alpha=0.8, label=label
+                )
+                bottom.plot(
+                    [e["train_time_s"] for e in evals],
+                    [e["loss"] for e in evals],
+                    "o-",
+                    color=color,
+                    alpha=0.8,
+                    label=label,
+                )
+        rate_axis = top.twinx()
+        rate_axis.step(range(steps), runs[0]["sat"]["rates"], where="post", color="gray", alpha=0.5)
+        rate_axis.set_ylabel("SAT omission rate (gray)")
+        rate_axis.set_ylim(0, 1)
+        top.set_title(f"{TASK_LABELS.get(task, task)}: held-out loss (dense eval), {len(runs)} seed(s)")
+        top.set_xlabel("optimizer step")
+        bottom.set_xlabel("training wall time (s)")
+        for ax in (top, bottom):
+            ax.set_ylabel("held-out loss")
+            ax.grid(alpha=0.3)
+            ax.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_ablation(results: dict, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    dense, cells = grid_runs(results)
+    fig, ax = plt.subplots(figsize=(8, 6))
+    if dense is not None and cells:
+        default = results["default_sat_config"]
+        names, losses, colors = [], [], []
+        for importance in ("uniform", "magnitude", "wanda", "maxip"):
+            for selection in ("topk", "sampling"):
+                for schedule, color in (("constant", "tab:red"), ("ladder", "tab:green")):
+                    cell = find_cell(cells, default, importance=importance, selection=selection, schedule=schedule)
+                    if cell is not None:
+                        names.append(f"{importance} / {selection} / {schedule}")
+                        losses.append(cell["arm"]["final_loss"])
+                        colors.append(color)
+        ax.barh(range(len(names)), losses, color=colors)
+        ax.set_yticks(range(len(names)), names)
+        ax.invert_yaxis()
+        ax.axvline(dense["arm"]["final_loss"], color="tab:blue", linestyle="--", label="dense")
+        ax.axvline(dense["arm"]["evals"][0]["loss"], color="gray", linestyle=":", label="before training")
+        low = min(losses + [dense["arm"]["final_loss"]])
+        high = max(losses + [dense["arm"]["evals"][0]["loss"]])
+        ax.set_xlim(low - 0.1 * (high - low + 1e-9), high + 0.1 * (high - low + 1e-9))
+        ax.set_xlabel("final held-out loss (lower is better); red: constant rate, green: ladder")
+        ax.set_title(f"Ablation grid ({dense['task']}, seed {dense['seed']})")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_sweep(results: dict, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    dense, _ = grid_runs(results)
+    points = sweep_points(results)
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    if dense is not None and points:
+        rates = [0.0] + [rate for rate, _ in points]
+        losses = [dense["arm"]["final_loss"]] + [cell["arm"]["final_loss"] for _, cell in points]
+        (loss_line,) = ax.plot(rates, losses, "o-", color="tab:orange", label="final held-out loss")
+        ax.set_xlabel("omission rate r (0 = dense; default ladder)")
+        ax.set_ylabel("final held-out loss")
+        speed_axis = ax.twinx()
+        ups = [1.0] + [full_rate_speedup(dense["arm"], cell["arm"]) or 1.0 for _, cell in points]
+        (speed_line,) = speed_axis.plot(rates, ups, "s--", color="tab:purple", label="speed-up at the full rate (CPU)")
+        speed_axis.set_ylabel("measured speed-up at the full rate (CPU time)")
+        ax.set_title(f"Omission-rate sweep ({dense['task']}, seed {dense['seed']})")
+        ax.grid(alpha=0.3)
+        ax.legend(handles=[loss_line, speed_line], loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
