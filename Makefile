@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast quality sft cpt bench clean
+.PHONY: install test test-fast test-deepspeed quality sft cpt bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
+
+# DeepSpeed ZeRO-2 / ZeRO-3 on CPU (2 processes); optional, not part of `make test` (DS_BUILD_OPS=0: no CUDA ops).
+test-deepspeed: $(STAMP)
+	DS_BUILD_OPS=0 $(PY) -m pip install --quiet -e ".[deepspeed]"
+	$(PY) -m pytest -q tests/test_deepspeed.py
 
 quality: $(STAMP)
 	$(PY) -m ruff check peft_sat tests benchmarks recipes

@@ -63,6 +63,7 @@ class SATModel(BaseTuner):
     def _post_injection_hook(self, model: nn.Module, config: SATConfig, adapter_name: str) -> None:
         if not self._sat_blocks:
             raise ValueError(f"`target_modules` {config.target_modules!r} matched no block that `omit` selects.")
+        self.sat_state.register_zero3_parameters(model)  # already partitioned (deepspeed.zero.Init)
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         _set_base_trainable(model, self.peft_config[self.active_adapter].train_base)
@@ -129,6 +130,7 @@ def apply_sat(model: nn.Module, config: SATConfig) -> nn.Module:
             blocks.append(module)
     if not blocks:
         raise ValueError(f"`target_modules` {config.target_modules!r} matched no block that `omit` selects.")
+    state.register_zero3_parameters(base)  # already partitioned (deepspeed.zero.Init, or after deepspeed.initialize)
     if config.train_base is not None:
         _set_base_trainable(base, config.train_base)
     return model

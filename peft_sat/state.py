@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import zero3
 from .config import SATConfig
 
 
@@ -28,6 +29,8 @@ class SATState:
     forward_count: int = 0
     token_mask: torch.Tensor | None = None  # (B, T) bool, True at real (non-padding) tokens
     hooks: list[Any] = field(default_factory=list, repr=False)
+    # (block, parameter) pairs registered with DeepSpeed ZeRO-3 (``peft_sat.zero3``); empty outside ZeRO-3
+    zero3_registrations: list[Any] = field(default_factory=list, repr=False)
 
     def set_omission_rate(self, rate: float) -> None:
         """Set the rate used by the next training forwards, e.g. from a scheduler."""
@@ -53,6 +56,14 @@ class SATState:
             hook.remove()
         self.hooks.clear()
         self.token_mask = None
+        zero3.unregister(self.zero3_registrations)
+        self.zero3_registrations.clear()
+
+    def register_zero3_parameters(self, model: nn.Module) -> None:
+        """Under DeepSpeed ZeRO-3, have each SAT block gather the child parameters it slices (``peft_sat.zero3``);
+        a no-op until ``model`` is partitioned, and once done."""
+        if not self.zero3_registrations:
+            self.zero3_registrations = zero3.register_if_partitioned(model, self)
 
 
 class _BatchHook:
@@ -64,6 +75,9 @@ class _BatchHook:
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self.state.forward_count += 1
+        # SAT is usually applied before `deepspeed.initialize` partitions the model: register at the first forward
+        # after it, before any block's pre-forward hook gathers its parameters.
+        self.state.register_zero3_parameters(module)
         mask = kwargs.get("attention_mask")
         if mask is None and self.mask_position is not None and len(args) > self.mask_position:
             mask = args[self.mask_position]
