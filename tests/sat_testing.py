@@ -141,12 +141,12 @@ def unit_masks(model: nn.Module) -> dict[str, torch.Tensor]:
         assert kept is not None, f"{name} did not run a sparse forward"
         if isinstance(block, SATMLPMixin):
             mask = torch.zeros(block.sat_num_units)
-            mask[kept] = 1.0
+            mask[kept.cpu()] = 1.0  # kept lives on the model's device (CUDA in tests/test_cuda.py)
         else:
             assert isinstance(block, SATAttentionMixin)
             num_heads = block.config.num_attention_heads
             head_mask = torch.zeros(num_heads)
-            head_mask[kept] = 1.0
+            head_mask[kept.cpu()] = 1.0
             mask = head_mask.repeat_interleave(block.head_dim)
         masks[name] = mask
     return masks
