@@ -17,10 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("deepspeed") is None,
-    reason="deepspeed is not installed (optional extra: pip install -e '.[deepspeed]')",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        importlib.util.find_spec("deepspeed") is None,
+        reason="deepspeed is not installed (optional extra: pip install -e '.[deepspeed]')",
+    ),
+    pytest.mark.slow,  # ~65 s on 2 cores: 5 two-process runs and 2 references
+]
 
 WORKER = Path(__file__).with_name("deepspeed_worker.py")
 RATES = "0,0.5,0.5"  # one dense step (DeepSpeed records a trace of the dense projections), then sparse steps
