@@ -29,23 +29,24 @@ Example (the issue's shape, the default; a few minutes on 2 quiet CPU cores):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
-import os
 import statistics
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import peft_sat
-from peft_sat.blocks import SATBlockMixin
-from peft_sat.selection import num_kept
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _timing  # noqa: E402
+from _flops import StackShape, ideal_speedup  # noqa: E402
+
+import peft_sat  # noqa: E402
 
 VARIANTS = ("full", "lora")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -154,31 +155,6 @@ def make_pair(variant: str, args: argparse.Namespace) -> tuple[torch.nn.Module, 
 # ---- timing --------------------------------------------------------------------------------------------------------
 
 
-class SelectTimer:
-    """Accumulates wall time spent in ``SATBlockMixin._sat_select`` (scoring + selection) while installed."""
-
-    def __init__(self) -> None:
-        self.seconds = 0.0
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[SelectTimer]:
-        original = SATBlockMixin._sat_select
-        timer = self
-
-        def timed(module, x):
-            start = time.perf_counter()
-            try:
-                return original(module, x)
-            finally:
-                timer.seconds += time.perf_counter() - start
-
-        SATBlockMixin._sat_select = timed
-        try:
-            yield self
-        finally:
-            SATBlockMixin._sat_select = original
-
-
 def make_step(model: torch.nn.Module, batch: torch.Tensor, optimizer_kind: str):
     implementation = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False}}
     params = [p for p in model.parameters() if p.requires_grad]
@@ -193,35 +169,6 @@ def make_step(model: torch.nn.Module, batch: torch.Tensor, optimizer_kind: str):
         return time.perf_counter() - start
 
     return step
-
-
-class ForeignLoad:
-    """Share of the machine's CPU time used by OTHER processes over an interval (Linux ``/proc``; None elsewhere).
-
-    Shared machines run other jobs; a step that competes with them for the cores measures the neighbours, not
-    SAT. Steps above ``--max-foreign-load`` are repeated (up to ``--max-rounds``).
-    """
-
-    def __init__(self) -> None:
-        self.available = os.path.exists("/proc/stat") and os.path.exists("/proc/self/stat")
-        self.ticks_per_second = os.sysconf("SC_CLK_TCK") if self.available else 100
-        self.cpus = os.cpu_count() or 1
-
-    def sample(self) -> tuple[int, int, float] | None:
-        if not self.available:
-            return None
-        with open("/proc/stat") as handle:
-            fields = [int(v) for v in handle.readline().split()[1:]]
-        with open("/proc/self/stat") as handle:
-            own = handle.read().rsplit(")", 1)[1].split()
-        busy = sum(fields) - fields[3] - fields[4]  # all but idle and iowait
-        return busy, int(own[11]) + int(own[12]), time.perf_counter()  # utime + stime of this process
-
-    def share(self, start, end) -> float | None:
-        if start is None or end is None:
-            return None
-        foreign = (end[0] - start[0]) - (end[1] - start[1])
-        return max(0.0, foreign / (self.ticks_per_second * (end[2] - start[2]) * self.cpus))
 
 
 @dataclass
@@ -244,33 +191,16 @@ def run_variant(variant: str, args: argparse.Namespace) -> Row:
     generator = torch.Generator().manual_seed(0)
     batch = torch.randint(0, args.vocab, (args.batch, args.seq), generator=generator)
     steps = {"dense": make_step(dense, batch, args.optimizer), "sat": make_step(sat, batch, args.optimizer)}
-    timer, load = SelectTimer(), ForeignLoad()
-    for _ in range(args.warmup):
-        steps["dense"](), steps["sat"]()
-    # (foreign load, seconds, scoring+selection share) per measured step
-    samples: dict[str, list[tuple[float, float, float]]] = {"dense": [], "sat": []}
-
-    def clean(which: str) -> int:
-        return sum(1 for foreign, _, _ in samples[which] if foreign <= args.allowed_foreign_load)
-
-    with timer.installed():
-        for round_index in range(args.max_rounds):
-            if min(clean("dense"), clean("sat")) >= args.steps:
-                break
-            order = ("dense", "sat") if round_index % 2 == 0 else ("sat", "dense")  # neither always goes first
-            for which in order:
-                timer.seconds = 0.0
-                start = load.sample()
-                seconds = steps[which]()
-                foreign = load.share(start, load.sample())
-                samples[which].append((0.0 if foreign is None else foreign, seconds, timer.seconds / seconds))
-    # The clean steps; when too few, the least disturbed ones (the table shows how disturbed they were).
-    kept = {
-        which: sorted(values, key=lambda v: v[0])[: max(args.steps, clean(which))] for which, values in samples.items()
-    }
-    dense_ms = 1e3 * statistics.median(v[1] for v in kept["dense"])
-    sat_ms = 1e3 * statistics.median(v[1] for v in kept["sat"])
-    ideal = training_flops(args, variant, sparse=False) / training_flops(args, variant, sparse=True)
+    kept, redone = _timing.interleave(
+        steps,
+        measured=args.steps,
+        warmup=args.warmup,
+        max_rounds=args.max_rounds,
+        allowed_foreign=args.allowed_foreign_load,
+    )
+    dense_ms = 1e3 * statistics.median(s.seconds for s in kept["dense"])
+    sat_ms = 1e3 * statistics.median(s.seconds for s in kept["sat"])
+    ideal = ideal_speedup(stack_shape(args), variant, args.rate, args.head_granularity)
     return Row(
         variant=variant,
         dense_ms=dense_ms,
@@ -278,62 +208,27 @@ def run_variant(variant: str, args: argparse.Namespace) -> Row:
         ratio=dense_ms / sat_ms,
         ideal=ideal,
         efficiency=dense_ms / sat_ms / ideal,
-        select_share=statistics.median(v[2] for v in kept["sat"]),
-        steps_redone=sum(len(samples[w]) - len(kept[w]) for w in samples),
-        foreign_load=statistics.median(v[0] for v in kept["dense"] + kept["sat"]) if load.available else None,
-        dense_ms_all=[round(1e3 * v[1], 1) for v in kept["dense"]],
-        sat_ms_all=[round(1e3 * v[1], 1) for v in kept["sat"]],
+        select_share=statistics.median(s.select_share for s in kept["sat"]),
+        steps_redone=redone,
+        foreign_load=statistics.median(s.foreign_load for s in kept["dense"] + kept["sat"])
+        if _timing.ForeignLoad().available
+        else None,
+        dense_ms_all=[round(1e3 * s.seconds, 1) for s in kept["dense"]],
+        sat_ms_all=[round(1e3 * s.seconds, 1) for s in kept["sat"]],
     )
 
 
-# ---- analytic FLOPs ------------------------------------------------------------------------------------------------
-
-
-def training_flops(args: argparse.Namespace, variant: str, sparse: bool) -> float:
-    """Matmul FLOPs of one training step (forward + backward), dense or with the kept units of rate ``args.rate``.
-
-    Counted: every projection (2 N in out forward; backward 2 N in out for the input gradient, unless the input
-    needs none, and 2 N in out for the weight gradient when it trains), the LoRA factors A (in -> r) and B
-    (r -> out), the attention core (QK^T and AV, causal: T/2 keys per query on average; backward twice forward)
-    and the LM head. The embedding is a gather (no FLOPs); norms, activations and the optimizer are not counted.
-    Under LoRA nothing before layer 0's projections requires grad, so their input gradient is not computed.
-    """
-    tokens = args.batch * args.seq
-    head_dim = args.hidden // args.heads
-    groups = args.heads // args.kv_heads
-    rate = args.rate if sparse else 0.0
-    inter = num_kept(args.intermediate, rate)
-    if args.head_granularity == "kv_group":
-        kv_heads = num_kept(args.kv_heads, rate)
-        q_heads = kv_heads * groups
-    else:
-        q_heads = num_kept(args.heads, rate)
-        kv_heads = min(args.kv_heads, q_heads)  # at most; the exact count depends on which heads are kept
-    lora = variant == "lora"
-
-    def projection(d_in: int, d_out: int, input_grad: bool = True, lora_in: int = None, lora_out: int = None) -> int:
-        forward = 2 * tokens * d_in * d_out
-        total = forward * (1 + int(input_grad) + int(not lora))
-        if lora:  # A: (lora_in -> r), B: (r -> lora_out); both train
-            a = 2 * tokens * (lora_in or d_in) * LORA_RANK
-            b = 2 * tokens * LORA_RANK * (lora_out or d_out)
-            total += a * (2 + int(input_grad)) + 3 * b
-        return total
-
-    H = args.hidden
-    total = 0
-    for layer in range(args.layers):
-        input_grad = not (lora and layer == 0)
-        # rows sliced: q/k/v/gate/up see the full input (LoRA A full), output rows kept (LoRA B rows kept)
-        total += projection(H, q_heads * head_dim, input_grad, H, q_heads * head_dim)
-        total += 2 * projection(H, kv_heads * head_dim, input_grad, H, kv_heads * head_dim)
-        total += 2 * projection(H, inter, input_grad, H, inter)
-        # columns sliced: o/down read only kept inputs (LoRA A columns kept), write the full output
-        total += projection(q_heads * head_dim, H, True, q_heads * head_dim, H)
-        total += projection(inter, H, True, inter, H)
-        total += 3 * 2 * (2 * tokens * (args.seq / 2) * head_dim * q_heads)  # attention core, fwd + bwd
-    total += 2 * tokens * H * args.vocab * (2 + int(not lora))  # LM head (frozen under LoRA; input grad needed)
-    return float(total)
+def stack_shape(args: argparse.Namespace) -> StackShape:
+    return StackShape(
+        hidden=args.hidden,
+        intermediate=args.intermediate,
+        heads=args.heads,
+        kv_heads=args.kv_heads,
+        layers=args.layers,
+        vocab=args.vocab,
+        batch=args.batch,
+        seq=args.seq,
+    )
 
 
 # ---- report --------------------------------------------------------------------------------------------------------
@@ -373,8 +268,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    cpus = os.cpu_count() or 1  # cores that torch's threads leave free may be used by others without contention
-    args.allowed_foreign_load = args.max_foreign_load + max(0, cpus - torch.get_num_threads()) / cpus
+    args.allowed_foreign_load = _timing.allowed_foreign_load(args.max_foreign_load)
     rows = [run_variant(variant, args) for variant in args.variants]
     print(format_table(rows, args))
     if args.json:

@@ -27,3 +27,61 @@ def test_bench_step_tiny_prints_the_table(tmp_path):
     for row in report["rows"]:
         assert row["dense_ms"] > 0 and row["sat_ms"] > 0 and 1.0 < row["ideal"] < 2.5
         assert 0.0 < row["select_share"] < 1.0  # the scoring timer saw the SAT blocks
+
+
+SPEED = SCRIPT.parent / "speed.py"
+
+
+def test_speed_tiny_covers_every_case_variant_and_rate(tmp_path):
+    out, png = tmp_path / "speed.json", tmp_path / "speedup.png"
+    command = [sys.executable, str(SPEED), "--tiny", "--max-foreign-load", "1", "--json", str(out), "--plot", str(png)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    cells = {(row["case"], row["variant"], row["rate"]) for row in report["rows"]}
+    expected = {
+        (case, variant, rate)
+        for case in ("smollm2", "7b-layer")
+        for variant in ("full", "lora", "qlora")
+        for rate in (0.0, 0.25, 0.5, 0.75)
+    }
+    assert cells == expected
+    for row in report["rows"]:
+        assert row["tokens_per_s"] > 0 and row["activation_mb"] > 0
+        if row["rate"]:
+            assert 1.0 < row["ideal"] and row["efficiency"] == row["ratio"] / row["ideal"]
+            assert 0.0 < row["select_share"] < 1.0  # the scoring timer saw the SAT blocks
+        else:
+            assert row["ratio"] is None and row["select_share"] is None
+    # more omitted units -> a larger ideal speed-up, per case and variant
+    for case, variant, _ in expected:
+        ideals = [
+            r["ideal"]
+            for r in sorted(report["rows"], key=lambda r: r["rate"])
+            if (r["case"], r["variant"]) == (case, variant) and r["rate"]
+        ]
+        assert ideals == sorted(ideals) and len(ideals) == 3
+    assert "target smollm2 full r=0.5" in result.stdout
+    assert png.stat().st_size > 10_000
+
+
+def test_speed_rejects_bad_arguments():
+    for bad in (["--variants", "full,int8"], ["--rates", "0.5,1.0"], ["--smollm2-batch", "2by256"]):
+        result = subprocess.run([sys.executable, str(SPEED), *bad], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2 and bad[0] in result.stderr, result.stderr[-2000:]
+
+
+def test_ideal_flops_ratio_halves_a_bare_layer_at_half_rate():
+    sys.path.insert(0, str(SCRIPT.parent))
+    from _flops import StackShape, ideal_speedup, training_flops
+
+    layer = StackShape(hidden=256, intermediate=512, heads=8, kv_heads=8, layers=1, vocab=0, batch=1, seq=64)
+    # every matmul of a bare MHA layer scales with the kept units: exactly half the FLOPs at r = 0.5
+    assert ideal_speedup(layer, "full", 0.5) == 2.0
+    assert ideal_speedup(layer, "full", 0.0) == 1.0
+    # LoRA's A factors read the full input of q/k/v/gate/up, so LoRA saves a little less than half
+    assert 1.8 < ideal_speedup(layer, "lora", 0.5) < 2.0
+    assert training_flops(layer, "lora", 0.0) == training_flops(layer, "qlora", 0.0)
+    # the dense LM head caps the speed-up of a whole model
+    model = StackShape(hidden=256, intermediate=512, heads=8, kv_heads=8, layers=1, vocab=4096, batch=1, seq=64)
+    assert ideal_speedup(model, "full", 0.5) < ideal_speedup(layer, "full", 0.5)

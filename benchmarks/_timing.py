@@ -1,0 +1,156 @@
+"""Timing tools shared by ``bench_step.py`` and ``speed.py``: interleaved step timing on a shared machine.
+
+- ``interleave``: runs several step functions round-robin (the order rotates every round, so none always runs on
+  a warmer cache), discards warm-up rounds and steps disturbed by other processes, and keeps per-step samples.
+- ``SelectTimer``: wall time spent in SAT's scoring + selection (``SATBlockMixin._sat_select``) inside a step.
+- ``ForeignLoad``: the share of the machine's CPUs that OTHER processes used during a step (Linux ``/proc``).
+  With torch using every core, a busy neighbour makes each parallel region wait for a descheduled thread; such
+  steps measure the neighbour, not SAT, so they are redone (bounded by ``max_rounds``) and reported.
+- ``activation_bytes``: bytes autograd saves for backward in one forward (the activation memory of a step),
+  measured the same way on every device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from peft_sat.blocks import SATBlockMixin
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class SelectTimer:
+    """Accumulates wall time spent in ``SATBlockMixin._sat_select`` (scoring + selection) while installed."""
+
+    def __init__(self, device: torch.device | None = None) -> None:
+        self.seconds = 0.0
+        self.device = device or torch.device("cpu")
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[SelectTimer]:
+        original = SATBlockMixin._sat_select
+        timer = self
+
+        def timed(module, x):
+            synchronize(timer.device)  # on CUDA: time the selection's kernels, not the queue before it
+            start = time.perf_counter()
+            try:
+                return original(module, x)
+            finally:
+                synchronize(timer.device)
+                timer.seconds += time.perf_counter() - start
+
+        SATBlockMixin._sat_select = timed
+        try:
+            yield self
+        finally:
+            SATBlockMixin._sat_select = original
+
+
+class ForeignLoad:
+    """Share of the machine's CPU time used by OTHER processes over an interval (Linux ``/proc``; None elsewhere)."""
+
+    def __init__(self) -> None:
+        self.available = os.path.exists("/proc/stat") and os.path.exists("/proc/self/stat")
+        self.ticks_per_second = os.sysconf("SC_CLK_TCK") if self.available else 100
+        self.cpus = os.cpu_count() or 1
+
+    def sample(self) -> tuple[int, int, float] | None:
+        if not self.available:
+            return None
+        with open("/proc/stat") as handle:
+            fields = [int(v) for v in handle.readline().split()[1:]]
+        with open("/proc/self/stat") as handle:
+            own = handle.read().rsplit(")", 1)[1].split()
+        busy = sum(fields) - fields[3] - fields[4]  # all but idle and iowait
+        return busy, int(own[11]) + int(own[12]), time.perf_counter()  # utime + stime of this process
+
+    def share(self, start, end) -> float | None:
+        if start is None or end is None:
+            return None
+        foreign = (end[0] - start[0]) - (end[1] - start[1])
+        return max(0.0, foreign / (self.ticks_per_second * (end[2] - start[2]) * self.cpus))
+
+
+def allowed_foreign_load(max_foreign_load: float) -> float:
+    """``max_foreign_load`` plus the share of the cores that torch's threads leave free for others anyway."""
+    cpus = os.cpu_count() or 1
+    return max_foreign_load + max(0, cpus - torch.get_num_threads()) / cpus
+
+
+@dataclass
+class Sample:
+    seconds: float
+    select_share: float  # share of the step spent in scoring + selection
+    foreign_load: float  # share of the CPUs other processes used during the step (0 where unknown)
+
+
+def interleave(
+    steps: dict[str, Callable[[], float]],
+    *,
+    measured: int,
+    warmup: int,
+    max_rounds: int,
+    allowed_foreign: float,
+    device: torch.device | None = None,
+) -> tuple[dict[str, list[Sample]], int]:
+    """Time the step functions round-robin: (per name the ``measured`` least disturbed samples after warm-up,
+    the number of measured steps discarded as disturbed).
+
+    A step function runs one training step and returns its wall seconds. Rounds continue until every name has
+    ``measured`` samples with at most ``allowed_foreign`` foreign load, or ``max_rounds`` rounds ran.
+    """
+    names = list(steps)
+    for _ in range(warmup):
+        for name in names:
+            steps[name]()
+    timer, load = SelectTimer(device), ForeignLoad()
+    samples: dict[str, list[Sample]] = {name: [] for name in names}
+
+    def clean(name: str) -> int:
+        return sum(1 for s in samples[name] if s.foreign_load <= allowed_foreign)
+
+    with timer.installed():
+        for round_index in range(max(max_rounds, measured)):
+            if min(clean(name) for name in names) >= measured:
+                break
+            shift = round_index % len(names)  # rotate the order: no step always follows the same one
+            for name in names[shift:] + names[:shift]:
+                timer.seconds = 0.0
+                start = load.sample()
+                seconds = steps[name]()
+                foreign = load.share(start, load.sample())
+                samples[name].append(Sample(seconds, timer.seconds / seconds, foreign or 0.0))
+    # The clean samples; when too few, the least disturbed ones (reports show how disturbed they were).
+    kept = {
+        name: sorted(values, key=lambda s: s.foreign_load)[: max(measured, clean(name))]
+        for name, values in samples.items()
+    }
+    return kept, sum(len(samples[name]) - len(kept[name]) for name in names)
+
+
+def activation_bytes(model: torch.nn.Module, forward: Callable[[], torch.Tensor]) -> int:
+    """Bytes of the tensors autograd saves for backward during ``forward()`` (parameters excluded, storages counted
+    once): the activation memory a training step holds at the end of its forward. The graph is freed after."""
+    parameter_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameter_storages:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        output = forward()
+    del output
+    return sum(storages.values())

