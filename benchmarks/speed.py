@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -83,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rates", default="0.25,0.5,0.75", help="omission rates of the SAT arms")
     parser.add_argument("--smollm2-batch", default="2x256", help="sequences x tokens per SmolLM2 step")
     parser.add_argument("--layer-batch", default="1x1024", help="sequences x tokens per 7B-shaped layer step")
-    parser.add_argument("--steps", type=int, default=3, help="measured steps per arm")
+    parser.add_argument("--steps", type=int, default=4, help="measured steps per arm")
     parser.add_argument("--warmup", type=int, default=1, help="discarded rounds before measuring")
     parser.add_argument("--head-granularity", default="kv_group", choices=["kv_group", "q_head"])
     parser.add_argument("--max-foreign-load", type=float, default=0.05, help="redo steps above this foreign load")
@@ -93,6 +94,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true", help="a seconds-long run on tiny random models (smoke test)")
     parser.add_argument("--json", default=None, help="write settings and rows to this path")
     parser.add_argument("--plot", default=None, help="write a PNG of speed-up against omission rate")
+    parser.add_argument("--markdown", default=None, help="write the table and targets as markdown to this path")
+    parser.add_argument("--from-json", default=None, help="measure nothing: re-render a saved --json report")
     args = parser.parse_args(argv)
     args.cases = _subset(parser, "--cases", args.cases, CASES)
     args.variants = _subset(parser, "--variants", args.variants, VARIANTS)
@@ -348,40 +351,109 @@ def _memory(model, state, case: Case, inputs: dict, rate: float, autocast, devic
 # ---- report ----------------------------------------------------------------------------------------------------
 
 
-def format_table(rows: list[Row], cases: dict[str, Case], args: argparse.Namespace) -> str:
-    precision = "bf16 autocast" if args.device.type == "cuda" else "fp32"
-    lines = [
-        f"SAT speed benchmark: {args.device.type}, {precision}, {torch.get_num_threads()} threads, torch "
-        f"{torch.__version__}; {args.head_granularity} heads, maxip + top-k; median of {args.steps} interleaved "
-        f"steps per arm after {args.warmup} warm-up round(s)",
-    ]
-    for case in cases.values():
-        s = case.shape
-        lines.append(
-            f"  {case.name}: hidden {s.hidden}, intermediate {s.intermediate}, heads {s.heads}/{s.kv_heads}, "
-            f"layers {s.layers}, vocab {s.vocab or '-'}, batch {s.batch} x {s.seq} tokens"
-        )
-    header = (
-        f"{'case':<9} {'variant':<7} {'r':>5} {'tokens/s':>9} {'ratio':>6} {'ideal':>6} {'eff':>5} {'act MB':>8} "
-        f"{'peak MB':>8} {'select %':>8} {'others %':>8}"
+@dataclass
+class Report:
+    """What a run measured and on what: enough to re-render the tables and the plot (``--from-json``)."""
+
+    settings: dict  # device, precision, threads, torch, machine, steps, warmup, head_granularity, tiny, ...
+    shapes: dict[str, dict]  # case -> StackShape fields
+    rows: list[Row]
+
+    @classmethod
+    def load(cls, path: str) -> Report:
+        with open(path) as handle:
+            data = json.load(handle)
+        return cls(data["settings"], data["shapes"], [Row(**row) for row in data["rows"]])
+
+    def save(self, path: str) -> None:
+        with open(path, "w") as handle:
+            json.dump(
+                {"settings": self.settings, "shapes": self.shapes, "rows": [asdict(r) for r in self.rows]},
+                handle,
+                indent=2,
+            )
+
+
+def run_settings(args: argparse.Namespace) -> dict:
+    settings = {k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(args).items()}
+    settings.update(
+        device=args.device.type,
+        precision="bf16 autocast" if args.device.type == "cuda" else "fp32",
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        machine=torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else _cpu_name(),
     )
-    lines += [header, "-" * len(header)]
-    for row in rows:
-        rate = "dense" if not row.rate else f"{row.rate:g}"
+    return settings
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            model = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), "CPU")
+    except OSError:
+        model = "CPU"
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def describe(report: Report) -> list[str]:
+    s = report.settings
+    lines = [
+        f"SAT speed benchmark: {s['machine']}; {s['device']}, {s['precision']}, {s['threads']} threads, torch "
+        f"{s['torch']}; {s['head_granularity']} heads, maxip + top-k; median of {s['steps']} interleaved steps per "
+        f"arm after {s['warmup']} warm-up round(s)"
+    ]
+    for name, shape in report.shapes.items():
         lines.append(
-            f"{row.case:<9} {row.variant:<7} {rate:>5} {row.tokens_per_s:>9.1f} {_x(row.ratio):>6} {_x(row.ideal):>6} "
-            f"{_f(row.efficiency, '.2f'):>5} {row.activation_mb:>8.1f} {_f(row.peak_mb, '.0f'):>8} "
-            f"{_pct(row.select_share):>8} {_pct(row.foreign_load):>8}"
+            f"  {name}: hidden {shape['hidden']}, intermediate {shape['intermediate']}, heads {shape['heads']}/"
+            f"{shape['kv_heads']}, layers {shape['layers']}, vocab {shape['vocab'] or '-'}, batch {shape['batch']} x "
+            f"{shape['seq']} tokens"
         )
-    lines += target_lines(rows, args)
-    return "\n".join(lines)
+    return lines
 
 
-def target_lines(rows: list[Row], args: argparse.Namespace) -> list[str]:
-    lines = []
-    where = "" if args.device.type == "cpu" and not args.tiny else " (the targets are set for a 2-core CPU run)"
+COLUMNS = ("case", "variant", "r", "tokens/s", "ratio", "ideal", "eff", "act MB", "peak MB", "select %", "others %")
+
+
+def _cells(row: Row) -> list[str]:
+    return [
+        row.case,
+        row.variant,
+        "dense" if not row.rate else f"{row.rate:g}",
+        f"{row.tokens_per_s:.1f}",
+        _x(row.ratio),
+        _x(row.ideal),
+        _f(row.efficiency, ".2f"),
+        f"{row.activation_mb:.1f}",
+        _f(row.peak_mb, ".0f"),
+        _pct(row.select_share),
+        _pct(row.foreign_load),
+    ]
+
+
+def format_table(report: Report) -> str:
+    widths = (9, 7, 5, 9, 6, 6, 5, 8, 8, 8, 8)
+    header = " ".join(f"{c:<{w}}" if i < 2 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(COLUMNS, widths)))
+    lines = [*describe(report), header, "-" * len(header)]
+    for row in report.rows:
+        cells = _cells(row)
+        lines.append(" ".join(f"{c:<{w}}" if i < 2 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(cells, widths))))
+    return "\n".join(lines + target_lines(report))
+
+
+def markdown(report: Report) -> str:
+    """The table and the targets as markdown (for docs/results.md)."""
+    lines = [line.strip() for line in describe(report)]
+    lines = [lines[0], "", *[f"- {line}" for line in lines[1:]], ""]
+    lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_cells(row)) + " |" for row in report.rows]
+    return "\n".join(lines + [""] + [f"- {line}" for line in target_lines(report)]) + "\n"
+
+
+def target_lines(report: Report) -> list[str]:
+    s, lines = report.settings, []
+    where = "" if s["device"] == "cpu" and not s["tiny"] else " (the targets are set for a 2-core CPU run)"
     for (case, variant), (column, minimum) in TARGETS.items():
-        row = next((r for r in rows if (r.case, r.variant, r.rate) == (case, variant, 0.5)), None)
+        row = next((r for r in report.rows if (r.case, r.variant, r.rate) == (case, variant, 0.5)), None)
         if row is None:
             continue
         value = getattr(row, column)
@@ -389,9 +461,9 @@ def target_lines(rows: list[Row], args: argparse.Namespace) -> list[str]:
         wanted = f">= {100 * minimum:.0f}% of ideal" if column == "efficiency" else f">= {minimum:.2f}x"
         verdict = "met" if value >= minimum else "NOT met"
         lines.append(f"target {case} {variant} r=0.5: {shown} ({wanted}): {verdict}{where}")
-    disturbed = sorted({f"{r.case}/{r.variant}" for r in rows if (r.foreign_load or 0.0) > args.allowed_foreign})
-    if disturbed:
-        lines.append(f"WARNING: other processes kept the CPUs busy during {', '.join(disturbed)}: rerun when quiet.")
+    busy = sorted({f"{r.case}/{r.variant}" for r in report.rows if (r.foreign_load or 0.0) > s["allowed_foreign"]})
+    if busy:
+        lines.append(f"WARNING: other processes kept the CPUs busy during {', '.join(busy)}: rerun when quiet.")
     return lines
 
 
@@ -435,8 +507,23 @@ def plot(rows: list[Row], path: str) -> None:
     plt.close(figure)
 
 
-def main(argv: list[str] | None = None) -> list[Row]:
+def main(argv: list[str] | None = None) -> Report:
     args = parse_args(argv)
+    if args.from_json:
+        report = Report.load(args.from_json)
+    else:
+        report = run(args)
+        if args.json:
+            report.save(args.json)
+    print(format_table(report))
+    if args.markdown:
+        Path(args.markdown).write_text(markdown(report))
+    if args.plot:
+        plot(report.rows, args.plot)
+    return report
+
+
+def run(args: argparse.Namespace) -> Report:
     if args.threads:
         torch.set_num_threads(args.threads)
     args.allowed_foreign = _timing.allowed_foreign_load(args.max_foreign_load)
@@ -448,15 +535,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
             rows += measure(case, variant, args)
             gc.collect()  # the previous variant's model and optimizer states go before the next is built
             print(f"... {case.name} {variant} done", file=sys.stderr, flush=True)
-    print(format_table(rows, cases, args))
-    if args.json:
-        settings = {k: (str(v) if isinstance(v, torch.device) else v) for k, v in vars(args).items()}
-        shapes = {name: asdict(case.shape) for name, case in cases.items()}
-        with open(args.json, "w") as handle:
-            json.dump({"settings": settings, "shapes": shapes, "rows": [asdict(r) for r in rows]}, handle, indent=2)
-    if args.plot:
-        plot(rows, args.plot)
-    return rows
+    return Report(run_settings(args), {name: asdict(case.shape) for name, case in cases.items()}, rows)
 
 
 if __name__ == "__main__":

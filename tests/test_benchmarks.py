@@ -33,8 +33,9 @@ SPEED = SCRIPT.parent / "speed.py"
 
 
 def test_speed_tiny_covers_every_case_variant_and_rate(tmp_path):
-    out, png = tmp_path / "speed.json", tmp_path / "speedup.png"
-    command = [sys.executable, str(SPEED), "--tiny", "--max-foreign-load", "1", "--json", str(out), "--plot", str(png)]
+    out, png, md = tmp_path / "speed.json", tmp_path / "speedup.png", tmp_path / "speed.md"
+    outputs = ["--json", str(out), "--plot", str(png), "--markdown", str(md)]
+    command = [sys.executable, str(SPEED), "--tiny", "--max-foreign-load", "1", *outputs]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -63,6 +64,14 @@ def test_speed_tiny_covers_every_case_variant_and_rate(tmp_path):
         assert ideals == sorted(ideals) and len(ideals) == 3
     assert "target smollm2 full r=0.5" in result.stdout
     assert png.stat().st_size > 10_000
+    assert md.read_text().count("\n| smollm2 |") == 12 and "| 7b-layer | qlora | 0.75 |" in md.read_text()
+    # the saved report re-renders to the same table without measuring anything
+    again = subprocess.run(
+        [sys.executable, str(SPEED), "--from-json", str(out)], capture_output=True, text=True, timeout=120
+    )
+    assert again.returncode == 0, again.stderr[-2000:]
+    table = result.stdout[result.stdout.index("SAT speed benchmark") :]  # libraries may log before it
+    assert again.stdout[again.stdout.index("SAT speed benchmark") :] == table
 
 
 def test_speed_rejects_bad_arguments():
