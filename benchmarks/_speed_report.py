@@ -1,0 +1,168 @@
+"""Reports of ``benchmarks/speed.py``: the measured rows, their JSON form, the text / markdown tables, the
+issue-4 target lines and the speed-up plot. Pure rendering: nothing here measures."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+CASES = ("smollm2", "7b-layer")
+VARIANTS = ("full", "lora", "qlora")
+
+TARGETS = {  # (case, variant) at r = 0.5 -> (column, minimum)
+    ("7b-layer", "full"): ("efficiency", 0.85),
+    ("7b-layer", "lora"): ("efficiency", 0.85),
+    ("smollm2", "full"): ("ratio", 1.45),
+    ("smollm2", "lora"): ("ratio", 1.35),
+}
+
+
+@dataclass
+class Row:
+    case: str
+    variant: str
+    rate: float  # 0: the dense arm
+    tokens_per_s: float
+    ratio: float | None
+    ideal: float | None
+    efficiency: float | None
+    activation_mb: float
+    peak_mb: float | None
+    select_share: float | None
+    foreign_load: float | None
+    step_ms_all: list[float]
+
+
+@dataclass
+class Report:
+    """What a run measured and on what: enough to re-render the tables and the plot (``--from-json``)."""
+
+    settings: dict  # device, precision, threads, torch, machine, steps, warmup, head_granularity, tiny, ...
+    shapes: dict[str, dict]  # case -> StackShape fields
+    rows: list[Row]
+
+    @classmethod
+    def load(cls, path: str) -> Report:
+        with open(path) as handle:
+            data = json.load(handle)
+        return cls(data["settings"], data["shapes"], [Row(**row) for row in data["rows"]])
+
+    def save(self, path: str) -> None:
+        with open(path, "w") as handle:
+            json.dump(
+                {"settings": self.settings, "shapes": self.shapes, "rows": [asdict(r) for r in self.rows]},
+                handle,
+                indent=2,
+            )
+
+
+def describe(report: Report) -> list[str]:
+    s = report.settings
+    lines = [
+        f"SAT speed benchmark: {s['machine']}; {s['device']}, {s['precision']}, {s['threads']} threads, torch "
+        f"{s['torch']}; {s['head_granularity']} heads, maxip + top-k; median of {s['steps']} interleaved steps per "
+        f"arm after {s['warmup']} warm-up round(s)"
+    ]
+    for name, shape in report.shapes.items():
+        lines.append(
+            f"  {name}: hidden {shape['hidden']}, intermediate {shape['intermediate']}, heads {shape['heads']}/"
+            f"{shape['kv_heads']}, layers {shape['layers']}, vocab {shape['vocab'] or '-'}, batch {shape['batch']} x "
+            f"{shape['seq']} tokens"
+        )
+    return lines
+
+
+COLUMNS = ("case", "variant", "r", "tokens/s", "ratio", "ideal", "eff", "act MB", "peak MB", "select %", "others %")
+
+
+def _cells(row: Row) -> list[str]:
+    return [
+        row.case,
+        row.variant,
+        "dense" if not row.rate else f"{row.rate:g}",
+        f"{row.tokens_per_s:.1f}",
+        _x(row.ratio),
+        _x(row.ideal),
+        _f(row.efficiency, ".2f"),
+        f"{row.activation_mb:.1f}",
+        _f(row.peak_mb, ".0f"),
+        _pct(row.select_share),
+        _pct(row.foreign_load),
+    ]
+
+
+def format_table(report: Report) -> str:
+    widths = (9, 7, 5, 9, 6, 6, 5, 8, 8, 8, 8)
+    header = " ".join(f"{c:<{w}}" if i < 2 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(COLUMNS, widths)))
+    lines = [*describe(report), header, "-" * len(header)]
+    for row in report.rows:
+        cells = _cells(row)
+        lines.append(" ".join(f"{c:<{w}}" if i < 2 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(cells, widths))))
+    return "\n".join(lines + target_lines(report))
+
+
+def markdown(report: Report) -> str:
+    """The table and the targets as markdown (for docs/results.md)."""
+    lines = [line.strip() for line in describe(report)]
+    lines = [lines[0], "", *[f"- {line}" for line in lines[1:]], ""]
+    lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_cells(row)) + " |" for row in report.rows]
+    return "\n".join(lines + [""] + [f"- {line}" for line in target_lines(report)]) + "\n"
+
+
+def target_lines(report: Report) -> list[str]:
+    s, lines = report.settings, []
+    where = "" if s["device"] == "cpu" and not s["tiny"] else " (the targets are set for a 2-core CPU run)"
+    for (case, variant), (column, minimum) in TARGETS.items():
+        row = next((r for r in report.rows if (r.case, r.variant, r.rate) == (case, variant, 0.5)), None)
+        if row is None:
+            continue
+        value = getattr(row, column)
+        shown = f"{100 * value:.0f}% of ideal" if column == "efficiency" else f"{value:.2f}x"
+        wanted = f">= {100 * minimum:.0f}% of ideal" if column == "efficiency" else f">= {minimum:.2f}x"
+        verdict = "met" if value >= minimum else "NOT met"
+        lines.append(f"target {case} {variant} r=0.5: {shown} ({wanted}): {verdict}{where}")
+    busy = sorted({f"{r.case}/{r.variant}" for r in report.rows if (r.foreign_load or 0.0) > s["allowed_foreign"]})
+    if busy:
+        lines.append(f"WARNING: other processes kept the CPUs busy during {', '.join(busy)}: rerun when quiet.")
+    return lines
+
+
+def _x(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _f(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def plot(rows: list[Row], path: str) -> None:
+    """Speed-up against omission rate, one line per case and variant, ideal dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for axis, case in zip(axes, CASES, strict=True):
+        for variant, color in zip(VARIANTS, ("C0", "C1", "C2"), strict=True):
+            points = sorted(
+                (r.rate, r.ratio, r.ideal) for r in rows if (r.case, r.variant) == (case, variant) and r.rate
+            )
+            if not points:
+                continue
+            rates = [0.0] + [p[0] for p in points]
+            axis.plot(rates, [1.0] + [p[1] for p in points], "o-", color=color, label=f"{variant} measured")
+            axis.plot(rates, [1.0] + [p[2] for p in points], "--", color=color, alpha=0.6, label=f"{variant} ideal")
+        axis.set_title(case)
+        axis.set_xlabel("omission rate r")
+        axis.grid(alpha=0.3)
+    axes[0].set_ylabel("speed-up over dense (tokens/s ratio)")
+    axes[0].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
