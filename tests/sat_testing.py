@@ -61,8 +61,9 @@ def tiny_model(family: str = "llama", attn: str | None = None, seed: int = 0, **
     return model
 
 
-def quantize_4bit(model: nn.Module, tmp_path) -> nn.Module:
-    """Reload ``model`` through transformers' bitsandbytes 4-bit path (nf4, double quant), on CPU."""
+def quantize_4bit(model: nn.Module, tmp_path, device_map: dict | None = None) -> nn.Module:
+    """Reload ``model`` through transformers' bitsandbytes 4-bit path (nf4, double quant), on CPU unless
+    ``device_map`` places it (e.g. ``{"": 0}`` for the first GPU)."""
     from transformers import BitsAndBytesConfig
 
     model.save_pretrained(tmp_path)
@@ -75,6 +76,7 @@ def quantize_4bit(model: nn.Module, tmp_path) -> nn.Module:
             bnb_4bit_compute_dtype=torch.float32,
         ),
         dtype=torch.float32,
+        device_map=device_map,
         attn_implementation=model.config._attn_implementation,
     )
     for module in quantized.modules():  # STACK_NOTES pitfall: no in-place repack into the CPU inference layout

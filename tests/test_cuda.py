@@ -22,6 +22,7 @@ from sat_testing import (
     lora_config,
     masked,
     omitted_slices,
+    quantize_4bit,
     sat_blocks,
     tiny_model,
     train_step,
@@ -130,28 +131,10 @@ def test_full_model_step_with_regather_equals_kept_copy_on_cuda(monkeypatch):
         torch.testing.assert_close(gradients(sat)[name], grad, rtol=0, atol=1e-6, msg=name)
 
 
-def _quantize_4bit_on_cuda(model: torch.nn.Module, tmp_path) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    model.save_pretrained(tmp_path)
-    return AutoModelForCausalLM.from_pretrained(
-        tmp_path,
-        quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.float32,
-        ),
-        dtype=torch.float32,
-        device_map={"": 0},
-        attn_implementation="sdpa",
-    )
-
-
 @pytest.mark.parametrize("granularity", ["kv_group", "q_head"])
 def test_qlora_4bit_equals_masked_dense_reference_on_cuda(granularity, tmp_path):
     pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
-    base = _quantize_4bit_on_cuda(tiny_model(), tmp_path)
+    base = quantize_4bit(tiny_model(attn="sdpa"), tmp_path, device_map={"": 0})
     lora = get_peft_model(base, lora_config())
     reference = copy.deepcopy(lora).train()
     sat = peft_sat.apply_sat(lora, peft_sat.SATConfig(omission_rate=0.5, head_granularity=granularity)).train()
