@@ -263,8 +263,20 @@ def run(recipe: Recipe, script_args: Any, training_args: Any, model_args: Any, s
         callbacks=callbacks,
     )
     _check_prepared_sizes(recipe, trainer, training_args)
-    before = trainer.evaluate()["eval_loss"]  # SAT is not applied yet: the pre-trained model, dense
+    if trainer.is_deepspeed_enabled:
+        # `Trainer.evaluate()` before `train()` under DeepSpeed builds an inference-only engine (ZeRO-2 refuses to),
+        # which `train()` then cannot prepare with an optimizer; evaluate inside `train()`, once the engine exists,
+        # before the first step (the model is still the pre-trained one; SAT blocks compute dense in eval mode).
+        eval_on_start, trainer.args.eval_on_start = trainer.args.eval_on_start, True
+        before = None
+    else:
+        before = trainer.evaluate()["eval_loss"]  # SAT is not applied yet: the pre-trained model, dense
     train_output = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    eval_in_train_s = 0.0
+    if before is None:
+        trainer.args.eval_on_start = eval_on_start
+        start = next(entry for entry in trainer.state.log_history if "eval_loss" in entry)
+        before, eval_in_train_s = start["eval_loss"], start.get("eval_runtime", 0.0)
     after = trainer.evaluate()["eval_loss"]  # eval mode: SAT blocks compute dense
     trainer.save_model(training_args.output_dir)
     metrics = _metrics(
@@ -278,6 +290,7 @@ def run(recipe: Recipe, script_args: Any, training_args: Any, model_args: Any, s
         timer,
         (before, after),
         wall_start,
+        eval_in_train_s,
     )
     if trainer.is_world_process_zero():
         report.write_metrics(training_args.output_dir, metrics)
@@ -336,10 +349,14 @@ def _metrics(
     timer: report.StepTimer,
     eval_losses: tuple[float, float],
     wall_start: float,
+    eval_in_train_s: float = 0.0,
 ) -> dict[str, Any]:
     history = trainer.state.log_history
     last = {key: value for entry in history for key, value in entry.items()}  # latest value of every logged key
     runtime = train_output.metrics.get("train_runtime")
+    if runtime is not None:
+        runtime -= eval_in_train_s  # the held-out evaluation that ran inside `train()` (DeepSpeed) is not training
+    state = trainer.accelerator.state
     tokens = int(last.get("num_tokens", 0))
     kind = variant(model_args)
     sat = prepared.sat_config is not None
@@ -355,6 +372,9 @@ def _metrics(
         "unit": recipe.unit,
         "train_examples": len(prepared.train),
         "eval_examples": len(prepared.held_out),
+        "distributed_type": str(getattr(state.distributed_type, "value", state.distributed_type)),
+        "num_processes": state.num_processes,
+        "zero_stage": state.deepspeed_plugin.zero_stage if trainer.is_deepspeed_enabled else None,
         "max_steps": trainer.state.max_steps,
         "global_step": trainer.state.global_step,
         "eval_loss_before": eval_losses[0],
