@@ -26,10 +26,10 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
-# DeepSpeed ZeRO-2 / ZeRO-3 on CPU (2 processes); optional, not part of `make test` (DS_BUILD_OPS=0: no CUDA ops).
+# DeepSpeed ZeRO-2 / ZeRO-3 on CPU (2 processes; engine and the accelerate-launched recipes); optional, not part of `make test` (DS_BUILD_OPS=0: no CUDA ops).
 test-deepspeed: $(STAMP)
 	DS_BUILD_OPS=0 $(PY) -m pip install --quiet -e ".[deepspeed]"
-	$(PY) -m pytest -q tests/test_deepspeed.py
+	$(PY) -m pytest -q tests/test_deepspeed.py tests/test_deepspeed_recipes.py
 
 quality: $(STAMP)
 	$(PY) -m ruff check peft_sat tests benchmarks recipes

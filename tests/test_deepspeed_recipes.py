@@ -1,0 +1,127 @@
+"""The shipped DeepSpeed launcher configs run SAT training the way users start it:
+``accelerate launch --config_file recipes/accelerate_configs/deepspeed_zero{2,3}.yaml recipes/sft.py ...`` (TRL's
+``SFTTrainer`` + ``SATCallback`` + DeepSpeed), full-parameter SAT and SAT + LoRA, on the tiny offline Llama of
+``tests/test_recipes.py``. Only what a CPU needs comes from the command line (``--num_processes 2``, ``DS_ACCELERATOR
+=cpu``); the YAML files stay as GPU users get them. Each run must really be DeepSpeed at the config's ZeRO stage with
+2 processes, log the SAT metrics, finish with finite losses and save weights that load (under ZeRO-3: gathered, not
+empty shards). Before the recipes evaluated under DeepSpeed inside ``train()``, both configs failed before step 1.
+Engine-level equality with a single-process run is ``tests/test_deepspeed.py``. Skipped without DeepSpeed
+(``pip install -e ".[deepspeed]"``)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_recipes import chat_file, tiny_model_dir  # noqa: E402, F401 - module-scoped fixtures, shared
+
+pytestmark = [
+    pytest.mark.skipif(
+        importlib.util.find_spec("deepspeed") is None,
+        reason="deepspeed is not installed (optional extra: pip install -e '.[deepspeed]'); "
+        "the DeepSpeed launcher configs cannot run without it",
+    ),
+    pytest.mark.slow,  # about 30 s per run on 2 cores: two processes each import torch, transformers and DeepSpeed
+]
+
+ROOT = Path(__file__).resolve().parent.parent
+STEPS = 6
+LADDER = [0.5, 0.5, 0.5, 1 / 3, 1 / 6, 0.0]  # the default ladder over 6 steps (as in tests/test_recipes.py)
+# Tiny and quick, as tests/test_recipes.py::tiny_args; batch 2 per process, so 4 per optimizer step.
+TINY = (
+    f"--max_steps {STEPS} --per_device_train_batch_size 2 --per_device_eval_batch_size 4 --max_length 16 "
+    "--eval_samples 4 --learning_rate 1e-3 --disable_tqdm true --lora_r 4 --lora_alpha 8"
+).split()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _launch(config: str, model_dir: Path, data: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "DS_ACCELERATOR": "cpu",  # DeepSpeed's CPU accelerator: CPU tensors, gloo
+        "OMP_NUM_THREADS": "1",  # two processes share the cores
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    launcher = [sys.executable, "-m", "accelerate.commands.launch"]
+    launcher += ["--config_file", str(ROOT / "recipes" / "accelerate_configs" / f"{config}.yaml")]
+    launcher += ["--num_processes", "2", "--main_process_port", str(_free_port())]
+    paths = ["--model_name_or_path", str(model_dir), "--dataset_name", str(data), "--output_dir", str(out)]
+    command = [*launcher, str(ROOT / "recipes" / "sft.py"), *paths, *TINY, *extra]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+
+
+def _check_saved_weights(variant: str, model_dir: Path, out: Path) -> None:
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    initial = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
+    if variant == "full":
+        saved = load_file(out / "model.safetensors")
+        # every weight, at its full shape: ZeRO-3 saves empty shards unless it gathers them on save
+        assert set(saved) == set(initial), sorted(set(saved) ^ set(initial))
+        for name, value in saved.items():
+            assert value.shape == initial[name].shape and value.numel() > 0, name
+            assert torch.isfinite(value).all(), name
+        assert any(not torch.equal(saved[n], initial[n]) for n in saved), "the saved model is the untrained one"
+        model = AutoModelForCausalLM.from_pretrained(out)  # plain transformers, without peft_sat
+    else:
+        saved = load_file(out / "adapter_model.safetensors")
+        assert saved and all(value.numel() > 0 and torch.isfinite(value).all() for value in saved.values())
+        lora_b = [value for name, value in saved.items() if "lora_B" in name]
+        assert lora_b and all(value.abs().sum() > 0 for value in lora_b), "LoRA B (zero at init) did not train"
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), out)
+    ids = torch.arange(2, 14).unsqueeze(0)
+    with torch.no_grad():
+        assert math.isfinite(model(input_ids=ids, labels=ids).loss.item())
+
+
+CASES = [
+    ("deepspeed_zero2", "full"),
+    ("deepspeed_zero2", "lora"),
+    ("deepspeed_zero3", "full"),
+    ("deepspeed_zero3", "lora"),
+]
+
+
+@pytest.mark.parametrize("config,variant", CASES, ids=[f"{c.split('_')[1]}-{v}" for c, v in CASES])
+def test_deepspeed_config_runs_sat_recipe(config, variant, tiny_model_dir, chat_file, tmp_path):  # noqa: F811
+    recipe_config = ROOT / "recipes" / "sft" / f"config_{variant}.yaml"  # the shipped variant; the command line wins
+    result = _launch(config, tiny_model_dir, chat_file, tmp_path, "--config", str(recipe_config))
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-6000:]
+
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    # really DeepSpeed with 2 processes, at the config's stage (not N single-process runs, not plain DDP)
+    assert metrics["distributed_type"] == "DEEPSPEED", metrics["distributed_type"]
+    assert metrics["num_processes"] == 2 and metrics["zero_stage"] == int(config[-1])
+    assert metrics["variant"] == variant and metrics["global_step"] == STEPS
+
+    steps = [entry for entry in metrics["log_history"] if "loss" in entry]
+    assert len(steps) == STEPS
+    for entry in steps:
+        assert {"sat/omission_rate", "sat/kept_fraction", "sat/flops_saved_fraction"} <= set(entry), entry
+        assert math.isfinite(entry["loss"]), entry
+    assert [entry["sat/omission_rate"] for entry in steps] == pytest.approx(LADDER)
+    assert 0 < metrics["flops_saved_fraction_estimate"] < 1
+    assert math.isfinite(metrics["train_loss"])
+    assert math.isfinite(metrics["eval_loss_before"]) and math.isfinite(metrics["eval_loss_after"])
+    assert (tmp_path / "training_curves.png").is_file()
+
+    _check_saved_weights(variant, tiny_model_dir, tmp_path)
