@@ -73,6 +73,9 @@ class _BatchHook:
         self.state = state
         self.mask_position = mask_position
 
+    # Eager under torch.compile: the hook only updates Python state (counter, mask, ZeRO-3 registration), and traced
+    # it would make dynamo guard on the counter's value and the registration list.
+    @torch.compiler.disable
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self.state.forward_count += 1
         # SAT is usually applied before `deepspeed.initialize` partitions the model: register at the first forward
