@@ -60,6 +60,9 @@ def main(out_dir: str, checkpoint: str | None = None) -> None:
             json.dump({"world": trainer.args.world_size, "logs": train_logs(trainer.state.log_history)}, file)
         if checkpoint is not None:
             torch.save(recorder.loaded, os.path.join(out_dir, "loaded.pt"))
+    if torch.distributed.is_initialized():
+        # without it gloo's threads may still run at interpreter exit: "terminate called without an active exception"
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
