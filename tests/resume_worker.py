@@ -61,8 +61,13 @@ def main(out_dir: str, checkpoint: str | None = None) -> None:
         if checkpoint is not None:
             torch.save(recorder.loaded, os.path.join(out_dir, "loaded.pt"))
     if torch.distributed.is_initialized():
-        # without it gloo's threads may still run at interpreter exit: "terminate called without an active exception"
-        torch.distributed.destroy_process_group()
+        # Leave without tearing gloo down: at interpreter exit its threads made ranks abort ("terminate called without
+        # an active exception") and `destroy_process_group()` sometimes hung (fresh-clone CI runs). Every rank has
+        # finished its work at the barrier; the outputs are written and flushed.
+        torch.distributed.barrier()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":
