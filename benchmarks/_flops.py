@@ -34,6 +34,20 @@ class StackShape:
     def tokens(self) -> int:
         return self.batch * self.seq
 
+    @classmethod
+    def from_config(cls, config, batch: int, seq: int, **overrides) -> StackShape:
+        """The shape of a transformers Llama-family config (``overrides``: e.g. ``layers=1, vocab=0``)."""
+        fields = dict(
+            hidden=config.hidden_size,
+            intermediate=config.intermediate_size,
+            heads=config.num_attention_heads,
+            kv_heads=config.num_key_value_heads,
+            layers=config.num_hidden_layers,
+            vocab=config.vocab_size,
+            head_dim=getattr(config, "head_dim", None),
+        )
+        return cls(batch=batch, seq=seq, **{**fields, **overrides})
+
 
 def training_flops(
     shape: StackShape, variant: str, rate: float, head_granularity: str = "kv_group", lora_rank: int = 16

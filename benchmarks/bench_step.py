@@ -200,7 +200,8 @@ def run_variant(variant: str, args: argparse.Namespace) -> Row:
     )
     dense_ms = 1e3 * statistics.median(s.seconds for s in kept["dense"])
     sat_ms = 1e3 * statistics.median(s.seconds for s in kept["sat"])
-    ideal = ideal_speedup(stack_shape(args), variant, args.rate, args.head_granularity)
+    shape = StackShape.from_config(dense.config, args.batch, args.seq)
+    ideal = ideal_speedup(shape, variant, args.rate, args.head_granularity)
     return Row(
         variant=variant,
         dense_ms=dense_ms,
@@ -215,19 +216,6 @@ def run_variant(variant: str, args: argparse.Namespace) -> Row:
         else None,
         dense_ms_all=[round(1e3 * s.seconds, 1) for s in kept["dense"]],
         sat_ms_all=[round(1e3 * s.seconds, 1) for s in kept["sat"]],
-    )
-
-
-def stack_shape(args: argparse.Namespace) -> StackShape:
-    return StackShape(
-        hidden=args.hidden,
-        intermediate=args.intermediate,
-        heads=args.heads,
-        kv_heads=args.kv_heads,
-        layers=args.layers,
-        vocab=args.vocab,
-        batch=args.batch,
-        seq=args.seq,
     )
 
 

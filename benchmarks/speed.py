@@ -153,17 +153,7 @@ def smollm2_case(args: argparse.Namespace) -> Case:
         kwargs = _quantization_kwargs(args) if quantized else {"dtype": torch.float32}
         return AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", **kwargs)
 
-    shape = StackShape(
-        hidden=config.hidden_size,
-        intermediate=config.intermediate_size,
-        heads=config.num_attention_heads,
-        kv_heads=config.num_key_value_heads,
-        layers=config.num_hidden_layers,
-        vocab=config.vocab_size,
-        batch=batch,
-        seq=seq,
-        head_dim=getattr(config, "head_dim", None),
-    )
+    shape = StackShape.from_config(config, batch, seq)
     return Case(
         name="smollm2",
         shape=shape,
@@ -195,17 +185,7 @@ def layer_case(args: argparse.Namespace) -> Case:
     def loss(model: nn.Module, inputs: dict) -> torch.Tensor:
         return model(**inputs, use_cache=False).last_hidden_state.float().pow(2).mean()
 
-    shape = StackShape(
-        hidden=config.hidden_size,
-        intermediate=config.intermediate_size,
-        heads=config.num_attention_heads,
-        kv_heads=config.num_key_value_heads,
-        layers=1,
-        vocab=0,
-        batch=batch,
-        seq=seq,
-        first_input_grad=True,
-    )
+    shape = StackShape.from_config(config, batch, seq, layers=1, vocab=0, first_input_grad=True)
     return Case(name="7b-layer", shape=shape, build=build, inputs=inputs, loss=loss)
 
 
