@@ -38,7 +38,14 @@ from .state import SATState
 logger = logging.get_logger(__name__)
 
 # Fields that decide the rate of every step; a model's SAT and the callback must agree on them.
-SCHEDULE_FIELDS = ("omission_rate", "schedule", "warmup_ratio", "ladder_full_rate_ratio", "ladder_rungs", "ladder_stairs")
+SCHEDULE_FIELDS = (
+    "omission_rate",
+    "schedule",
+    "warmup_ratio",
+    "ladder_full_rate_ratio",
+    "ladder_rungs",
+    "ladder_stairs",
+)
 
 
 class SATFlopsEstimator:
@@ -119,7 +126,9 @@ class SATCallback(TrainerCallback):
         if isinstance(config, dict):
             config = SATConfig(**config)
         if config is not None and not isinstance(config, SATConfig):
-            raise TypeError(f"`config` must be a SATConfig, a dict of its fields or None, got {type(config).__name__}.")
+            raise TypeError(
+                f"`config` must be a SATConfig, a dict of its fields or None, got {type(config).__name__}."
+            )
         self.config = config
         self.sat_state: SATState | None = None
         self.flops: SATFlopsEstimator | None = None
@@ -131,8 +140,14 @@ class SATCallback(TrainerCallback):
 
     # ---- events --------------------------------------------------------------------------------------------
 
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                       model: nn.Module | None = None, **kwargs: Any) -> None:
+    def on_train_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: nn.Module | None = None,
+        **kwargs: Any,
+    ) -> None:
         if model is None:
             raise ValueError("SATCallback needs the Trainer's model in `on_train_begin`; got none.")
         sat_state = get_sat_state(model)
@@ -164,19 +179,33 @@ class SATCallback(TrainerCallback):
         self._trainer = _calling_trainer()
         if self._trainer is not None:
             _wrap_log(self._trainer, self.metrics)
-        logger.info(f"SAT omission-rate schedule over {state.max_steps} steps: {describe_schedule(config, state.max_steps)}")
+        logger.info(
+            f"SAT omission-rate schedule over {state.max_steps} steps: {describe_schedule(config, state.max_steps)}"
+        )
 
-    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_step_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         if self.sat_state is not None:
-            self.sat_state.set_omission_rate(omission_rate_at(self.sat_state.config, state.global_step, state.max_steps))
+            self.sat_state.set_omission_rate(
+                omission_rate_at(self.sat_state.config, state.global_step, state.max_steps)
+            )
 
-    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         if self.flops is not None and state.global_step > self.steps_counted:
             self.dense_steps_saved += self.flops.saved_fraction(self.current_rate())
             self.steps_counted = state.global_step
 
-    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-               logs: dict[str, float] | None = None, **kwargs: Any) -> None:
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
         if not self._training or self._trainer is not None or logs is None or "sat/omission_rate" in logs:
             return
         # Fallback when the Trainer could not be found (callback driven by hand or by a custom loop): the Trainer
@@ -189,7 +218,9 @@ class SATCallback(TrainerCallback):
             self._warned_fallback = True
             logger.warning("SATCallback found no Trainer: `sat/*` metrics reach only callbacks listed after it.")
 
-    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         self._training = False
         if self._trainer is not None:
             _unwrap_log(self._trainer)  # leave the Trainer as found; the model keeps SAT (dense in eval mode)

@@ -170,7 +170,9 @@ def describe_schedule(config: SATConfig, total_steps: int) -> str:
         if first > last:
             continue
         if stage.rate is None:
-            rate = f"{omission_rate_at(config, first, total_steps):g} -> {omission_rate_at(config, last, total_steps):g}"
+            rate = (
+                f"{omission_rate_at(config, first, total_steps):g} -> {omission_rate_at(config, last, total_steps):g}"
+            )
         else:
             rate = f"{stage.rate:g}"
         parts.append(f"steps {first}-{last}: {rate}")

@@ -59,7 +59,10 @@ def test_trainer_logs_follow_the_ladder_and_reach_every_logger(tmp_path):
     recorder = LogRecorder()
     model = tiny_llama()
     trainer = Trainer(
-        model=model, args=training_args(tmp_path), train_dataset=lm_dataset(), callbacks=[recorder, SATCallback(config)]
+        model=model,
+        args=training_args(tmp_path),
+        train_dataset=lm_dataset(),
+        callbacks=[recorder, SATCallback(config)],
     )
     trainer.train()
 
@@ -104,7 +107,10 @@ def test_evaluation_inside_training_is_dense(tmp_path):
 
     args = training_args(tmp_path, eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=4)
     trainer = Trainer(
-        model=model, args=args, train_dataset=lm_dataset(), eval_dataset=lm_dataset(num_rows=4, seed=1),
+        model=model,
+        args=args,
+        train_dataset=lm_dataset(),
+        eval_dataset=lm_dataset(num_rows=4, seed=1),
         callbacks=[SATCallback(config), HookOnTrainBegin()],
     )
     trainer.train()
@@ -122,8 +128,9 @@ def test_full_parameter_sat_from_get_peft_model(tmp_path):
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     recorder = LogRecorder()
     # no config: the callback drives the SAT already on the model, with that model's schedule
-    trainer = Trainer(model=model, args=training_args(tmp_path), train_dataset=lm_dataset(),
-                      callbacks=[recorder, SATCallback()])
+    trainer = Trainer(
+        model=model, args=training_args(tmp_path), train_dataset=lm_dataset(), callbacks=[recorder, SATCallback()]
+    )
     trainer.train()
     logs = train_logs(trainer.state.log_history)
     assert [entry["sat/omission_rate"] for entry in logs] == pytest.approx(expected_rates(config))
@@ -190,8 +197,12 @@ def test_sft_trainer_with_lora_and_sat_callback(tmp_path):
 
 
 def _trainer(tmp_path, model, *callbacks, **arg_overrides) -> Trainer:
-    return Trainer(model=model, args=training_args(tmp_path, **arg_overrides), train_dataset=lm_dataset(),
-                   callbacks=list(callbacks))
+    return Trainer(
+        model=model,
+        args=training_args(tmp_path, **arg_overrides),
+        train_dataset=lm_dataset(),
+        callbacks=list(callbacks),
+    )
 
 
 def test_schedule_that_does_not_fit_max_steps_fails_before_training(tmp_path):

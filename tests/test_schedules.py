@@ -78,13 +78,15 @@ def test_random_ladders_descend_to_zero(seed):
     rng = random.Random(seed)
     warmup = rng.choice([0.0, 0.05, 0.2])
     config = SATConfig(
-        omission_rate=rng.uniform(0.05, 0.95), warmup_ratio=warmup,
-        ladder_full_rate_ratio=rng.uniform(0.05, 0.9 - warmup), ladder_rungs=rng.randint(1, 6),
+        omission_rate=rng.uniform(0.05, 0.95),
+        warmup_ratio=warmup,
+        ladder_full_rate_ratio=rng.uniform(0.05, 0.9 - warmup),
+        ladder_rungs=rng.randint(1, 6),
     )
     total = rng.randint(60, 500)
     validate_schedule(config, total)
     rates = schedule_rates(config, total)
-    sparse = rates[math.ceil(warmup * total):]
+    sparse = rates[math.ceil(warmup * total) :]
     assert sparse[0] == config.omission_rate and rates[-1] == 0.0
     assert all(a >= b for a, b in zip(sparse, sparse[1:]))
     assert len(runs(sparse)) == config.ladder_rungs + 1  # every rung got steps
@@ -160,7 +162,11 @@ def test_floating_point_boundaries_round_to_the_intended_step():
 @pytest.mark.parametrize(
     "fields, total, message",
     [
-        (dict(ladder_rungs=5), 8, r"`ladder_rungs`=5 does not fit `total_steps`=8: rung 5 of 5 gets no step.*at most 4"),
+        (
+            dict(ladder_rungs=5),
+            8,
+            r"`ladder_rungs`=5 does not fit `total_steps`=8: rung 5 of 5 gets no step.*at most 4",
+        ),
         (dict(), 5, r"`ladder_rungs`=3 does not fit `total_steps`=5"),  # the default ladder needs 6 steps
         (dict(ladder_full_rate_ratio=0.9), 8, r"`ladder_rungs`=3 .* spans 0 steps.*smaller `ladder_full_rate_ratio`"),
         (dict(warmup_ratio=0.15, ladder_full_rate_ratio=0.05, ladder_rungs=1), 8, r"`ladder_full_rate_ratio`=0.05"),
@@ -197,7 +203,10 @@ def test_default_ladder_fits_from_six_steps(total):
         (dict(ladder_rungs=0), r"`ladder_rungs` must be an int >= 1, got 0"),
         (dict(ladder_rungs=2.0), r"`ladder_rungs`"),
         (dict(ladder_rungs=True), r"`ladder_rungs`"),
-        (dict(warmup_ratio=0.5, ladder_full_rate_ratio=0.5), r"`warmup_ratio` \+ `ladder_full_rate_ratio` must be < 1"),
+        (
+            dict(warmup_ratio=0.5, ladder_full_rate_ratio=0.5),
+            r"`warmup_ratio` \+ `ladder_full_rate_ratio` must be < 1",
+        ),
         (dict(ladder_stairs=[]), r"`ladder_stairs` must be a non-empty list"),
         (dict(ladder_stairs=[0.5]), r"`ladder_stairs` items must be \(fraction, rate\) number pairs"),
         (dict(ladder_stairs=[(0.0, 0.5, 1.0)]), r"`ladder_stairs` items"),

@@ -19,8 +19,17 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     """2 layers, 4 query heads in 2 KV groups, 128 MLP channels."""
     torch.manual_seed(seed)
     config = LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
-        vocab_size=VOCAB, head_dim=16, max_position_embeddings=64, pad_token_id=0, eos_token_id=1, bos_token_id=1,
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=2,
+        vocab_size=VOCAB,
+        head_dim=16,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=1,
     )
     return LlamaForCausalLM(config)
 
@@ -51,8 +60,17 @@ def text_dataset(num_rows: int = 16, words: int = 12, seed: int = 0) -> Dataset:
 def training_args(output_dir: Any, cls: type = TrainingArguments, **overrides: Any) -> TrainingArguments:
     """8 optimizer steps of batch 2, logged every step, on CPU, no reporting, no checkpoints unless asked."""
     kwargs: dict[str, Any] = dict(
-        output_dir=str(output_dir), max_steps=8, per_device_train_batch_size=2, learning_rate=1e-3, logging_steps=1,
-        report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0, dataloader_num_workers=0,
+        output_dir=str(output_dir),
+        max_steps=8,
+        per_device_train_batch_size=2,
+        learning_rate=1e-3,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+        dataloader_num_workers=0,
     )
     if cls is not TrainingArguments:  # TRL's SFTConfig defaults bf16 and gradient checkpointing on (STACK_NOTES)
         kwargs.update(bf16=False, gradient_checkpointing=False)
