@@ -238,6 +238,31 @@ def grid_tables(results: dict) -> list[str]:
         for name, cell in omit_rows:
             if cell is not None:
                 lines.append(_cell_row(name, cell, dense, base) + _flops_cells(cell, base))
+    score_rows = [
+        (
+            f"{tokens}{' (default)' if tokens == default['score_tokens'] else ''} | {label}",
+            find_cell(cells, default, **o),
+        )
+        for label, omit in (("MLP channels + heads", ["mlp", "attention"]), ("MLP channels only", ["mlp"]))
+        for tokens in sorted({default["score_tokens"], *score_token_counts(cells)})
+        for o in [{"score_tokens": tokens, "omit": omit}]
+    ]
+    if sum(cell is not None for _, cell in score_rows) > 2:
+        lines += [
+            "",
+            f"Tokens scored per block and micro-batch (`score_tokens`; {default['importance']}, "
+            f"{default['selection']}, default ladder, rate {default['omission_rate']:g}; a grid batch has "
+            f"up to {setup['batch'] * setup.get('block', setup.get('max_length', 0))} tokens):",
+            "",
+            "| score tokens | omitted | final held-out loss | vs dense | speed-up at the full rate (CPU) "
+            "| FLOPs saving (estimate) | loss gap per FLOPs-saving point |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            _cell_row(name, cell, dense, base) + _flops_cells(cell, base)
+            for name, cell in score_rows
+            if cell is not None
+        ]
     sweep = sweep_points(results)
     if sweep:
         lines += [
@@ -290,7 +315,33 @@ def probe_tables(results: dict) -> list[str]:
             + ", ".join(f"r = {c['sat_config']['omission_rate']:g}: {entry(c['name'])}" for c in rates)
             + ".",
         ]
+    tokens = [c for c in probe["cells"] if c["name"].startswith("score tokens ")]
+    if tokens:
+        default = results.get("default_sat_config", {})
+        base = f"{default.get('importance')}/{default.get('selection')}"
+        lines += [
+            "",
+            f"By tokens scored ({base}; `score_tokens`, default {default.get('score_tokens')}): "
+            + "; ".join(
+                f"{label}: "
+                + ", ".join(
+                    [f"{default.get('score_tokens')}: {entry(f'{base}/{omit}')}"]
+                    + [
+                        f"{c['sat_config']['score_tokens']}: {entry(c['name'])}"
+                        for c in tokens
+                        if c["name"].endswith(f"/{omit}")
+                    ]
+                )
+                for label, omit in (("MLP channels + heads", "mlp+attention"), ("MLP channels only", "mlp"))
+            )
+            + ".",
+        ]
     return lines + [""]
+
+
+def score_token_counts(cells: list[dict]) -> set[int]:
+    """Every ``score_tokens`` value among the grid cells."""
+    return {cell["arm"]["sat_config"]["score_tokens"] for cell in cells}
 
 
 def sweep_points(results: dict) -> list[tuple[float, dict]]:

@@ -57,6 +57,9 @@ SHAPES = {
 }
 # Which units are omitted, on the default config.
 OMITS = {"omit: mlp only": {"omit": ["mlp"]}, "omit: attention only": {"omit": ["attention"]}}
+# Tokens the activation-based scores read (``SATConfig.score_tokens``), on the default config; 512 covers every
+# token of a grid batch (4 x 64) and of a comparison batch (4 x 128), i.e. exact per-batch scores.
+SCORE_TOKENS = (128, 512)
 REAL = dict(
     cpt=dict(variant="full", block=128, batch=4, lr=5e-5),
     sft=dict(variant="lora", max_length=128, batch=4, lr=2e-4, conversations=1500),
@@ -222,6 +225,9 @@ def grid_cells(rates: list[float]) -> dict[str, dict]:
     cells.update(OMITS)
     for rate in rates:
         cells[f"rate {rate:g}"] = {"omission_rate": rate}
+    for tokens in SCORE_TOKENS:
+        cells[f"score tokens {tokens}"] = {"score_tokens": tokens}
+        cells[f"score tokens {tokens}, mlp only"] = {"score_tokens": tokens, "omit": ["mlp"]}
     return cells
 
 
@@ -235,6 +241,13 @@ def probe_cells(rates: list[float]) -> dict[str, dict]:
                 cells[f"{importance}/{selection}/{'+'.join(omit)}"] = overrides
     for rate in rates:
         cells[f"rate {rate:g}"] = {"omission_rate": rate, "schedule": "constant"}
+    for tokens in SCORE_TOKENS:
+        for omit in (["mlp", "attention"], ["mlp"]):
+            cells[f"score tokens {tokens}/{'+'.join(omit)}"] = {
+                "score_tokens": tokens,
+                "omit": omit,
+                "schedule": "constant",
+            }
     return cells
 
 

@@ -79,6 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=4, help="measured steps per arm")
     parser.add_argument("--warmup", type=int, default=1, help="discarded rounds before measuring")
     parser.add_argument("--head-granularity", default="kv_group", choices=["kv_group", "q_head"])
+    parser.add_argument(
+        "--score-tokens", type=int, default=peft_sat.SATConfig().score_tokens, help="SATConfig.score_tokens (>= 1)"
+    )
     parser.add_argument("--max-foreign-load", type=float, default=0.05, help="redo steps above this foreign load")
     parser.add_argument("--max-rounds", type=int, default=None, help="cap of measured rounds (default 2 x steps)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -97,6 +100,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.smollm2_batch, args.layer_batch = (_batch_shape(parser, v) for v in (args.smollm2_batch, args.layer_batch))
     if args.tiny:
         args.smollm2_batch, args.layer_batch, args.steps, args.warmup = (2, 32), (1, 32), 2, 1
+    if args.score_tokens < 1:
+        parser.error(f"--score-tokens must be >= 1, got {args.score_tokens}")
     args.max_rounds = args.max_rounds or 2 * args.steps
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return args
@@ -212,7 +217,9 @@ def sat_model(case: Case, variant: str, args: argparse.Namespace) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     base = case.build(variant == "qlora")
-    sat_config = peft_sat.SATConfig(head_granularity=args.head_granularity, schedule="constant")
+    sat_config = peft_sat.SATConfig(
+        head_granularity=args.head_granularity, score_tokens=args.score_tokens, schedule="constant"
+    )
     if variant == "full":
         model = get_peft_model(base.to(args.device), sat_config)
     else:

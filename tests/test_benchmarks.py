@@ -75,7 +75,13 @@ def test_speed_tiny_covers_every_case_variant_and_rate(tmp_path):
 
 
 def test_speed_rejects_bad_arguments():
-    for bad in (["--variants", "full,int8"], ["--rates", "0.5,1.0"], ["--smollm2-batch", "2by256"]):
+    bad_arguments = (
+        ["--variants", "full,int8"],
+        ["--rates", "0.5,1.0"],
+        ["--smollm2-batch", "2by256"],
+        ["--score-tokens", "0"],
+    )
+    for bad in bad_arguments:
         result = subprocess.run([sys.executable, str(SPEED), *bad], capture_output=True, text=True, timeout=120)
         assert result.returncode == 2 and bad[0] in result.stderr, result.stderr[-2000:]
 

@@ -67,12 +67,21 @@ def test_tiny_run_writes_every_number_and_plot(tiny_run: Path):
             for schedule in ("constant", "ladder"):
                 assert (importance, selection, schedule) in cells
     assert {c["omission_rate"] for c in configs} >= {0.25, 0.5, 0.75}
+    assert {c["score_tokens"] for c in configs} >= {32, 128, 512}
     assert sum(run["arm"]["sat_config"] is None for run in grid) == 1  # one dense reference
     for name in ("loss_curves.png", "ablation.png", "omission_sweep.png"):
         data = (tiny_run / name).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 5000, name
     markdown = (tiny_run / "quality.md").read_text()
-    for heading in ("dense vs SAT", "Targets of issue 4", "Ablation grid", "Omission-rate sweep", "Schedule shapes"):
+    for heading in (
+        "dense vs SAT",
+        "Targets of issue 4",
+        "Ablation grid",
+        "Omission-rate sweep",
+        "Schedule shapes",
+        "Tokens scored per block",
+        "By tokens scored",
+    ):
         assert heading in markdown
 
 
