@@ -13,12 +13,13 @@ def plot_curves(results: dict, path: Path) -> None:
 
     groups = comparisons(results)
     fig, axes = plt.subplots(2, max(1, len(groups)), figsize=(6 * max(1, len(groups)), 8), squeeze=False)
-    for col, ((task, steps), runs) in enumerate(groups.items()):
+    for col, ((task, steps, overrides), runs) in enumerate(groups.items()):
         top, bottom = axes[0, col], axes[1, col]
         for arm, color in (("dense", "tab:blue"), ("sat", "tab:orange")):
             for i, run in enumerate(runs):
                 evals = run[arm]["evals"]
-                label = ("dense" if arm == "dense" else "SAT (default)") if i == 0 else None
+                sat = "SAT (default)" if overrides == "{}" else f"SAT {overrides}"
+                label = ("dense" if arm == "dense" else sat) if i == 0 else None
                 top.plot(
                     [e["step"] for e in evals], [e["loss"] for e in evals], "o-", color=color, alpha=0.8, label=label
                 )
@@ -34,7 +35,10 @@ def plot_curves(results: dict, path: Path) -> None:
         rate_axis.step(range(steps), runs[0]["sat"]["rates"], where="post", color="gray", alpha=0.5)
         rate_axis.set_ylabel("SAT omission rate (gray)")
         rate_axis.set_ylim(0, 1)
-        top.set_title(f"{TASK_LABELS.get(task, task)}: held-out loss (dense eval), {len(runs)} seed(s)")
+        variant = "" if overrides == "{}" else f"\nSAT {overrides}"
+        top.set_title(
+            f"{TASK_LABELS.get(task, task)}, {steps} steps: held-out loss (dense eval), {len(runs)} seed(s){variant}"
+        )
         top.set_xlabel("optimizer step")
         bottom.set_xlabel("training wall time (s)")
         for ax in (top, bottom):

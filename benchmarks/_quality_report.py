@@ -24,13 +24,21 @@ TIME_TARGET_PCT = 30.0  # issue 4: wall time at least 30% below dense for the sa
 # ---- selection of runs ---------------------------------------------------------------------------------------
 
 
-def comparisons(results: dict) -> dict[tuple[str, int], list[dict]]:
-    """(task, steps) -> the dense-vs-SAT comparison runs, sorted by seed."""
-    groups: dict[tuple[str, int], list[dict]] = {}
+def comparisons(results: dict) -> dict[tuple[str, int, str], list[dict]]:
+    """(task, steps, SAT overrides as JSON, "{}" for the defaults) -> the dense-vs-SAT comparison runs, by seed."""
+    groups: dict[tuple[str, int, str], list[dict]] = {}
     for key, run in results.get("runs", {}).items():
         if not key.startswith(("grid:", "probe:")):
-            groups.setdefault((run["task"], len(run["dense"]["rates"])), []).append(run)
-    return {k: sorted(v, key=lambda r: r["seed"]) for k, v in sorted(groups.items())}
+            overrides = json.dumps(run.get("sat_overrides", {}), sort_keys=True)
+            groups.setdefault((run["task"], len(run["dense"]["rates"]), overrides), []).append(run)
+    order = sorted(groups, key=lambda k: (k[0], k[1], k[2] != "{}", k[2]))  # the defaults first
+    return {k: sorted(groups[k], key=lambda r: r["seed"]) for k in order}
+
+
+def sat_label(overrides: str) -> str:
+    """How a comparison's SAT arm was configured, e.g. ``SATConfig(seed=s, omit=['mlp'])``."""
+    fields = "".join(f", {k}={v!r}" for k, v in json.loads(overrides).items())
+    return f"`SATConfig(seed=s{fields})`"
 
 
 def grid_runs(results: dict) -> tuple[dict | None, list[dict]]:
@@ -91,13 +99,18 @@ def fmt(value: float | None, spec: str = ".4f", suffix: str = "") -> str:
 
 def comparison_tables(results: dict) -> list[str]:
     lines = []
-    for (task, steps), runs in comparisons(results).items():
+    for (task, steps, overrides), runs in comparisons(results).items():
         setup, n = runs[0]["setup"], len(runs)
+        variant = (
+            "" if overrides == "{}" else f" ({', '.join(f'{k}={v!r}' for k, v in json.loads(overrides).items())})"
+        )
         lines += [
-            f"### {TASK_LABELS.get(task, task)}: dense vs SAT, {steps} steps, {n} seed(s)",
+            f"### {TASK_LABELS.get(task, task)}: dense vs SAT{variant}, {steps} steps, {n} seed(s)",
             "",
             f"Data: {runs[0]['data']}. Batch {setup['batch']}, AdamW lr {setup['lr']:g} (constant, no weight decay, "
-            f"gradient clipping 1.0). SAT: `SATConfig(seed=s)` defaults. Seeds: {[r['seed'] for r in runs]}.",
+            f"gradient clipping 1.0). SAT: {sat_label(overrides)}"
+            + (" defaults" if overrides == "{}" else ", other fields default")
+            + f". Seeds: {[r['seed'] for r in runs]}.",
             "",
             "| arm | held-out loss before | final held-out loss | final perplexity | vs dense | training wall s "
             "| wall saving | training CPU s | CPU saving | FLOPs saving (estimate) |",
@@ -146,13 +159,15 @@ def comparison_tables(results: dict) -> list[str]:
 
 def verdict_lines(results: dict) -> list[str]:
     lines = ["### Targets of issue 4 (computed from the runs above)", ""]
-    for (task, steps), runs in comparisons(results).items():
+    for (task, steps, overrides), runs in comparisons(results).items():
         gaps = [r["loss_gap_pct"] for r in runs]
         savings = [r["wall_saving_pct"] for r in runs]
         gap, saving = statistics.fmean(gaps), statistics.fmean(savings)
         loss_ok, time_ok = gap <= LOSS_TARGET_PCT, saving >= TIME_TARGET_PCT
         lines.append(
-            f"- {TASK_LABELS.get(task, task)}, {steps} steps, {len(runs)} seed(s): final held-out loss within "
+            f"- {TASK_LABELS.get(task, task)}, {steps} steps, {len(runs)} seed(s)"
+            + ("" if overrides == "{}" else f", SAT {sat_label(overrides)} (not the defaults)")
+            + f": final held-out loss within "
             f"{LOSS_TARGET_PCT:g}% of dense: **{'met' if loss_ok else 'not met'}** (mean gap {gap:+.2f}%, seeds "
             f"{', '.join(f'{g:+.2f}%' for g in gaps)}); wall time >= {TIME_TARGET_PCT:g}% below dense: "
             f"**{'met' if time_ok else 'not met'}** (mean saving {saving:.1f}%"

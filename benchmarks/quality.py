@@ -92,6 +92,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--grid-steps", type=int, default=None, help="optimizer steps per grid cell (default 20)")
     parser.add_argument("--grid-seed", type=int, default=0, help="the one seed of the grid cells")
     parser.add_argument("--rates", default="0.25,0.5,0.75", help="omission rates of the sweep (default ladder)")
+    parser.add_argument(
+        "--sat",
+        default="{}",
+        help="JSON object of SATConfig overrides for the SAT arm of cpt / sft (default {}: SATConfig's defaults)",
+    )
     parser.add_argument("--eval-every", type=int, default=None, help="held-out evaluation period in steps")
     parser.add_argument(
         "--threads",
@@ -113,11 +118,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--parts: unknown {bad}; choose from {list(PARTS)}")
     args.seeds = [int(s) for s in args.seeds.split(",") if s]
     args.rates = [float(r) for r in args.rates.split(",") if r]
+    args.sat = _sat_overrides(parser, args.sat)
     settings = TINY if args.tiny else REAL
     args.steps = args.steps or settings["steps"]
     args.grid_steps = args.grid_steps or settings["grid_steps"]
     args.eval_every = args.eval_every or settings["eval_every"]
     return args
+
+
+def _sat_overrides(parser: argparse.ArgumentParser, text: str) -> dict:
+    """``--sat``: a JSON object of SATConfig fields, checked by SATConfig itself (the seed comes from --seeds)."""
+    try:
+        overrides = json.loads(text)
+    except json.JSONDecodeError as error:
+        parser.error(f"--sat must be a JSON object of SATConfig fields: {error}")
+    if not isinstance(overrides, dict) or "seed" in overrides:
+        parser.error(f"--sat must be a JSON object of SATConfig fields other than 'seed', got {text!r}")
+    try:
+        peft_sat.SATConfig(**overrides)
+    except (TypeError, ValueError) as error:
+        parser.error(f"--sat: {error}")
+    return overrides
 
 
 # ---- assets --------------------------------------------------------------------------------------------------
@@ -183,18 +204,25 @@ def task_setup(assets: Assets, name: str, grid: bool) -> tuple[dict, qdata.TaskD
     return setup, data
 
 
-def run_comparison(assets: Assets, name: str, seed: int, steps: int, eval_every: int, log) -> dict:
-    """Dense vs SAT (default config, ``seed``) in lockstep on the same batches."""
+def run_comparison(assets: Assets, name: str, seed: int, steps: int, eval_every: int, overrides: dict, log) -> dict:
+    """Dense vs SAT (``SATConfig(seed=seed, **overrides)``) in lockstep on the same batches."""
     setup, data = task_setup(assets, name, grid=False)
     batches = data.train_batches(setup["batch"], steps, seed)
     held_out = data.held_out_batches(8)
     dense = qtrain.make_arm("dense", assets.model, setup["variant"], None, setup["lr"], seed, steps)
-    sat = qtrain.make_arm(
-        "SAT", assets.model, setup["variant"], peft_sat.SATConfig(seed=seed), setup["lr"], seed, steps
-    )
+    config = peft_sat.SATConfig(**{"seed": seed, **overrides})
+    sat = qtrain.make_arm("SAT", assets.model, setup["variant"], config, setup["lr"], seed, steps)
     evals = set(range(eval_every, steps + 1, eval_every))
     qtrain.run_lockstep([dense, sat], batches, held_out, evals, log=log)
-    return {"task": name, "seed": seed, "setup": setup, "data": data.description, **pair_summary(dense, sat)}
+    summary = pair_summary(dense, sat)
+    return {
+        "task": name,
+        "seed": seed,
+        "setup": setup,
+        "data": data.description,
+        "sat_overrides": overrides,
+        **summary,
+    }
 
 
 def pair_summary(dense: qtrain.Arm, sat: qtrain.Arm) -> dict:
@@ -361,7 +389,11 @@ def main(argv: list[str] | None = None) -> dict:
         if task in args.parts:
             for seed in args.seeds:
                 key = f"{task}|steps={args.steps}|seed={seed}"
-                job = lambda t=task, s=seed: run_comparison(assets, t, s, args.steps, args.eval_every, log)  # noqa: E731
+                if args.sat:  # the default-config runs keep their plain keys
+                    key += f"|{json.dumps(args.sat, sort_keys=True)}"
+                job = lambda t=task, s=seed: run_comparison(  # noqa: E731
+                    assets, t, s, args.steps, args.eval_every, args.sat, log
+                )
                 jobs.append((key, key, job))
     if "probe" in args.parts:
         key = f"probe:{args.grid}|seed={args.grid_seed}"

@@ -86,6 +86,47 @@ def test_tiny_run_writes_every_number_and_plot(tiny_run: Path):
 
 
 @pytest.mark.slow
+def test_sat_overrides_run_as_their_own_comparison(tmp_path):
+    overrides = {"omit": ["mlp"], "score_tokens": 4}
+    for extra in ([], ["--sat", json.dumps(overrides)]):
+        command = [sys.executable, str(SCRIPT), "--tiny", "--out", str(tmp_path), "--parts", "cpt", "--seeds", "0"]
+        proc = subprocess.run(command + extra, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = json.loads((tmp_path / "quality.json").read_text())["runs"]
+    assert sorted(runs) == ["cpt|steps=8|seed=0", 'cpt|steps=8|seed=0|{"omit": ["mlp"], "score_tokens": 4}']
+    default, varied = runs["cpt|steps=8|seed=0"], runs['cpt|steps=8|seed=0|{"omit": ["mlp"], "score_tokens": 4}']
+    assert default["sat_overrides"] == {} and varied["sat_overrides"] == overrides
+    assert default["sat"]["sat_config"]["omit"] == ["mlp", "attention"]
+    assert {k: varied["sat"]["sat_config"][k] for k in overrides} == overrides
+    assert default["dense"]["final_loss"] == varied["dense"]["final_loss"]  # same seed: the same dense run
+    markdown = (tmp_path / "quality.md").read_text()
+    first, second = markdown.index("dense vs SAT, 8 steps"), markdown.index("dense vs SAT (omit=['mlp']")
+    assert first < second  # the defaults' table comes first
+    assert "`SATConfig(seed=s, omit=['mlp'], score_tokens=4)` (not the defaults)" in markdown
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ('{"omit": ["mlpx"]}', "`omit` must be"),
+        ('{"seed": 3}', "other than 'seed'"),
+        ("[1, 2]", "must be a JSON object"),
+        ("{oops", "must be a JSON object"),
+        ('{"not_a_field": 1}', "not_a_field"),
+    ],
+)
+def test_sat_overrides_are_checked_before_any_work(tmp_path, bad, message):
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--tiny", "--out", str(tmp_path), "--sat", bad],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "quality.json").exists()
+
+
+@pytest.mark.slow
 def test_report_only_rerenders_without_training(tiny_run: Path):
     (tiny_run / "ablation.png").unlink()
     before = (tiny_run / "quality.json").read_text()
