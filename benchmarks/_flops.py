@@ -49,10 +49,20 @@ class StackShape:
         return cls(batch=batch, seq=seq, **{**fields, **overrides})
 
 
+OMIT_ALL = ("mlp", "attention")
+
+
 def training_flops(
-    shape: StackShape, variant: str, rate: float, head_granularity: str = "kv_group", lora_rank: int = 16
+    shape: StackShape,
+    variant: str,
+    rate: float,
+    head_granularity: str = "kv_group",
+    lora_rank: int = 16,
+    omit: tuple[str, ...] = OMIT_ALL,
 ) -> float:
     """Matmul FLOPs of one forward + backward at omission rate ``rate`` (0: dense); see the module docstring.
+
+    ``omit`` (``SATConfig.omit``): the kinds of units the rate applies to; the others stay dense.
 
     ``variant``: "full" (every weight trains), "lora" or "qlora" (frozen base, rank-``lora_rank`` adapters on every
     projection). Under (Q)LoRA nothing before layer 0 requires grad, so its input gradient is skipped unless
@@ -61,12 +71,13 @@ def training_flops(
     tokens = shape.tokens
     head_dim = shape.head_dim or shape.hidden // shape.heads
     groups = shape.heads // shape.kv_heads
-    inter = num_kept(shape.intermediate, rate)
+    inter = num_kept(shape.intermediate, rate if "mlp" in omit else 0.0)
+    head_rate = rate if "attention" in omit else 0.0
     if head_granularity == "kv_group":
-        kv_heads = num_kept(shape.kv_heads, rate)
+        kv_heads = num_kept(shape.kv_heads, head_rate)
         q_heads = kv_heads * groups
     else:
-        q_heads = num_kept(shape.heads, rate)
+        q_heads = num_kept(shape.heads, head_rate)
         kv_heads = min(shape.kv_heads, q_heads)  # at most; the exact count depends on which heads are kept
     lora = variant in ("lora", "qlora")
 
@@ -94,7 +105,9 @@ def training_flops(
     return float(total)
 
 
-def ideal_speedup(shape: StackShape, variant: str, rate: float, head_granularity: str = "kv_group") -> float:
+def ideal_speedup(
+    shape: StackShape, variant: str, rate: float, head_granularity: str = "kv_group", omit: tuple[str, ...] = OMIT_ALL
+) -> float:
     """Dense FLOPs / SAT FLOPs: the speed-up of a SAT step at 100% efficiency."""
     dense = training_flops(shape, variant, 0.0, head_granularity)
-    return dense / training_flops(shape, variant, rate, head_granularity)
+    return dense / training_flops(shape, variant, rate, head_granularity, omit=omit)

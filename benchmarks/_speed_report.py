@@ -59,9 +59,10 @@ class Report:
 def describe(report: Report) -> list[str]:
     s = report.settings
     tokens = f" on {s['score_tokens']} score tokens" if "score_tokens" in s else ""  # older reports: the default 32
+    omit = "" if s.get("omit", ["mlp", "attention"]) == ["mlp", "attention"] else f"; omits {'+'.join(s['omit'])} only"
     lines = [
         f"SAT speed benchmark: {s['machine']}; {s['device']}, {s['precision']}, {s['threads']} threads, torch "
-        f"{s['torch']}; {s['head_granularity']} heads, maxip + top-k{tokens}; median of {s['steps']} interleaved steps per "
+        f"{s['torch']}; {s['head_granularity']} heads, maxip + top-k{tokens}{omit}; median of {s['steps']} interleaved steps per "
         f"arm after {s['warmup']} warm-up round(s)"
     ]
     for name, shape in report.shapes.items():

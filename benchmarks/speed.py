@@ -79,6 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=4, help="measured steps per arm")
     parser.add_argument("--warmup", type=int, default=1, help="discarded rounds before measuring")
     parser.add_argument("--head-granularity", default="kv_group", choices=["kv_group", "q_head"])
+    parser.add_argument("--omit", default="mlp,attention", help="SATConfig.omit: comma-separated 'mlp', 'attention'")
     parser.add_argument(
         "--score-tokens", type=int, default=peft_sat.SATConfig().score_tokens, help="SATConfig.score_tokens (>= 1)"
     )
@@ -100,6 +101,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.smollm2_batch, args.layer_batch = (_batch_shape(parser, v) for v in (args.smollm2_batch, args.layer_batch))
     if args.tiny:
         args.smollm2_batch, args.layer_batch, args.steps, args.warmup = (2, 32), (1, 32), 2, 1
+    args.omit = _subset(parser, "--omit", args.omit, ("mlp", "attention"))
+    if not args.omit:
+        parser.error("--omit needs at least one of 'mlp', 'attention'")
     if args.score_tokens < 1:
         parser.error(f"--score-tokens must be >= 1, got {args.score_tokens}")
     args.max_rounds = args.max_rounds or 2 * args.steps
@@ -218,7 +222,7 @@ def sat_model(case: Case, variant: str, args: argparse.Namespace) -> nn.Module:
 
     base = case.build(variant == "qlora")
     sat_config = peft_sat.SATConfig(
-        head_granularity=args.head_granularity, score_tokens=args.score_tokens, schedule="constant"
+        head_granularity=args.head_granularity, score_tokens=args.score_tokens, omit=args.omit, schedule="constant"
     )
     if variant == "full":
         model = get_peft_model(base.to(args.device), sat_config)
@@ -275,7 +279,7 @@ def measure(case: Case, variant: str, args: argparse.Namespace) -> list[Row]:
         kept = samples[str(rate)]
         seconds = statistics.median(s.seconds for s in kept)
         ratio = dense_seconds / seconds if rate else None
-        ideal = ideal_speedup(case.shape, variant, rate, args.head_granularity) if rate else None
+        ideal = ideal_speedup(case.shape, variant, rate, args.head_granularity, tuple(args.omit)) if rate else None
         rows.append(
             Row(
                 case=case.name,

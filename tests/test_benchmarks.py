@@ -80,6 +80,7 @@ def test_speed_rejects_bad_arguments():
         ["--rates", "0.5,1.0"],
         ["--smollm2-batch", "2by256"],
         ["--score-tokens", "0"],
+        ["--omit", "mlp,heads"],
     )
     for bad in bad_arguments:
         result = subprocess.run([sys.executable, str(SPEED), *bad], capture_output=True, text=True, timeout=120)
@@ -100,3 +101,9 @@ def test_ideal_flops_ratio_halves_a_bare_layer_at_half_rate():
     # the dense LM head caps the speed-up of a whole model
     model = StackShape(hidden=256, intermediate=512, heads=8, kv_heads=8, layers=1, vocab=4096, batch=1, seq=64)
     assert ideal_speedup(model, "full", 0.5) < ideal_speedup(layer, "full", 0.5)
+    # omitting one kind of unit: a smaller speed-up, and the two kinds' savings add up to the whole
+    dense, both = training_flops(layer, "full", 0.0), training_flops(layer, "full", 0.5)
+    mlp_only = training_flops(layer, "full", 0.5, omit=("mlp",))
+    attention_only = training_flops(layer, "full", 0.5, omit=("attention",))
+    assert both < mlp_only < dense and both < attention_only < dense
+    assert (dense - mlp_only) + (dense - attention_only) == dense - both  # integer-valued floats: exact
