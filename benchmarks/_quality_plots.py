@@ -54,29 +54,30 @@ def plot_ablation(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     dense, cells = grid_runs(results)
+    if dense is None or not cells:
+        return  # no grid in these results (e.g. --parts cpt,sft): no empty figure
     fig, ax = plt.subplots(figsize=(8, 6))
-    if dense is not None and cells:
-        default = results["default_sat_config"]
-        names, losses, colors = [], [], []
-        for importance in ("uniform", "magnitude", "wanda", "maxip"):
-            for selection in ("topk", "sampling"):
-                for schedule, color in (("constant", "tab:red"), ("ladder", "tab:green")):
-                    cell = find_cell(cells, default, importance=importance, selection=selection, schedule=schedule)
-                    if cell is not None:
-                        names.append(f"{importance} / {selection} / {schedule}")
-                        losses.append(cell["arm"]["final_loss"])
-                        colors.append(color)
-        ax.barh(range(len(names)), losses, color=colors)
-        ax.set_yticks(range(len(names)), names)
-        ax.invert_yaxis()
-        ax.axvline(dense["arm"]["final_loss"], color="tab:blue", linestyle="--", label="dense")
-        ax.axvline(dense["arm"]["evals"][0]["loss"], color="gray", linestyle=":", label="before training")
-        low = min(losses + [dense["arm"]["final_loss"]])
-        high = max(losses + [dense["arm"]["evals"][0]["loss"]])
-        ax.set_xlim(low - 0.1 * (high - low + 1e-9), high + 0.1 * (high - low + 1e-9))
-        ax.set_xlabel("final held-out loss (lower is better); red: constant rate, green: ladder")
-        ax.set_title(f"Ablation grid ({dense['task']}, seed {dense['seed']})")
-        ax.legend()
+    default = results["default_sat_config"]
+    names, losses, colors = [], [], []
+    for importance in ("uniform", "magnitude", "wanda", "maxip"):
+        for selection in ("topk", "sampling"):
+            for schedule, color in (("constant", "tab:red"), ("ladder", "tab:green")):
+                cell = find_cell(cells, default, importance=importance, selection=selection, schedule=schedule)
+                if cell is not None:
+                    names.append(f"{importance} / {selection} / {schedule}")
+                    losses.append(cell["arm"]["final_loss"])
+                    colors.append(color)
+    ax.barh(range(len(names)), losses, color=colors)
+    ax.set_yticks(range(len(names)), names)
+    ax.invert_yaxis()
+    ax.axvline(dense["arm"]["final_loss"], color="tab:blue", linestyle="--", label="dense")
+    ax.axvline(dense["arm"]["evals"][0]["loss"], color="gray", linestyle=":", label="before training")
+    low = min(losses + [dense["arm"]["final_loss"]])
+    high = max(losses + [dense["arm"]["evals"][0]["loss"]])
+    ax.set_xlim(low - 0.1 * (high - low + 1e-9), high + 0.1 * (high - low + 1e-9))
+    ax.set_xlabel("final held-out loss (lower is better); red: constant rate, green: ladder")
+    ax.set_title(f"Ablation grid ({dense['task']}, seed {dense['seed']})")
+    ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -87,20 +88,21 @@ def plot_sweep(results: dict, path: Path) -> None:
 
     dense, _ = grid_runs(results)
     points = sweep_points(results)
+    if dense is None or not points:
+        return  # no omission-rate sweep in these results: no empty figure
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    if dense is not None and points:
-        rates = [0.0] + [rate for rate, _ in points]
-        losses = [dense["arm"]["final_loss"]] + [cell["arm"]["final_loss"] for _, cell in points]
-        (loss_line,) = ax.plot(rates, losses, "o-", color="tab:orange", label="final held-out loss")
-        ax.set_xlabel("omission rate r (0 = dense; default ladder)")
-        ax.set_ylabel("final held-out loss")
-        speed_axis = ax.twinx()
-        ups = [1.0] + [full_rate_speedup(dense["arm"], cell["arm"]) or 1.0 for _, cell in points]
-        (speed_line,) = speed_axis.plot(rates, ups, "s--", color="tab:purple", label="speed-up at the full rate (CPU)")
-        speed_axis.set_ylabel("measured speed-up at the full rate (CPU time)")
-        ax.set_title(f"Omission-rate sweep ({dense['task']}, seed {dense['seed']})")
-        ax.grid(alpha=0.3)
-        ax.legend(handles=[loss_line, speed_line], loc="lower right")
+    rates = [0.0] + [rate for rate, _ in points]
+    losses = [dense["arm"]["final_loss"]] + [cell["arm"]["final_loss"] for _, cell in points]
+    (loss_line,) = ax.plot(rates, losses, "o-", color="tab:orange", label="final held-out loss")
+    ax.set_xlabel("omission rate r (0 = dense; default ladder)")
+    ax.set_ylabel("final held-out loss")
+    speed_axis = ax.twinx()
+    ups = [1.0] + [full_rate_speedup(dense["arm"], cell["arm"]) or 1.0 for _, cell in points]
+    (speed_line,) = speed_axis.plot(rates, ups, "s--", color="tab:purple", label="speed-up at the full rate (CPU)")
+    speed_axis.set_ylabel("measured speed-up at the full rate (CPU time)")
+    ax.set_title(f"Omission-rate sweep ({dense['task']}, seed {dense['seed']})")
+    ax.grid(alpha=0.3)
+    ax.legend(handles=[loss_line, speed_line], loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
