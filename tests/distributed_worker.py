@@ -16,7 +16,7 @@ from peft import get_peft_model
 from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, os.path.dirname(__file__))
-from sat_testing import batch, lora_config, tiny_model  # noqa: E402
+from sat_testing import batch, leave_process_group, lora_config, tiny_model  # noqa: E402
 
 import peft_sat  # noqa: E402
 
@@ -66,7 +66,7 @@ def main(stack: str, importance: str, out_dir: str, wrapper: str = "ddp") -> Non
     params = {n: _full(p) for n, p in model.named_parameters()}
     torch.save({"params": params, "initial": initial, "kept": kept}, os.path.join(out_dir, f"rank{rank}.pt"))
     if distributed:
-        dist.destroy_process_group()
+        leave_process_group()
 
 
 def _full(param: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import Trainer, TrainerCallback
 
 sys.path.insert(0, os.path.dirname(__file__))
+from sat_testing import leave_process_group  # noqa: E402
 from trainer_utils import lm_dataset, tiny_llama, train_logs, training_args  # noqa: E402
 
 from peft_sat import SATCallback, SATConfig  # noqa: E402
@@ -61,13 +62,7 @@ def main(out_dir: str, checkpoint: str | None = None) -> None:
         if checkpoint is not None:
             torch.save(recorder.loaded, os.path.join(out_dir, "loaded.pt"))
     if torch.distributed.is_initialized():
-        # Leave without tearing gloo down: at interpreter exit its threads made ranks abort ("terminate called without
-        # an active exception") and `destroy_process_group()` sometimes hung (fresh-clone CI runs). Every rank has
-        # finished its work at the barrier; the outputs are written and flushed.
-        torch.distributed.barrier()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        leave_process_group()
 
 
 if __name__ == "__main__":

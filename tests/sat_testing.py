@@ -251,3 +251,20 @@ def assert_matches_masked_reference(sat: nn.Module, reference: nn.Module, inputs
     assert sat_grads.keys() == reference_grads.keys() and sat_grads
     for name, grad in reference_grads.items():
         torch.testing.assert_close(sat_grads[name], grad, rtol=0, atol=atol, msg=name)
+
+
+def leave_process_group() -> None:
+    """End a torchrun worker whose outputs are written: barrier, flush, ``os._exit(0)``.
+
+    Tearing gloo down hangs or aborts now and then: in fresh-clone CI runs ``destroy_process_group()`` hung (the
+    test then timed out after 400 s) and gloo's threads made ranks abort at interpreter exit ("terminate called
+    without an active exception"). Every rank has finished its work at the barrier, so skipping the teardown loses
+    nothing.
+    """
+    import os
+    import sys
+
+    torch.distributed.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
