@@ -12,9 +12,20 @@ def plot_curves(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     groups = comparisons(results)
-    fig, axes = plt.subplots(2, max(1, len(groups)), figsize=(6 * max(1, len(groups)), 8), squeeze=False)
-    for col, ((task, steps, overrides), runs) in enumerate(groups.items()):
-        top, bottom = axes[0, col], axes[1, col]
+    # One pair of rows (by step, by wall time) per task and step count; one column per SAT configuration.
+    settings = list(dict.fromkeys((task, steps) for task, steps, _ in groups))
+    columns = max([sum(k[:2] == setting for k in groups) for setting in settings] + [1])
+    rows = 2 * max(1, len(settings))
+    fig, axes = plt.subplots(rows, columns, figsize=(6 * columns, 4 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.set_visible(False)  # shown when a comparison lands there
+    filled = dict.fromkeys(settings, 0)
+    for (task, steps, overrides), runs in groups.items():
+        row, col = 2 * settings.index((task, steps)), filled[(task, steps)]
+        filled[(task, steps)] += 1
+        top, bottom = axes[row, col], axes[row + 1, col]
+        top.set_visible(True)
+        bottom.set_visible(True)
         for arm, color in (("dense", "tab:blue"), ("sat", "tab:orange")):
             for i, run in enumerate(runs):
                 evals = run[arm]["evals"]
