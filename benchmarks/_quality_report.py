@@ -35,10 +35,15 @@ def comparisons(results: dict) -> dict[tuple[str, int, str], list[dict]]:
     return {k: sorted(groups[k], key=lambda r: r["seed"]) for k in order}
 
 
+def override_fields(overrides: str) -> str:
+    """SAT overrides (JSON) as keyword arguments, e.g. ``omit=['mlp'], score_tokens=128``; "" for the defaults."""
+    return ", ".join(f"{k}={v!r}" for k, v in json.loads(overrides).items())
+
+
 def sat_label(overrides: str) -> str:
     """How a comparison's SAT arm was configured, e.g. ``SATConfig(seed=s, omit=['mlp'])``."""
-    fields = "".join(f", {k}={v!r}" for k, v in json.loads(overrides).items())
-    return f"`SATConfig(seed=s{fields})`"
+    fields = override_fields(overrides)
+    return f"`SATConfig(seed=s{', ' + fields if fields else ''})`"
 
 
 def grid_runs(results: dict) -> tuple[dict | None, list[dict]]:
@@ -101,9 +106,7 @@ def comparison_tables(results: dict) -> list[str]:
     lines = []
     for (task, steps, overrides), runs in comparisons(results).items():
         setup, n = runs[0]["setup"], len(runs)
-        variant = (
-            "" if overrides == "{}" else f" ({', '.join(f'{k}={v!r}' for k, v in json.loads(overrides).items())})"
-        )
+        variant = f" ({override_fields(overrides)})" if overrides != "{}" else ""
         lines += [
             f"### {TASK_LABELS.get(task, task)}: dense vs SAT{variant}, {steps} steps, {n} seed(s)",
             "",
@@ -334,22 +337,19 @@ def probe_tables(results: dict) -> list[str]:
     if tokens:
         default = results.get("default_sat_config", {})
         base = f"{default.get('importance')}/{default.get('selection')}"
+        parts = []
+        for label, omit in (("MLP channels + heads", "mlp+attention"), ("MLP channels only", "mlp")):
+            # the default's cell of the main probe table first, then the cells that change only score_tokens
+            values = [f"{default.get('score_tokens')}: {entry(f'{base}/{omit}')}"]
+            values += [
+                f"{c['sat_config']['score_tokens']}: {entry(c['name'])}"
+                for c in tokens
+                if c["name"].endswith(f"/{omit}")
+            ]
+            parts.append(f"{label}: {', '.join(values)}")
         lines += [
             "",
-            f"By tokens scored ({base}; `score_tokens`, default {default.get('score_tokens')}): "
-            + "; ".join(
-                f"{label}: "
-                + ", ".join(
-                    [f"{default.get('score_tokens')}: {entry(f'{base}/{omit}')}"]
-                    + [
-                        f"{c['sat_config']['score_tokens']}: {entry(c['name'])}"
-                        for c in tokens
-                        if c["name"].endswith(f"/{omit}")
-                    ]
-                )
-                for label, omit in (("MLP channels + heads", "mlp+attention"), ("MLP channels only", "mlp"))
-            )
-            + ".",
+            f"By tokens scored ({base}; `score_tokens`, default {default.get('score_tokens')}): {'; '.join(parts)}.",
         ]
     return lines + [""]
 
