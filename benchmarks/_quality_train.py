@@ -18,7 +18,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 import peft_sat
-from peft_sat.callback import SATFlopsEstimator
+from peft_sat.flops import SATFlopsEstimator
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

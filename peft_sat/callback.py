@@ -13,8 +13,10 @@ Every log entry of the Trainer (``state.log_history`` and every ``report_to`` ba
 - ``sat/omission_rate``: the rate of the latest optimizer step (0 while SAT is disabled);
 - ``sat/kept_fraction``: kept units / all units of the SAT blocks at that rate (``num_kept`` per block);
 - ``sat/flops_saved_fraction``: estimated fraction of the dense training FLOPs saved so far (see
-  ``SATFlopsEstimator``), i.e. ``sat/dense_steps_saved / global_step``;
-- ``sat/dense_steps_saved``: the same saving counted in dense optimizer steps.
+  ``peft_sat.flops.SATFlopsEstimator``), i.e. ``sat/dense_steps_saved / global_step``;
+- ``sat/dense_steps_saved``: the same saving counted in dense optimizer steps;
+- ``sat/dense_token_fraction``: the share of token positions of the latest step that ran the whole block
+  (``SATConfig.dense_tokens``; 0 without a split).
 """
 
 from __future__ import annotations
@@ -23,16 +25,14 @@ import copy
 import sys
 from typing import Any
 
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.utils import logging
 
-from .blocks import SATBlockMixin, block_kind
 from .config import SATConfig
+from .flops import SATFlopsEstimator
 from .model import apply_sat, get_sat_state, remove_sat
 from .schedules import describe_schedule, omission_rate_at, validate_schedule
-from .selection import num_kept
 from .state import SATState
 
 logger = logging.get_logger(__name__)
@@ -46,58 +46,6 @@ SCHEDULE_FIELDS = (
     "ladder_rungs",
     "ladder_stairs",
 )
-
-
-class SATFlopsEstimator:
-    """Estimate of the training FLOPs that SAT saves, from the shapes of a model's linear layers. An ESTIMATE.
-
-    Per token, a linear layer ``(in, out)`` costs about ``6 * in * out`` FLOPs in training (2 forward, 4 backward;
-    2 + 2 when its weight is frozen, a factor that cancels in the fractions below). SAT slices the projections of a
-    block along its units, so at omission rate ``r`` a block with ``n`` units keeps ``k = num_kept(n, r)`` and its
-    projections cost ``k / n`` of their dense FLOPs:
-
-    - MLP: ``gate_proj``, ``up_proj`` (rows) and ``down_proj`` (columns) all scale with kept channels;
-    - attention, ``kv_group``: ``q/k/v/o_proj`` scale with kept KV groups; ``q_head``: ``q/o_proj`` scale with kept
-      query heads while ``k/v_proj`` are counted dense (a KV head is only dropped when all its query heads are).
-
-    ``saved_fraction(r) = sum_blocks sum_proj in * out * (1 - k / n) / sum_all_linear in * out``, where the
-    denominator holds every ``nn.Linear`` of the base model, so the dense parts (LM head, unconverted blocks) dilute
-    the saving. Not counted: the attention core (``Q K^T`` and ``A V``, which scale with sequence length and also
-    shrink with kept heads), embeddings lookups, norms, activations, LoRA adapter matmuls, the importance-scoring
-    overhead, and the fact that layers falling back to a dense product (e.g. DoRA) save nothing.
-    """
-
-    def __init__(self, model: nn.Module, sat_state: SATState) -> None:
-        costs = _linear_costs(model)
-        self.dense_cost = float(sum(costs.values()))
-        # (num_units, cost of the projections that scale with kept units) per SAT block
-        self.blocks: list[tuple[int, float]] = []
-        for module in model.modules():
-            if not isinstance(module, SATBlockMixin) or module.sat_state is not sat_state:
-                continue
-            if block_kind(module) == "mlp":
-                names = ("gate_proj", "up_proj", "down_proj")
-            elif getattr(module, "sat_head_granularity", "kv_group") == "kv_group":
-                names = ("q_proj", "k_proj", "v_proj", "o_proj")
-            else:
-                names = ("q_proj", "o_proj")
-            cost = sum(costs.get(id(_base_linear(getattr(module, name))), 0) for name in names)
-            self.blocks.append((module.sat_num_units, float(cost)))
-        self.num_units = sum(units for units, _ in self.blocks)
-        self._saved: dict[float, float] = {}
-
-    def kept_fraction(self, rate: float) -> float:
-        """Kept units / all units of the SAT blocks at omission rate ``rate`` (1.0 without blocks)."""
-        if not self.num_units:
-            return 1.0
-        return sum(num_kept(units, rate) for units, _ in self.blocks) / self.num_units
-
-    def saved_fraction(self, rate: float) -> float:
-        """Estimated fraction of one dense training step's FLOPs saved by a step at omission rate ``rate``."""
-        if rate not in self._saved:  # a few distinct rates per run (a ladder): cache them
-            saved = sum(cost * (1.0 - num_kept(units, rate) / units) for units, cost in self.blocks if rate > 0)
-            self._saved[rate] = saved / self.dense_cost if self.dense_cost else 0.0
-        return self._saved[rate]
 
 
 class SATCallback(TrainerCallback):
@@ -134,6 +82,7 @@ class SATCallback(TrainerCallback):
         self.flops: SATFlopsEstimator | None = None
         self.dense_steps_saved = 0.0
         self.steps_counted = 0  # optimizer steps included in `dense_steps_saved`
+        self.dense_token_fraction = 0.0  # of the latest step
         self._trainer: Trainer | None = None  # whose `log` we wrapped, during `train()` only
         self._training = False
         self._warned_fallback = False
@@ -172,7 +121,7 @@ class SATCallback(TrainerCallback):
         # Resumed runs: count the steps already done as the schedule ran them (the rate is a function of the step).
         done = state.global_step
         rates = [omission_rate_at(config, step, state.max_steps) for step in range(done)]
-        self.dense_steps_saved = sum(self.flops.saved_fraction(rate) for rate in rates)
+        self.dense_steps_saved = sum(self.flops.saved_fraction(rate, config.sparse_pass) for rate in rates)
         self.steps_counted = done
         sat_state.set_omission_rate(omission_rate_at(config, done, state.max_steps))
         self._training = True
@@ -180,7 +129,9 @@ class SATCallback(TrainerCallback):
         if self._trainer is not None:
             _wrap_log(self._trainer, self.metrics)
         logger.info(
-            f"SAT omission-rate schedule over {state.max_steps} steps: {describe_schedule(config, state.max_steps)}"
+            f"SAT omission-rate schedule over {state.max_steps} steps: {describe_schedule(config, state.max_steps)}; "
+            f"dense_tokens={config.dense_tokens!r}, sparse_pass={config.sparse_pass!r}, sparse layers: "
+            f"{'all targeted' if sat_state.sparse_layers is None else sat_state.sparse_layers}"
         )
 
     def on_step_begin(
@@ -190,12 +141,23 @@ class SATCallback(TrainerCallback):
             self.sat_state.set_omission_rate(
                 omission_rate_at(self.sat_state.config, state.global_step, state.max_steps)
             )
+            # Every rank runs the forwards of this step: a shared selection may all-reduce inside them.
+            self.sat_state.in_training_step = True
+            self.sat_state.dense_fractions.clear()
 
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        sat_state = self.sat_state
+        if sat_state is None:
+            return
+        sat_state.in_training_step = False
+        fractions = sat_state.dense_fractions
+        self.dense_token_fraction = sum(fractions) / len(fractions) if fractions else 0.0
         if self.flops is not None and state.global_step > self.steps_counted:
-            self.dense_steps_saved += self.flops.saved_fraction(self.current_rate())
+            self.dense_steps_saved += self.flops.saved_fraction(
+                self.current_rate(), sat_state.config.sparse_pass, self.dense_token_fraction
+            )
             self.steps_counted = state.global_step
 
     def on_log(
@@ -222,6 +184,8 @@ class SATCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         self._training = False
+        if self.sat_state is not None:
+            self.sat_state.in_training_step = False
         if self._trainer is not None:
             _unwrap_log(self._trainer)  # leave the Trainer as found; the model keeps SAT (dense in eval mode)
             self._trainer = None
@@ -243,6 +207,7 @@ class SATCallback(TrainerCallback):
             "sat/kept_fraction": self.flops.kept_fraction(rate),
             "sat/flops_saved_fraction": self.dense_steps_saved / self.steps_counted if self.steps_counted else 0.0,
             "sat/dense_steps_saved": self.dense_steps_saved,
+            "sat/dense_token_fraction": self.dense_token_fraction,
         }
 
 
@@ -325,21 +290,3 @@ def _unwrap_log(trainer: Trainer) -> None:
         del trainer.log
     else:
         trainer.log = current._sat_previous
-
-
-def _base_linear(module: nn.Module) -> nn.Module:
-    return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
-
-
-def _linear_costs(model: nn.Module) -> dict[int, int]:
-    """``id(layer) -> in * out`` for every base-model ``nn.Linear`` (4-bit included); adapter layers excluded."""
-    adapter_parts: set[int] = set()
-    for module in model.modules():
-        if isinstance(module, BaseTunerLayer):
-            base = {id(m) for m in module.get_base_layer().modules()}
-            adapter_parts.update(id(m) for m in module.modules() if id(m) not in base)
-    return {
-        id(module): module.in_features * module.out_features
-        for module in model.modules()
-        if isinstance(module, nn.Linear) and id(module) not in adapter_parts
-    }

@@ -9,6 +9,7 @@ trains, nothing otherwise) and what unloading means (restoring the original clas
 from __future__ import annotations
 
 import contextlib
+import copy
 import warnings
 from collections.abc import Iterator
 
@@ -16,6 +17,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.utils import logging
 
 from .blocks import (
     DEFAULT_TARGET_MODULES,
@@ -27,6 +29,8 @@ from .blocks import (
 )
 from .config import SATConfig
 from .state import SATState
+
+logger = logging.get_logger(__name__)
 
 
 class SATModel(BaseTuner):
@@ -54,15 +58,21 @@ class SATModel(BaseTuner):
         if len(self.peft_config) > 1:
             raise ValueError("A model holds one SAT configuration; call `remove_sat` before adding another.")
         self._sat_blocks: list[nn.Module] = []
+        self._sat_matching: SATConfig | None = None  # built from the prepared config, at the first target
         self.sat_state = _new_state(model, config)
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):
+        if self._sat_matching is None:
+            self._sat_matching = layer_matching_config(config, self.model)
+        if not check_target_module_exists(self._sat_matching, current_key):
+            return  # a layer of `dense_layers`
         if _convert_if_omitted(target, current_key, config, self.sat_state, len(self._sat_blocks)):
             self._sat_blocks.append(target)
 
     def _post_injection_hook(self, model: nn.Module, config: SATConfig, adapter_name: str) -> None:
         if not self._sat_blocks:
             raise ValueError(f"`target_modules` {config.target_modules!r} matched no block that `omit` selects.")
+        _log_sparse_layers(self.sat_state, self._sat_matching)
         self.sat_state.register_zero3_parameters(model)  # already partitioned (deepspeed.zero.Init)
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
@@ -123,13 +133,17 @@ def apply_sat(model: nn.Module, config: SATConfig) -> nn.Module:
     base = _transformers_model(model)
     if config.target_modules is None:
         config.target_modules = default_target_modules(getattr(getattr(base, "config", None), "model_type", None))
+    matching = layer_matching_config(config, base)
     state = _new_state(base, config)
     blocks: list[nn.Module] = []
     for name, module in base.named_modules():
-        if check_target_module_exists(config, name) and _convert_if_omitted(module, name, config, state, len(blocks)):
+        if check_target_module_exists(matching, name) and _convert_if_omitted(
+            module, name, config, state, len(blocks)
+        ):
             blocks.append(module)
     if not blocks:
         raise ValueError(f"`target_modules` {config.target_modules!r} matched no block that `omit` selects.")
+    _log_sparse_layers(state, matching)
     state.register_zero3_parameters(base)  # already partitioned (deepspeed.zero.Init, or after deepspeed.initialize)
     if config.train_base is not None:
         _set_base_trainable(base, config.train_base)
@@ -168,6 +182,54 @@ def sat_disabled(model: nn.Module) -> Iterator[None]:
 def get_sat_state(model: nn.Module) -> SATState | None:
     """The ``SATState`` of a model carrying SAT (through any PEFT / DDP wrapping), or None."""
     return getattr(_transformers_model(model), "sat_state", None)
+
+
+def layer_matching_config(config: SATConfig, model: nn.Module) -> SATConfig:
+    """``config`` with ``dense_layers`` folded into ``layers_to_transform``: a copy that selects the sparse layers.
+
+    ``layers_to_transform`` (all layers when None) minus ``dense_layers`` (negatives count from the last layer of
+    ``model.config.num_hidden_layers``). Returns ``config`` itself when ``dense_layers`` is None.
+
+    Raises:
+        ValueError: a dense layer out of range, a layer in both ``layers_to_transform`` and ``dense_layers``, or no
+            sparse layer left.
+    """
+    if config.dense_layers is None:
+        return config
+    num_layers = getattr(getattr(_transformers_model(model), "config", None), "num_hidden_layers", None)
+    if not isinstance(num_layers, int):
+        raise ValueError(
+            "`dense_layers` needs the model's `config.num_hidden_layers`, which this model does not have."
+        )
+    if bad := [i for i in config.dense_layers if not -num_layers <= i < num_layers]:
+        raise ValueError(
+            f"`dense_layers` {config.dense_layers} holds {bad}, outside the {num_layers} layers of the model "
+            f"(indices -{num_layers}..{num_layers - 1})."
+        )
+    dense = {i % num_layers for i in config.dense_layers}
+    chosen = config.layers_to_transform
+    if chosen is not None:
+        chosen = {chosen} if isinstance(chosen, int) else set(chosen)
+        if both := sorted(chosen & dense):
+            raise ValueError(
+                f"Layers {both} are both in `layers_to_transform` {config.layers_to_transform} (sparse) and in "
+                f"`dense_layers` {config.dense_layers} (dense); list each layer in one of them."
+            )
+    sparse = sorted((chosen if chosen is not None else set(range(num_layers))) - dense)
+    if not sparse:
+        raise ValueError(f"`dense_layers` {config.dense_layers} leaves no sparse layer; use `dense_layers=None`.")
+    matching = copy.deepcopy(config)
+    matching.layers_to_transform = sparse
+    matching.dense_layers = None
+    return matching
+
+
+def _log_sparse_layers(state: SATState, matching: SATConfig) -> None:
+    state.sparse_layers = matching.layers_to_transform  # None: every layer that `target_modules` matched
+    if matching.layers_to_transform is not None:
+        logger.info(
+            f"SAT sparsifies layers {matching.layers_to_transform}; dense layers: {state.config.dense_layers}."
+        )
 
 
 # ---- helpers -------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ re-runs; nested models (``LlamaModel`` inside ``LlamaForCausalLM``) belong to th
 from __future__ import annotations
 
 import inspect
+import math
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -32,6 +33,9 @@ class BatchInfo:
     """
 
     forward_id: int = 0
+    # Keys the random draws (uniform scores, sampled tokens, sampling selection). It advances only with forwards that
+    # every rank runs, so that a forward of one rank alone cannot shift the ranks' draws apart.
+    seed_id: int = 0
     token_mask: torch.Tensor | None = None  # (B, T) bool, True at real (non-padding) tokens; None: all real
     carries_loss: torch.Tensor | None = None  # (B, T) bool, position t predicts a label (``peft_sat.tokens``)
     position_ids: torch.Tensor | None = None  # (B, T) / (1, T) when given (packed batches)
@@ -51,6 +55,8 @@ class SATState:
     # Set by ``SATCallback`` between ``on_step_begin`` and ``on_step_end``: forwards inside are a training step that
     # every rank takes (any forward outside, e.g. a callback sampling on rank 0 alone, may be one rank's alone).
     in_training_step: bool = False
+    sparse_layers: list[int] | None = None  # the layers whose blocks SAT converted (None: every targeted layer)
+    dense_fractions: list[float] = field(default_factory=list, repr=False)  # per forward: dense positions / all
     hooks: list[Any] = field(default_factory=list, repr=False)
     # (block, parameter) pairs registered with DeepSpeed ZeRO-3 (``peft_sat.zero3``); empty outside ZeRO-3
     zero3_registrations: list[Any] = field(default_factory=list, repr=False)
@@ -74,7 +80,7 @@ class SATState:
 
     def generator(self, device: torch.device, block_id: int) -> torch.Generator:
         """A generator seeded by (config seed, forward count, block): reproducible and identical in re-runs."""
-        seed = (self.config.seed * 1_000_003 + self.forward_count) * 10_007 + block_id
+        seed = (self.config.seed * 1_000_003 + self.batch.seed_id) * 10_007 + block_id
         return torch.Generator(device=device).manual_seed(seed % (2**63 - 1))
 
     def dense_rows(self, hidden_shape: torch.Size) -> torch.Tensor | None:
@@ -102,6 +108,7 @@ class SATState:
             else:
                 rows = tokens.dense_rows(mode, batch.carries_loss, batch.token_mask, batch.position_ids)
             batch.dense_rows_cache[key] = rows
+            self.dense_fractions.append(0.0 if rows is None else rows.numel() / max(1, math.prod(hidden_shape)))
         return batch.dense_rows_cache[key]
 
     def warn_once(self, key: str, message: str) -> None:
@@ -122,7 +129,7 @@ class SATState:
         for hook in self.hooks:
             hook.remove()
         self.hooks.clear()
-        self.batch = BatchInfo(forward_id=self.batch.forward_id)
+        self.batch = BatchInfo(forward_id=self.batch.forward_id, seed_id=self.batch.seed_id)
         zero3.unregister(self.zero3_registrations)
         self.zero3_registrations.clear()
 
@@ -178,8 +185,11 @@ class _BatchHook:
         uses_cache = self._argument("use_cache", args, kwargs) is True or any(
             kwargs.get(name) is not None for name in _CACHE_ARGUMENTS
         )
+        sparse = module.training and state.enabled and state.omission_rate > 0 and not uses_cache
+        collective_ok = _collective_ok(state, module, warn=sparse)
         state.batch = BatchInfo(
             forward_id=state.batch.forward_id + 1,
+            seed_id=state.batch.seed_id + int(collective_ok),
             token_mask=token_mask,
             carries_loss=tokens.loss_positions(
                 labels if isinstance(labels, torch.Tensor) else None,
@@ -187,7 +197,7 @@ class _BatchHook:
             ),
             position_ids=position_ids,
             uses_cache=uses_cache,
-            collective_ok=_collective_ok(state, module),
+            collective_ok=collective_ok,
         )
 
 
@@ -202,7 +212,7 @@ class _BatchDone:
         self.state._depth = max(0, self.state._depth - 1)
 
 
-def _collective_ok(state: SATState, module: nn.Module) -> bool:
+def _collective_ok(state: SATState, module: nn.Module, warn: bool) -> bool:
     """Whether this model forward may run a collective: every rank must be running it too.
 
     True outside multi-process runs, inside a training step marked by ``SATCallback``, and for forwards called
@@ -214,12 +224,14 @@ def _collective_ok(state: SATState, module: nn.Module) -> bool:
         return True
     if any(cls.__name__ in _LOCKSTEP_WRAPPERS for m in _caller_modules(module) for cls in type(m).__mro__):
         return True
-    state.warn_once(
-        "lone-forward",
-        "peft_sat: a training-mode forward outside a training step (SATCallback marks those) and not called through "
-        "DDP / FSDP / DeepSpeed may run on one rank alone; its SAT blocks select their units per rank instead of "
-        "summing scores across ranks (`distributed_selection='shared'`), which would wait for the other ranks.",
-    )
+    if warn:
+        state.warn_once(
+            "lone-forward",
+            "peft_sat: a training-mode forward outside a training step (SATCallback marks those) and not called "
+            "through DDP / FSDP / DeepSpeed may run on one rank alone; its SAT blocks select their units per rank "
+            "instead of summing scores across ranks (`distributed_selection='shared'`), which would wait for the "
+            "other ranks.",
+        )
     return False
 
 

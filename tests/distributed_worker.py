@@ -1,7 +1,9 @@
 """Worker for tests/test_distributed.py: a few SAT training steps, single-process or one rank of a gloo DDP run.
 
-Usage: python distributed_worker.py STACK IMPORTANCE OUT_DIR [ddp|fsdp2]   (under torchrun when distributed)
+Usage: python distributed_worker.py STACK IMPORTANCE OUT_DIR [ddp|fsdp2] [lone]   (under torchrun when distributed)
 Each rank trains on its share of the same global batches and saves its final parameters to OUT_DIR/rank{r}.pt.
+``lone``: before training, rank 0 alone runs a training-mode forward and a ``generate()`` (what a sampling callback
+does), which must neither wait for the other ranks nor change what the ranks train afterwards.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import peft_sat  # noqa: E402
 GLOBAL_BATCH, STEPS = 4, 3
 
 
-def main(stack: str, importance: str, out_dir: str, wrapper: str = "ddp") -> None:
+def main(stack: str, importance: str, out_dir: str, wrapper: str = "ddp", lone: str = "") -> None:
     torch.set_num_threads(1)
     distributed = "WORLD_SIZE" in os.environ
     if distributed:
@@ -48,6 +50,11 @@ def main(stack: str, importance: str, out_dir: str, wrapper: str = "ddp") -> Non
             fully_shard(layer)
         fully_shard(model)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    if lone and rank == 0:
+        inputs = batch(seed=99, batch_size=1, pad=0)
+        model(**inputs).loss.backward()  # one rank's own forward and backward, outside any training step
+        model.zero_grad(set_to_none=True)
+        model.generate(input_ids=inputs["input_ids"][:, :4], max_new_tokens=3, do_sample=False, pad_token_id=0)
 
     initial = {n: _full(p).clone() for n, p in model.named_parameters()}
     share = GLOBAL_BATCH // world

@@ -14,7 +14,7 @@ from transformers import Trainer, TrainerCallback, TrainerState
 import peft_sat
 from peft_sat import SATCallback, SATConfig, get_sat_state, omission_rate_at
 from peft_sat.blocks import SATBlockMixin
-from peft_sat.callback import SATFlopsEstimator
+from peft_sat.flops import SATFlopsEstimator
 
 # "uniform" scores keep these tests about the schedule, not the importance metric; r = 0.5 of 2 KV groups / 128
 # channels is exactly half of every block.

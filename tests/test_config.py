@@ -63,6 +63,10 @@ def test_config_round_trips_through_json(tmp_path):
         ("train_base", "yes", "True, False or None"),
         ("seed", 1.5, "must be an int"),
         ("target_modules", 3, "list of names"),
+        ("dense_tokens", "prompt", "must be one of"),
+        ("sparse_pass", "forward", "must be one of"),
+        ("dense_layers", [0, 0], "distinct layer indices"),
+        ("dense_layers", 0, "distinct layer indices"),
     ],
 )
 def test_invalid_values_raise_naming_field_rule_and_value(field, value, rule):
@@ -113,6 +117,36 @@ def test_layers_to_transform_restricts_the_layers():
     assert [name for name, _ in sat_blocks(model)] == ["model.layers.1.self_attn", "model.layers.1.mlp"]
     full = get_peft_model(tiny_model(), SATConfig(layers_to_transform=0, layers_pattern="layers"))
     assert [name for name, _ in sat_blocks(full)] == ["model.layers.0.self_attn", "model.layers.0.mlp"]
+
+
+def test_dense_layers_keep_layers_dense_and_combine_with_layers_to_transform(caplog):
+    from sat_testing import sat_blocks
+
+    four = dict(num_hidden_layers=4)
+    model = peft_sat.apply_sat(tiny_model(**four), SATConfig(dense_layers=[0, -1], omit=["mlp"]))
+    assert [name for name, _ in sat_blocks(model)] == ["model.layers.1.mlp", "model.layers.2.mlp"]
+    assert peft_sat.get_sat_state(model).sparse_layers == [1, 2]
+    full = get_peft_model(tiny_model(**four), SATConfig(dense_layers=[-1], layers_to_transform=[0, 2], omit=["mlp"]))
+    assert [name for name, _ in sat_blocks(full)] == ["model.layers.0.mlp", "model.layers.2.mlp"]
+    assert peft_sat.get_sat_state(full).sparse_layers == [0, 2]
+    assert full.peft_config["default"].layers_to_transform == [0, 2], "the user's config must stay as given"
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (dict(dense_layers=[4]), "outside the 4 layers"),
+        (dict(dense_layers=[-5]), "outside the 4 layers"),
+        (dict(dense_layers=[1], layers_to_transform=[1, 2]), r"Layers \[1\] are both"),
+        (dict(dense_layers=[-1], layers_to_transform=3), r"Layers \[3\] are both"),
+        (dict(dense_layers=[0, 1, 2, 3]), "leaves no sparse layer"),
+    ],
+)
+def test_contradicting_dense_layers_raise(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        peft_sat.apply_sat(tiny_model(num_hidden_layers=4), SATConfig(**overrides))
+    with pytest.raises(ValueError, match=match):
+        get_peft_model(tiny_model(num_hidden_layers=4), SATConfig(**overrides))
 
 
 @pytest.mark.parametrize(

@@ -57,6 +57,23 @@ def test_generate_in_eval_equals_original():
     assert torch.equal(sat.generate(input_ids=prompt, **kwargs), original.generate(input_ids=prompt, **kwargs))
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_in_training_mode_equals_eval_mode(family):
+    """TRL's GRPO / RLOO trainers and sampling callbacks generate with the model in training mode: any forward with
+    a KV cache runs dense, and the training forwards around it stay sparse."""
+    sat = get_peft_model(tiny_model(family), peft_sat.SATConfig(omission_rate=0.5))
+    prompt = batch()["input_ids"][1:, :6]
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    expected = sat.eval().generate(input_ids=prompt, **kwargs)
+    inputs = batch()
+    sat.train()
+    dense_logits = _logits(sat.eval(), inputs)
+    sat.train()
+    assert torch.equal(sat.generate(input_ids=prompt, **kwargs), expected)
+    assert not torch.equal(_logits(sat, inputs), dense_logits), "training forwards after generate must be sparse"
+    assert torch.equal(sat.generate(input_ids=prompt, use_cache=True, **kwargs), expected)
+
+
 def test_remove_sat_restores_classes_and_outputs():
     original = tiny_model().train()
     lora = get_peft_model(copy.deepcopy(original), lora_config())

@@ -67,3 +67,17 @@ def test_ddp_shared_selection_with_batch_dependent_scores(tmp_path):
         assert all(torch.equal(a, b) for a, b in zip(step0, step1))
     for name, value in rank0["params"].items():
         assert torch.equal(value, rank1["params"][name]), name
+
+
+def test_a_lone_forward_on_one_rank_neither_hangs_nor_changes_training(tmp_path):
+    """Rank 0 alone runs a training-mode forward and a generate() (a sampling callback): no collective may run
+    in it, and the DDP steps that follow still equal the single-process run."""
+    (tmp_path / "ddp").mkdir()
+    (tmp_path / "single").mkdir()
+    _run(["lora", "magnitude", "ddp", "lone"], tmp_path / "ddp", processes=2)
+    _run(["lora", "magnitude"], tmp_path / "single", processes=1)
+    rank0, rank1 = (torch.load(tmp_path / "ddp" / f"rank{r}.pt") for r in (0, 1))
+    single = torch.load(tmp_path / "single" / "rank0.pt")
+    for name, value in rank0["params"].items():
+        assert torch.equal(value, rank1["params"][name]), f"{name} differs across ranks"
+        torch.testing.assert_close(value, single["params"][name], rtol=0, atol=1e-5, msg=name)
