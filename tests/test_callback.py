@@ -8,12 +8,20 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from trainer_utils import SAT_KEYS, lm_dataset, text_dataset, tiny_llama, tiny_tokenizer, train_logs, training_args
+from sat_testing import (
+    SAT_KEYS,
+    lm_dataset,
+    sat_blocks,
+    text_dataset,
+    tiny_llama,
+    tiny_tokenizer,
+    train_logs,
+    training_args,
+)
 from transformers import Trainer, TrainerCallback, TrainerState
 
 import peft_sat
 from peft_sat import SATCallback, SATConfig, get_sat_state, omission_rate_at
-from peft_sat.blocks import SATBlockMixin
 from peft_sat.callback import SATFlopsEstimator
 
 # "uniform" scores keep these tests about the schedule, not the importance metric; r = 0.5 of 2 KV groups / 128
@@ -47,10 +55,6 @@ class LogRecorder(TrainerCallback):
         self.logs.append(dict(logs))
 
 
-def sat_blocks(model) -> list[torch.nn.Module]:
-    return [m for m in model.modules() if isinstance(m, SATBlockMixin)]
-
-
 # ---- Trainer -------------------------------------------------------------------------------------------------
 
 
@@ -77,7 +81,7 @@ def test_trainer_logs_follow_the_ladder_and_reach_every_logger(tmp_path):
     assert all(a <= b for a, b in zip(saved, saved[1:])) and saved[-1] > 0
     assert logs[-1]["sat/flops_saved_fraction"] == pytest.approx(saved[-1] / STEPS, abs=1e-6)
     # the model trained sparse, and the Trainer is left as found
-    assert all(block.sat_last_kept is not None for block in sat_blocks(model))
+    assert sat_blocks(model) and all(block.sat_last_kept is not None for _, block in sat_blocks(model))
     assert "log" not in trainer.__dict__
 
 
