@@ -1,4 +1,4 @@
-"""Timing tools shared by ``bench_step.py`` and ``speed.py``: interleaved step timing on a shared machine.
+"""Timing tools of ``speed.py``: interleaved step timing on a shared machine.
 
 - ``interleave``: runs several step functions round-robin (the order rotates every round, so none always runs on
   a warmer cache), discards warm-up rounds and steps disturbed by other processes, and keeps per-step samples.
