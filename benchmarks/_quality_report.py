@@ -1,5 +1,5 @@
-"""Tables (``quality.md``) of ``benchmarks/quality.py`` and the driver of its plots (``_quality_plots``), rendered
-from its JSON only.
+"""Tables (``quality.md``) of ``benchmarks/quality.py``, and the selection of runs that its plots
+(``_quality_plots``) share, rendered from its JSON only.
 
 Every number printed here is computed from ``quality.json``; nothing is typed by hand. Partial results (a single
 part, tiny mode) render what they hold.
@@ -12,10 +12,8 @@ import math
 import statistics
 from pathlib import Path
 
-MD_FILE = "quality.md"
 BEGIN = "<!-- quality.md begin -->"  # --update-doc replaces the text between these lines
 END = "<!-- quality.md end -->"
-PLOTS = {"curves": "loss_curves.png", "ablation": "ablation.png", "sweep": "omission_sweep.png"}
 TASK_LABELS = {"cpt": "CPT, full-parameter", "sft": "SFT, LoRA r16"}
 LOSS_TARGET_PCT = 1.0  # issue 4: SAT final held-out loss within 1% of dense
 TIME_TARGET_PCT = 30.0  # issue 4: wall time at least 30% below dense for the same steps
@@ -224,19 +222,12 @@ def grid_tables(results: dict) -> list[str]:
     ]
     shape_rows = [(name, find_cell(cells, default, **o)) for name, o in shapes]
     if sum(cell is not None for _, cell in shape_rows) > 2:
-        lines += [
-            "",
+        intro = (
             f"Schedule shapes (importance {default['importance']}, selection {default['selection']}, rate "
             f"{default['omission_rate']:g}; the default ladder keeps the full rate for the first "
-            f"{default['ladder_full_rate_ratio']:g} of the steps, then {default['ladder_rungs']} rungs down to dense):",
-            "",
-            "| schedule | final held-out loss | vs dense | speed-up at the full rate (CPU) | FLOPs saving (estimate) "
-            "| loss gap per FLOPs-saving point |",
-            "|---|---|---|---|---|---|",
-        ]
-        for name, cell in shape_rows:
-            if cell is not None:
-                lines.append(_cell_row(name, cell, dense, base) + _flops_cells(cell, base))
+            f"{default['ladder_full_rate_ratio']:g} of the steps, then {default['ladder_rungs']} rungs down to dense):"
+        )
+        lines += _trade_table(intro, ["schedule"], shape_rows, dense)
     omits = [
         ("MLP channels + heads (default)", {"omit": ["mlp", "attention"]}),
         ("MLP channels only", {"omit": ["mlp"]}),
@@ -244,18 +235,11 @@ def grid_tables(results: dict) -> list[str]:
     ]
     omit_rows = [(name, find_cell(cells, default, **o)) for name, o in omits]
     if sum(cell is not None for _, cell in omit_rows) > 1:
-        lines += [
-            "",
+        intro = (
             f"Omitted units ({default['importance']}, {default['selection']}, default ladder, rate "
-            f"{default['omission_rate']:g}; heads per `head_granularity`={default['head_granularity']!r}):",
-            "",
-            "| omitted | final held-out loss | vs dense | speed-up at the full rate (CPU) | FLOPs saving (estimate) "
-            "| loss gap per FLOPs-saving point |",
-            "|---|---|---|---|---|---|",
-        ]
-        for name, cell in omit_rows:
-            if cell is not None:
-                lines.append(_cell_row(name, cell, dense, base) + _flops_cells(cell, base))
+            f"{default['omission_rate']:g}; heads per `head_granularity`={default['head_granularity']!r}):"
+        )
+        lines += _trade_table(intro, ["omitted"], omit_rows, dense)
     score_rows = [
         (
             f"{tokens}{' (default)' if tokens == default['score_tokens'] else ''} | {label}",
@@ -266,34 +250,28 @@ def grid_tables(results: dict) -> list[str]:
         for o in [{"score_tokens": tokens, "omit": omit}]
     ]
     if sum(cell is not None for _, cell in score_rows) > 2:
-        lines += [
-            "",
+        intro = (
             f"Tokens scored per block and micro-batch (`score_tokens`; {default['importance']}, "
             f"{default['selection']}, default ladder, rate {default['omission_rate']:g}; a grid batch has "
-            f"up to {setup['batch'] * setup.get('block', setup.get('max_length', 0))} tokens):",
-            "",
-            "| score tokens | omitted | final held-out loss | vs dense | speed-up at the full rate (CPU) "
-            "| FLOPs saving (estimate) | loss gap per FLOPs-saving point |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        lines += [
-            _cell_row(name, cell, dense, base) + _flops_cells(cell, base)
-            for name, cell in score_rows
-            if cell is not None
-        ]
-    sweep = sweep_points(results)
+            f"up to {setup['batch'] * setup.get('block', setup.get('max_length', 0))} tokens):"
+        )
+        lines += _trade_table(intro, ["score tokens", "omitted"], score_rows, dense)
+    sweep = [(f"{rate:g}", cell) for rate, cell in sweep_points(results)]
     if sweep:
-        lines += [
-            "",
-            f"Omission-rate sweep ({default['importance']}, {default['selection']}, default ladder):",
-            "",
-            "| omission rate | final held-out loss | vs dense | speed-up at the full rate (CPU) | FLOPs saving (estimate) "
-            "| loss gap per FLOPs-saving point |",
-            "|---|---|---|---|---|---|",
-        ]
-        for rate, cell in sweep:
-            lines.append(_cell_row(f"{rate:g}", cell, dense, base) + _flops_cells(cell, base))
+        intro = f"Omission-rate sweep ({default['importance']}, {default['selection']}, default ladder):"
+        lines += _trade_table(intro, ["omission rate"], sweep, dense)
     return lines + [""]
+
+
+def _trade_table(intro: str, names: list[str], rows: list[tuple[str, dict | None]], dense: dict) -> list[str]:
+    """A table of grid cells, each a trade of loss for FLOPs: ``names`` head the columns that name a cell (a row's
+    name holds them, joined by " | "); then its loss against the ``dense`` run, the FLOPs it saves and the loss gap
+    per point saved. Cells that did not run (None) are left out."""
+    base = dense["arm"]["final_loss"]
+    columns = [*names, "final held-out loss", "vs dense", "speed-up at the full rate (CPU)"]
+    columns += ["FLOPs saving (estimate)", "loss gap per FLOPs-saving point"]
+    lines = ["", intro, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return lines + [_cell_row(name, cell, dense, base) + _flops_cells(cell, base) for name, cell in rows if cell]
 
 
 def probe_tables(results: dict) -> list[str]:
@@ -421,18 +399,3 @@ def update_doc(doc: Path, text: str) -> None:
     head, rest = content.split(BEGIN, 1)
     tail = rest.split(END, 1)[1]
     doc.write_text(f"{head}{BEGIN}\n{text.rstrip()}\n{END}{tail}")
-
-
-def render(results: dict, out: Path, doc: str | None = None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import _quality_plots as qplots  # imports this module: kept out of module level
-
-    text = markdown(results)
-    (out / MD_FILE).write_text(text)
-    if doc:
-        update_doc(Path(doc), text)
-    qplots.plot_curves(results, out / PLOTS["curves"])
-    qplots.plot_ablation(results, out / PLOTS["ablation"])
-    qplots.plot_sweep(results, out / PLOTS["sweep"])

@@ -40,6 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the _quality_* helpers sit next to this script
 
 import _quality_data as qdata  # noqa: E402
+import _quality_plots as qplots  # noqa: E402
 import _quality_report as qreport  # noqa: E402
 import _quality_train as qtrain  # noqa: E402
 
@@ -48,6 +49,8 @@ import peft_sat.assets  # noqa: E402
 from peft_sat.config import IMPORTANCE_METRICS, SELECTION_METHODS  # noqa: E402
 
 JSON_FILE = "quality.json"
+MD_FILE = "quality.md"
+PLOTS = {"curves": "loss_curves.png", "ablation": "ablation.png", "sweep": "omission_sweep.png"}
 PARTS = ("cpt", "sft", "probe", "grid")
 # Extra ladder shapes of the grid, on the default importance / selection at the default rate.
 SHAPES = {
@@ -356,6 +359,21 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+def render(results: dict, out: Path, doc: str | None = None) -> None:
+    """Write ``quality.md`` and the plots into ``out`` from ``results``; copy the tables into ``doc`` if given."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display; before the plots import pyplot
+
+    text = qreport.markdown(results)
+    (out / MD_FILE).write_text(text)
+    if doc:
+        qreport.update_doc(Path(doc), text)
+    qplots.plot_curves(results, out / PLOTS["curves"])
+    qplots.plot_ablation(results, out / PLOTS["ablation"])
+    qplots.plot_sweep(results, out / PLOTS["sweep"])
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     out = Path(args.out)
@@ -363,7 +381,7 @@ def main(argv: list[str] | None = None) -> dict:
     path = out / JSON_FILE
     results = {} if args.fresh or not path.is_file() else json.loads(path.read_text())
     if args.report_only:
-        qreport.render(results, out, args.update_doc)
+        render(results, out, args.update_doc)
         return results
     torch.set_num_threads(args.threads)
     mode = "tiny" if args.tiny else "real"
@@ -421,8 +439,8 @@ def main(argv: list[str] | None = None) -> dict:
         results["runs"][key] = run
         save()
     save()
-    qreport.render(results, out, args.update_doc)
-    log(f"Wrote {path}, {out / qreport.MD_FILE} and the plots in {out}")
+    render(results, out, args.update_doc)
+    log(f"Wrote {path}, {out / MD_FILE} and the plots in {out}")
     return results
 
 
