@@ -26,8 +26,7 @@ Columns:
     select %     share of the SAT step spent scoring units and selecting them
     others %     median share of the CPUs that other processes used during the kept steps
 
-Targets (issue 4, r = 0.5, 2-core CPU): efficiency >= 85% for the 7B-shaped layer (full and LoRA); speed-up
->= 1.45x for SmolLM2 full-parameter and >= 1.35x for SmolLM2 LoRA. The script prints whether this run meets them.
+What the numbers are judged against is written in docs/results.md, next to the committed runs.
 
 Examples:
     .venv/bin/python benchmarks/speed.py                     # about 10 minutes on 2 quiet CPU cores
@@ -90,7 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true", help="a seconds-long run on tiny random models (smoke test)")
     parser.add_argument("--json", default=None, help="write settings and rows to this path")
     parser.add_argument("--plot", default=None, help="write a PNG of speed-up against omission rate")
-    parser.add_argument("--markdown", default=None, help="write the table and targets as markdown to this path")
+    parser.add_argument("--markdown", default=None, help="write the table as markdown to this path")
     parser.add_argument("--from-json", default=None, help="measure nothing: re-render a saved --json report")
     args = parser.parse_args(argv)
     args.cases = _subset(parser, "--cases", args.cases, CASES)

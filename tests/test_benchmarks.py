@@ -43,7 +43,7 @@ def test_speed_tiny_covers_every_case_variant_and_rate(tmp_path):
             if (r["case"], r["variant"]) == (case, variant) and r["rate"]
         ]
         assert ideals == sorted(ideals) and len(ideals) == 3
-    assert "target smollm2 full r=0.5" in result.stdout
+    assert "target" not in result.stdout  # what the numbers are judged against lives in docs/results.md
     assert png.stat().st_size > 10_000
     assert md.read_text().count("\n| smollm2 |") == 12 and "| 7b-layer | qlora | 0.75 |" in md.read_text()
     # the saved report re-renders to the same table without measuring anything
