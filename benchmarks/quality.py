@@ -43,6 +43,7 @@ import _quality_data as qdata  # noqa: E402
 import _quality_plots as qplots  # noqa: E402
 import _quality_report as qreport  # noqa: E402
 import _quality_train as qtrain  # noqa: E402
+import _timing  # noqa: E402
 
 import peft_sat  # noqa: E402
 import peft_sat.assets  # noqa: E402
@@ -340,23 +341,13 @@ def anatomy(model: torch.nn.Module) -> dict:
 
 def machine() -> dict:
     return {
-        "cpu": _cpu_name(),
+        "cpu": _timing.cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
     }
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def render(results: dict, out: Path, doc: str | None = None) -> None:

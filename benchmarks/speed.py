@@ -324,18 +324,13 @@ def run_settings(args: argparse.Namespace) -> dict:
         precision="bf16 autocast" if args.device.type == "cuda" else "fp32",
         threads=torch.get_num_threads(),
         torch=torch.__version__,
-        machine=torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else _cpu_name(),
+        machine=(
+            torch.cuda.get_device_name(args.device)
+            if args.device.type == "cuda"
+            else f"{_timing.cpu_name()}, {os.cpu_count()} cores"
+        ),
     )
     return settings
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            model = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), "CPU")
-    except OSError:
-        model = "CPU"
-    return f"{model}, {os.cpu_count()} cores"
 
 
 def main(argv: list[str] | None = None) -> Report:
