@@ -82,10 +82,10 @@ def tiny_llama(seed: int = 0, **overrides) -> nn.Module:
     return tiny_model("llama", seed=seed, **{**kwargs, **overrides})
 
 
-def sat_model(stack: str, config: peft_sat.SATConfig, base: nn.Module | None = None) -> nn.Module:
-    """``base`` (default ``tiny_model()``) with SAT: full-parameter (``get_peft_model``) or under LoRA
-    (``apply_sat`` on a ``lora_config()`` model)."""
-    base = tiny_model() if base is None else base
+def sat_model(stack: str, config: peft_sat.SATConfig) -> nn.Module:
+    """``tiny_model()`` with SAT: full-parameter (``get_peft_model``) or under LoRA (``apply_sat`` on a
+    ``lora_config()`` model)."""
+    base = tiny_model()
     if stack == "full":
         return get_peft_model(base, config)
     if stack == "lora":
