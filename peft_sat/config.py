@@ -20,6 +20,8 @@ HEAD_GRANULARITIES = ("kv_group", "q_head")
 OMITTABLE_BLOCKS = ("mlp", "attention")
 DISTRIBUTED_SELECTIONS = ("shared", "per_rank")
 SCHEDULES = ("ladder", "constant", "linear")  # peft_sat.schedules implements them
+DENSE_TOKEN_MODES = ("auto", "none", "loss")
+SPARSE_PASSES = ("forward_backward", "backward")
 
 
 @dataclass
@@ -60,6 +62,40 @@ class SATConfig(PeftConfig):
             "help": (
                 "Which kinds of units to omit: any of 'mlp' (channels) and 'attention' (heads). On models with few "
                 "KV groups, ['mlp'] loses less quality but also saves less time (see docs/results.md)."
+            )
+        },
+    )
+    dense_tokens: Literal["auto", "none", "loss"] = field(
+        default="none",
+        metadata={
+            "help": (
+                "Which token positions run the whole block while the others run the kept units: 'loss' (every "
+                "position whose next-token label carries loss), 'auto' (as 'loss' when the labels mask context "
+                "tokens, e.g. prompts in SFT; no split when every token carries loss, as in continual pre-training, "
+                "so a default never turns a run dense) or 'none' (every token sparse, the paper). Needs `labels` in "
+                "the model forward; without them every token runs sparse, with a warning. See `peft_sat.tokens`."
+            )
+        },
+    )
+    sparse_pass: Literal["forward_backward", "backward"] = field(
+        default="forward_backward",
+        metadata={
+            "help": (
+                "Which passes skip the omitted units: 'forward_backward' (the paper: the kept sub-network runs both "
+                "passes) or 'backward' (the forward is the dense model's, bit for bit; the backward runs through the "
+                "kept units only, so omitted units get no gradient and pass none to the layer input). With "
+                "`dense_tokens` splitting a batch, 'backward' applies to the dense tokens and the other tokens run "
+                "sparse in both passes."
+            )
+        },
+    )
+    dense_layers: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "Layer indices whose blocks always run dense (negatives count from the last layer, e.g. [0, -1]). "
+                "Combined with `layers_to_transform` into one set of sparse layers, logged when SAT is applied; a "
+                "layer in both raises an error. None: no layer is kept dense."
             )
         },
     )
@@ -197,6 +233,8 @@ class SATConfig(PeftConfig):
         if isinstance(self.target_modules, list):
             self.target_modules = list(self.target_modules)
         self.omit = list(self.omit) if isinstance(self.omit, (list, tuple)) else self.omit
+        if isinstance(self.dense_layers, tuple):
+            self.dense_layers = list(self.dense_layers)
         self.validate()
 
     @classmethod
@@ -253,6 +291,18 @@ class SATConfig(PeftConfig):
                 f"`target_modules` must be a list of names, a regex string or None, got {self.target_modules!r}."
             )
         _check_choice("distributed_selection", self.distributed_selection, DISTRIBUTED_SELECTIONS)
+        _check_choice("dense_tokens", self.dense_tokens, DENSE_TOKEN_MODES)
+        _check_choice("sparse_pass", self.sparse_pass, SPARSE_PASSES)
+        dense = self.dense_layers
+        if dense is not None and not (
+            isinstance(dense, list)
+            and all(isinstance(i, int) and not isinstance(i, bool) for i in dense)
+            and len(set(dense)) == len(dense)
+        ):
+            raise ValueError(
+                f"`dense_layers` must be None or a list of distinct layer indices (negatives count from the end), "
+                f"got {dense!r}."
+            )
         layers = self.layers_to_transform
         if layers is not None and not (
             (isinstance(layers, int) and not isinstance(layers, bool) and layers >= 0)

@@ -37,9 +37,13 @@ def linear_rows(module: nn.Module, x: torch.Tensor, rows: torch.Tensor) -> torch
     return _dispatch(module, x, rows, by_rows=True)
 
 
-def linear_cols(module: nn.Module, h: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """``module`` applied to an input that is non-zero on ``cols`` only: (..., len(cols)) -> (..., out)."""
-    return _dispatch(module, h, cols, by_rows=False)
+def linear_cols(module: nn.Module, h: torch.Tensor, cols: torch.Tensor, add_bias: bool = True) -> torch.Tensor:
+    """``module`` applied to an input that is non-zero on ``cols`` only: (..., len(cols)) -> (..., out).
+
+    ``add_bias`` False leaves out every bias (base and LoRA): for a second group of columns whose output is added to
+    a first group's, which already carries the bias.
+    """
+    return _dispatch(module, h, cols, by_rows=False, add_bias=add_bias)
 
 
 def linear_rows_fused(modules: Sequence[nn.Module], x: torch.Tensor, indices: Sequence[torch.Tensor]) -> list:
@@ -91,16 +95,20 @@ def _same_layout(layers: Sequence[nn.Linear]) -> bool:
     )
 
 
-def _dispatch(module: nn.Module, x: torch.Tensor, index: torch.Tensor, by_rows: bool) -> torch.Tensor:
+def _dispatch(
+    module: nn.Module, x: torch.Tensor, index: torch.Tensor, by_rows: bool, add_bias: bool = True
+) -> torch.Tensor:
     if _is_plain_linear(module):
-        return gather_linear(x, module.weight, module.bias, index, by_rows)
+        return gather_linear(x, module.weight, module.bias if add_bias else None, index, by_rows)
     if _is_lora(module):
-        return _lora(module, x, index, by_rows)
+        return _lora(module, x, index, by_rows, add_bias=add_bias)
     if _is_bnb_4bit(module):
         from .bnb import linear4bit_sliced
 
-        return linear4bit_sliced(module, x, index, by_rows)
-    return _dense_fallback(module, x, index, by_rows, reason=f"{type(module).__name__} has no sliced kernel")
+        return linear4bit_sliced(module, x, index, by_rows, add_bias=add_bias)
+    return _dense_fallback(
+        module, x, index, by_rows, reason=f"{type(module).__name__} has no sliced kernel", add_bias=add_bias
+    )
 
 
 def _is_lora(module: nn.Module) -> bool:
@@ -113,7 +121,12 @@ def _is_bnb_4bit(module: nn.Module) -> bool:
 
 
 def _lora(
-    module: nn.Module, x: torch.Tensor, index: torch.Tensor, by_rows: bool, base_result: torch.Tensor | None = None
+    module: nn.Module,
+    x: torch.Tensor,
+    index: torch.Tensor,
+    by_rows: bool,
+    base_result: torch.Tensor | None = None,
+    add_bias: bool = True,
 ) -> torch.Tensor:
     """Mirror of ``peft.tuners.lora.layer.Linear.forward`` on a slice; ``base_result``: the base layer's sliced
     output when already computed (``linear_rows_fused``)."""
@@ -121,12 +134,13 @@ def _lora(
         module.unmerge()
     active = [a for a in module.active_adapters if a in module.lora_A.keys()]
     if module.disable_adapters or module.merged or not active:
-        return base_result if base_result is not None else _dispatch(module.base_layer, x, index, by_rows)
+        return base_result if base_result is not None else _dispatch(module.base_layer, x, index, by_rows, add_bias)
     variants = [a for a in active if a in getattr(module, "lora_variant", {})]
     if variants:
-        return _dense_fallback(module, x, index, by_rows, reason=f"LoRA variant (e.g. DoRA) on adapters {variants}")
+        reason = f"LoRA variant (e.g. DoRA) on adapters {variants}"
+        return _dense_fallback(module, x, index, by_rows, reason=reason, add_bias=add_bias)
 
-    result = base_result if base_result is not None else _dispatch(module.base_layer, x, index, by_rows)
+    result = base_result if base_result is not None else _dispatch(module.base_layer, x, index, by_rows, add_bias)
     result_dtype = result.dtype
     for adapter in active:
         lora_a, lora_b = module.lora_A[adapter], module.lora_B[adapter]
@@ -135,7 +149,8 @@ def _lora(
         # The scaling multiplies the rank-r intermediate (..., r) rather than the (..., k) / (..., out) delta:
         # the same product, without a full-width multiply in forward and again in backward. A LoRA bias
         # (lora_bias=True) is scaled too in PEFT, so with one the scaling stays outside.
-        inner_scale, outer_scale = (scaling, 1.0) if lora_b.bias is None else (1.0, scaling)
+        b_bias = lora_b.bias if add_bias else None
+        inner_scale, outer_scale = (scaling, 1.0) if b_bias is None else (1.0, scaling)
         if by_rows:
             # y[..., rows] += s * B[rows] A drop(x): A sees the full input, B only its kept rows.
             low_rank = _scaled(lora_a(dropout(x_cast)), inner_scale)  # (..., r)
@@ -143,7 +158,7 @@ def _lora(
         else:
             # y += s * B A[:, cols] drop(h): the input exists on the kept columns only.
             low_rank = gather_linear(dropout(x_cast), lora_a.weight, lora_a.bias, index, by_rows=False)  # (..., r)
-            delta = lora_b(_scaled(low_rank, inner_scale))  # (..., out)
+            delta = F.linear(_scaled(low_rank, inner_scale), lora_b.weight, b_bias)  # (..., out)
         result = result + _scaled(delta, outer_scale)
     return result.to(result_dtype)
 
@@ -152,7 +167,9 @@ def _scaled(tensor: torch.Tensor, scale: float) -> torch.Tensor:
     return tensor if scale == 1.0 else tensor * scale
 
 
-def _dense_fallback(module: nn.Module, x: torch.Tensor, index: torch.Tensor, by_rows: bool, reason: str):
+def _dense_fallback(
+    module: nn.Module, x: torch.Tensor, index: torch.Tensor, by_rows: bool, reason: str, add_bias: bool = True
+):
     """Exact but unaccelerated: dense projection, then slice its output (rows) or scatter its input (cols)."""
     if reason not in _warned:
         _warned.add(reason)
@@ -163,7 +180,8 @@ def _dense_fallback(module: nn.Module, x: torch.Tensor, index: torch.Tensor, by_
     if by_rows:
         return module(x).index_select(-1, index)
     full = x.new_zeros(*x.shape[:-1], _in_features(module))
-    return module(full.index_copy(-1, index, x))
+    result = module(full.index_copy(-1, index, x))
+    return result if add_bias else result - module(full)  # module(0): the biases alone
 
 
 def _in_features(module: nn.Module) -> int:

@@ -1,22 +1,43 @@
-"""Run-time state shared by the SAT blocks of one model: the omission rate, the current batch's padding mask and
-a forward counter that keys per-step randomness and the selection cache.
+"""Run-time state shared by the SAT blocks of one model: the omission rate and what the current model forward
+tells the blocks (``BatchInfo``: a forward counter, the padding mask, which positions carry loss, whether a KV
+cache is in use, whether every rank runs this forward).
 
-Why a counter set by a model-level hook: gradient checkpointing re-runs a layer's forward inside backward; the
-re-run must pick the same units, so nothing inside a re-runnable layer forward may advance state. The counter moves
-only when a whole transformers model (``PreTrainedModel``) starts a forward, which checkpointing never re-runs.
+Why a model-level hook: gradient checkpointing re-runs a layer's forward inside backward; the re-run must pick the
+same units and the same dense tokens, so nothing inside a re-runnable layer forward may advance state. The batch
+info changes only when a whole transformers model (``PreTrainedModel``) starts a forward, which checkpointing never
+re-runs; nested models (``LlamaModel`` inside ``LlamaForCausalLM``) belong to the outer forward.
 """
 
 from __future__ import annotations
 
 import inspect
+import sys
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import zero3
+from . import tokens, zero3
 from .config import SATConfig
+
+
+@dataclass
+class BatchInfo:
+    """What the current model forward tells the SAT blocks; set once per outermost model forward by the hook.
+
+    Gradient checkpointing re-runs layer forwards inside backward, after the model forward returned: the info stays
+    until the next model forward, so a re-run sees the same batch (and the same dense tokens) as the first pass.
+    """
+
+    forward_id: int = 0
+    token_mask: torch.Tensor | None = None  # (B, T) bool, True at real (non-padding) tokens; None: all real
+    carries_loss: torch.Tensor | None = None  # (B, T) bool, position t predicts a label (``peft_sat.tokens``)
+    position_ids: torch.Tensor | None = None  # (B, T) / (1, T) when given (packed batches)
+    uses_cache: bool = False  # a KV cache was given or asked for: generation, which must run the dense model
+    collective_ok: bool = True  # every rank runs this forward: a shared selection may all-reduce its scores
+    dense_rows_cache: dict = field(default_factory=dict, repr=False)  # (mode, shape) -> rows, per forward
 
 
 @dataclass
@@ -26,11 +47,24 @@ class SATState:
     config: SATConfig
     omission_rate: float
     enabled: bool = True
-    forward_count: int = 0
-    token_mask: torch.Tensor | None = None  # (B, T) bool, True at real (non-padding) tokens
+    batch: BatchInfo = field(default_factory=BatchInfo)
+    # Set by ``SATCallback`` between ``on_step_begin`` and ``on_step_end``: forwards inside are a training step that
+    # every rank takes (any forward outside, e.g. a callback sampling on rank 0 alone, may be one rank's alone).
+    in_training_step: bool = False
     hooks: list[Any] = field(default_factory=list, repr=False)
     # (block, parameter) pairs registered with DeepSpeed ZeRO-3 (``peft_sat.zero3``); empty outside ZeRO-3
     zero3_registrations: list[Any] = field(default_factory=list, repr=False)
+    warned: set[str] = field(default_factory=set, repr=False)
+    _depth: int = field(default=0, repr=False)  # nesting of hooked model forwards (outer CausalLM > inner model)
+
+    @property
+    def forward_count(self) -> int:
+        """Outermost model forwards so far: keys per-step randomness and the blocks' selection cache."""
+        return self.batch.forward_id
+
+    @property
+    def token_mask(self) -> torch.Tensor | None:
+        return self.batch.token_mask
 
     def set_omission_rate(self, rate: float) -> None:
         """Set the rate used by the next training forwards, e.g. from a scheduler."""
@@ -43,19 +77,52 @@ class SATState:
         seed = (self.config.seed * 1_000_003 + self.forward_count) * 10_007 + block_id
         return torch.Generator(device=device).manual_seed(seed % (2**63 - 1))
 
+    def dense_rows(self, hidden_shape: torch.Size) -> torch.Tensor | None:
+        """Flat row indices of the positions that run the whole block this forward (``SATConfig.dense_tokens``),
+        or None when the batch is not split; computed once per forward and block input shape."""
+        mode = self.config.dense_tokens
+        if mode == "none":
+            return None
+        batch = self.batch
+        key = (mode, tuple(hidden_shape))
+        if key not in batch.dense_rows_cache:
+            rows = None
+            if batch.carries_loss is None:
+                self.warn_once(
+                    "no-labels",
+                    f"peft_sat: `dense_tokens`={mode!r} needs the labels of the batch, but the model forward got none "
+                    "(e.g. a custom `compute_loss` without `labels`); every token runs sparse.",
+                )
+            elif tuple(batch.carries_loss.shape) != tuple(hidden_shape):
+                self.warn_once(
+                    "label-shape",
+                    f"peft_sat: labels of shape {tuple(batch.carries_loss.shape)} do not match the blocks' tokens "
+                    f"{tuple(hidden_shape)}; every token runs sparse.",
+                )
+            else:
+                rows = tokens.dense_rows(mode, batch.carries_loss, batch.token_mask, batch.position_ids)
+            batch.dense_rows_cache[key] = rows
+        return batch.dense_rows_cache[key]
+
+    def warn_once(self, key: str, message: str) -> None:
+        if key not in self.warned:
+            self.warned.add(key)
+            warnings.warn(message, stacklevel=3)
+
     def attach(self, models: list[nn.Module]) -> None:
-        """Register the batch hook on every transformers model in the tree (outer and inner both see the mask)."""
+        """Register the batch hooks on every transformers model in the tree (outer and inner see the same batch)."""
         for model in models:
             names = list(inspect.signature(model.forward).parameters)
-            position = names.index("attention_mask") if "attention_mask" in names else None
-            hook = model.register_forward_pre_hook(_BatchHook(self, position), with_kwargs=True)
-            self.hooks.append(hook)
+            positions = {name: names.index(name) for name in _BATCH_ARGUMENTS if name in names}
+            hook = model.register_forward_pre_hook(_BatchHook(self, positions), with_kwargs=True)
+            done = model.register_forward_hook(_BatchDone(self), always_call=True)
+            self.hooks.extend((hook, done))
 
     def detach(self) -> None:
         for hook in self.hooks:
             hook.remove()
         self.hooks.clear()
-        self.token_mask = None
+        self.batch = BatchInfo(forward_id=self.batch.forward_id)
         zero3.unregister(self.zero3_registrations)
         self.zero3_registrations.clear()
 
@@ -66,27 +133,117 @@ class SATState:
             self.zero3_registrations = zero3.register_if_partitioned(model, self)
 
 
+# Arguments of a transformers model forward that the hook reads (by keyword, or by position when given so).
+_BATCH_ARGUMENTS = ("attention_mask", "position_ids", "labels", "use_cache")
+_CACHE_ARGUMENTS = ("cache", "past_key_values")
+# Wrappers whose forward every rank runs in lock-step (they synchronise ranks themselves).
+_LOCKSTEP_WRAPPERS = {"DistributedDataParallel", "FullyShardedDataParallel", "FSDPModule", "DeepSpeedEngine"}
+
+
 class _BatchHook:
-    """Forward pre-hook: advance the counter and remember the 2-D padding mask of the batch (None when packed)."""
+    """Forward pre-hook of a transformers model: at the outermost model forward, record the batch for the blocks."""
 
-    def __init__(self, state: SATState, mask_position: int | None) -> None:
+    def __init__(self, state: SATState, positions: dict[str, int]) -> None:
         self.state = state
-        self.mask_position = mask_position
+        self.positions = positions
 
-    # Eager under torch.compile: the hook only updates Python state (counter, mask, ZeRO-3 registration), and traced
+    def _argument(self, name: str, args: tuple, kwargs: dict) -> Any:
+        if name in kwargs:
+            return kwargs[name]
+        position = self.positions.get(name)
+        return args[position] if position is not None and len(args) > position else None
+
+    # Eager under torch.compile: the hook only updates Python state (counter, masks, ZeRO-3 registration), and traced
     # it would make dynamo guard on the counter's value and the registration list.
     @torch.compiler.disable
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self.state.forward_count += 1
-        # SAT is usually applied before `deepspeed.initialize` partitions the model: register at the first forward
-        # after it, before any block's pre-forward hook gathers its parameters.
-        self.state.register_zero3_parameters(module)
-        mask = kwargs.get("attention_mask")
-        if mask is None and self.mask_position is not None and len(args) > self.mask_position:
-            mask = args[self.mask_position]
+        state = self.state
+        state._depth += 1
+        mask = self._argument("attention_mask", args, kwargs)
         # Only a (B, T) mask marks padding; 4-D masks and TRL's padding-free packing (no mask, position_ids and
         # cu_seq_lens in kwargs) contain no padding tokens to exclude.
-        self.state.token_mask = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        token_mask = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        position_ids = self._argument("position_ids", args, kwargs)
+        position_ids = position_ids if isinstance(position_ids, torch.Tensor) and position_ids.dim() == 2 else None
+        if state._depth > 1:  # an inner model of the same forward (e.g. LlamaModel under LlamaForCausalLM)
+            batch = state.batch
+            batch.token_mask = batch.token_mask if batch.token_mask is not None else token_mask
+            batch.position_ids = batch.position_ids if batch.position_ids is not None else position_ids
+            return
+        # SAT is usually applied before `deepspeed.initialize` partitions the model: register at the first forward
+        # after it, before any block's pre-forward hook gathers its parameters.
+        state.register_zero3_parameters(module)
+        labels = self._argument("labels", args, kwargs)
+        shift_labels = kwargs.get("shift_labels")
+        uses_cache = self._argument("use_cache", args, kwargs) is True or any(
+            kwargs.get(name) is not None for name in _CACHE_ARGUMENTS
+        )
+        state.batch = BatchInfo(
+            forward_id=state.batch.forward_id + 1,
+            token_mask=token_mask,
+            carries_loss=tokens.loss_positions(
+                labels if isinstance(labels, torch.Tensor) else None,
+                shift_labels if isinstance(shift_labels, torch.Tensor) else None,
+            ),
+            position_ids=position_ids,
+            uses_cache=uses_cache,
+            collective_ok=_collective_ok(state, module),
+        )
+
+
+class _BatchDone:
+    """Forward hook pairing ``_BatchHook``: leave one nesting level (also when the forward raised)."""
+
+    def __init__(self, state: SATState) -> None:
+        self.state = state
+
+    @torch.compiler.disable
+    def __call__(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self.state._depth = max(0, self.state._depth - 1)
+
+
+def _collective_ok(state: SATState, module: nn.Module) -> bool:
+    """Whether this model forward may run a collective: every rank must be running it too.
+
+    True outside multi-process runs, inside a training step marked by ``SATCallback``, and for forwards called
+    through a data-parallel wrapper that every rank steps in lock-step (DDP, FSDP, DeepSpeed). Otherwise (e.g. rank
+    0 alone sampling from the model in a callback) a shared selection would wait forever for the other ranks: the
+    blocks select per rank instead, with a warning.
+    """
+    if state.config.distributed_selection != "shared" or _world_size() == 1 or state.in_training_step:
+        return True
+    if any(cls.__name__ in _LOCKSTEP_WRAPPERS for m in _caller_modules(module) for cls in type(m).__mro__):
+        return True
+    state.warn_once(
+        "lone-forward",
+        "peft_sat: a training-mode forward outside a training step (SATCallback marks those) and not called through "
+        "DDP / FSDP / DeepSpeed may run on one rank alone; its SAT blocks select their units per rank instead of "
+        "summing scores across ranks (`distributed_selection='shared'`), which would wait for the other ranks.",
+    )
+    return False
+
+
+def _world_size() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
+def _caller_modules(module: nn.Module, max_depth: int = 40) -> list[nn.Module]:
+    """The modules on the call stack above the hooked model (wrappers call it from their own forward)."""
+    found = [module]
+    frame = sys._getframe(2)
+    try:
+        for _ in range(max_depth):
+            if frame is None:
+                break
+            candidate = frame.f_locals.get("self")
+            if isinstance(candidate, nn.Module) and candidate is not module:
+                found.append(candidate)
+            frame = frame.f_back
+        return found
+    finally:
+        del frame
 
 
 def sum_across_ranks(scores: torch.Tensor) -> torch.Tensor:

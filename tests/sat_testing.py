@@ -124,13 +124,20 @@ def lora_config(**overrides) -> LoraConfig:
     return LoraConfig(**kwargs)
 
 
-def batch(seed: int = 1, batch_size: int = 2, seq_len: int = 24, pad: int = 5) -> dict[str, torch.Tensor]:
-    """A batch with left padding on the first row (padding must be excluded from scoring)."""
+def batch(
+    seed: int = 1, batch_size: int = 2, seq_len: int = 24, pad: int = 5, prompt: int = 0
+) -> dict[str, torch.Tensor]:
+    """A batch with left padding on the first row (padding must be excluded from scoring); ``prompt`` > 0 labels
+    the first ``prompt`` real tokens of every row -100 (context tokens, as in prompt / completion SFT data)."""
     generator = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(0, VOCAB, (batch_size, seq_len), generator=generator)
     attention_mask = torch.ones_like(input_ids)
     attention_mask[0, :pad] = 0
     labels = input_ids.masked_fill(attention_mask == 0, -100)
+    if prompt:
+        first_real = (attention_mask == 0).sum(1, keepdim=True)  # left padding: real tokens start here
+        positions = torch.arange(seq_len)[None, :]
+        labels = labels.masked_fill((positions >= first_real) & (positions < first_real + prompt), -100)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
@@ -167,8 +174,25 @@ def sat_blocks(model: nn.Module) -> list[tuple[str, SATBlockMixin]]:
     return [(name, m) for name, m in inner(model).named_modules() if isinstance(m, SATBlockMixin)]
 
 
-def unit_masks(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Per SAT block: a 0/1 mask over the inputs of its output projection (down_proj / o_proj) of the last step."""
+@dataclass
+class UnitMask:
+    """Which inputs of a block's output projection (down_proj / o_proj) the SAT step used, per token row.
+
+    ``value``: 1 where the unit computed in forward; ``grad``: 1 where the gradient flowed (a subset of ``value``).
+    Shapes (in,) when every token was treated alike, else (B * T, in).
+    """
+
+    value: torch.Tensor
+    grad: torch.Tensor
+
+
+def unit_masks(model: nn.Module) -> dict[str, UnitMask]:
+    """Per SAT block, the masks of its last step, from the kept units, the dense tokens and ``sparse_pass``."""
+    state = peft_sat.get_sat_state(model)
+    backward_only = state.config.sparse_pass == "backward"
+    batch_info = state.batch
+    labelled = batch_info.carries_loss if batch_info.carries_loss is not None else batch_info.token_mask
+    rows = state.dense_rows(labelled.shape) if labelled is not None else None
     masks = {}
     for name, block in sat_blocks(model):
         kept = block.sat_last_kept
@@ -182,24 +206,45 @@ def unit_masks(model: nn.Module) -> dict[str, torch.Tensor]:
             head_mask = torch.zeros(num_heads)
             head_mask[kept.cpu()] = 1.0
             mask = head_mask.repeat_interleave(block.head_dim)
-        masks[name] = mask
+        if rows is None:
+            masks[name] = UnitMask(value=torch.ones_like(mask) if backward_only else mask, grad=mask)
+            continue
+        dense = torch.zeros(labelled.numel(), 1)
+        dense[rows.cpu()] = 1.0
+        value = torch.maximum(mask.expand(labelled.numel(), -1), dense)  # dense rows run every unit
+        masks[name] = UnitMask(value=value, grad=mask.expand_as(value).clone() if backward_only else value)
     return masks
 
 
 @contextlib.contextmanager
-def masked(reference: nn.Module, masks: dict[str, torch.Tensor]) -> Iterator[None]:
-    """Zero the omitted units of ``reference`` by masking the input of each block's output projection."""
-    handles = []
+def masked(reference: nn.Module, masks: dict[str, UnitMask]) -> Iterator[None]:
+    """Run ``reference``'s output projections on the masked inputs: with h the projection's input,
+    ``y = proj(h * value * grad) + stopgrad(proj(h * value) - proj(h * value * grad))`` (the forward of the units in
+    ``value``, the gradient of those in ``grad``)."""
     modules = dict(inner(reference).named_modules())
+    patched = []
     for name, mask in masks.items():
         block = modules[name]
         projection = block.down_proj if hasattr(block, "down_proj") else block.o_proj
-        handles.append(projection.register_forward_pre_hook(lambda mod, args, m=mask: (args[0] * m.to(args[0]),)))
+        original = projection.forward
+
+        def forward(h, *args, original=original, mask=mask, **kwargs):
+            value = mask.value.to(h).reshape(*h.shape[:-1], -1) if mask.value.dim() > 1 else mask.value.to(h)
+            grad = mask.grad.to(h).reshape(*h.shape[:-1], -1) if mask.grad.dim() > 1 else mask.grad.to(h)
+            kept = original(h * value * grad, *args, **kwargs)
+            if torch.equal(value, grad):
+                return kept
+            with torch.no_grad():
+                rest = original(h * value, *args, **kwargs) - kept
+            return kept + rest
+
+        projection.forward = forward
+        patched.append(projection)
     try:
         yield
     finally:
-        for handle in handles:
-            handle.remove()
+        for projection in patched:
+            del projection.forward
 
 
 def train_step(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -3,6 +3,10 @@
 Matrix: model family (Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma2, Gemma3, Granite, Phi3 with fused projections,
 Olmo2 with MLP-only SAT) x {full-parameter, LoRA, QLoRA} x {kv_group, q_head} x {eager, sdpa}. For each case: same
 loss, every gradient within 1e-5, omitted units get exactly zero gradient, kept units do get gradient.
+
+The modes beyond the paper (``dense_tokens``, ``sparse_pass``) add columns: every family x stack, the granularity
+and attention implementation rotating so that each mode meets both of each. The reference masks per token (dense
+tokens run every unit) and, for ``sparse_pass="backward"``, masks the gradient instead of the activation.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ def test_sparse_step_equals_masked_dense_reference(stack, family, granularity, a
 
     sat_loss = train_step(models.sat, inputs)
     masks = unit_masks(models.sat)
-    assert masks and all(0 < m.sum() < m.numel() for m in masks.values()), "omission must be non-trivial"
+    assert masks and all(0 < m.grad.sum() < m.grad.numel() for m in masks.values()), "omission must be non-trivial"
     with masked(models.reference, masks):
         reference_loss = train_step(models.reference, inputs)
 
@@ -85,3 +89,52 @@ def test_lora_injected_after_sat_equals_masked_reference():
     sat = get_peft_model(base, lora_config()).train()
     sat.load_state_dict(reference.state_dict())
     assert_matches_masked_reference(sat, reference, batch())
+
+
+MODES = {
+    "token-split": dict(dense_tokens="loss"),
+    "sparse-backward": dict(sparse_pass="backward"),
+    "sparse-backward+token-split": dict(sparse_pass="backward", dense_tokens="auto"),
+}
+MODE_CASES = [
+    (
+        mode,
+        stack,
+        family,
+        GRANULARITIES[(f + m) % 2],
+        "eager" if family == "gemma2" else ATTENTION[(f // 2 + m + s) % 2],
+    )
+    for m, mode in enumerate(MODES)
+    for s, stack in enumerate(STACKS)
+    for f, family in enumerate(FAMILIES)
+]
+
+
+@pytest.mark.parametrize("mode,stack,family,granularity,attn", MODE_CASES, ids=["-".join(c) for c in MODE_CASES])
+def test_mode_step_equals_masked_dense_reference(mode, stack, family, granularity, attn, tmp_path):
+    config = peft_sat.SATConfig(omission_rate=0.5, head_granularity=granularity, **MODES[mode])
+    models = build_stack(stack, family, attn, config, tmp_path)
+    inputs = batch(prompt=8)  # 8 context tokens per row, then tokens that carry loss
+
+    if config.sparse_pass == "backward" and config.dense_tokens == "none":
+        with torch.no_grad():
+            reference_logits = copy.deepcopy(models.reference)(**inputs).logits
+        assert torch.equal(models.sat(**inputs).logits, reference_logits), "the forward must be the dense one"
+    sat_loss = train_step(models.sat, inputs)
+    masks = unit_masks(models.sat)
+    if config.dense_tokens != "none":
+        split = next(iter(masks.values())).value
+        assert split.dim() == 2 and 0 < split.sum(1).eq(split.shape[1]).sum() < split.shape[0], "trivial split"
+    with masked(models.reference, masks):
+        reference_loss = train_step(models.reference, inputs)
+
+    torch.testing.assert_close(sat_loss, reference_loss, rtol=0, atol=1e-5)
+    sat_grads, reference_grads = gradients(models.sat), gradients(models.reference)
+    assert sat_grads.keys() == reference_grads.keys() and sat_grads
+    for name, grad in reference_grads.items():
+        torch.testing.assert_close(sat_grads[name], grad, rtol=0, atol=1e-5, msg=name)
+    if config.sparse_pass == "backward":  # omitted units get no gradient, even from dense tokens
+        for block_name, block in sat_blocks(models.sat):
+            for label, weight, dim, omitted in omitted_slices(block):
+                omitted_grad = weight.grad.index_select(dim, omitted)
+                assert torch.count_nonzero(omitted_grad) == 0, f"{block_name}.{label}: omitted units got gradient"

@@ -18,7 +18,9 @@ def test_gradient_accumulation_over_micro_batches_with_different_sub_networks(st
         inputs = batch(seed=micro_batch)
         (models.sat(**inputs).loss / 3).backward()
         masks = unit_masks(models.sat)
-        selections.append(tuple(m.sum().item() for m in masks.values()) + tuple(masks["model.layers.0.mlp"].tolist()))
+        selections.append(
+            tuple(m.grad.sum().item() for m in masks.values()) + tuple(masks["model.layers.0.mlp"].grad.tolist())
+        )
         with masked(models.reference, masks):
             (models.reference(**inputs).loss / 3).backward()
     assert len(set(selections)) > 1, "each micro-batch should draw its own sub-network"

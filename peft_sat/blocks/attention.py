@@ -13,6 +13,7 @@ windows (Mistral, Qwen2), logit softcapping (Gemma2), each model file's own eage
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +23,8 @@ from torch import nn
 
 from .. import importance
 from ..sliced import base_weight, linear_cols, linear_rows, linear_rows_fused, project_base
-from .base import SATBlockMixin
+from ..sliced_backward import linear_cols_kept_grad, linear_rows_kept_grad
+from .base import SATBlockMixin, omitted_units
 
 
 @dataclass(frozen=True)
@@ -51,8 +53,19 @@ class _GroupsOverride:
         return getattr(self._module, name)
 
 
+@dataclass(frozen=True)
+class AttentionSelection:
+    kept: HeadSelection
+    omitted: HeadSelection | None  # None when every head is kept
+
+
 class SATAttentionMixin(SATBlockMixin):
-    """Attention with separate ``q_proj`` / ``k_proj`` / ``v_proj`` / ``o_proj``."""
+    """Attention with separate ``q_proj`` / ``k_proj`` / ``v_proj`` / ``o_proj``.
+
+    With dense token positions D (``SATConfig.dense_tokens``) the omitted heads run too, and their output reaches
+    the o-projection at the rows D only: dense-token queries see every head, and the keys and values they read are
+    those of every position (the omitted heads' K / V are computed for all of them).
+    """
 
     _sat_eager_attention: Any  # the model file's own eager kernel (softcapping variants differ)
     _sat_apply_rotary: Any
@@ -67,14 +80,41 @@ class SATAttentionMixin(SATBlockMixin):
                 cache=cache,
                 **kwargs,
             )
-        # The KV cache is not updated: sliced keys of a sub-network must never serve generation, and training
-        # forwards do not read a cache.
+        # A sparse forward never touches a KV cache (forwards given one run dense, see `sat_is_sparse`): sliced keys
+        # of a sub-network must never serve generation.
         kwargs.pop("past_key_values", None)
-        sel: HeadSelection = self._sat_select(hidden_states)
+        sel: AttentionSelection = self._sat_select(hidden_states)
+        rows = self.sat_dense_rows(hidden_states)  # (n,) dense token positions, or None
+        attend = dict(position_embeddings=position_embeddings, attention_mask=attention_mask, kwargs=kwargs)
+        if self.sat_backward_only and rows is None:
+            return self._sat_attend(hidden_states, sel.kept, kept_grad=True, **attend)
+        output, weights = self._sat_attend(hidden_states, sel.kept, **attend)  # (B, T, H): kept heads, every token
+        if rows is None or rows.numel() == 0 or sel.omitted is None:
+            return output, weights
+        # Dense tokens add the omitted heads; under sparse_pass="backward" as a constant (no gradient).
+        with torch.no_grad() if self.sat_backward_only else contextlib.nullcontext():
+            extra, _ = self._sat_attend(hidden_states, sel.omitted, rows=rows, add_bias=False, **attend)  # (n, H)
+        flat = output.reshape(-1, output.shape[-1]).index_add(0, rows, extra.to(output.dtype))
+        return flat.view_as(output), weights
+
+    def _sat_attend(
+        self,
+        hidden_states: torch.Tensor,
+        sel: HeadSelection,
+        position_embeddings,
+        attention_mask,
+        kwargs: dict,
+        rows: torch.Tensor | None = None,
+        add_bias: bool = True,
+        kept_grad: bool = False,
+    ) -> tuple[torch.Tensor, Any]:
+        """Attention of the heads in ``sel`` for every query, through the o-projection at ``rows`` (flat token
+        positions; None: every token). ``kept_grad``: every head runs in forward (the module's own computation, op
+        for op) and the backward runs through the heads of ``sel`` only."""
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-
-        query, key, value = (t.view(hidden_shape) for t in self._sat_qkv(hidden_states, sel))  # (B, T, heads, d)
+        qkv = self._sat_qkv_kept_grad(hidden_states, sel) if kept_grad else self._sat_qkv(hidden_states, sel)
+        query, key, value = (t.view(hidden_shape) for t in qkv)  # (B, T, heads, d)
         if hasattr(self, "q_norm"):  # per-head RMSNorm over head_dim (Qwen3, Gemma3): slicing heads is exact
             query, key = self.q_norm(query), self.k_norm(key)
         query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # (B, heads, T, d)
@@ -83,7 +123,7 @@ class SATAttentionMixin(SATBlockMixin):
         query, key = self._sat_apply_rotary(query, key, cos, sin)
 
         module: Any = self
-        if sel.kv_for_q is not None:
+        if sel.kv_for_q is not None and not kept_grad:
             key, value = key[:, sel.kv_for_q], value[:, sel.kv_for_q]  # (B, kq, T, d): one KV per query head
             module = _GroupsOverride(self)
 
@@ -103,8 +143,12 @@ class SATAttentionMixin(SATBlockMixin):
             sliding_window=getattr(self, "sliding_window", getattr(self.config, "sliding_window", None)),
             **kwargs,
         )
-        attn_output = attn_output.reshape(*input_shape, -1).contiguous()  # (B, T, kq * d)
-        return linear_cols(self.o_proj, attn_output, sel.q_rows), attn_weights
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()  # (B, T, heads * d)
+        if kept_grad:
+            return linear_cols_kept_grad(self.o_proj, attn_output, sel.q_rows), attn_weights
+        if rows is not None:
+            attn_output = attn_output.reshape(-1, attn_output.shape[-1]).index_select(0, rows)  # (n, kq * d)
+        return linear_cols(self.o_proj, attn_output, sel.q_rows, add_bias=add_bias), attn_weights
 
     # -- layout-specific parts ---------------------------------------------------------------------------------
 
@@ -113,6 +157,15 @@ class SATAttentionMixin(SATBlockMixin):
         # one matmul for the three when they are plain nn.Linear (or LoRA over one): they read the same input
         projections, rows = (self.q_proj, self.k_proj, self.v_proj), (sel.q_rows, sel.kv_rows, sel.kv_rows)
         return tuple(linear_rows_fused(projections, x, rows))
+
+    def _sat_qkv_kept_grad(self, x: torch.Tensor, sel: HeadSelection) -> tuple[torch.Tensor, ...]:
+        """Flat (B, T, heads * d) query, key and value of EVERY head, each projection called as the module's own
+        forward calls it, with the backward through the kept heads' rows only."""
+        return (
+            linear_rows_kept_grad(self.q_proj, x, sel.q_rows),
+            linear_rows_kept_grad(self.k_proj, x, sel.kv_rows),
+            linear_rows_kept_grad(self.v_proj, x, sel.kv_rows),
+        )
 
     def _sat_score_views(self) -> dict[str, Callable]:
         return dict(
@@ -145,18 +198,31 @@ class SATAttentionMixin(SATBlockMixin):
         )
         return scores if self.sat_head_granularity == "q_head" else importance.group_scores(scores, num_kv_heads)
 
-    def _sat_selection(self, kept: torch.Tensor) -> HeadSelection:
+    def _sat_selection(self, kept: torch.Tensor) -> AttentionSelection:
+        omitted = omitted_units(kept, self.sat_num_units)
+        return AttentionSelection(
+            kept=self._sat_heads(kept), omitted=self._sat_heads(omitted) if omitted.numel() else None
+        )
+
+    def _sat_last_kept(self, kept: torch.Tensor) -> torch.Tensor:
+        return self._sat_query_heads(kept)  # kept query heads, whatever the granularity
+
+    def _sat_query_heads(self, units: torch.Tensor) -> torch.Tensor:
+        if self.sat_head_granularity == "q_head":
+            return units
+        groups = self.num_key_value_groups
+        return (units[:, None] * groups + torch.arange(groups, device=units.device)).reshape(-1)
+
+    def _sat_heads(self, units: torch.Tensor) -> HeadSelection:
+        """The projection rows of the attention units ``units`` (KV groups or query heads)."""
         _, _, head_dim = self._sat_shape
         groups = self.num_key_value_groups
-        offsets = torch.arange(head_dim, device=kept.device)
+        offsets = torch.arange(head_dim, device=units.device)
+        q_heads = self._sat_query_heads(units)
         if self.sat_head_granularity == "kv_group":
-            kv_heads = kept
-            q_heads = (kv_heads[:, None] * groups + torch.arange(groups, device=kept.device)).reshape(-1)
-            kv_for_q = None
+            kv_heads, kv_for_q = units, None
         else:
-            q_heads = kept
             kv_heads, kv_for_q = torch.unique(q_heads // groups, sorted=True, return_inverse=True)
-        self.sat_last_kept = q_heads
         return HeadSelection(
             q_heads=q_heads,
             q_rows=(q_heads[:, None] * head_dim + offsets).reshape(-1),
@@ -174,6 +240,13 @@ class SATFusedAttentionMixin(SATAttentionMixin):
         rows = torch.cat([sel.q_rows, q_size + sel.kv_rows, q_size + kv_size + sel.kv_rows])
         kept_kv = sel.kv_rows.numel()
         return linear_rows(self.qkv_proj, x, rows).split([sel.q_rows.numel(), kept_kv, kept_kv], dim=-1)
+
+    def _sat_qkv_kept_grad(self, x: torch.Tensor, sel: HeadSelection) -> tuple[torch.Tensor, ...]:
+        num_heads, num_kv_heads, head_dim = self._sat_shape
+        q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+        rows = torch.cat([sel.q_rows, q_size + sel.kv_rows, q_size + kv_size + sel.kv_rows])
+        qkv = linear_rows_kept_grad(self.qkv_proj, x, rows)
+        return qkv[..., :q_size], qkv[..., q_size : q_size + kv_size], qkv[..., q_size + kv_size :]
 
     def _sat_score_views(self) -> dict[str, Callable]:
         num_heads, num_kv_heads, head_dim = self._sat_shape

@@ -4,6 +4,15 @@ Per training forward a block (1) scores its units on the micro-batch (``peft_sat
 ``num_kept`` of them (``peft_sat.selection``), (3) runs the sliced projections (``peft_sat.sliced``). The selection
 is cached per model forward so that a gradient-checkpointing re-run computes exactly the same sub-network (and
 issues no collective inside backward).
+
+How a sparse block computes, with K the kept units, O the omitted ones and D the dense token positions
+(``SATConfig.dense_tokens``, ``peft_sat.tokens``)::
+
+    sparse_pass       D             every position                          positions in D also run
+    forward_backward  none          K (forward and backward)                -
+    forward_backward  split         K (forward and backward)                O (forward and backward)
+    backward          none          all units forward, K in backward        -           (the dense forward, bit for bit)
+    backward          split         K (forward and backward)                O forward only (no gradient)
 """
 
 from __future__ import annotations
@@ -33,9 +42,19 @@ class SATBlockMixin:
         self._sat_cache: tuple[int, float, Any] | None = None
 
     def sat_is_sparse(self) -> bool:
-        """True when this forward computes on a sub-network: training mode, SAT enabled, rate > 0."""
+        """True when this forward computes on a sub-network: training mode, SAT enabled, rate > 0, and no KV cache
+        in use (a forward that reads or fills a cache is generation, which must see the dense model)."""
         state = self.sat_state
-        return self.training and state.enabled and state.omission_rate > 0.0
+        return self.training and state.enabled and state.omission_rate > 0.0 and not state.batch.uses_cache
+
+    def sat_dense_rows(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Flat row indices of the positions of ``x`` (..., H) that run the whole block, or None (no split)."""
+        return self.sat_state.dense_rows(x.shape[:-1])
+
+    @property
+    def sat_backward_only(self) -> bool:
+        """``sparse_pass="backward"``: the omitted units skip the backward only."""
+        return self.sat_state.config.sparse_pass == "backward"
 
     # Selection is data-dependent Python (seeded generators, top-k / sampling, the per-forward cache): run it
     # eagerly under torch.compile; the compiled sliced forward gets the kept indices as tensor inputs.
@@ -51,15 +70,27 @@ class SATBlockMixin:
             x_valid = importance.valid_tokens(x.detach(), state.token_mask)
             x_sample = importance.sample_tokens(x_valid, config.score_tokens, generator)
             scores = self._sat_scores(config.importance, x_valid, x_sample, generator)
-            if config.distributed_selection == "shared":
+            if config.distributed_selection == "shared" and state.batch.collective_ok:
                 scores = sum_across_ranks(scores)  # every rank keeps the same units
             kept = select_units(scores, num_kept(scores.shape[0], state.omission_rate), config.selection, generator)
+        self.sat_last_kept = self._sat_last_kept(kept)
         selection = self._sat_selection(kept)
         self._sat_cache = (*key, selection)
         return selection
+
+    def _sat_last_kept(self, kept: torch.Tensor) -> torch.Tensor:
+        return kept
 
     def _sat_scores(self, metric: str, x: torch.Tensor, x_sample: torch.Tensor, generator: torch.Generator):
         raise NotImplementedError
 
     def _sat_selection(self, kept: torch.Tensor) -> Any:
+        """The selection object the sliced forward reads; pure (no state changes): it also builds the omitted set."""
         raise NotImplementedError
+
+
+def omitted_units(kept: torch.Tensor, num_units: int) -> torch.Tensor:
+    """The sorted complement (n - k,) int64 of the sorted ``kept`` indices among ``num_units``."""
+    mask = torch.ones(num_units, dtype=torch.bool, device=kept.device)
+    mask[kept] = False
+    return mask.nonzero().squeeze(1)

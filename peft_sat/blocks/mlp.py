@@ -4,17 +4,30 @@ Kept channels ``c`` (k of I): rows ``c`` of gate and up, columns ``c`` of down. 
 
 - ``SATMLPMixin``: separate ``gate_proj`` / ``up_proj`` / ``down_proj`` (Llama, Mistral, Qwen, Gemma, Granite, Olmo2);
 - ``SATFusedMLPMixin``: Phi3's ``gate_up_proj`` (2I rows: gate then up), sliced once with rows ``[c, I + c]``.
+
+With dense token positions D (``SATConfig.dense_tokens``) the omitted channels O run for the rows D only::
+
+    y = down_K(act(gate_K x) * up_K x)  +  scatter_D( down_O(act(gate_O x_D) * up_O x_D) )
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from .. import importance
 from ..sliced import base_layer, base_weight, linear_cols, linear_rows, linear_rows_fused, project_base
-from .base import SATBlockMixin
+from ..sliced_backward import linear_cols_kept_grad, linear_rows_kept_grad
+from .base import SATBlockMixin, omitted_units
+
+
+@dataclass(frozen=True)
+class ChannelSelection:
+    kept: torch.Tensor  # (k,) sorted kept channels
+    omitted: torch.Tensor  # (I - k,) the others, sorted
 
 
 class SATMLPMixin(SATBlockMixin):
@@ -23,9 +36,29 @@ class SATMLPMixin(SATBlockMixin):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.sat_is_sparse():
             return super().forward(x)
-        kept = self._sat_select(x)  # (k,) channel indices
-        gate, up = self._sat_gate_up(x, kept)  # (B, T, k) each
-        return linear_cols(self.down_proj, self._sat_activation(gate) * up, kept)  # (B, T, H)
+        sel: ChannelSelection = self._sat_select(x)
+        rows = self.sat_dense_rows(x)  # (n,) dense token positions, or None
+        if self.sat_backward_only and rows is None:
+            return self._sat_dense_forward(x, sel.kept)  # the dense forward, the backward through kept channels
+        y = self._sat_channels(x, sel.kept)  # (B, T, H): every token, kept channels
+        if rows is None or rows.numel() == 0 or sel.omitted.numel() == 0:
+            return y
+        flat = x.reshape(-1, x.shape[-1])
+        # Dense tokens add the omitted channels; under sparse_pass="backward" as a constant (no gradient).
+        with torch.no_grad() if self.sat_backward_only else contextlib.nullcontext():
+            extra = self._sat_channels(flat.index_select(0, rows), sel.omitted, add_bias=False)  # (n, H)
+        return y.reshape(-1, y.shape[-1]).index_add(0, rows, extra.to(y.dtype)).view_as(y)
+
+    def _sat_channels(self, x: torch.Tensor, channels: torch.Tensor, add_bias: bool = True) -> torch.Tensor:
+        """down(act(gate(x)) * up(x)) restricted to ``channels``: (..., H) -> (..., H)."""
+        gate, up = self._sat_gate_up(x, channels)  # (..., k) each
+        return linear_cols(self.down_proj, self._sat_activation(gate) * up, channels, add_bias=add_bias)
+
+    def _sat_dense_forward(self, x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        """The module's own forward, op for op, with every projection's backward through ``kept`` only."""
+        gate = linear_rows_kept_grad(self.gate_proj, x, kept)
+        up = linear_rows_kept_grad(self.up_proj, x, kept)
+        return linear_cols_kept_grad(self.down_proj, self._sat_activation(gate) * up, kept)
 
     @classmethod
     def sat_num_channels(cls, module) -> int:
@@ -60,9 +93,8 @@ class SATMLPMixin(SATBlockMixin):
             **self._sat_score_views(),
         )
 
-    def _sat_selection(self, kept: torch.Tensor) -> torch.Tensor:
-        self.sat_last_kept = kept
-        return kept
+    def _sat_selection(self, kept: torch.Tensor) -> ChannelSelection:
+        return ChannelSelection(kept=kept, omitted=omitted_units(kept, self.sat_num_units))
 
 
 class SATFusedMLPMixin(SATMLPMixin):
@@ -79,6 +111,11 @@ class SATFusedMLPMixin(SATMLPMixin):
     def _sat_gate_up(self, x: torch.Tensor, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         rows = torch.cat([kept, kept + self.sat_num_units])  # gate rows, then the same channels' up rows
         return linear_rows(self.gate_up_proj, x, rows).chunk(2, dim=-1)
+
+    def _sat_dense_forward(self, x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        rows = torch.cat([kept, kept + self.sat_num_units])
+        gate, up = linear_rows_kept_grad(self.gate_up_proj, x, rows).chunk(2, dim=-1)
+        return linear_cols_kept_grad(self.down_proj, up * self._sat_activation(gate), kept)
 
     def _sat_score_views(self) -> dict[str, Callable]:
         channels = self.sat_num_units

@@ -1,0 +1,89 @@
+"""Which token positions run the whole block (``SATConfig.dense_tokens``): pure tensor code, no model imports.
+
+Notation, for one micro-batch: labels ``y`` (B, T) with -100 where a token is no target. transformers' causal-LM loss
+at position t predicts the NEXT token::
+
+    loss_t = CE(logits_t, s_t),   s_t = y_{t+1} (shift_labels),   s_{T-1} = -100
+
+so position t *carries loss* iff ``s_t != -100``. A position is a *sequence end* when its sequence has no next
+token: t = T - 1, the next position is padding, or the next position starts another packed sequence
+(``position_ids == 0``: TRL's padding-free batches). Sequence ends never carry loss, whatever the data.
+
+    dense_tokens="loss"   D = {t : s_t != -100}
+    dense_tokens="auto"   D as for "loss" when a position that is NOT a sequence end carries no loss (prompt /
+                          completion or assistant-only data: context tokens exist); else no split, every token
+                          sparse (continual pre-training, plain-text SFT: all tokens carry loss, and splitting
+                          would silently make the whole step dense)
+    dense_tokens="none"   no split
+
+Returned positions are flat row indices into the (B * T, H) view of a block's hidden states.
+"""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+def loss_positions(labels: torch.Tensor | None, shift_labels: torch.Tensor | None = None) -> torch.Tensor | None:
+    """(B, T) bool: True where position t carries loss (``s_t != -100``); None without labels.
+
+    ``shift_labels`` (already shifted, as some trainers pass them) wins over ``labels``.
+
+    Example:
+        >>> loss_positions(torch.tensor([[-100, -100, 5, 6]])).tolist()
+        [[False, True, True, False]]
+    """
+    if shift_labels is not None:
+        return shift_labels != IGNORE_INDEX
+    if labels is None:
+        return None
+    carries = torch.zeros_like(labels, dtype=torch.bool)
+    carries[..., :-1] = labels[..., 1:] != IGNORE_INDEX
+    return carries
+
+
+def sequence_ends(
+    shape: torch.Size, device: torch.device, token_mask: torch.Tensor | None, position_ids: torch.Tensor | None
+) -> torch.Tensor:
+    """(B, T) bool: True at positions whose sequence has no next token (see the module docstring)."""
+    ends = torch.zeros(shape, dtype=torch.bool, device=device)
+    ends[..., -1] = True
+    if token_mask is not None and token_mask.shape == shape:
+        ends[..., :-1] |= ~token_mask[..., 1:].bool()
+    if position_ids is not None and position_ids.shape[-1] == shape[-1]:
+        ends[..., :-1] |= (position_ids[..., 1:] == 0).expand(shape[0], -1)
+    return ends
+
+
+def dense_rows(
+    mode: str,
+    carries_loss: torch.Tensor | None,
+    token_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """Flat indices (n,) int64 of the positions that run the whole block, or None for no split.
+
+    Args:
+        mode: ``"none"``, ``"loss"`` or ``"auto"`` (``SATConfig.dense_tokens``).
+        carries_loss: (B, T) from ``loss_positions``; None (no labels) means no split.
+        token_mask: (B, T), 1 at real tokens (padding never runs dense); None: every token is real.
+        position_ids: (B, T) or (1, T) of packed batches; None when the batch is not packed.
+
+    Example:
+        >>> carries = loss_positions(torch.tensor([[-100, -100, 5, 6]]))
+        >>> dense_rows("auto", carries).tolist()  # the prompt position 0 carries no loss: split
+        [1, 2]
+    """
+    if mode == "none" or carries_loss is None:
+        return None
+    dense = carries_loss.bool()
+    if token_mask is not None and token_mask.shape == dense.shape:
+        dense = dense & token_mask.bool()
+    if mode == "auto":
+        real = token_mask.bool() if token_mask is not None and token_mask.shape == dense.shape else True
+        context = ~dense & real & ~sequence_ends(dense.shape, dense.device, token_mask, position_ids)
+        if not bool(context.any()):
+            return None
+    return dense.reshape(-1).nonzero().squeeze(1)
