@@ -32,8 +32,8 @@ STEPS = 8
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """Tiny matmuls run faster on one thread, and on a busy 2-core machine intra-op threads spinning against other
-    processes made these runs up to 20x slower (measured: 0.5 s vs 10 s per test)."""
+    """Tiny matmuls run faster on one thread, and on a machine shared with other jobs intra-op threads spinning
+    against other processes make these Trainer runs many times slower."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

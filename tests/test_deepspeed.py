@@ -22,7 +22,7 @@ pytestmark = [
         importlib.util.find_spec("deepspeed") is None,
         reason="deepspeed is not installed (optional extra: pip install -e '.[deepspeed]')",
     ),
-    pytest.mark.slow,  # ~65 s on 2 cores: 5 two-process runs and 2 references
+    pytest.mark.slow,  # 5 two-process runs and 2 single-process references
 ]
 
 WORKER = Path(__file__).with_name("deepspeed_worker.py")

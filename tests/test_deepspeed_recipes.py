@@ -28,7 +28,7 @@ pytestmark = [
         reason="deepspeed is not installed (optional extra: pip install -e '.[deepspeed]'); "
         "the DeepSpeed launcher configs cannot run without it",
     ),
-    pytest.mark.slow,  # about 30 s per run on 2 cores: two processes each import torch, transformers and DeepSpeed
+    pytest.mark.slow,  # every run starts two processes that each import torch, transformers and DeepSpeed
 ]
 
 ROOT = Path(__file__).resolve().parent.parent

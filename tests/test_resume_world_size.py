@@ -38,7 +38,7 @@ def _lora_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     return load_file(checkpoint / "adapter_model.safetensors")
 
 
-@pytest.mark.slow  # ~25 s per direction on 2 cores (3 Trainer processes)
+@pytest.mark.slow  # 3 Trainer processes per direction, each importing torch and transformers
 @pytest.mark.parametrize("saved_on,resumed_on", [(2, 1), (1, 2)], ids=["2-to-1", "1-to-2"])
 def test_resume_with_another_world_size_continues_the_ladder(saved_on, resumed_on, tmp_path):
     uninterrupted = _run(tmp_path / "run", saved_on)
