@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast test-deepspeed quality sft cpt bench speed clean
+.PHONY: install test test-fast test-deepspeed quality sft cpt speed clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,9 +40,6 @@ sft: $(STAMP)
 
 cpt: $(STAMP)
 	$(VENV)/bin/accelerate launch recipes/cpt.py
-
-bench: $(STAMP)
-	$(PY) benchmarks/bench_step.py
 
 # dense vs SAT tokens/s: SmolLM2 and a Llama-2-7B-shaped layer x full / LoRA / QLoRA x r (about 8 min on 2 CPU cores)
 speed: $(STAMP)

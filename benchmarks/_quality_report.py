@@ -1,8 +1,9 @@
-"""Tables (``quality.md``) of ``benchmarks/quality.py`` and the driver of its plots (``_quality_plots``), rendered
-from its JSON only.
+"""Tables (``quality.md``) of ``benchmarks/quality.py``, and the selection of runs that its plots
+(``_quality_plots``) share, rendered from its JSON only.
 
 Every number printed here is computed from ``quality.json``; nothing is typed by hand. Partial results (a single
-part, tiny mode) render what they hold.
+part, tiny mode) render what they hold. The tables state what was measured; what it is judged against is written
+in docs/results.md.
 """
 
 from __future__ import annotations
@@ -12,13 +13,9 @@ import math
 import statistics
 from pathlib import Path
 
-MD_FILE = "quality.md"
 BEGIN = "<!-- quality.md begin -->"  # --update-doc replaces the text between these lines
 END = "<!-- quality.md end -->"
-PLOTS = {"curves": "loss_curves.png", "ablation": "ablation.png", "sweep": "omission_sweep.png"}
 TASK_LABELS = {"cpt": "CPT, full-parameter", "sft": "SFT, LoRA r16"}
-LOSS_TARGET_PCT = 1.0  # issue 4: SAT final held-out loss within 1% of dense
-TIME_TARGET_PCT = 30.0  # issue 4: wall time at least 30% below dense for the same steps
 
 
 # ---- selection of runs ---------------------------------------------------------------------------------------
@@ -160,34 +157,6 @@ def comparison_tables(results: dict) -> list[str]:
     return lines
 
 
-def verdict_lines(results: dict) -> list[str]:
-    lines = ["### Targets of issue 4 (computed from the runs above)", ""]
-    for (task, steps, overrides), runs in comparisons(results).items():
-        gaps = [r["loss_gap_pct"] for r in runs]
-        savings = [r["wall_saving_pct"] for r in runs]
-        gap, saving = statistics.fmean(gaps), statistics.fmean(savings)
-        loss_ok, time_ok = gap <= LOSS_TARGET_PCT, saving >= TIME_TARGET_PCT
-        lines.append(
-            f"- {TASK_LABELS.get(task, task)}, {steps} steps, {len(runs)} seed(s)"
-            + ("" if overrides == "{}" else f", SAT {sat_label(overrides)} (not the defaults)")
-            + f": final held-out loss within "
-            f"{LOSS_TARGET_PCT:g}% of dense: **{'met' if loss_ok else 'not met'}** (mean gap {gap:+.2f}%, seeds "
-            f"{', '.join(f'{g:+.2f}%' for g in gaps)}); wall time >= {TIME_TARGET_PCT:g}% below dense: "
-            f"**{'met' if time_ok else 'not met'}** (mean saving {saving:.1f}%"
-            + ("" if time_ok else f", {TIME_TARGET_PCT - saving:.1f} points short")
-            + ")."
-        )
-        flops = statistics.fmean(100 * r["sat"]["flops_saved_fraction_estimate"] for r in runs)
-        ahead = sum(r["dense_loss_at_sat_time"] < r["sat"]["final_loss"] for r in runs)
-        lines.append(
-            f"  The schedule's estimated FLOPs saving is {flops:.1f}%"
-            + (f", below the {TIME_TARGET_PCT:g}% target even at 100% efficiency." if flops < TIME_TARGET_PCT else ".")
-            + f" At SAT's training wall time, dense training had already reached a lower held-out loss than SAT's "
-            f"final one in {ahead} of {len(runs)} seed(s)."
-        )
-    return lines + [""]
-
-
 def grid_tables(results: dict) -> list[str]:
     dense, cells = grid_runs(results)
     if dense is None or not cells:
@@ -224,19 +193,12 @@ def grid_tables(results: dict) -> list[str]:
     ]
     shape_rows = [(name, find_cell(cells, default, **o)) for name, o in shapes]
     if sum(cell is not None for _, cell in shape_rows) > 2:
-        lines += [
-            "",
+        intro = (
             f"Schedule shapes (importance {default['importance']}, selection {default['selection']}, rate "
             f"{default['omission_rate']:g}; the default ladder keeps the full rate for the first "
-            f"{default['ladder_full_rate_ratio']:g} of the steps, then {default['ladder_rungs']} rungs down to dense):",
-            "",
-            "| schedule | final held-out loss | vs dense | speed-up at the full rate (CPU) | FLOPs saving (estimate) "
-            "| loss gap per FLOPs-saving point |",
-            "|---|---|---|---|---|---|",
-        ]
-        for name, cell in shape_rows:
-            if cell is not None:
-                lines.append(_cell_row(name, cell, dense, base) + _flops_cells(cell, base))
+            f"{default['ladder_full_rate_ratio']:g} of the steps, then {default['ladder_rungs']} rungs down to dense):"
+        )
+        lines += _trade_table(intro, ["schedule"], shape_rows, dense)
     omits = [
         ("MLP channels + heads (default)", {"omit": ["mlp", "attention"]}),
         ("MLP channels only", {"omit": ["mlp"]}),
@@ -244,18 +206,11 @@ def grid_tables(results: dict) -> list[str]:
     ]
     omit_rows = [(name, find_cell(cells, default, **o)) for name, o in omits]
     if sum(cell is not None for _, cell in omit_rows) > 1:
-        lines += [
-            "",
+        intro = (
             f"Omitted units ({default['importance']}, {default['selection']}, default ladder, rate "
-            f"{default['omission_rate']:g}; heads per `head_granularity`={default['head_granularity']!r}):",
-            "",
-            "| omitted | final held-out loss | vs dense | speed-up at the full rate (CPU) | FLOPs saving (estimate) "
-            "| loss gap per FLOPs-saving point |",
-            "|---|---|---|---|---|---|",
-        ]
-        for name, cell in omit_rows:
-            if cell is not None:
-                lines.append(_cell_row(name, cell, dense, base) + _flops_cells(cell, base))
+            f"{default['omission_rate']:g}; heads per `head_granularity`={default['head_granularity']!r}):"
+        )
+        lines += _trade_table(intro, ["omitted"], omit_rows, dense)
     score_rows = [
         (
             f"{tokens}{' (default)' if tokens == default['score_tokens'] else ''} | {label}",
@@ -266,34 +221,28 @@ def grid_tables(results: dict) -> list[str]:
         for o in [{"score_tokens": tokens, "omit": omit}]
     ]
     if sum(cell is not None for _, cell in score_rows) > 2:
-        lines += [
-            "",
+        intro = (
             f"Tokens scored per block and micro-batch (`score_tokens`; {default['importance']}, "
             f"{default['selection']}, default ladder, rate {default['omission_rate']:g}; a grid batch has "
-            f"up to {setup['batch'] * setup.get('block', setup.get('max_length', 0))} tokens):",
-            "",
-            "| score tokens | omitted | final held-out loss | vs dense | speed-up at the full rate (CPU) "
-            "| FLOPs saving (estimate) | loss gap per FLOPs-saving point |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        lines += [
-            _cell_row(name, cell, dense, base) + _flops_cells(cell, base)
-            for name, cell in score_rows
-            if cell is not None
-        ]
-    sweep = sweep_points(results)
+            f"up to {setup['batch'] * setup.get('block', setup.get('max_length', 0))} tokens):"
+        )
+        lines += _trade_table(intro, ["score tokens", "omitted"], score_rows, dense)
+    sweep = [(f"{rate:g}", cell) for rate, cell in sweep_points(results)]
     if sweep:
-        lines += [
-            "",
-            f"Omission-rate sweep ({default['importance']}, {default['selection']}, default ladder):",
-            "",
-            "| omission rate | final held-out loss | vs dense | speed-up at the full rate (CPU) | FLOPs saving (estimate) "
-            "| loss gap per FLOPs-saving point |",
-            "|---|---|---|---|---|---|",
-        ]
-        for rate, cell in sweep:
-            lines.append(_cell_row(f"{rate:g}", cell, dense, base) + _flops_cells(cell, base))
+        intro = f"Omission-rate sweep ({default['importance']}, {default['selection']}, default ladder):"
+        lines += _trade_table(intro, ["omission rate"], sweep, dense)
     return lines + [""]
+
+
+def _trade_table(intro: str, names: list[str], rows: list[tuple[str, dict | None]], dense: dict) -> list[str]:
+    """A table of grid cells, each a trade of loss for FLOPs: ``names`` head the columns that name a cell (a row's
+    name holds them, joined by " | "); then its loss against the ``dense`` run, the FLOPs it saves and the loss gap
+    per point saved. Cells that did not run (None) are left out."""
+    base = dense["arm"]["final_loss"]
+    columns = [*names, "final held-out loss", "vs dense", "speed-up at the full rate (CPU)"]
+    columns += ["FLOPs saving (estimate)", "loss gap per FLOPs-saving point"]
+    lines = ["", intro, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return lines + [_cell_row(name, cell, dense, base) + _flops_cells(cell, base) for name, cell in rows if cell]
 
 
 def probe_tables(results: dict) -> list[str]:
@@ -409,7 +358,7 @@ def markdown(results: dict) -> str:
             "are not in this count.",
             "",
         ]
-    lines += comparison_tables(results) + verdict_lines(results) + probe_tables(results) + grid_tables(results)
+    lines += comparison_tables(results) + probe_tables(results) + grid_tables(results)
     return "\n".join(lines)
 
 
@@ -421,18 +370,3 @@ def update_doc(doc: Path, text: str) -> None:
     head, rest = content.split(BEGIN, 1)
     tail = rest.split(END, 1)[1]
     doc.write_text(f"{head}{BEGIN}\n{text.rstrip()}\n{END}{tail}")
-
-
-def render(results: dict, out: Path, doc: str | None = None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import _quality_plots as qplots  # imports this module: kept out of module level
-
-    text = markdown(results)
-    (out / MD_FILE).write_text(text)
-    if doc:
-        update_doc(Path(doc), text)
-    qplots.plot_curves(results, out / PLOTS["curves"])
-    qplots.plot_ablation(results, out / PLOTS["ablation"])
-    qplots.plot_sweep(results, out / PLOTS["sweep"])

@@ -1,4 +1,4 @@
-"""Timing tools shared by ``bench_step.py`` and ``speed.py``: interleaved step timing on a shared machine.
+"""Timing tools of ``speed.py``: interleaved step timing on a shared machine.
 
 - ``interleave``: runs several step functions round-robin (the order rotates every round, so none always runs on
   a warmer cache), discards warm-up rounds and steps disturbed by other processes, and keeps per-step samples.
@@ -8,12 +8,14 @@
   steps measure the neighbour, not SAT, so they are redone (bounded by ``max_rounds``) and reported.
 - ``activation_bytes``: bytes autograd saves for backward in one forward (the activation memory of a step),
   measured the same way on every device.
+- ``cpu_name``: the CPU the timings were taken on, for the reports of ``speed.py`` and ``quality.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -21,6 +23,18 @@ from dataclasses import dataclass
 import torch
 
 from peft_sat.blocks import SATBlockMixin
+
+
+def cpu_name() -> str:
+    """The CPU model (Linux ``/proc/cpuinfo``; elsewhere what ``platform`` knows)."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "CPU"
 
 
 def synchronize(device: torch.device) -> None:

@@ -40,14 +40,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the _quality_* helpers sit next to this script
 
 import _quality_data as qdata  # noqa: E402
+import _quality_plots as qplots  # noqa: E402
 import _quality_report as qreport  # noqa: E402
 import _quality_train as qtrain  # noqa: E402
+import _timing  # noqa: E402
 
 import peft_sat  # noqa: E402
 import peft_sat.assets  # noqa: E402
 from peft_sat.config import IMPORTANCE_METRICS, SELECTION_METHODS  # noqa: E402
 
 JSON_FILE = "quality.json"
+MD_FILE = "quality.md"
+PLOTS = {"curves": "loss_curves.png", "ablation": "ablation.png", "sweep": "omission_sweep.png"}
 PARTS = ("cpt", "sft", "probe", "grid")
 # Extra ladder shapes of the grid, on the default importance / selection at the default rate.
 SHAPES = {
@@ -337,7 +341,7 @@ def anatomy(model: torch.nn.Module) -> dict:
 
 def machine() -> dict:
     return {
-        "cpu": _cpu_name(),
+        "cpu": _timing.cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -346,14 +350,19 @@ def machine() -> dict:
     }
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+def render(results: dict, out: Path, doc: str | None = None) -> None:
+    """Write ``quality.md`` and the plots into ``out`` from ``results``; copy the tables into ``doc`` if given."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display; before the plots import pyplot
+
+    text = qreport.markdown(results)
+    (out / MD_FILE).write_text(text)
+    if doc:
+        qreport.update_doc(Path(doc), text)
+    qplots.plot_curves(results, out / PLOTS["curves"])
+    qplots.plot_ablation(results, out / PLOTS["ablation"])
+    qplots.plot_sweep(results, out / PLOTS["sweep"])
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -363,7 +372,7 @@ def main(argv: list[str] | None = None) -> dict:
     path = out / JSON_FILE
     results = {} if args.fresh or not path.is_file() else json.loads(path.read_text())
     if args.report_only:
-        qreport.render(results, out, args.update_doc)
+        render(results, out, args.update_doc)
         return results
     torch.set_num_threads(args.threads)
     mode = "tiny" if args.tiny else "real"
@@ -421,8 +430,8 @@ def main(argv: list[str] | None = None) -> dict:
         results["runs"][key] = run
         save()
     save()
-    qreport.render(results, out, args.update_doc)
-    log(f"Wrote {path}, {out / qreport.MD_FILE} and the plots in {out}")
+    render(results, out, args.update_doc)
+    log(f"Wrote {path}, {out / MD_FILE} and the plots in {out}")
     return results
 
 

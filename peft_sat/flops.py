@@ -62,20 +62,25 @@ def projection_flops(
     lora_rank: int = 0,
     kept: float = 1.0,
     sliced: SlicedShare = SlicedShare(0.0, 0.0),
+    by_rows: bool = True,
 ) -> float:
     """FLOPs of one projection over ``tokens`` tokens (see the module docstring).
 
-    ``kept``: the kept fraction ``k / n`` of its units (1.0 for a dense projection); ``sliced``: which shares of the
-    tokens run the kept units only, per pass. LoRA factors scale like the base weight.
+    ``kept``: the kept fraction ``k / n`` of its units (1.0 for a dense projection), output rows (``by_rows``) or
+    input columns; ``sliced``: which shares of the tokens run the kept units only, per pass. Of the LoRA factors only
+    the one on the sliced side scales: B (r -> out) for rows, A (in -> r) for columns.
     """
-    forward = 2.0 * d_in * d_out
-    backward = forward * (int(input_grad) + int(weight_trains))
-    if lora_rank:
-        forward += 2.0 * lora_rank * (d_in + d_out)
-        backward += 2.0 * lora_rank * (d_in * (1 + int(input_grad)) + 2 * d_out)
     forward_scale = 1.0 - (1.0 - kept) * sliced.forward
     backward_scale = 1.0 - (1.0 - kept) * sliced.backward
-    return tokens * (forward * forward_scale + backward * backward_scale)
+    forward = 2.0 * d_in * d_out
+    total = forward * forward_scale + forward * (int(input_grad) + int(weight_trains)) * backward_scale
+    if lora_rank:
+        a_forward, b_forward = 2.0 * d_in * lora_rank, 2.0 * lora_rank * d_out
+        a_scales = (1.0, 1.0) if by_rows else (forward_scale, backward_scale)
+        b_scales = (forward_scale, backward_scale) if by_rows else (1.0, 1.0)
+        total += a_forward * a_scales[0] + a_forward * (1 + int(input_grad)) * a_scales[1]  # A: dA, input grad
+        total += b_forward * b_scales[0] + b_forward * 2 * b_scales[1]  # B: dB, gradient of A's output
+    return tokens * total
 
 
 # ---- Llama-shaped stacks given by their shape (benchmarks) -------------------------------------------------------
@@ -146,7 +151,7 @@ def training_flops(
         kept_q = num_kept(shape.heads, rate)
         q_kept, kv_kept = kept_q / shape.heads, min(shape.kv_heads, kept_q) / shape.kv_heads
 
-    def projection(d_in: int, d_out: int, kept: float, input_grad: bool) -> float:
+    def projection(d_in: int, d_out: int, kept: float, input_grad: bool, by_rows: bool = True) -> float:
         return projection_flops(
             tokens,
             d_in,
@@ -156,16 +161,18 @@ def training_flops(
             lora_rank=rank,
             kept=kept,
             sliced=sliced,
+            by_rows=by_rows,
         )
 
     total = 0.0
     for layer in range(shape.layers):
         input_grad = layer > 0 or not lora or shape.first_input_grad
         q_out, kv_out = shape.heads * head_dim, shape.kv_heads * head_dim
-        total += projection(hidden, q_out, q_kept, input_grad) + projection(q_out, hidden, q_kept, True)  # q, o
+        total += projection(hidden, q_out, q_kept, input_grad)  # q
+        total += projection(q_out, hidden, q_kept, True, by_rows=False)  # o
         total += 2 * projection(hidden, kv_out, kv_kept, input_grad)  # k, v
         total += 2 * projection(hidden, shape.intermediate, mlp_kept, input_grad)  # gate, up
-        total += projection(shape.intermediate, hidden, mlp_kept, True)  # down
+        total += projection(shape.intermediate, hidden, mlp_kept, True, by_rows=False)  # down
         core = 2.0 * 2.0 * tokens * (shape.seq / 2) * head_dim * shape.heads  # Q K^T and A V, forward
         total += core * (1 - (1 - q_kept) * sliced.forward) + 2 * core * (1 - (1 - q_kept) * sliced.backward)
     if shape.vocab:

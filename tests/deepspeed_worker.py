@@ -16,10 +16,9 @@ import os
 import sys
 
 import torch
-from peft import get_peft_model
 
 sys.path.insert(0, os.path.dirname(__file__))
-from sat_testing import batch, lora_config, tiny_model  # noqa: E402
+from sat_testing import batch, sat_model  # noqa: E402
 
 import peft_sat  # noqa: E402
 
@@ -33,13 +32,7 @@ def main(stack: str, stage: str, rates: str, out_dir: str, *flags: str) -> None:
         peft_sat.ops.REGATHER_DEVICES.add("cpu")
     step_rates = [float(rate) for rate in rates.split(",")]
     config = peft_sat.SATConfig(omission_rate=max(step_rates), importance="magnitude", selection="topk")
-    base = tiny_model()
-    model = (
-        get_peft_model(base, config)
-        if stack == "full"
-        else peft_sat.apply_sat(get_peft_model(base, lora_config()), config)
-    )
-    model.train()
+    model = sat_model(stack, config).train()
     rank, world, engine = 0, 1, None
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}

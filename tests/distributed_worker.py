@@ -14,11 +14,10 @@ import sys
 
 import torch
 import torch.distributed as dist
-from peft import get_peft_model
 from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, os.path.dirname(__file__))
-from sat_testing import batch, leave_process_group, lora_config, tiny_model  # noqa: E402
+from sat_testing import batch, leave_process_group, sat_model  # noqa: E402
 
 import peft_sat  # noqa: E402
 
@@ -33,13 +32,7 @@ def main(stack: str, importance: str, out_dir: str, wrapper: str = "ddp", lone: 
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
 
     config = peft_sat.SATConfig(omission_rate=0.5, importance=importance, selection="topk")
-    base = tiny_model()
-    model = (
-        get_peft_model(base, config)
-        if stack == "full"
-        else peft_sat.apply_sat(get_peft_model(base, lora_config()), config)
-    )
-    model.train()
+    model = sat_model(stack, config).train()
     trained = model
     if distributed and wrapper == "ddp":
         trained = DistributedDataParallel(model)

@@ -18,8 +18,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import Trainer, TrainerCallback
 
 sys.path.insert(0, os.path.dirname(__file__))
-from sat_testing import leave_process_group  # noqa: E402
-from trainer_utils import lm_dataset, tiny_llama, train_logs, training_args  # noqa: E402
+from sat_testing import leave_process_group, lm_dataset, tiny_llama, train_logs, training_args  # noqa: E402
 
 from peft_sat import SATCallback, SATConfig  # noqa: E402
 

@@ -1,19 +1,31 @@
-"""Shared builders for the SAT test matrix: tiny models per family, adapter stacks, the masked dense reference."""
+"""The one module of test helpers: tiny models per family, adapter stacks, the masked dense reference; in-memory
+datasets, tokenizers and training arguments for the Trainer-level tests; the tiny chat model and arguments of the
+recipe tests; free ports and torchrun for the multi-process tests. Everything builds offline, on a CPU, in seconds.
+
+Test modules import from here (and share fixtures through ``conftest.py``), never from each other."""
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import random
+import socket
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast, TrainingArguments
 
 import peft_sat
 from peft_sat.blocks import SATAttentionMixin, SATBlockMixin, SATMLPMixin
+
+if TYPE_CHECKING:  # importing `datasets` costs every torchrun worker that imports this module; only a few tests use it
+    from datasets import Dataset
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "granite", "phi3", "olmo2")
 ATTENTION = ("eager", "sdpa")
@@ -21,6 +33,8 @@ STACKS = ("full", "lora", "qlora")
 GRANULARITIES = ("kv_group", "q_head")
 VOCAB = 128
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+WORDS = [f"w{i}" for i in range(VOCAB - 3)]  # + <pad>, <eos>, <unk>: the vocabulary of `tiny_tokenizer`
+SAT_KEYS = ("sat/omission_rate", "sat/kept_fraction", "sat/flops_saved_fraction", "sat/dense_steps_saved")
 
 
 def default_attention(family: str) -> str:
@@ -59,6 +73,24 @@ def tiny_model(family: str = "llama", attn: str | None = None, seed: int = 0, **
                 if isinstance(module, nn.Linear) and module.bias is not None:
                     module.bias.normal_(std=0.1)
     return model
+
+
+def tiny_llama(seed: int = 0, **overrides) -> nn.Module:
+    """The Llama of the Trainer-level tests: ``tiny_model("llama")`` with 4 query heads in 2 KV groups (so r = 0.5
+    omits exactly one group) and the special-token ids of ``tiny_tokenizer``."""
+    kwargs = dict(num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, eos_token_id=1, bos_token_id=1)
+    return tiny_model("llama", seed=seed, **{**kwargs, **overrides})
+
+
+def sat_model(stack: str, config: peft_sat.SATConfig) -> nn.Module:
+    """``tiny_model()`` with SAT: full-parameter (``get_peft_model``) or under LoRA (``apply_sat`` on a
+    ``lora_config()`` model)."""
+    base = tiny_model()
+    if stack == "full":
+        return get_peft_model(base, config)
+    if stack == "lora":
+        return peft_sat.apply_sat(get_peft_model(base, lora_config()), config)
+    raise ValueError(stack)
 
 
 def quantize_4bit(model: nn.Module, tmp_path, device_map: dict | None = None) -> nn.Module:
@@ -296,6 +328,121 @@ def assert_matches_masked_reference(sat: nn.Module, reference: nn.Module, inputs
     assert sat_grads.keys() == reference_grads.keys() and sat_grads
     for name, grad in reference_grads.items():
         torch.testing.assert_close(sat_grads[name], grad, rtol=0, atol=atol, msg=name)
+
+
+# ---- Trainer-level tests: datasets, tokenizer, training arguments --------------------------------------------------
+
+
+def lm_dataset(num_rows: int = 16, seq_len: int = 16, seed: int = 0) -> Dataset:
+    """Pre-tokenized causal-LM rows (``input_ids``, ``attention_mask``, ``labels``) for the plain Trainer."""
+    from datasets import Dataset
+
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (num_rows, seq_len), generator=generator).tolist()
+    return Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * seq_len] * num_rows, "labels": ids})
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer built in memory (no download): ids 0 <pad>, 1 <eos>, 2 <unk>, then ``WORDS``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{word: i + 3 for i, word in enumerate(WORDS)}}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def text_dataset(num_rows: int = 16, words: int = 12, seed: int = 0) -> Dataset:
+    """A ``text`` column of random words, the plainest SFTTrainer format."""
+    from datasets import Dataset
+
+    rng = random.Random(seed)
+    return Dataset.from_dict({"text": [" ".join(rng.choices(WORDS, k=words)) for _ in range(num_rows)]})
+
+
+def training_args(output_dir: Any, cls: type = TrainingArguments, **overrides: Any) -> TrainingArguments:
+    """8 optimizer steps of batch 2, logged every step, on CPU, no reporting, no checkpoints unless asked."""
+    kwargs: dict[str, Any] = dict(
+        output_dir=str(output_dir),
+        max_steps=8,
+        per_device_train_batch_size=2,
+        learning_rate=1e-3,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+        dataloader_num_workers=0,
+    )
+    if cls is not TrainingArguments:  # TRL's SFTConfig defaults bf16 and gradient checkpointing on (STACK_NOTES)
+        kwargs.update(bf16=False, gradient_checkpointing=False)
+    kwargs.update(overrides)
+    return cls(**kwargs)
+
+
+def train_logs(log_history: list[dict]) -> list[dict]:
+    """The per-step training entries of ``state.log_history`` (those with a ``loss``)."""
+    return [entry for entry in log_history if "loss" in entry]
+
+
+# ---- recipe tests: a tiny chat model on disk and a 6-step run ------------------------------------------------------
+
+CHAT_WORDS = "the a python function returns value list of numbers hello world how are you fine thanks what is sat sparse training".split()
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# Arguments of a recipe run on the tiny chat model: 6 steps, so the default ladder is `TINY_RECIPE_LADDER`.
+TINY_RECIPE_ARGS = (
+    "--max_steps 6 --per_device_train_batch_size 2 --per_device_eval_batch_size 4 --max_length 16 "
+    "--eval_samples 4 --learning_rate 1e-3 --disable_tqdm true --lora_r 4 --lora_alpha 8"
+).split()
+TINY_RECIPE_LADDER = [0.5, 0.5, 0.5, 1 / 3, 1 / 6, 0.0]
+
+
+def sentence(i: int, n: int = 6) -> str:
+    """The ``i``-th of a fixed sequence of ``n``-word sentences over ``CHAT_WORDS``."""
+    return " ".join(CHAT_WORDS[(i * 7 + k * 3) % len(CHAT_WORDS)] for k in range(n))
+
+
+def save_tiny_chat_model(path: Path) -> Path:
+    """Save to ``path`` a ``tiny_llama`` (dims multiples of 64 for 4-bit) with a word-level tokenizer over
+    ``CHAT_WORDS`` that has a ChatML template: what the recipes load with ``--model_name_or_path``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    specials = ["<unk>", "<|im_start|>", "<|im_end|>"]
+    vocab = {token: i for i, token in enumerate(specials + ["user", "assistant", "system"] + CHAT_WORDS)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        unk_token="<unk>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        bos_token="<|im_start|>",
+    )
+    tokenizer.chat_template = CHATML
+    tokenizer.save_pretrained(path)
+    end = vocab["<|im_end|>"]
+    model = tiny_llama(vocab_size=64, max_position_embeddings=128, eos_token_id=end, pad_token_id=end)
+    model.save_pretrained(path)
+    return path
+
+
+# ---- multi-process tests -------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def torchrun(processes: int) -> list[str]:
+    """The command prefix that starts a script in ``processes`` local processes under torchrun."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}"]
+    return launcher + [f"--master_port={free_port()}", "--master_addr=127.0.0.1"]
 
 
 def leave_process_group() -> None:

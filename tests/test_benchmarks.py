@@ -1,5 +1,6 @@
-"""The step benchmark runs end to end in its seconds-long ``--tiny`` mode and prints its table (timings not checked:
-they are the benchmark's job, not a test's). About 7 s on 2 quiet cores, most of it importing torch / transformers."""
+"""``benchmarks/speed.py`` runs end to end in its seconds-long ``--tiny`` mode, writes its JSON, markdown and plot,
+and re-renders a saved report (timings not checked: they are the benchmark's job, not a test's). Its ideal FLOPs
+ratio comes from ``peft_sat.flops`` (``tests/test_flops.py``)."""
 
 from __future__ import annotations
 
@@ -8,28 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_step.py"
-
-
-def test_bench_step_tiny_prints_the_table(tmp_path):
-    out = tmp_path / "bench.json"
-    # --max-foreign-load 1: never repeat steps on a busy test machine (the numbers are not checked here)
-    command = [sys.executable, str(SCRIPT), "--tiny", "--max-foreign-load", "1", "--json", str(out)]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = result.stdout.splitlines()
-    header = next(i for i, line in enumerate(lines) if line.startswith("variant"))
-    assert lines[header].split()[:6] == ["variant", "dense", "ms", "SAT", "ms", "ratio"]
-    rows = {line.split()[0]: line.split() for line in lines[header + 2 :] if line.strip()}
-    assert set(rows) == {"full", "lora"}
-    report = json.loads(out.read_text())
-    assert [row["variant"] for row in report["rows"]] == ["full", "lora"]
-    for row in report["rows"]:
-        assert row["dense_ms"] > 0 and row["sat_ms"] > 0 and 1.0 < row["ideal"] < 2.5
-        assert 0.0 < row["select_share"] < 1.0  # the scoring timer saw the SAT blocks
-
-
-SPEED = SCRIPT.parent / "speed.py"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+SPEED = BENCHMARKS / "speed.py"
 
 
 def test_speed_tiny_covers_every_case_variant_and_rate(tmp_path):
@@ -62,7 +43,7 @@ def test_speed_tiny_covers_every_case_variant_and_rate(tmp_path):
             if (r["case"], r["variant"]) == (case, variant) and r["rate"]
         ]
         assert ideals == sorted(ideals) and len(ideals) == 3
-    assert "target smollm2 full r=0.5" in result.stdout
+    assert "target" not in result.stdout  # what the numbers are judged against lives in docs/results.md
     assert png.stat().st_size > 10_000
     assert md.read_text().count("\n| smollm2 |") == 12 and "| 7b-layer | qlora | 0.75 |" in md.read_text()
     # the saved report re-renders to the same table without measuring anything
@@ -85,25 +66,3 @@ def test_speed_rejects_bad_arguments():
     for bad in bad_arguments:
         result = subprocess.run([sys.executable, str(SPEED), *bad], capture_output=True, text=True, timeout=120)
         assert result.returncode == 2 and bad[0] in result.stderr, result.stderr[-2000:]
-
-
-def test_ideal_flops_ratio_halves_a_bare_layer_at_half_rate():
-    sys.path.insert(0, str(SCRIPT.parent))
-    from _flops import StackShape, ideal_speedup, training_flops
-
-    layer = StackShape(hidden=256, intermediate=512, heads=8, kv_heads=8, layers=1, vocab=0, batch=1, seq=64)
-    # every matmul of a bare MHA layer scales with the kept units: exactly half the FLOPs at r = 0.5
-    assert ideal_speedup(layer, "full", 0.5) == 2.0
-    assert ideal_speedup(layer, "full", 0.0) == 1.0
-    # LoRA's A factors read the full input of q/k/v/gate/up, so LoRA saves a little less than half
-    assert 1.8 < ideal_speedup(layer, "lora", 0.5) < 2.0
-    assert training_flops(layer, "lora", 0.0) == training_flops(layer, "qlora", 0.0)
-    # the dense LM head caps the speed-up of a whole model
-    model = StackShape(hidden=256, intermediate=512, heads=8, kv_heads=8, layers=1, vocab=4096, batch=1, seq=64)
-    assert ideal_speedup(model, "full", 0.5) < ideal_speedup(layer, "full", 0.5)
-    # omitting one kind of unit: a smaller speed-up, and the two kinds' savings add up to the whole
-    dense, both = training_flops(layer, "full", 0.0), training_flops(layer, "full", 0.5)
-    mlp_only = training_flops(layer, "full", 0.5, omit=("mlp",))
-    attention_only = training_flops(layer, "full", 0.5, omit=("attention",))
-    assert both < mlp_only < dense and both < attention_only < dense
-    assert (dense - mlp_only) + (dense - attention_only) == dense - both  # integer-valued floats: exact

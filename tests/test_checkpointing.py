@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 from peft import get_peft_model
-from sat_testing import batch, gradients, lora_config, tiny_model, train_step
+from sat_testing import batch, gradients, sat_model, tiny_model, train_step
 
 import peft_sat
 
@@ -18,12 +18,7 @@ import peft_sat
 def test_checkpointed_step_equals_plain_step(stack, use_reentrant):
     # "sampling" and "uniform" draw random numbers: a re-run that re-selected would pick other units.
     config = peft_sat.SATConfig(omission_rate=0.5, importance="uniform", selection="sampling", seed=5)
-    base = tiny_model()
-    model = (
-        get_peft_model(base, config)
-        if stack == "full"
-        else peft_sat.apply_sat(get_peft_model(base, lora_config()), config)
-    )
+    model = sat_model(stack, config)
     checkpointed = copy.deepcopy(model)
     checkpointed.get_base_model().gradient_checkpointing_enable({"use_reentrant": use_reentrant})
     if use_reentrant:
@@ -36,7 +31,7 @@ def test_checkpointed_step_equals_plain_step(stack, use_reentrant):
     checkpointed_loss = train_step(checkpointed, inputs)
     torch.testing.assert_close(checkpointed_loss, plain_loss, rtol=0, atol=1e-6)
     plain_grads, checkpointed_grads = gradients(plain), gradients(checkpointed)
-    assert plain_grads.keys() == checkpointed_grads.keys()
+    assert plain_grads.keys() == checkpointed_grads.keys() and plain_grads
     for name, grad in plain_grads.items():
         torch.testing.assert_close(checkpointed_grads[name], grad, rtol=0, atol=1e-6, msg=name)
 

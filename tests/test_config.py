@@ -8,7 +8,7 @@ import pytest
 from peft import PeftConfig, get_peft_model
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils import PeftType
-from sat_testing import tiny_model
+from sat_testing import sat_blocks, tiny_model
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import peft_sat
@@ -101,8 +101,6 @@ def test_omit_restricts_the_converted_blocks():
 
 
 def test_olmo2_heads_cannot_be_sliced_so_only_its_mlp_is_sparsified():
-    from sat_testing import sat_blocks
-
     with pytest.warns(UserWarning, match="q/k RMSNorm spans all heads.*MLP blocks only"):
         model = peft_sat.apply_sat(tiny_model("olmo2"), SATConfig())
     assert [type(block).__name__ for _, block in sat_blocks(model)] == ["SATOlmo2MLP", "SATOlmo2MLP"]
@@ -111,8 +109,6 @@ def test_olmo2_heads_cannot_be_sliced_so_only_its_mlp_is_sparsified():
 
 
 def test_layers_to_transform_restricts_the_layers():
-    from sat_testing import sat_blocks
-
     model = peft_sat.apply_sat(tiny_model(), SATConfig(layers_to_transform=[1]))
     assert [name for name, _ in sat_blocks(model)] == ["model.layers.1.self_attn", "model.layers.1.mlp"]
     full = get_peft_model(tiny_model(), SATConfig(layers_to_transform=0, layers_pattern="layers"))

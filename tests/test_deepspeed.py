@@ -9,41 +9,31 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from sat_testing import torchrun
 
 pytestmark = [
     pytest.mark.skipif(
         importlib.util.find_spec("deepspeed") is None,
         reason="deepspeed is not installed (optional extra: pip install -e '.[deepspeed]')",
     ),
-    pytest.mark.slow,  # ~65 s on 2 cores: 5 two-process runs and 2 references
+    pytest.mark.slow,  # 5 two-process runs and 2 single-process references
 ]
 
 WORKER = Path(__file__).with_name("deepspeed_worker.py")
 RATES = "0,0.5,0.5"  # one dense step (DeepSpeed records a trace of the dense projections), then sparse steps
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _run(stack: str, stage: int, out_dir: Path, *flags: str) -> list[dict]:
     out_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}  # CPU tensors, gloo, on any machine
     args = [str(WORKER), stack, str(stage), RATES, str(out_dir), *flags]
-    if stage:
-        launcher = ["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}"]
-        command = [sys.executable, *launcher, "--master_addr=127.0.0.1", *args]
-    else:
-        command = [sys.executable, *args]
+    command = [*(torchrun(2) if stage else [sys.executable]), *args]
     result = subprocess.run(command, capture_output=True, text=True, timeout=400, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return [torch.load(out_dir / f"rank{rank}.pt") for rank in range(2 if stage else 1)]

@@ -1,12 +1,12 @@
 """The shipped DeepSpeed launcher configs run SAT training the way users start it:
 ``accelerate launch --config_file recipes/accelerate_configs/deepspeed_zero{2,3}.yaml recipes/sft.py ...`` (TRL's
-``SFTTrainer`` + ``SATCallback`` + DeepSpeed), full-parameter SAT and SAT + LoRA, on the tiny offline Llama of
-``tests/test_recipes.py``. Only what a CPU needs comes from the command line (``--num_processes 2``, ``DS_ACCELERATOR
-=cpu``); the YAML files stay as GPU users get them. Each run must really be DeepSpeed at the config's ZeRO stage with
-2 processes, log the SAT metrics, finish with finite losses and save weights that load (under ZeRO-3: gathered, not
-empty shards). Before the recipes evaluated under DeepSpeed inside ``train()``, both configs failed before step 1.
-Engine-level equality with a single-process run is ``tests/test_deepspeed.py``. Skipped without DeepSpeed
-(``pip install -e ".[deepspeed]"``)."""
+``SFTTrainer`` + ``SATCallback`` + DeepSpeed), full-parameter SAT and SAT + LoRA, on the tiny offline chat Llama of
+the ``tiny_model_dir`` fixture with the recipe tests' 6-step arguments. Only what a CPU needs comes from the command
+line (``--num_processes 2``, ``DS_ACCELERATOR=cpu``); the YAML files stay as GPU users get them. Each run must really
+be DeepSpeed at the config's ZeRO stage with 2 processes, log the SAT metrics, finish with finite losses and save
+weights that load (under ZeRO-3: gathered, not empty shards). Before the recipes evaluated under DeepSpeed inside
+``train()``, both configs failed before step 1. Engine-level equality with a single-process run is
+``tests/test_deepspeed.py``. Skipped without DeepSpeed (``pip install -e ".[deepspeed]"``)."""
 
 from __future__ import annotations
 
@@ -14,16 +14,13 @@ import importlib.util
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, os.path.dirname(__file__))
-from test_recipes import chat_file, tiny_model_dir  # noqa: E402, F401 - module-scoped fixtures, shared
+from sat_testing import TINY_RECIPE_ARGS, TINY_RECIPE_LADDER, free_port
 
 pytestmark = [
     pytest.mark.skipif(
@@ -31,23 +28,11 @@ pytestmark = [
         reason="deepspeed is not installed (optional extra: pip install -e '.[deepspeed]'); "
         "the DeepSpeed launcher configs cannot run without it",
     ),
-    pytest.mark.slow,  # about 30 s per run on 2 cores: two processes each import torch, transformers and DeepSpeed
+    pytest.mark.slow,  # every run starts two processes that each import torch, transformers and DeepSpeed
 ]
 
 ROOT = Path(__file__).resolve().parent.parent
-STEPS = 6
-LADDER = [0.5, 0.5, 0.5, 1 / 3, 1 / 6, 0.0]  # the default ladder over 6 steps (as in tests/test_recipes.py)
-# Tiny and quick, as tests/test_recipes.py::tiny_args; batch 2 per process, so 4 per optimizer step.
-TINY = (
-    f"--max_steps {STEPS} --per_device_train_batch_size 2 --per_device_eval_batch_size 4 --max_length 16 "
-    "--eval_samples 4 --learning_rate 1e-3 --disable_tqdm true --lora_r 4 --lora_alpha 8"
-).split()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+STEPS = len(TINY_RECIPE_LADDER)  # TINY_RECIPE_ARGS run 6 steps of batch 2 per process: 4 per optimizer step
 
 
 def _launch(config: str, model_dir: Path, data: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -61,9 +46,9 @@ def _launch(config: str, model_dir: Path, data: Path, out: Path, *extra: str) ->
     }
     launcher = [sys.executable, "-m", "accelerate.commands.launch"]
     launcher += ["--config_file", str(ROOT / "recipes" / "accelerate_configs" / f"{config}.yaml")]
-    launcher += ["--num_processes", "2", "--main_process_port", str(_free_port())]
+    launcher += ["--num_processes", "2", "--main_process_port", str(free_port())]
     paths = ["--model_name_or_path", str(model_dir), "--dataset_name", str(data), "--output_dir", str(out)]
-    command = [*launcher, str(ROOT / "recipes" / "sft.py"), *paths, *TINY, *extra]
+    command = [*launcher, str(ROOT / "recipes" / "sft.py"), *paths, *TINY_RECIPE_ARGS, *extra]
     return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
 
 
@@ -102,7 +87,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("config,variant", CASES, ids=[f"{c.split('_')[1]}-{v}" for c, v in CASES])
-def test_deepspeed_config_runs_sat_recipe(config, variant, tiny_model_dir, chat_file, tmp_path):  # noqa: F811
+def test_deepspeed_config_runs_sat_recipe(config, variant, tiny_model_dir, chat_file, tmp_path):
     recipe_config = ROOT / "recipes" / "sft" / f"config_{variant}.yaml"  # the shipped variant; the command line wins
     result = _launch(config, tiny_model_dir, chat_file, tmp_path, "--config", str(recipe_config))
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-6000:]
@@ -118,7 +103,7 @@ def test_deepspeed_config_runs_sat_recipe(config, variant, tiny_model_dir, chat_
     for entry in steps:
         assert {"sat/omission_rate", "sat/kept_fraction", "sat/flops_saved_fraction"} <= set(entry), entry
         assert math.isfinite(entry["loss"]), entry
-    assert [entry["sat/omission_rate"] for entry in steps] == pytest.approx(LADDER)
+    assert [entry["sat/omission_rate"] for entry in steps] == pytest.approx(TINY_RECIPE_LADDER)
     assert 0 < metrics["flops_saved_fraction_estimate"] < 1
     assert math.isfinite(metrics["train_loss"])
     assert math.isfinite(metrics["eval_loss_before"]) and math.isfinite(metrics["eval_loss_after"])

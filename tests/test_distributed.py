@@ -5,38 +5,21 @@ slice the weights that FSDP all-gathered for the forward, never the sharded stor
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from sat_testing import torchrun
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _run(args: list[str], out_dir: Path, processes: int) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if processes > 1:
-        command = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            f"--nproc_per_node={processes}",
-            f"--master_port={_free_port()}",
-            "--master_addr=127.0.0.1",
-            str(WORKER),
-            *args[:2],
-            str(out_dir),
-            *args[2:],
-        ]
+        command = [*torchrun(processes), str(WORKER), *args[:2], str(out_dir), *args[2:]]
     else:
         command = [sys.executable, str(WORKER), *args[:2], str(out_dir)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=400, env=env)

@@ -15,17 +15,21 @@ import copy
 
 import pytest
 import torch
+from peft import get_peft_model
 from sat_testing import (
     ATTENTION,
     FAMILIES,
     GRANULARITIES,
     STACKS,
+    assert_matches_masked_reference,
     batch,
     build_stack,
     gradients,
+    lora_config,
     masked,
     omitted_slices,
     sat_blocks,
+    tiny_model,
     train_step,
     unit_masks,
 )
@@ -73,33 +77,18 @@ def test_sparse_step_equals_masked_dense_reference(stack, family, granularity, a
 def test_every_metric_and_selection_trains_the_masked_reference(importance, selection):
     config = peft_sat.SATConfig(omission_rate=0.25, importance=importance, selection=selection, seed=3)
     models = build_stack("full", "llama", "sdpa", config)
-    inputs = batch()
-    sat_loss = train_step(models.sat, inputs)
-    with masked(models.reference, unit_masks(models.sat)):
-        reference_loss = train_step(models.reference, inputs)
-    torch.testing.assert_close(sat_loss, reference_loss, rtol=0, atol=1e-5)
-    for name, grad in gradients(models.reference).items():
-        torch.testing.assert_close(gradients(models.sat)[name], grad, rtol=0, atol=1e-5, msg=name)
+    assert_matches_masked_reference(models.sat, models.reference, batch())
 
 
 def test_lora_injected_after_sat_equals_masked_reference():
     """TRL's `peft_config` path: SAT first (apply_sat on the plain model), LoRA second."""
-    from peft import get_peft_model
-    from sat_testing import lora_config, tiny_model
-
     base = tiny_model("qwen3")
     reference = get_peft_model(copy.deepcopy(base), lora_config()).train()
     peft_sat.apply_sat(base, peft_sat.SATConfig(omission_rate=0.5, head_granularity="q_head"))
     torch.manual_seed(0)  # LoRA init is random (init_lora_weights=False): copy the reference's weights
     sat = get_peft_model(base, lora_config()).train()
     sat.load_state_dict(reference.state_dict())
-    inputs = batch()
-    sat_loss = train_step(sat, inputs)
-    with masked(reference, unit_masks(sat)):
-        reference_loss = train_step(reference, inputs)
-    torch.testing.assert_close(sat_loss, reference_loss, rtol=0, atol=1e-5)
-    for name, grad in gradients(reference).items():
-        torch.testing.assert_close(gradients(sat)[name], grad, rtol=0, atol=1e-5, msg=name)
+    assert_matches_masked_reference(sat, reference, batch())
 
 
 MODES = {

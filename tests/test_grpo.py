@@ -8,8 +8,7 @@ import random
 import torch
 from datasets import Dataset
 from peft import LoraConfig
-from sat_testing import sat_blocks
-from trainer_utils import WORDS, tiny_llama, tiny_tokenizer
+from sat_testing import WORDS, sat_blocks, tiny_llama, tiny_tokenizer
 
 from peft_sat import SATCallback, SATConfig
 from peft_sat.blocks import SATMLPMixin

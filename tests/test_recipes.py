@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from sat_testing import TINY_RECIPE_ARGS, TINY_RECIPE_LADDER, sentence
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # `recipes` is a folder of scripts at the repository root, not an installed package
@@ -25,74 +26,6 @@ from recipes.report import METRICS_FILE, PLOT_FILE, dense_time_saved  # noqa: E4
 RECIPES = {"sft": sft, "cpt": cpt}
 RECIPE_YAMLS = sorted((ROOT / "recipes").glob("*/config_*.yaml"))
 ACCELERATE_YAMLS = sorted((ROOT / "recipes" / "accelerate_configs").glob("*.yaml"))
-WORDS = "the a python function returns value list of numbers hello world how are you fine thanks what is sat sparse training".split()
-CHATML = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
-
-# ---- fixtures: a tiny offline model, tokenizer and datasets ----------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    """A 2-layer Llama (dims multiples of 64 for 4-bit) with a word-level tokenizer that has a ChatML template."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    path = tmp_path_factory.mktemp("tiny-llama")
-    specials = ["<unk>", "<|im_start|>", "<|im_end|>"]
-    vocab = {token: i for i, token in enumerate(specials + ["user", "assistant", "system"] + WORDS)}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        unk_token="<unk>",
-        eos_token="<|im_end|>",
-        pad_token="<|im_end|>",
-        bos_token="<|im_start|>",
-    )
-    tokenizer.chat_template = CHATML
-    tokenizer.save_pretrained(path)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=128,
-        eos_token_id=vocab["<|im_end|>"],
-        pad_token_id=vocab["<|im_end|>"],
-        bos_token_id=1,
-    )
-    LlamaForCausalLM(config).save_pretrained(path)
-    return path
-
-
-def _sentence(i: int, n: int = 6) -> str:
-    return " ".join(WORDS[(i * 7 + k * 3) % len(WORDS)] for k in range(n))
-
-
-@pytest.fixture(scope="module")
-def chat_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "chat.jsonl"
-    rows = [
-        {"messages": [{"role": "user", "content": _sentence(i)}, {"role": "assistant", "content": _sentence(i + 1)}]}
-        for i in range(40)
-    ]
-    path.write_text("\n".join(json.dumps(row) for row in rows))
-    return path
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_text("\n".join(_sentence(i, 12) for i in range(60)))
-    return path
 
 
 def parse(recipe: str, *args: str):
@@ -100,13 +33,9 @@ def parse(recipe: str, *args: str):
 
 
 def tiny_args(recipe: str, model_dir: Path, data: Path, out: Path, *extra: str):
-    """Arguments for a 6-step run on the tiny model: ladder 0.5, 0.5, 0.5, 1/3, 1/6, 0."""
-    common = (
-        "--max_steps 6 --per_device_train_batch_size 2 --per_device_eval_batch_size 4 --max_length 16 "
-        "--eval_samples 4 --learning_rate 1e-3 --disable_tqdm true --lora_r 4 --lora_alpha 8"
-    )
+    """Arguments for a 6-step run on the tiny model of the ``tiny_model_dir`` fixture: ``TINY_RECIPE_LADDER``."""
     paths = ["--model_name_or_path", str(model_dir), "--dataset_name", str(data), "--output_dir", str(out)]
-    return parse(recipe, *paths, *common.split(), *extra)
+    return parse(recipe, *paths, *TINY_RECIPE_ARGS, *extra)
 
 
 # ---- configs ---------------------------------------------------------------------------------------------------
@@ -195,7 +124,7 @@ def test_pack_blocks_and_held_out_tail(tiny_model_dir):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    data = Dataset.from_dict({"text": [_sentence(i, 10) for i in range(9)]})  # 9 * (10 words + EOS) = 99 tokens
+    data = Dataset.from_dict({"text": [sentence(i, 10) for i in range(9)]})  # 9 * (10 words + EOS) = 99 tokens
     blocks = pack_blocks(data, tokenizer, "text", 8)
     assert len(blocks) == 12 and all(len(ids) == 8 for ids in blocks["input_ids"])
     args = sft.make_parser().parse_args_and_config(["--eval_samples", "3"])[0]
@@ -248,7 +177,7 @@ def test_sft_end_to_end(variant, tiny_model_dir, chat_file, tmp_path):
     assert (tmp_path / weights).is_file()
     rates = _logged_rates(metrics)
     assert rates[0] == 0.5 and rates[-1] == 0.0 and rates == sorted(rates, reverse=True)  # the ladder, down to dense
-    assert [r["omission_rate"] for r in metrics["steps"]] == [0.5, 0.5, 0.5, 1 / 3, 1 / 6, 0.0]
+    assert [r["omission_rate"] for r in metrics["steps"]] == TINY_RECIPE_LADDER
     assert all(v == v for v in (metrics["eval_loss_before"], metrics["eval_loss_after"]))  # not NaN
 
 

@@ -6,37 +6,28 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from resume_worker import CONFIG, MAX_STEPS, SAVE_STEPS  # the worker script's settings, not a test module
 from safetensors.torch import load_file
+from sat_testing import torchrun
 
-sys.path.insert(0, os.path.dirname(__file__))
-from resume_worker import CONFIG, MAX_STEPS, SAVE_STEPS  # noqa: E402
-
-from peft_sat import SATConfig, omission_rate_at  # noqa: E402
+from peft_sat import SATConfig, omission_rate_at
 
 WORKER = Path(__file__).with_name("resume_worker.py")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _run(out_dir: Path, processes: int, checkpoint: Path | None = None) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = [str(WORKER), str(out_dir), *([str(checkpoint)] if checkpoint else [])]
-    launcher = []
+    launcher = [sys.executable]
     if processes > 1:  # use_cpu=True + torchrun: real gloo DDP (STACK_NOTES)
-        launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={processes}", f"--master_port={_free_port()}"]
-        launcher.append("--master_addr=127.0.0.1")
-    result = subprocess.run([sys.executable, *launcher, *args], capture_output=True, text=True, timeout=400, env=env)
+        launcher = torchrun(processes)
+    result = subprocess.run([*launcher, *args], capture_output=True, text=True, timeout=400, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     written = json.loads((out_dir / "logs.json").read_text())
     assert written["world"] == processes
@@ -47,7 +38,7 @@ def _lora_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     return load_file(checkpoint / "adapter_model.safetensors")
 
 
-@pytest.mark.slow  # ~25 s per direction on 2 cores (3 Trainer processes)
+@pytest.mark.slow  # 3 Trainer processes per direction, each importing torch and transformers
 @pytest.mark.parametrize("saved_on,resumed_on", [(2, 1), (1, 2)], ids=["2-to-1", "1-to-2"])
 def test_resume_with_another_world_size_continues_the_ladder(saved_on, resumed_on, tmp_path):
     uninterrupted = _run(tmp_path / "run", saved_on)

@@ -1,0 +1,84 @@
+"""The FLOPs model (``peft_sat.flops``): the analytic stack of the benchmarks and the callback's estimate of a real
+model, dense and in every SAT mode, against the formulas of its docstring on hand-made shapes."""
+
+from __future__ import annotations
+
+import pytest
+from peft import LoraConfig, get_peft_model
+from sat_testing import tiny_llama
+
+import peft_sat
+from peft_sat import SATConfig, get_sat_state
+from peft_sat.flops import SATFlopsEstimator, SlicedShare, StackShape, ideal_speedup, training_flops
+
+LAYER = StackShape(hidden=256, intermediate=512, heads=8, kv_heads=8, layers=1, vocab=0, batch=1, seq=64)
+
+
+def test_ideal_ratio_of_a_bare_layer_at_half_rate():
+    # every matmul of a bare MHA layer scales with the kept units: exactly half the FLOPs at r = 0.5
+    assert ideal_speedup(LAYER, "full", 0.5) == 2.0
+    assert ideal_speedup(LAYER, "full", 0.0) == 1.0
+    # LoRA's A factors read the full input of q/k/v/gate/up, so LoRA saves a little less than half
+    assert 1.8 < ideal_speedup(LAYER, "lora", 0.5) < 2.0
+    assert training_flops(LAYER, "lora", 0.0) == training_flops(LAYER, "qlora", 0.0)
+    # the dense LM head caps the speed-up of a whole model
+    model = StackShape(hidden=256, intermediate=512, heads=8, kv_heads=8, layers=1, vocab=4096, batch=1, seq=64)
+    assert ideal_speedup(model, "full", 0.5) < ideal_speedup(LAYER, "full", 0.5)
+    # omitting one kind of unit: a smaller speed-up, and the two kinds' savings add up to the whole
+    dense, both = training_flops(LAYER, "full", 0.0), training_flops(LAYER, "full", 0.5)
+    mlp_only = training_flops(LAYER, "full", 0.5, omit=("mlp",))
+    attention_only = training_flops(LAYER, "full", 0.5, omit=("attention",))
+    assert both < mlp_only < dense and both < attention_only < dense
+    assert (dense - mlp_only) + (dense - attention_only) == dense - both  # integer-valued floats: exact
+
+
+@pytest.mark.parametrize(
+    "sparse_pass,dense_fraction,ideal",
+    [
+        ("backward", 0.0, 3 / (1 + 2 * 0.5)),  # full forward, half of the backward (two thirds of the cost)
+        ("forward_backward", 0.5, 1 / (1 - 0.5 * 0.5)),  # half the tokens dense, half at half cost
+        ("backward", 0.5, 3 / ((1 - 0.5 * 0.5) + 2 * 0.5)),  # sparse tokens sliced in forward, all in backward
+    ],
+)
+def test_ideal_ratio_of_the_modes_beyond_the_paper(sparse_pass, dense_fraction, ideal):
+    ratio = ideal_speedup(LAYER, "full", 0.5, sparse_pass=sparse_pass, dense_fraction=dense_fraction)
+    assert ratio == pytest.approx(ideal)
+
+
+def test_sliced_share_table():
+    assert SlicedShare.of("forward_backward", 0.0) == SlicedShare(1.0, 1.0)
+    assert SlicedShare.of("forward_backward", 0.25) == SlicedShare(0.75, 0.75)
+    assert SlicedShare.of("backward", 0.0) == SlicedShare(0.0, 1.0)
+    assert SlicedShare.of("backward", 0.25) == SlicedShare(0.75, 1.0)
+
+
+def _estimator(model) -> SATFlopsEstimator:
+    return SATFlopsEstimator(model, get_sat_state(model))
+
+
+def test_estimate_of_a_real_model_matches_the_formula():
+    hidden, inter, heads, kv_heads, head_dim, vocab, layers = 64, 128, 4, 2, 16, 128, 2
+    mlp = 3 * hidden * inter
+    q_o = 2 * hidden * heads * head_dim
+    k_v = 2 * hidden * kv_heads * head_dim
+    macs = layers * (mlp + q_o + k_v) + hidden * vocab  # + LM head
+    # full-parameter: 2 FLOPs per multiply-add forward, 4 backward (input and weight gradients)
+    model = peft_sat.apply_sat(tiny_llama(), SATConfig(omission_rate=0.5, train_base=True))
+    assert _estimator(model).dense_cost == 6 * macs
+    assert _estimator(model).saved_fraction(0.5) == pytest.approx(layers * (mlp + q_o + k_v) * 0.5 / macs)
+    assert _estimator(model).saved_fraction(0.0) == 0.0
+    # the sparse backward saves the backward's two thirds; dense tokens save nothing in either pass
+    backward = _estimator(model).saved_fraction(0.5, "backward")
+    assert backward == pytest.approx(layers * (mlp + q_o + k_v) * 0.5 / macs * 2 / 3)
+    split = _estimator(model).saved_fraction(0.5, "forward_backward", dense_fraction=0.25)
+    assert split == pytest.approx(layers * (mlp + q_o + k_v) * 0.5 / macs * 0.75)
+    # q_head: k/v projections are counted dense; rate 0.25 of 4 heads omits 1, of 128 channels 32
+    model = peft_sat.apply_sat(tiny_llama(), SATConfig(head_granularity="q_head", train_base=True))
+    assert _estimator(model).saved_fraction(0.25) == pytest.approx(layers * (mlp + q_o) * 0.25 / macs)
+    assert _estimator(model).kept_fraction(0.25) == pytest.approx((96 + 3) * layers / ((128 + 4) * layers))
+    # LoRA: frozen base weights cost forward + input gradient only; adapter layers are not counted
+    lora = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules="all-linear"))
+    peft_sat.apply_sat(lora, SATConfig(omit=["mlp"]))
+    assert _estimator(lora).dense_cost == 4 * macs
+    assert _estimator(lora).saved_fraction(0.5) == pytest.approx(layers * mlp * 0.5 / macs)
+    assert _estimator(lora).saved_fraction(0.5, "backward") == pytest.approx(layers * mlp * 0.5 / macs / 2)
