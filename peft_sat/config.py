@@ -10,16 +10,42 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from difflib import get_close_matches
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from peft.config import PeftConfig
 
-IMPORTANCE_METRICS = ("uniform", "magnitude", "wanda", "maxip")
-SELECTION_METHODS = ("topk", "sampling")
-HEAD_GRANULARITIES = ("kv_group", "q_head")
-OMITTABLE_BLOCKS = ("mlp", "attention")
-DISTRIBUTED_SELECTIONS = ("shared", "per_rank")
-SCHEDULES = ("ladder", "constant", "linear")  # peft_sat.schedules implements them
+from .blocks.registry import ARCHITECTURES
+from .registration import SAT_PEFT_TYPE
+
+# The closed choices, written once: the field annotations use the Literal types, the checks their tuples.
+ImportanceMetric = Literal["uniform", "magnitude", "wanda", "maxip"]
+SelectionMethod = Literal["topk", "sampling"]
+HeadGranularity = Literal["kv_group", "q_head"]
+OmittableBlock = Literal["mlp", "attention"]
+DistributedSelection = Literal["shared", "per_rank"]
+Schedule = Literal["ladder", "constant", "linear"]  # peft_sat.schedules implements them
+
+IMPORTANCE_METRICS: tuple[str, ...] = get_args(ImportanceMetric)
+SELECTION_METHODS: tuple[str, ...] = get_args(SelectionMethod)
+HEAD_GRANULARITIES: tuple[str, ...] = get_args(HeadGranularity)
+OMITTABLE_BLOCKS: tuple[str, ...] = get_args(OmittableBlock)
+DISTRIBUTED_SELECTIONS: tuple[str, ...] = get_args(DistributedSelection)
+SCHEDULES: tuple[str, ...] = get_args(Schedule)
+
+
+def _target_modules_help() -> str:
+    """The help of ``target_modules``, naming the families of ``peft_sat.blocks.ARCHITECTURES`` (never typed twice)."""
+    names = list(ARCHITECTURES)
+    families = ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else names[0]
+    notes = "".join(
+        f"; {family}: MLP only, {arch.attention_unsliceable}"
+        for family, arch in ARCHITECTURES.items()
+        if arch.attention is None
+    )
+    return (
+        "Names (suffix match) or a regex of the MLP / self-attention blocks to sparsify. Default: ['mlp', "
+        f"'self_attn'] for every supported family ({families}{notes})."
+    )
 
 
 @dataclass
@@ -47,14 +73,9 @@ class SATConfig(PeftConfig):
     )
     target_modules: list[str] | str | None = field(
         default=None,
-        metadata={
-            "help": (
-                "Names (suffix match) or a regex of the MLP / self-attention blocks to sparsify. Default per model "
-                "type: ['mlp', 'self_attn'] for Llama, Mistral, Qwen2 and Qwen3."
-            )
-        },
+        metadata={"help": _target_modules_help()},
     )
-    omit: list[Literal["mlp", "attention"]] = field(
+    omit: list[OmittableBlock] = field(
         default_factory=lambda: ["mlp", "attention"],
         metadata={
             "help": (
@@ -63,7 +84,7 @@ class SATConfig(PeftConfig):
             )
         },
     )
-    importance: Literal["uniform", "magnitude", "wanda", "maxip"] = field(
+    importance: ImportanceMetric = field(
         default="maxip",
         metadata={
             "help": (
@@ -73,7 +94,7 @@ class SATConfig(PeftConfig):
             )
         },
     )
-    selection: Literal["topk", "sampling"] = field(
+    selection: SelectionMethod = field(
         default="topk",
         metadata={
             "help": (
@@ -82,7 +103,7 @@ class SATConfig(PeftConfig):
             )
         },
     )
-    head_granularity: Literal["kv_group", "q_head"] = field(
+    head_granularity: HeadGranularity = field(
         default="kv_group",
         metadata={
             "help": (
@@ -128,7 +149,7 @@ class SATConfig(PeftConfig):
         default=None,
         metadata={"help": "Name of the layer list for `layers_to_transform` (e.g. 'layers'); None: PEFT's defaults."},
     )
-    distributed_selection: Literal["shared", "per_rank"] = field(
+    distributed_selection: DistributedSelection = field(
         default="shared",
         metadata={
             "help": (
@@ -138,7 +159,7 @@ class SATConfig(PeftConfig):
             )
         },
     )
-    schedule: Literal["ladder", "constant", "linear"] = field(
+    schedule: Schedule = field(
         default="ladder",
         metadata={
             "help": (
@@ -191,8 +212,6 @@ class SATConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from .registration import SAT_PEFT_TYPE  # the enum member exists once peft_sat is imported
-
         self.peft_type = SAT_PEFT_TYPE
         if isinstance(self.target_modules, list):
             self.target_modules = list(self.target_modules)

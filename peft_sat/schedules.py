@@ -25,12 +25,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # config imports nothing from here at module level; keep it that way (no import cycle)
-    from .config import SATConfig
-
-SCHEDULES = ("ladder", "constant", "linear")
+from .config import SATConfig  # config.py imports nothing from here (it owns the schedule names, SCHEDULES)
 
 
 @dataclass(frozen=True)
