@@ -213,10 +213,37 @@ class SATConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = SAT_PEFT_TYPE
-        if isinstance(self.target_modules, list):
-            self.target_modules = list(self.target_modules)
-        self.omit = list(self.omit) if isinstance(self.omit, (list, tuple)) else self.omit
+        self.target_modules = _normalized("target_modules", self.target_modules)
+        self.omit = _normalized("omit", self.omit)
         self.validate()
+        self.__dict__["_validate_on_assignment"] = True  # from here on, see __setattr__
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Check an assignment after construction like a constructor argument; an invalid one raises and is undone.
+
+        The whole config is checked, so fields tied by a rule (e.g. `warmup_ratio` + `ladder_full_rate_ratio` < 1)
+        change together with ``dataclasses.replace(config, ...)``. ``copy.deepcopy`` and pickling restore the
+        attributes without assigning them.
+
+        Example:
+            >>> config = SATConfig()
+            >>> config.omission_rate = 1.0  # doctest: +SKIP
+            ValueError: `omission_rate` must be a float in [0, 1), got 1.0.
+        """
+        if not self.__dict__.get("_validate_on_assignment", False):  # the dataclass __init__ and __post_init__
+            super().__setattr__(name, value)
+            return
+        missing = object()
+        previous = self.__dict__.get(name, missing)
+        super().__setattr__(name, _normalized(name, value))
+        try:
+            self.validate()
+        except ValueError:
+            if previous is missing:
+                super().__delattr__(name)
+            else:
+                super().__setattr__(name, previous)
+            raise
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> SATConfig:
@@ -252,7 +279,11 @@ class SATConfig(PeftConfig):
         return cls.from_dict(values)
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the first invalid field, its rule and its value."""
+        """Raise ``ValueError`` naming the first invalid field, its rule and its value.
+
+        Runs in the constructor, on every assignment, and again in ``get_peft_model`` / ``apply_sat``, which also
+        catch a list field changed in place (``config.omit.append(...)`` assigns nothing).
+        """
         rate = self.omission_rate
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
             raise ValueError(f"`omission_rate` must be a float in [0, 1), got {rate!r}.")
@@ -309,6 +340,13 @@ class SATConfig(PeftConfig):
                 f"`warmup_ratio` + `ladder_full_rate_ratio` must be < 1 to leave steps for the rungs down to 0, got "
                 f"{self.warmup_ratio} + {self.ladder_full_rate_ratio}."
             )
+
+
+def _normalized(name: str, value: Any) -> Any:
+    """A config's own copy of a list field (``omit`` also accepts a tuple), so it never shares the caller's list."""
+    if (name == "target_modules" and isinstance(value, list)) or (name == "omit" and isinstance(value, tuple | list)):
+        return list(value)
+    return value
 
 
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:

@@ -43,6 +43,10 @@ class SATModel(BaseTuner):
     tuner_layer_cls = BaseTunerLayer  # SAT has no tuner layers; kept for PEFT code that reads the attribute
     target_module_mapping = DEFAULT_TARGET_MODULES
 
+    def _check_new_adapter_config(self, config: SATConfig) -> None:
+        config.validate()  # a list field changed in place since construction assigned nothing
+        super()._check_new_adapter_config(config)
+
     def _prepare_adapter_config(self, peft_config: SATConfig, model_config: dict) -> SATConfig:
         if peft_config.target_modules is None:
             peft_config.target_modules = default_target_modules(model_config.get("model_type"))

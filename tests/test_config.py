@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import pickle
+from copy import deepcopy
 
 import pytest
 from peft import PeftConfig, get_peft_model
@@ -48,28 +50,79 @@ def test_config_round_trips_through_json(tmp_path):
     assert isinstance(loaded, SATConfig) and loaded.to_dict() == config.to_dict()
 
 
-@pytest.mark.parametrize(
-    "field,value,rule",
-    [
-        ("omission_rate", 1.0, "in [0, 1)"),
-        ("omission_rate", -0.1, "in [0, 1)"),
-        ("omission_rate", "0.5", "in [0, 1)"),
-        ("omit", [], "non-empty list"),
-        ("omit", ["mlp", "embeddings"], "non-empty list"),
-        ("importance", "random", "must be one of"),
-        ("selection", "greedy", "must be one of"),
-        ("head_granularity", "head", "must be one of"),
-        ("score_tokens", 0, ">= 1"),
-        ("train_base", "yes", "True, False or None"),
-        ("seed", 1.5, "must be an int"),
-        ("target_modules", 3, "list of names"),
-    ],
-)
+INVALID_VALUES = [
+    ("omission_rate", 1.0, "in [0, 1)"),
+    ("omission_rate", -0.1, "in [0, 1)"),
+    ("omission_rate", "0.5", "in [0, 1)"),
+    ("omit", [], "non-empty list"),
+    ("omit", ["mlp", "embeddings"], "non-empty list"),
+    ("importance", "random", "must be one of"),
+    ("selection", "greedy", "must be one of"),
+    ("head_granularity", "head", "must be one of"),
+    ("score_tokens", 0, ">= 1"),
+    ("train_base", "yes", "True, False or None"),
+    ("seed", 1.5, "must be an int"),
+    ("target_modules", 3, "list of names"),
+]
+
+
+@pytest.mark.parametrize("field,value,rule", INVALID_VALUES)
 def test_invalid_values_raise_naming_field_rule_and_value(field, value, rule):
     with pytest.raises(ValueError) as error:
         SATConfig(**{field: value})
     message = str(error.value)
     assert f"`{field}`" in message and rule in message and repr(value) in message
+
+
+@pytest.mark.parametrize("field,value,rule", [*INVALID_VALUES, ("omission_rate", float("nan"), "in [0, 1)")])
+def test_invalid_assignment_raises_the_constructors_error_and_is_undone(field, value, rule):
+    config = SATConfig()
+    before = getattr(config, field)
+    with pytest.raises(ValueError) as assigned:
+        setattr(config, field, value)
+    with pytest.raises(ValueError) as constructed:
+        SATConfig(**{field: value})
+    assert str(assigned.value) == str(constructed.value) and f"`{field}`" in str(assigned.value)
+    assert getattr(config, field) == before
+    config.validate()  # still a valid config
+
+
+def test_valid_assignments_and_fields_tied_by_a_rule():
+    config = SATConfig()
+    config.omission_rate = 0.25
+    config.omit = ("mlp",)  # normalized like the constructor's argument
+    assert config.omission_rate == 0.25 and config.omit == ["mlp"]
+    with pytest.raises(ValueError, match="`warmup_ratio` \\+ `ladder_full_rate_ratio` must be < 1"):
+        config.warmup_ratio = 0.6  # with the default ladder_full_rate_ratio=0.5
+    assert config.warmup_ratio == 0.0
+    changed = dataclasses.replace(config, warmup_ratio=0.6, ladder_full_rate_ratio=0.3)  # both at once
+    assert (changed.warmup_ratio, changed.ladder_full_rate_ratio, changed.omit) == (0.6, 0.3, ["mlp"])
+    with pytest.raises(ValueError, match="`omission_rate`"):
+        changed.omission_rate = 1.0  # the copy validates its assignments too
+
+
+def test_copies_keep_validating_and_peft_machinery_still_assigns(tmp_path):
+    config = SATConfig(omission_rate=0.3, ladder_stairs=[(0.0, 0.3), (0.5, 0.0)])
+    for copy in (deepcopy(config), pickle.loads(pickle.dumps(config))):
+        assert copy == config
+        with pytest.raises(ValueError, match="`ladder_stairs`"):
+            copy.ladder_stairs = [(0.5, 0.3)]
+    config.inference_mode = True  # PEFT's own fields (save_pretrained / from_pretrained set this one)
+    config.save_pretrained(tmp_path)
+    loaded = PeftConfig.from_pretrained(tmp_path)
+    loaded.inference_mode = False
+    with pytest.raises(ValueError, match="`seed`"):
+        loaded.seed = "0"
+
+
+def test_get_peft_model_and_apply_sat_validate_again():
+    """A list field changed in place assigns nothing; get_peft_model and apply_sat check the config again."""
+    config = SATConfig()
+    config.omit.append("embeddings")
+    with pytest.raises(ValueError, match=r"`omit` must be a non-empty list of \['mlp', 'attention'\]"):
+        get_peft_model(tiny_model(), config)
+    with pytest.raises(ValueError, match="`omit` must be a non-empty list"):
+        peft_sat.apply_sat(tiny_model(), config)
 
 
 def test_unsupported_model_type_raises_type_error_naming_supported():
