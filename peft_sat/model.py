@@ -29,6 +29,28 @@ from .config import SATConfig
 from .state import SATState
 
 
+class SATSwitch(nn.Module, BaseTunerLayer):
+    """SAT's on / off switch as PEFT's one tuner layer of a ``SATModel``: no weights, no forward.
+
+    ``PeftModel.disable_adapter()`` reads the state of the model's tuner layers and raises ``No adapter layers
+    found`` without any; SAT re-classes blocks instead of wrapping layers. Held by the ``SATModel``, outside the
+    transformers model (LoRA injection and checkpoint keys never see it), this layer reports and sets
+    ``SATState.enabled`` for all SAT blocks: disabled, they run the original dense forward.
+    """
+
+    def __init__(self, state: SATState, adapter_name: str) -> None:
+        super().__init__()
+        self.state = state
+        self._active_adapter = adapter_name
+
+    @property
+    def disable_adapters(self) -> bool:
+        return not self.state.enabled
+
+    def enable_adapters(self, enabled: bool) -> None:
+        self.state.enabled = enabled
+
+
 class SATModel(BaseTuner):
     """PEFT tuner for Sparsity-Accelerated Training; created by ``get_peft_model(model, SATConfig(...))``.
 
@@ -68,13 +90,14 @@ class SATModel(BaseTuner):
         if not self._sat_blocks:
             raise ValueError(f"`target_modules` {config.target_modules!r} matched no block that `omit` selects.")
         self.sat_state.register_zero3_parameters(model)  # already partitioned (deepspeed.zero.Init)
+        self.sat_switch = SATSwitch(self.sat_state, adapter_name)  # for PeftModel.disable_adapter()
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         _set_base_trainable(model, self.peft_config[self.active_adapter].train_base)
 
     def _enable_adapter_layers(self, enabled: bool = True) -> None:
-        # `with peft_model.disable_adapter():` trains / runs the dense model.
-        self.sat_state.enabled = enabled
+        # `with peft_model.disable_adapter():` trains / runs the dense model (PEFT finds `self.sat_switch`).
+        self.sat_switch.enable_adapters(enabled)
 
     def set_adapter(self, adapter_name, inference_mode: bool = False) -> None:
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
@@ -156,8 +179,8 @@ def remove_sat(model: nn.Module) -> nn.Module:
 def sat_disabled(model: nn.Module) -> Iterator[None]:
     """Run ``model`` dense inside the block (e.g. to time or evaluate dense steps), then restore SAT.
 
-    ``PeftModel.disable_adapter()`` needs PEFT tuner layers, which SAT does not have; this is its SAT equivalent
-    (``peft_model.base_model.disable_adapter_layers()`` works too).
+    Works on any model carrying SAT. On a ``get_peft_model(model, SATConfig(...))`` model,
+    ``peft_model.disable_adapter()`` does the same; under LoRA (``apply_sat``) that one turns off LoRA only.
     """
     state = get_sat_state(model)
     if state is None:
