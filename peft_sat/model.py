@@ -93,7 +93,10 @@ class SATModel(BaseTuner):
         self.sat_switch = SATSwitch(self.sat_state, adapter_name)  # for PeftModel.disable_adapter()
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
-        _set_base_trainable(model, self.peft_config[self.active_adapter].train_base)
+        config = self.peft_config[self.active_adapter]
+        # Inference mode (`PeftModel.from_pretrained(..., is_trainable=False)`) freezes what SAT trains, as it freezes
+        # adapters; PEFT itself only freezes parameters whose name holds the adapter name.
+        _set_base_trainable(model, bool(config.train_base) and not config.inference_mode)
 
     def _enable_adapter_layers(self, enabled: bool = True) -> None:
         # `with peft_model.disable_adapter():` trains / runs the dense model (PEFT finds `self.sat_switch`).

@@ -51,6 +51,19 @@ def test_full_parameter_round_trip(tmp_path, tied):
         assert torch.equal(value, trained[key]), key
 
 
+def test_loading_for_inference_freezes_the_base_and_for_training_does_not(tmp_path):
+    get_peft_model(tiny_model(), peft_sat.SATConfig(omission_rate=0.5)).save_pretrained(tmp_path)
+    total = sum(p.numel() for p in tiny_model().parameters())
+
+    frozen = PeftModel.from_pretrained(tiny_model(), tmp_path)  # is_trainable=False, PEFT's default
+    assert frozen.get_nb_trainable_parameters() == (0, total)
+    assert not any(p.requires_grad for p in frozen.parameters()) and not frozen.training
+
+    trainable = PeftModel.from_pretrained(tiny_model(), tmp_path, is_trainable=True)
+    assert trainable.get_nb_trainable_parameters() == (total, total)
+    assert trainable.peft_config["default"].inference_mode is False
+
+
 def test_unload_returns_plain_model_with_trained_weights():
     sat = _train(get_peft_model(tiny_model(), peft_sat.SATConfig(omission_rate=0.5)), steps=1)
     weight = sat.get_base_model().model.layers[1].mlp.down_proj.weight.clone()
