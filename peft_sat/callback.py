@@ -8,13 +8,17 @@ Example:
     ...                      callbacks=[SATCallback(SATConfig(omission_rate=0.5))])
     >>> trainer.train()  # doctest: +SKIP
 
-Every log entry of the Trainer (``state.log_history`` and every ``report_to`` backend) then carries:
+Every log entry of the Trainer during training (``state.log_history`` and every ``report_to`` backend), except the
+rows that ``evaluate()`` logs, then carries:
 
 - ``sat/omission_rate``: the rate of the latest optimizer step (0 while SAT is disabled);
 - ``sat/kept_fraction``: kept units / all units of the SAT blocks at that rate (``num_kept`` per block);
 - ``sat/flops_saved_fraction``: estimated fraction of the dense training FLOPs saved so far (see
   ``SATFlopsEstimator``), i.e. ``sat/dense_steps_saved / global_step``;
 - ``sat/dense_steps_saved``: the same saving counted in dense optimizer steps.
+
+Evaluation rows carry no ``sat/*`` keys: evaluation runs the dense model, so the training rate would misreport it,
+and a 0 would cut the rate's curve at every evaluation step.
 """
 
 from __future__ import annotations
@@ -136,6 +140,7 @@ class SATCallback(TrainerCallback):
         self.steps_counted = 0  # optimizer steps included in `dense_steps_saved`
         self._trainer: Trainer | None = None  # whose `log` we wrapped, during `train()` only
         self._training = False
+        self._evaluating = False  # between the first prediction step of an evaluation and its on_evaluate
         self._warned_fallback = False
 
     # ---- events --------------------------------------------------------------------------------------------
@@ -178,7 +183,7 @@ class SATCallback(TrainerCallback):
         self._training = True
         self._trainer = _calling_trainer()
         if self._trainer is not None:
-            _wrap_log(self._trainer, self.metrics)
+            _wrap_log(self._trainer, self._log_metrics)
         logger.info(
             f"SAT omission-rate schedule over {state.max_steps} steps: {describe_schedule(config, state.max_steps)}"
         )
@@ -186,6 +191,7 @@ class SATCallback(TrainerCallback):
     def on_step_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        self._evaluating = False  # also after an evaluation that raised before on_evaluate
         if self.sat_state is not None:
             self.sat_state.set_omission_rate(
                 omission_rate_at(self.sat_state.config, state.global_step, state.max_steps)
@@ -197,6 +203,20 @@ class SATCallback(TrainerCallback):
         if self.flops is not None and state.global_step > self.steps_counted:
             self.dense_steps_saved += self.flops.saved_fraction(self.current_rate())
             self.steps_counted = state.global_step
+
+    def on_prediction_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        # `Trainer.evaluate` runs its prediction steps, logs their metrics, then calls `on_evaluate`.
+        self._evaluating = True
+
+    def on_evaluate(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._evaluating = False
+
+    def on_predict(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self._evaluating = False
 
     def on_log(
         self,
@@ -210,7 +230,7 @@ class SATCallback(TrainerCallback):
             return
         # Fallback when the Trainer could not be found (callback driven by hand or by a custom loop): the Trainer
         # wrote `log_history` and called the callbacks listed before this one (the `report_to` integrations) already.
-        metrics = self.metrics()
+        metrics = self._log_metrics()
         logs.update(metrics)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(metrics)
@@ -227,6 +247,10 @@ class SATCallback(TrainerCallback):
             self._trainer = None
 
     # ---- metrics -------------------------------------------------------------------------------------------
+
+    def _log_metrics(self) -> dict[str, float]:
+        """What the row being logged gets: ``metrics()``, or nothing for an evaluation row (it ran dense)."""
+        return {} if self._evaluating else self.metrics()
 
     def current_rate(self) -> float:
         """The omission rate the SAT blocks use now (0 while SAT is disabled)."""
