@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import InitVar, dataclass, field, fields
 from difflib import get_close_matches
 from typing import Any, Literal, get_args
 
 from peft.config import PeftConfig
 
 from .blocks.registry import ARCHITECTURES
+from .checkpoint import LOADING_NOTE_KEY, add_loading_note
 from .registration import SAT_PEFT_TYPE
 
 # The closed choices, written once: the field annotations use the Literal types, the checks their tuples.
@@ -61,6 +62,10 @@ class SATConfig(PeftConfig):
         >>> from peft import get_peft_model
         >>> model = get_peft_model(model, peft_sat.SATConfig(omission_rate=0.5))  # doctest: +SKIP
     """
+
+    # Not a setting: the loading note of a saved adapter_config.json (`peft_sat.checkpoint`), accepted and dropped
+    # on load so that PEFT's loaders neither fail nor warn about an unknown key.
+    _comment: InitVar[str | None] = None
 
     omission_rate: float = field(
         default=0.5,
@@ -210,7 +215,7 @@ class SATConfig(PeftConfig):
         },
     )
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, _comment: str | None = None) -> None:
         super().__post_init__()
         self.peft_type = SAT_PEFT_TYPE
         self.target_modules = _normalized("target_modules", self.target_modules)
@@ -258,7 +263,7 @@ class SATConfig(PeftConfig):
         if not isinstance(values, Mapping):
             raise ValueError(f"A SATConfig must be a mapping of field names to values, got {values!r}.")
         known = [f.name for f in fields(cls)]
-        unknown = sorted(set(values) - set(known))
+        unknown = sorted(set(values) - set(known) - {LOADING_NOTE_KEY})
         if unknown:
             hints = [
                 f"`{k}` (did you mean `{m[0]}`?)" if (m := get_close_matches(k, known, n=1)) else f"`{k}`"
@@ -266,6 +271,11 @@ class SATConfig(PeftConfig):
             ]
             raise ValueError(f"Unknown SATConfig key(s): {', '.join(hints)}. Known keys: {', '.join(known)}.")
         return cls(**values)
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """PEFT's ``save_pretrained``, plus the note that loading needs ``import peft_sat`` (``peft_sat.checkpoint``)."""
+        super().save_pretrained(save_directory, **kwargs)
+        add_loading_note(save_directory)
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> SATConfig:
