@@ -89,6 +89,7 @@ class SATModel(BaseTuner):
     def _post_injection_hook(self, model: nn.Module, config: SATConfig, adapter_name: str) -> None:
         if not self._sat_blocks:
             raise ValueError(f"`target_modules` {config.target_modules!r} matched no block that `omit` selects.")
+        _warn_if_attention_keeps_everything(self._sat_blocks, config)
         self.sat_state.register_zero3_parameters(model)  # already partitioned (deepspeed.zero.Init)
         self.sat_switch = SATSwitch(self.sat_state, adapter_name)  # for PeftModel.disable_adapter()
 
@@ -160,6 +161,7 @@ def apply_sat(model: nn.Module, config: SATConfig) -> nn.Module:
             blocks.append(module)
     if not blocks:
         raise ValueError(f"`target_modules` {config.target_modules!r} matched no block that `omit` selects.")
+    _warn_if_attention_keeps_everything(blocks, config)
     state.register_zero3_parameters(base)  # already partitioned (deepspeed.zero.Init, or after deepspeed.initialize)
     if config.train_base is not None:
         _set_base_trainable(base, config.train_base)
@@ -245,6 +247,21 @@ def _convert_if_omitted(module: nn.Module, name: str, config: SATConfig, state: 
         return False
     convert_block(module, state, block_id, config.head_granularity)
     return True
+
+
+def _warn_if_attention_keeps_everything(blocks: list[nn.Module], config: SATConfig) -> None:
+    """Warn once when ``kv_group`` units meet multi-query attention: a block keeps at least one unit
+    (``num_kept(1, r) == 1``), so attention with a single KV group would train dense at every rate, silently."""
+    if config.head_granularity != "kv_group":
+        return
+    single = [block for block in blocks if block_kind(block) == "attention" and block.sat_num_units == 1]
+    if single:
+        warnings.warn(
+            f"peft_sat: {len(single)} attention block(s) have a single KV group (multi-query attention), so "
+            "`head_granularity='kv_group'` never omits their heads: their attention trains dense. Set "
+            "`head_granularity='q_head'` to omit single query heads.",
+            stacklevel=3,
+        )
 
 
 def _set_base_trainable(model: nn.Module, trainable: bool) -> None:

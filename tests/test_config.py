@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
+import warnings
 from copy import deepcopy
 
 import pytest
@@ -157,6 +158,24 @@ def test_olmo2_heads_cannot_be_sliced_so_only_its_mlp_is_sparsified():
     assert [type(block).__name__ for _, block in sat_blocks(model)] == ["SATOlmo2MLP", "SATOlmo2MLP"]
     with pytest.warns(UserWarning), pytest.raises(ValueError, match="matched no block"):
         peft_sat.apply_sat(tiny_model("olmo2"), SATConfig(omit=["attention"]))
+
+
+@pytest.mark.parametrize("convert", ["apply_sat", "get_peft_model"])
+def test_multi_query_attention_with_kv_group_units_warns_once_naming_q_head(convert):
+    def sat(granularity):
+        config = SATConfig(head_granularity=granularity)
+        model = tiny_model(num_key_value_heads=1)  # 8 query heads sharing one KV head
+        return peft_sat.apply_sat(model, config) if convert == "apply_sat" else get_peft_model(model, config)
+
+    with pytest.warns(UserWarning) as warned:
+        sat("kv_group")
+    messages = [str(w.message) for w in warned if "single KV group" in str(w.message)]
+    assert len(messages) == 1 and "2 attention block(s)" in messages[0] and "head_granularity='q_head'" in messages[0]
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*single KV group")
+        sat("q_head")  # query heads are units of their own: attention is sparsified, nothing to warn about
+        peft_sat.apply_sat(tiny_model(), SATConfig(head_granularity="kv_group"))  # 4 KV groups
 
 
 def test_layers_to_transform_restricts_the_layers():
