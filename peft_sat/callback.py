@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -34,7 +35,7 @@ from transformers.utils import logging
 
 from .blocks import SATBlockMixin, block_kind
 from .config import SATConfig
-from .model import apply_sat, get_sat_state, remove_sat
+from .model import adapter_module_ids, apply_sat, get_sat_state, remove_sat
 from .schedules import describe_schedule, omission_rate_at, validate_schedule
 from .selection import num_kept
 from .state import SATState
@@ -111,7 +112,7 @@ class SATCallback(TrainerCallback):
         config: the ``SATConfig`` to apply at ``on_train_begin`` when the model carries no SAT yet (e.g. with
             ``SFTTrainer(..., peft_config=LoraConfig(...))``, where the LoRA model exists only inside the trainer).
             None: the model must already carry SAT (``get_peft_model(model, SATConfig(...))`` or ``apply_sat``), whose
-            config's schedule is then followed. A dict is read as ``SATConfig(**config)``.
+            config's schedule is then followed. A dict is read by ``SATConfig.from_dict`` (unknown keys named).
 
     The rate of optimizer step ``s`` (``state.global_step`` before it) is ``omission_rate_at(config, s, max_steps)``,
     set in ``on_step_begin``: all micro-batches of a gradient-accumulation window share it. Evaluation and generation
@@ -126,9 +127,9 @@ class SATCallback(TrainerCallback):
             optimizer was built.
     """
 
-    def __init__(self, config: SATConfig | dict | None = None) -> None:
-        if isinstance(config, dict):
-            config = SATConfig(**config)
+    def __init__(self, config: SATConfig | Mapping[str, Any] | None = None) -> None:
+        if isinstance(config, Mapping):
+            config = SATConfig.from_dict(config)
         if config is not None and not isinstance(config, SATConfig):
             raise TypeError(
                 f"`config` must be a SATConfig, a dict of its fields or None, got {type(config).__name__}."
@@ -357,11 +358,7 @@ def _base_linear(module: nn.Module) -> nn.Module:
 
 def _linear_costs(model: nn.Module) -> dict[int, int]:
     """``id(layer) -> in * out`` for every base-model ``nn.Linear`` (4-bit included); adapter layers excluded."""
-    adapter_parts: set[int] = set()
-    for module in model.modules():
-        if isinstance(module, BaseTunerLayer):
-            base = {id(m) for m in module.get_base_layer().modules()}
-            adapter_parts.update(id(m) for m in module.modules() if id(m) not in base)
+    adapter_parts = adapter_module_ids(model)
     return {
         id(module): module.in_features * module.out_features
         for module in model.modules()

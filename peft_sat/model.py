@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
@@ -26,6 +27,7 @@ from .blocks import (
     unsupported_block_error,
 )
 from .config import SATConfig
+from .sliced import _is_bnb_4bit
 from .state import SATState
 
 
@@ -133,7 +135,7 @@ def default_target_modules(model_type: str | None) -> list[str]:
     return list(DEFAULT_TARGET_MODULES[model_type])
 
 
-def apply_sat(model: nn.Module, config: SATConfig) -> nn.Module:
+def apply_sat(model: nn.Module, config: SATConfig | Mapping[str, Any]) -> nn.Module:
     """Convert the targeted blocks of ``model`` to SAT blocks, in place, and return ``model``.
 
     ``model`` may be a transformers model, a LoRA ``PeftModel`` (full precision or bitsandbytes 4-bit) or a model
@@ -147,8 +149,8 @@ def apply_sat(model: nn.Module, config: SATConfig) -> nn.Module:
     Example:
         >>> lora_model = apply_sat(get_peft_model(model, LoraConfig(...)), SATConfig(omission_rate=0.5))  # doctest: +SKIP
     """
-    if isinstance(config, dict):
-        config = SATConfig(**config)
+    if isinstance(config, Mapping):
+        config = SATConfig.from_dict(config)
     config.validate()
     remove_sat(model)
     base = _transformers_model(model)
@@ -219,11 +221,10 @@ def _transformers_model(model: nn.Module) -> nn.Module:
 
 
 def _new_state(base: nn.Module, config: SATConfig) -> SATState:
-    for module in base.modules():
-        # On CPUs with AVX512-BF16 a no-grad forward of a bnb Linear4bit (dense evaluation) repacks its weight in
-        # place into an inference layout; training afterwards gets silently wrong gradients (STACK_NOTES).
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
+    if any(_is_bnb_4bit(module) for module in base.modules()):
+        from .bnb import disable_cpu_inference_repack  # the optional backend, imported for 4-bit models only
+
+        disable_cpu_inference_repack(base)  # dense evaluations between sparse steps must not repack the weights
     state = SATState(config=config, omission_rate=config.omission_rate)
     models = [m for m in base.modules() if isinstance(m, PreTrainedModel)] or [base]
     state.attach(models)
@@ -266,18 +267,21 @@ def _warn_if_attention_keeps_everything(blocks: list[nn.Module], config: SATConf
 
 def _set_base_trainable(model: nn.Module, trainable: bool) -> None:
     """Set ``requires_grad`` of every base (non-adapter) parameter; adapter parameters are left as they are."""
-    adapter_params = _adapter_parameter_ids(model)
+    adapters = adapter_module_ids(model)
+    adapter_params = {id(p) for m in model.modules() if id(m) in adapters for p in m.parameters(recurse=False)}
     for param in model.parameters():
         if id(param) not in adapter_params and _is_trainable_dtype(param):
             param.requires_grad_(trainable)
 
 
-def _adapter_parameter_ids(model: nn.Module) -> set[int]:
+def adapter_module_ids(model: nn.Module) -> set[int]:
+    """``id`` of every module that a PEFT tuner layer adds to ``model`` (the layer itself, ``lora_A``, ``lora_B``,
+    dropout, ...), not of the base layer it wraps: what is the adapter's, as opposed to the base model's."""
     ids: set[int] = set()
     for module in model.modules():
         if isinstance(module, BaseTunerLayer):
-            base_ids = {id(p) for p in module.get_base_layer().parameters()}
-            ids.update(id(p) for p in module.parameters() if id(p) not in base_ids)
+            base = {id(m) for m in module.get_base_layer().modules()}
+            ids.update(id(m) for m in module.modules() if id(m) not in base)
     return ids
 
 

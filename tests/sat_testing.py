@@ -66,6 +66,8 @@ def quantize_4bit(model: nn.Module, tmp_path, device_map: dict | None = None) ->
     ``device_map`` places it (e.g. ``{"": 0}`` for the first GPU)."""
     from transformers import BitsAndBytesConfig
 
+    from peft_sat.bnb import disable_cpu_inference_repack
+
     model.save_pretrained(tmp_path)
     quantized = AutoModelForCausalLM.from_pretrained(
         tmp_path,
@@ -79,9 +81,7 @@ def quantize_4bit(model: nn.Module, tmp_path, device_map: dict | None = None) ->
         device_map=device_map,
         attn_implementation=model.config._attn_implementation,
     )
-    for module in quantized.modules():  # STACK_NOTES pitfall: no in-place repack into the CPU inference layout
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
+    disable_cpu_inference_repack(quantized)  # tests run no-grad forwards before SAT is applied
     return quantized
 
 

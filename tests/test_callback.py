@@ -244,6 +244,8 @@ def test_bad_callback_config_type():
     with pytest.raises(TypeError, match="`config` must be a SATConfig"):
         SATCallback(config=0.5)
     assert SATCallback({"omission_rate": 0.3}).config.omission_rate == 0.3
+    with pytest.raises(ValueError, match="did you mean `omission_rate`"):
+        SATCallback({"omision_rate": 0.3})
 
 
 # ---- without a Trainer, and the FLOPs estimate -----------------------------------------------------------------

@@ -205,6 +205,13 @@ def test_yaml_with_unknown_keys_or_wrong_types_is_rejected_naming_the_key(tmp_pa
         SATConfig.from_yaml(path)
 
 
+def test_apply_sat_reads_a_dict_like_from_dict():
+    model = peft_sat.apply_sat(tiny_model(), {"omission_rate": 0.25, "omit": ["mlp"]})
+    assert peft_sat.get_sat_state(model).config.omit == ["mlp"]
+    with pytest.raises(ValueError, match="did you mean `omission_rate`"):
+        peft_sat.apply_sat(tiny_model(), {"omision_rate": 0.25})
+
+
 def test_yaml_round_trip(tmp_path):
     path = tmp_path / "sat.yaml"
     path.write_text("sat:\n  omission_rate: 0.4\n  omit: [mlp]\n  ladder_rungs: 2\n")
