@@ -28,7 +28,7 @@ def default_attention(family: str) -> str:
 
 
 def tiny_config(family: str, attn: str | None = None, **overrides):
-    """Dimensions are multiples of 64 so that 4-bit blocks align (STACK_NOTES); 8 query heads in 4 KV groups."""
+    """Dimensions are multiples of 64 (the 4-bit block size: packed rows slice whole); 8 query heads in 4 KV groups."""
     kwargs = dict(
         hidden_size=64,
         intermediate_size=128,

@@ -1,7 +1,8 @@
 """Sliced 4-bit projections (peft_sat.bnb): exact against the dequantized weight, nothing dense saved for backward.
 
-CPU only, offline. Dimensions are multiples of 64 (STACK_NOTES: bitsandbytes CPU kernels), and every layer gets
-``support_avx512bf16_for_cpu = False`` so no forward can repack its weight into the CPU inference layout.
+CPU only, offline. Dimensions are multiples of 64 (bitsandbytes' default 4-bit block size), and every layer gets
+``support_avx512bf16_for_cpu = False`` (``peft_sat.bnb.disable_cpu_inference_repack``) so no forward can repack its
+weight into the CPU inference layout.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ def _run(out_dir: Path, processes: int, checkpoint: Path | None = None) -> list[
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = [str(WORKER), str(out_dir), *([str(checkpoint)] if checkpoint else [])]
     launcher = []
-    if processes > 1:  # use_cpu=True + torchrun: real gloo DDP (STACK_NOTES)
+    if processes > 1:  # use_cpu=True + torchrun: real gloo DDP, not N independent single-process runs
         launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={processes}", f"--master_port={_free_port()}"]
         launcher.append("--master_addr=127.0.0.1")
     result = subprocess.run([sys.executable, *launcher, *args], capture_output=True, text=True, timeout=400, env=env)

@@ -72,7 +72,7 @@ def training_args(output_dir: Any, cls: type = TrainingArguments, **overrides: A
         seed=0,
         dataloader_num_workers=0,
     )
-    if cls is not TrainingArguments:  # TRL's SFTConfig defaults bf16 and gradient checkpointing on (STACK_NOTES)
+    if cls is not TrainingArguments:  # TRL's SFTConfig defaults bf16 (raises without a GPU) and gradient checkpointing
         kwargs.update(bf16=False, gradient_checkpointing=False)
     kwargs.update(overrides)
     return cls(**kwargs)
