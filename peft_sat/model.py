@@ -64,7 +64,7 @@ class SATModel(BaseTuner):
     """
 
     prefix: str = "sat_"
-    tuner_layer_cls = BaseTunerLayer  # SAT has no tuner layers; kept for PEFT code that reads the attribute
+    tuner_layer_cls = BaseTunerLayer  # SAT wraps no layer (its one tuner layer, SATSwitch, holds no weights)
     target_module_mapping = DEFAULT_TARGET_MODULES
 
     def _check_new_adapter_config(self, config: SATConfig) -> None:
