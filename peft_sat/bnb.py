@@ -19,8 +19,9 @@ with row boundaries (``in % blocksize == 0``) are gathered *packed* (k * in / 2 
 absmax entries) and only those k rows are dequantized; otherwise, and for columns, a transient full dequantize is
 unavoidable (a 4-bit block spans consecutive columns of one row).
 
-The layer's own forward is never called: on CPUs with AVX512-BF16 a no-grad / eval forward repacks the weight in
-place into an inference layout (STACK_NOTES, PITFALL). A weight already repacked is refused with a clear error.
+The layer's own forward is never called on the sliced path: on CPUs with AVX512-BF16 a no-grad / eval forward
+repacks the weight in place into an inference layout (``disable_cpu_inference_repack`` prevents it for the dense
+forwards). A weight already repacked is refused with a clear error.
 """
 
 from __future__ import annotations
@@ -31,7 +32,25 @@ import torch.nn.functional as F
 from bitsandbytes.functional import QuantState
 from torch import nn
 
-__all__ = ["dequantize_weight", "linear4bit_kept_grad", "linear4bit_sliced"]
+__all__ = ["dequantize_weight", "disable_cpu_inference_repack", "linear4bit_kept_grad", "linear4bit_sliced"]
+
+
+def disable_cpu_inference_repack(model: nn.Module) -> None:
+    """Keep bitsandbytes from repacking the 4-bit weights of ``model`` into its CPU inference layout.
+
+    On CPUs with AVX512-BF16, bitsandbytes (0.50) repacks a ``Linear4bit`` weight in place at its first no-grad or
+    eval forward. Training afterwards gets silently wrong gradients and dequantization wrong values, or crashes when
+    ``out_features % 32 != 0``. SAT evaluates dense between training steps, so every 4-bit layer needs
+    ``support_avx512bf16_for_cpu = False`` before its first forward: ``apply_sat`` / ``get_peft_model`` set it; call
+    this right after loading a 4-bit model that runs a forward before SAT is applied (e.g. an evaluation first).
+
+    Example:
+        >>> model = AutoModelForCausalLM.from_pretrained(path, quantization_config=nf4)  # doctest: +SKIP
+        >>> disable_cpu_inference_repack(model)  # doctest: +SKIP
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def linear4bit_sliced(

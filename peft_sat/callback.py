@@ -8,7 +8,8 @@ Example:
     ...                      callbacks=[SATCallback(SATConfig(omission_rate=0.5))])
     >>> trainer.train()  # doctest: +SKIP
 
-Every log entry of the Trainer (``state.log_history`` and every ``report_to`` backend) then carries:
+Every log entry of the Trainer during training (``state.log_history`` and every ``report_to`` backend), except the
+rows that ``evaluate()`` logs, then carries:
 
 - ``sat/omission_rate``: the rate of the latest optimizer step (0 while SAT is disabled);
 - ``sat/kept_fraction``: kept units / all units of the SAT blocks at that rate (``num_kept`` per block);
@@ -17,12 +18,16 @@ Every log entry of the Trainer (``state.log_history`` and every ``report_to`` ba
 - ``sat/dense_steps_saved``: the same saving counted in dense optimizer steps;
 - ``sat/dense_token_fraction``: the share of token positions of the latest step that ran the whole block
   (``SATConfig.dense_tokens``; 0 without a split).
+
+Evaluation rows carry no ``sat/*`` keys: evaluation runs the dense model, so the training rate would misreport it,
+and a 0 would cut the rate's curve at every evaluation step.
 """
 
 from __future__ import annotations
 
 import copy
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 from torch import nn
@@ -55,7 +60,7 @@ class SATCallback(TrainerCallback):
         config: the ``SATConfig`` to apply at ``on_train_begin`` when the model carries no SAT yet (e.g. with
             ``SFTTrainer(..., peft_config=LoraConfig(...))``, where the LoRA model exists only inside the trainer).
             None: the model must already carry SAT (``get_peft_model(model, SATConfig(...))`` or ``apply_sat``), whose
-            config's schedule is then followed. A dict is read as ``SATConfig(**config)``.
+            config's schedule is then followed. A dict is read by ``SATConfig.from_dict`` (unknown keys named).
 
     The rate of optimizer step ``s`` (``state.global_step`` before it) is ``omission_rate_at(config, s, max_steps)``,
     set in ``on_step_begin``: all micro-batches of a gradient-accumulation window share it. Evaluation and generation
@@ -70,9 +75,9 @@ class SATCallback(TrainerCallback):
             optimizer was built.
     """
 
-    def __init__(self, config: SATConfig | dict | None = None) -> None:
-        if isinstance(config, dict):
-            config = SATConfig(**config)
+    def __init__(self, config: SATConfig | Mapping[str, Any] | None = None) -> None:
+        if isinstance(config, Mapping):
+            config = SATConfig.from_dict(config)
         if config is not None and not isinstance(config, SATConfig):
             raise TypeError(
                 f"`config` must be a SATConfig, a dict of its fields or None, got {type(config).__name__}."
@@ -85,6 +90,7 @@ class SATCallback(TrainerCallback):
         self.dense_token_fraction = 0.0  # of the latest step
         self._trainer: Trainer | None = None  # whose `log` we wrapped, during `train()` only
         self._training = False
+        self._evaluating = False  # between the first prediction step of an evaluation and its on_evaluate
         self._warned_fallback = False
 
     # ---- events --------------------------------------------------------------------------------------------
@@ -127,7 +133,7 @@ class SATCallback(TrainerCallback):
         self._training = True
         self._trainer = _calling_trainer()
         if self._trainer is not None:
-            _wrap_log(self._trainer, self.metrics)
+            _wrap_log(self._trainer, self._log_metrics)
         logger.info(
             f"SAT omission-rate schedule over {state.max_steps} steps: {describe_schedule(config, state.max_steps)}; "
             f"dense_tokens={config.dense_tokens!r}, sparse_pass={config.sparse_pass!r}, sparse layers: "
@@ -137,6 +143,7 @@ class SATCallback(TrainerCallback):
     def on_step_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        self._evaluating = False  # also after an evaluation that raised before on_evaluate
         if self.sat_state is not None:
             self.sat_state.set_omission_rate(
                 omission_rate_at(self.sat_state.config, state.global_step, state.max_steps)
@@ -160,6 +167,20 @@ class SATCallback(TrainerCallback):
             )
             self.steps_counted = state.global_step
 
+    def on_prediction_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        # `Trainer.evaluate` runs its prediction steps, logs their metrics, then calls `on_evaluate`.
+        self._evaluating = True
+
+    def on_evaluate(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._evaluating = False
+
+    def on_predict(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self._evaluating = False
+
     def on_log(
         self,
         args: TrainingArguments,
@@ -172,7 +193,7 @@ class SATCallback(TrainerCallback):
             return
         # Fallback when the Trainer could not be found (callback driven by hand or by a custom loop): the Trainer
         # wrote `log_history` and called the callbacks listed before this one (the `report_to` integrations) already.
-        metrics = self.metrics()
+        metrics = self._log_metrics()
         logs.update(metrics)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(metrics)
@@ -191,6 +212,10 @@ class SATCallback(TrainerCallback):
             self._trainer = None
 
     # ---- metrics -------------------------------------------------------------------------------------------
+
+    def _log_metrics(self) -> dict[str, float]:
+        """What the row being logged gets: ``metrics()``, or nothing for an evaluation row (it ran dense)."""
+        return {} if self._evaluating else self.metrics()
 
     def current_rate(self) -> float:
         """The omission rate the SAT blocks use now (0 while SAT is disabled)."""

@@ -8,20 +8,49 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import InitVar, dataclass, field, fields
 from difflib import get_close_matches
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from peft.config import PeftConfig
 
-IMPORTANCE_METRICS = ("uniform", "magnitude", "wanda", "maxip")
-SELECTION_METHODS = ("topk", "sampling")
-HEAD_GRANULARITIES = ("kv_group", "q_head")
-OMITTABLE_BLOCKS = ("mlp", "attention")
-DISTRIBUTED_SELECTIONS = ("shared", "per_rank")
-SCHEDULES = ("ladder", "constant", "linear")  # peft_sat.schedules implements them
-DENSE_TOKEN_MODES = ("auto", "none", "loss")
-SPARSE_PASSES = ("forward_backward", "backward")
+from .blocks.registry import ARCHITECTURES
+from .checkpoint import LOADING_NOTE_KEY, add_loading_note
+from .registration import SAT_PEFT_TYPE
+
+# The closed choices, written once: the field annotations use the Literal types, the checks their tuples.
+ImportanceMetric = Literal["uniform", "magnitude", "wanda", "maxip"]
+SelectionMethod = Literal["topk", "sampling"]
+HeadGranularity = Literal["kv_group", "q_head"]
+OmittableBlock = Literal["mlp", "attention"]
+DistributedSelection = Literal["shared", "per_rank"]
+Schedule = Literal["ladder", "constant", "linear"]  # peft_sat.schedules implements them
+DenseTokenMode = Literal["auto", "none", "loss"]
+SparsePass = Literal["forward_backward", "backward"]
+
+IMPORTANCE_METRICS: tuple[str, ...] = get_args(ImportanceMetric)
+SELECTION_METHODS: tuple[str, ...] = get_args(SelectionMethod)
+HEAD_GRANULARITIES: tuple[str, ...] = get_args(HeadGranularity)
+OMITTABLE_BLOCKS: tuple[str, ...] = get_args(OmittableBlock)
+DISTRIBUTED_SELECTIONS: tuple[str, ...] = get_args(DistributedSelection)
+SCHEDULES: tuple[str, ...] = get_args(Schedule)
+DENSE_TOKEN_MODES: tuple[str, ...] = get_args(DenseTokenMode)
+SPARSE_PASSES: tuple[str, ...] = get_args(SparsePass)
+
+
+def _target_modules_help() -> str:
+    """The help of ``target_modules``, naming the families of ``peft_sat.blocks.ARCHITECTURES`` (never typed twice)."""
+    names = list(ARCHITECTURES)
+    families = ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else names[0]
+    notes = "".join(
+        f"; {family}: MLP only, {arch.attention_unsliceable}"
+        for family, arch in ARCHITECTURES.items()
+        if arch.attention is None
+    )
+    return (
+        "Names (suffix match) or a regex of the MLP / self-attention blocks to sparsify. Default: ['mlp', "
+        f"'self_attn'] for every supported family ({families}{notes})."
+    )
 
 
 @dataclass
@@ -38,6 +67,10 @@ class SATConfig(PeftConfig):
         >>> model = get_peft_model(model, peft_sat.SATConfig(omission_rate=0.5))  # doctest: +SKIP
     """
 
+    # Not a setting: the loading note of a saved adapter_config.json (`peft_sat.checkpoint`), accepted and dropped
+    # on load so that PEFT's loaders neither fail nor warn about an unknown key.
+    _comment: InitVar[str | None] = None
+
     omission_rate: float = field(
         default=0.5,
         metadata={
@@ -49,14 +82,9 @@ class SATConfig(PeftConfig):
     )
     target_modules: list[str] | str | None = field(
         default=None,
-        metadata={
-            "help": (
-                "Names (suffix match) or a regex of the MLP / self-attention blocks to sparsify. Default per model "
-                "type: ['mlp', 'self_attn'] for Llama, Mistral, Qwen2 and Qwen3."
-            )
-        },
+        metadata={"help": _target_modules_help()},
     )
-    omit: list[Literal["mlp", "attention"]] = field(
+    omit: list[OmittableBlock] = field(
         default_factory=lambda: ["mlp", "attention"],
         metadata={
             "help": (
@@ -65,7 +93,7 @@ class SATConfig(PeftConfig):
             )
         },
     )
-    dense_tokens: Literal["auto", "none", "loss"] = field(
+    dense_tokens: DenseTokenMode = field(
         default="none",
         metadata={
             "help": (
@@ -77,7 +105,7 @@ class SATConfig(PeftConfig):
             )
         },
     )
-    sparse_pass: Literal["forward_backward", "backward"] = field(
+    sparse_pass: SparsePass = field(
         default="forward_backward",
         metadata={
             "help": (
@@ -99,7 +127,7 @@ class SATConfig(PeftConfig):
             )
         },
     )
-    importance: Literal["uniform", "magnitude", "wanda", "maxip"] = field(
+    importance: ImportanceMetric = field(
         default="maxip",
         metadata={
             "help": (
@@ -109,7 +137,7 @@ class SATConfig(PeftConfig):
             )
         },
     )
-    selection: Literal["topk", "sampling"] = field(
+    selection: SelectionMethod = field(
         default="topk",
         metadata={
             "help": (
@@ -118,7 +146,7 @@ class SATConfig(PeftConfig):
             )
         },
     )
-    head_granularity: Literal["kv_group", "q_head"] = field(
+    head_granularity: HeadGranularity = field(
         default="kv_group",
         metadata={
             "help": (
@@ -164,7 +192,7 @@ class SATConfig(PeftConfig):
         default=None,
         metadata={"help": "Name of the layer list for `layers_to_transform` (e.g. 'layers'); None: PEFT's defaults."},
     )
-    distributed_selection: Literal["shared", "per_rank"] = field(
+    distributed_selection: DistributedSelection = field(
         default="shared",
         metadata={
             "help": (
@@ -174,7 +202,7 @@ class SATConfig(PeftConfig):
             )
         },
     )
-    schedule: Literal["ladder", "constant", "linear"] = field(
+    schedule: Schedule = field(
         default="ladder",
         metadata={
             "help": (
@@ -225,17 +253,41 @@ class SATConfig(PeftConfig):
         },
     )
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, _comment: str | None = None) -> None:
         super().__post_init__()
-        from .registration import SAT_PEFT_TYPE  # the enum member exists once peft_sat is imported
-
         self.peft_type = SAT_PEFT_TYPE
-        if isinstance(self.target_modules, list):
-            self.target_modules = list(self.target_modules)
-        self.omit = list(self.omit) if isinstance(self.omit, (list, tuple)) else self.omit
-        if isinstance(self.dense_layers, tuple):
-            self.dense_layers = list(self.dense_layers)
+        self.target_modules = _normalized("target_modules", self.target_modules)
+        self.omit = _normalized("omit", self.omit)
+        self.dense_layers = _normalized("dense_layers", self.dense_layers)
         self.validate()
+        self.__dict__["_validate_on_assignment"] = True  # from here on, see __setattr__
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Check an assignment after construction like a constructor argument; an invalid one raises and is undone.
+
+        The whole config is checked, so fields tied by a rule (e.g. `warmup_ratio` + `ladder_full_rate_ratio` < 1)
+        change together with ``dataclasses.replace(config, ...)``. ``copy.deepcopy`` and pickling restore the
+        attributes without assigning them.
+
+        Example:
+            >>> config = SATConfig()
+            >>> config.omission_rate = 1.0  # doctest: +SKIP
+            ValueError: `omission_rate` must be a float in [0, 1), got 1.0.
+        """
+        if not self.__dict__.get("_validate_on_assignment", False):  # the dataclass __init__ and __post_init__
+            super().__setattr__(name, value)
+            return
+        missing = object()
+        previous = self.__dict__.get(name, missing)
+        super().__setattr__(name, _normalized(name, value))
+        try:
+            self.validate()
+        except ValueError:
+            if previous is missing:
+                super().__delattr__(name)
+            else:
+                super().__setattr__(name, previous)
+            raise
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> SATConfig:
@@ -250,7 +302,7 @@ class SATConfig(PeftConfig):
         if not isinstance(values, Mapping):
             raise ValueError(f"A SATConfig must be a mapping of field names to values, got {values!r}.")
         known = [f.name for f in fields(cls)]
-        unknown = sorted(set(values) - set(known))
+        unknown = sorted(set(values) - set(known) - {LOADING_NOTE_KEY})
         if unknown:
             hints = [
                 f"`{k}` (did you mean `{m[0]}`?)" if (m := get_close_matches(k, known, n=1)) else f"`{k}`"
@@ -258,6 +310,11 @@ class SATConfig(PeftConfig):
             ]
             raise ValueError(f"Unknown SATConfig key(s): {', '.join(hints)}. Known keys: {', '.join(known)}.")
         return cls(**values)
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """PEFT's ``save_pretrained``, plus the note that loading needs ``import peft_sat`` (``peft_sat.checkpoint``)."""
+        super().save_pretrained(save_directory, **kwargs)
+        add_loading_note(save_directory)
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> SATConfig:
@@ -271,7 +328,11 @@ class SATConfig(PeftConfig):
         return cls.from_dict(values)
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the first invalid field, its rule and its value."""
+        """Raise ``ValueError`` naming the first invalid field, its rule and its value.
+
+        Runs in the constructor, on every assignment, and again in ``get_peft_model`` / ``apply_sat``, which also
+        catch a list field changed in place (``config.omit.append(...)`` assigns nothing).
+        """
         rate = self.omission_rate
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate < 1.0:
             raise ValueError(f"`omission_rate` must be a float in [0, 1), got {rate!r}.")
@@ -340,6 +401,16 @@ class SATConfig(PeftConfig):
                 f"`warmup_ratio` + `ladder_full_rate_ratio` must be < 1 to leave steps for the rungs down to 0, got "
                 f"{self.warmup_ratio} + {self.ladder_full_rate_ratio}."
             )
+
+
+def _normalized(name: str, value: Any) -> Any:
+    """A config's own copy of a list field (``omit`` and ``dense_layers`` also accept a tuple), so it never shares
+    the caller's list."""
+    if (name == "target_modules" and isinstance(value, list)) or (
+        name in ("omit", "dense_layers") and isinstance(value, tuple | list)
+    ):
+        return list(value)
+    return value
 
 
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:

@@ -30,6 +30,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from .blocks import SATBlockMixin, block_kind
+from .model import adapter_module_ids
 from .selection import num_kept
 from .state import SATState
 
@@ -263,9 +264,5 @@ def _costs(layer: nn.Linear) -> tuple[float, float]:
 
 def _base_linears(model: nn.Module) -> list[nn.Linear]:
     """Every base-model ``nn.Linear`` (bitsandbytes ``Linear4bit`` is one); LoRA's own A / B layers excluded."""
-    adapter_parts: set[int] = set()
-    for module in model.modules():
-        if isinstance(module, BaseTunerLayer):
-            base = {id(m) for m in module.get_base_layer().modules()}
-            adapter_parts.update(id(m) for m in module.modules() if id(m) not in base)
+    adapter_parts = adapter_module_ids(model)
     return [m for m in model.modules() if isinstance(m, nn.Linear) and id(m) not in adapter_parts]

@@ -11,7 +11,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
@@ -28,9 +29,32 @@ from .blocks import (
     unsupported_block_error,
 )
 from .config import SATConfig
+from .sliced import _is_bnb_4bit
 from .state import SATState
 
 logger = logging.get_logger(__name__)
+
+
+class SATSwitch(nn.Module, BaseTunerLayer):
+    """SAT's on / off switch as PEFT's one tuner layer of a ``SATModel``: no weights, no forward.
+
+    ``PeftModel.disable_adapter()`` reads the state of the model's tuner layers and raises ``No adapter layers
+    found`` without any; SAT re-classes blocks instead of wrapping layers. Held by the ``SATModel``, outside the
+    transformers model (LoRA injection and checkpoint keys never see it), this layer reports and sets
+    ``SATState.enabled`` for all SAT blocks: disabled, they run the original dense forward.
+    """
+
+    def __init__(self, state: SATState, adapter_name: str) -> None:
+        super().__init__()
+        self.state = state
+        self._active_adapter = adapter_name
+
+    @property
+    def disable_adapters(self) -> bool:
+        return not self.state.enabled
+
+    def enable_adapters(self, enabled: bool) -> None:
+        self.state.enabled = enabled
 
 
 class SATModel(BaseTuner):
@@ -44,8 +68,12 @@ class SATModel(BaseTuner):
     """
 
     prefix: str = "sat_"
-    tuner_layer_cls = BaseTunerLayer  # SAT has no tuner layers; kept for PEFT code that reads the attribute
+    tuner_layer_cls = BaseTunerLayer  # SAT wraps no layer (its one tuner layer, SATSwitch, holds no weights)
     target_module_mapping = DEFAULT_TARGET_MODULES
+
+    def _check_new_adapter_config(self, config: SATConfig) -> None:
+        config.validate()  # a list field changed in place since construction assigned nothing
+        super()._check_new_adapter_config(config)
 
     def _prepare_adapter_config(self, peft_config: SATConfig, model_config: dict) -> SATConfig:
         if peft_config.target_modules is None:
@@ -73,14 +101,19 @@ class SATModel(BaseTuner):
         if not self._sat_blocks:
             raise ValueError(f"`target_modules` {config.target_modules!r} matched no block that `omit` selects.")
         _log_sparse_layers(self.sat_state, self._sat_matching)
+        _warn_if_attention_keeps_everything(self._sat_blocks, config)
         self.sat_state.register_zero3_parameters(model)  # already partitioned (deepspeed.zero.Init)
+        self.sat_switch = SATSwitch(self.sat_state, adapter_name)  # for PeftModel.disable_adapter()
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
-        _set_base_trainable(model, self.peft_config[self.active_adapter].train_base)
+        config = self.peft_config[self.active_adapter]
+        # Inference mode (`PeftModel.from_pretrained(..., is_trainable=False)`) freezes what SAT trains, as it freezes
+        # adapters; PEFT itself only freezes parameters whose name holds the adapter name.
+        _set_base_trainable(model, bool(config.train_base) and not config.inference_mode)
 
     def _enable_adapter_layers(self, enabled: bool = True) -> None:
-        # `with peft_model.disable_adapter():` trains / runs the dense model.
-        self.sat_state.enabled = enabled
+        # `with peft_model.disable_adapter():` trains / runs the dense model (PEFT finds `self.sat_switch`).
+        self.sat_switch.enable_adapters(enabled)
 
     def set_adapter(self, adapter_name, inference_mode: bool = False) -> None:
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
@@ -112,7 +145,7 @@ def default_target_modules(model_type: str | None) -> list[str]:
     return list(DEFAULT_TARGET_MODULES[model_type])
 
 
-def apply_sat(model: nn.Module, config: SATConfig) -> nn.Module:
+def apply_sat(model: nn.Module, config: SATConfig | Mapping[str, Any]) -> nn.Module:
     """Convert the targeted blocks of ``model`` to SAT blocks, in place, and return ``model``.
 
     ``model`` may be a transformers model, a LoRA ``PeftModel`` (full precision or bitsandbytes 4-bit) or a model
@@ -126,8 +159,8 @@ def apply_sat(model: nn.Module, config: SATConfig) -> nn.Module:
     Example:
         >>> lora_model = apply_sat(get_peft_model(model, LoraConfig(...)), SATConfig(omission_rate=0.5))  # doctest: +SKIP
     """
-    if isinstance(config, dict):
-        config = SATConfig(**config)
+    if isinstance(config, Mapping):
+        config = SATConfig.from_dict(config)
     config.validate()
     remove_sat(model)
     base = _transformers_model(model)
@@ -144,6 +177,7 @@ def apply_sat(model: nn.Module, config: SATConfig) -> nn.Module:
     if not blocks:
         raise ValueError(f"`target_modules` {config.target_modules!r} matched no block that `omit` selects.")
     _log_sparse_layers(state, matching)
+    _warn_if_attention_keeps_everything(blocks, config)
     state.register_zero3_parameters(base)  # already partitioned (deepspeed.zero.Init, or after deepspeed.initialize)
     if config.train_base is not None:
         _set_base_trainable(base, config.train_base)
@@ -166,8 +200,8 @@ def remove_sat(model: nn.Module) -> nn.Module:
 def sat_disabled(model: nn.Module) -> Iterator[None]:
     """Run ``model`` dense inside the block (e.g. to time or evaluate dense steps), then restore SAT.
 
-    ``PeftModel.disable_adapter()`` needs PEFT tuner layers, which SAT does not have; this is its SAT equivalent
-    (``peft_model.base_model.disable_adapter_layers()`` works too).
+    Works on any model carrying SAT. On a ``get_peft_model(model, SATConfig(...))`` model,
+    ``peft_model.disable_adapter()`` does the same; under LoRA (``apply_sat``) that one turns off LoRA only.
     """
     state = get_sat_state(model)
     if state is None:
@@ -249,11 +283,10 @@ def _transformers_model(model: nn.Module) -> nn.Module:
 
 
 def _new_state(base: nn.Module, config: SATConfig) -> SATState:
-    for module in base.modules():
-        # On CPUs with AVX512-BF16 a no-grad forward of a bnb Linear4bit (dense evaluation) repacks its weight in
-        # place into an inference layout; training afterwards gets silently wrong gradients (STACK_NOTES).
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
+    if any(_is_bnb_4bit(module) for module in base.modules()):
+        from .bnb import disable_cpu_inference_repack  # the optional backend, imported for 4-bit models only
+
+        disable_cpu_inference_repack(base)  # dense evaluations between sparse steps must not repack the weights
     state = SATState(config=config, omission_rate=config.omission_rate)
     models = [m for m in base.modules() if isinstance(m, PreTrainedModel)] or [base]
     state.attach(models)
@@ -279,20 +312,38 @@ def _convert_if_omitted(module: nn.Module, name: str, config: SATConfig, state: 
     return True
 
 
+def _warn_if_attention_keeps_everything(blocks: list[nn.Module], config: SATConfig) -> None:
+    """Warn once when ``kv_group`` units meet multi-query attention: a block keeps at least one unit
+    (``num_kept(1, r) == 1``), so attention with a single KV group would train dense at every rate, silently."""
+    if config.head_granularity != "kv_group":
+        return
+    single = [block for block in blocks if block_kind(block) == "attention" and block.sat_num_units == 1]
+    if single:
+        warnings.warn(
+            f"peft_sat: {len(single)} attention block(s) have a single KV group (multi-query attention), so "
+            "`head_granularity='kv_group'` never omits their heads: their attention trains dense. Set "
+            "`head_granularity='q_head'` to omit single query heads.",
+            stacklevel=3,
+        )
+
+
 def _set_base_trainable(model: nn.Module, trainable: bool) -> None:
     """Set ``requires_grad`` of every base (non-adapter) parameter; adapter parameters are left as they are."""
-    adapter_params = _adapter_parameter_ids(model)
+    adapters = adapter_module_ids(model)
+    adapter_params = {id(p) for m in model.modules() if id(m) in adapters for p in m.parameters(recurse=False)}
     for param in model.parameters():
         if id(param) not in adapter_params and _is_trainable_dtype(param):
             param.requires_grad_(trainable)
 
 
-def _adapter_parameter_ids(model: nn.Module) -> set[int]:
+def adapter_module_ids(model: nn.Module) -> set[int]:
+    """``id`` of every module that a PEFT tuner layer adds to ``model`` (the layer itself, ``lora_A``, ``lora_B``,
+    dropout, ...), not of the base layer it wraps: what is the adapter's, as opposed to the base model's."""
     ids: set[int] = set()
     for module in model.modules():
         if isinstance(module, BaseTunerLayer):
-            base_ids = {id(p) for p in module.get_base_layer().parameters()}
-            ids.update(id(p) for p in module.parameters() if id(p) not in base_ids)
+            base = {id(m) for m in module.get_base_layer().modules()}
+            ids.update(id(m) for m in module.modules() if id(m) not in base)
     return ids
 
 

@@ -27,10 +27,9 @@ Why custom ``autograd.Function``s instead of ``F.linear(x, W.index_select(0, ind
 
 - backward writes each full-size row-sliced weight gradient once: the kept rows go into a buffer with one extra
   zero row, and one ``index_select`` lays out the full tensor. Autograd's ``IndexSelectBackward`` zero-fills the
-  tensor and then scatters into it with ``index_add_``: twice the writes, and for rows a kernel that on a 2-core
-  machine shared with other processes stalls in parallel regions waiting for a descheduled thread (measured at
-  2 threads next to one busy process: a 2816 x 1024 row scatter took 88-128 ms with ``index_add_``, 0.5 ms with
-  ``index_copy_`` or ``index_select``);
+  tensor and then scatters into it with ``index_add_``: twice the writes, and for rows a kernel that on a CPU
+  shared with other processes stalls in parallel regions waiting for a descheduled thread (measurements: the
+  "Kernel choices" section of docs/results.md);
 - several row-sliced projections of one input (q / k / v, gate / up) run as one matmul (``gather_linear_rows``);
 - memory on accelerators: autograd keeps every layer's gathered copy alive from forward to backward (half the
   model's weights at r = 0.5); there backward re-gathers it from W instead (``REGATHER_DEVICES``).
@@ -47,10 +46,9 @@ import torch.nn.functional as F
 
 # Devices where backward re-gathers the kept weight from W instead of keeping the gathered copy from forward. Keeping
 # it costs memory: every layer's copy lives from forward to backward (half the model's weights at r = 0.5, e.g.
-# ~6.5 GB for a 7B model in bf16); re-gathering costs one more copy kernel per projection: microseconds on a GPU,
-# but on a CPU one more parallel region, and on a 2-core machine shared with other processes each region may wait
-# a whole scheduler slice for a descheduled thread (measured at the benchmark shape, 2 threads next to busy
-# processes: full-parameter step 5.75 s re-gathering vs 5.23 s keeping the copies; dense 7.96 s).
+# ~6.5 GB for a 7B model in bf16); re-gathering costs one more copy kernel per projection: negligible on a GPU, but
+# on a CPU one more parallel region, and on a CPU shared with other processes each region may wait a whole
+# scheduler slice for a descheduled thread, which made CPU steps slower (docs/results.md, "Kernel choices").
 REGATHER_DEVICES = {"cuda", "xpu", "mps", "hpu", "npu", "meta"}
 
 
@@ -138,8 +136,8 @@ class _GatherLinearCols(torch.autograd.Function):
         if need_w:
             x_2d = x.reshape(-1, x.shape[-1]).to(grad_2d.dtype)  # (N, k)
             kept_grad = grad_2d.t().mm(x_2d).to(w_dtype)  # (out, k)
-            # Not the padded-buffer layout of the rows: a product written with row stride k + 1 ran 30% slower
-            # (1 CPU thread, 1024 x 1024 x 1408), and a column scatter with index_add_ costs ~1.6 ms.
+            # Not the padded-buffer layout of the rows: writing the product with row stride k + 1 slows it down by
+            # more than this column scatter costs (docs/results.md, "Kernel choices").
             grad_w = kept_grad.new_zeros(kept_grad.shape[0], ctx.in_features).index_add_(1, index, kept_grad)
         if need_b:
             grad_b = grad_2d.sum(0).to(b_dtype)

@@ -1,8 +1,10 @@
-"""Registration of SAT as a PEFT method named ``"sat"``.
+"""The PEFT type ``SAT``: a real member of PEFT's ``PeftType`` enum, added when ``peft_sat`` is imported.
 
-PEFT 0.21 keys its method registry by members of the closed enum ``peft.utils.PeftType``; the plain-string route
-breaks code that calls ``peft_type.value``. So the enum gains a real ``SAT`` member at import time (idempotent),
-after which ``peft.utils.register_peft_method`` works as for PEFT's own methods.
+PEFT 0.21 keys its method registry by members of the closed enum ``peft.utils.PeftType``: ``register_peft_method``
+raises ``Unknown PEFT type`` for any other name, and a plain-string key breaks the code paths that call
+``peft_type.value``. So the enum gains a ``SAT`` member here (idempotent); ``peft_sat/__init__.py`` then registers
+``SATConfig`` / ``SATModel`` under it, as PEFT's own tuner packages do. This module imports nothing from
+``peft_sat``, so ``config.py`` can import ``SAT_PEFT_TYPE`` at its top.
 """
 
 from __future__ import annotations
@@ -27,16 +29,3 @@ def _extend_peft_type(name: str) -> PeftType:
 
 
 SAT_PEFT_TYPE = _extend_peft_type("SAT")
-
-
-def register() -> None:
-    """Register ``SATConfig`` / ``SATModel`` with PEFT (safe to call more than once)."""
-    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
-    from peft.utils import register_peft_method
-
-    from .config import SATConfig
-    from .model import SATModel
-
-    if PEFT_TYPE_TO_TUNER_MAPPING.get(SAT_PEFT_TYPE) is SATModel:
-        return
-    register_peft_method(name="sat", config_cls=SATConfig, model_cls=SATModel, prefix="sat_")

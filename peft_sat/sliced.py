@@ -214,6 +214,6 @@ def project_base(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     layer = base_layer(module)
     with torch.no_grad():
         # 4-bit: dequantize instead of calling the layer, whose no-grad CPU path may repack the weight in place
-        # (STACK_NOTES: AVX512-BF16 inference layout).
+        # (see `peft_sat.bnb.disable_cpu_inference_repack`).
         weight = base_weight(layer)
         return F.linear(x.to(weight.dtype), weight)

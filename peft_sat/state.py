@@ -15,13 +15,15 @@ import math
 import sys
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from . import tokens, zero3
-from .config import SATConfig
+
+if TYPE_CHECKING:  # an annotation only: config.py imports the blocks, which import this module
+    from .config import SATConfig
 
 
 @dataclass

@@ -140,7 +140,7 @@ def device_defaults() -> dict[str, Any]:
     """Defaults that depend on the machine: bf16 on a GPU, float32 and ``use_cpu`` without one.
 
     Why: ``SFTConfig`` defaults to ``bf16=True`` and ``gradient_checkpointing=True``; without a GPU the first raises
-    and the second slows a small model down (STACK_NOTES). ``use_cpu`` also makes CPU multi-process runs real DDP.
+    and the second slows a small model down (TRL 1.16). ``use_cpu`` also makes CPU multi-process runs real DDP.
     """
     import torch
 

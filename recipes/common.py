@@ -26,6 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from trl import SFTTrainer, get_peft_config, get_quantization_config
 
 from peft_sat import SATCallback, SATConfig, assets, validate_schedule
+from peft_sat.bnb import disable_cpu_inference_repack
 from peft_sat.model import default_target_modules
 from peft_sat.schedules import describe_schedule
 
@@ -237,11 +238,7 @@ def load_model(model_path: str, model_args: Any, training_args: Any) -> Any:
     model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
     model.config.use_cache = False  # training builds no KV cache (transformers creates one otherwise)
     if quantization_config is not None:
-        for module in model.modules():
-            # STACK_NOTES pitfall: on AVX512-BF16 CPUs an eval forward repacks 4-bit weights in place into an
-            # inference layout, after which training gets wrong gradients. Our dense eval runs before training.
-            if hasattr(module, "support_avx512bf16_for_cpu"):
-                module.support_avx512bf16_for_cpu = False
+        disable_cpu_inference_repack(model)  # the held-out loss is evaluated before training (and SAT)
     return model
 
 

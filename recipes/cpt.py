@@ -31,8 +31,8 @@ from recipes import data
 from recipes.arguments import make_parser as _make_parser
 from recipes.common import Recipe, run
 
-# What runs with no arguments (YAML and command line override each key). Sized for a 2-core CPU: about 5 s per
-# dense full-parameter step at 4 x 128 tokens on SmolLM2 (STACK_NOTES), less under SAT.
+# What runs with no arguments (YAML and command line override each key). Sized to finish in a few minutes on a
+# 2-core CPU (SmolLM2's step times there: docs/results.md, "Speed").
 DEFAULTS: dict[str, Any] = {
     "output_dir": "outputs/cpt",
     "max_steps": 24,

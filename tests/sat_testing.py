@@ -42,7 +42,7 @@ def default_attention(family: str) -> str:
 
 
 def tiny_config(family: str, attn: str | None = None, **overrides):
-    """Dimensions are multiples of 64 so that 4-bit blocks align (STACK_NOTES); 8 query heads in 4 KV groups."""
+    """Dimensions are multiples of 64 (the 4-bit block size: packed rows slice whole); 8 query heads in 4 KV groups."""
     kwargs = dict(
         hidden_size=64,
         intermediate_size=128,
@@ -98,6 +98,8 @@ def quantize_4bit(model: nn.Module, tmp_path, device_map: dict | None = None) ->
     ``device_map`` places it (e.g. ``{"": 0}`` for the first GPU)."""
     from transformers import BitsAndBytesConfig
 
+    from peft_sat.bnb import disable_cpu_inference_repack
+
     model.save_pretrained(tmp_path)
     quantized = AutoModelForCausalLM.from_pretrained(
         tmp_path,
@@ -111,9 +113,7 @@ def quantize_4bit(model: nn.Module, tmp_path, device_map: dict | None = None) ->
         device_map=device_map,
         attn_implementation=model.config._attn_implementation,
     )
-    for module in quantized.modules():  # STACK_NOTES pitfall: no in-place repack into the CPU inference layout
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
+    disable_cpu_inference_repack(quantized)  # tests run no-grad forwards before SAT is applied
     return quantized
 
 
@@ -375,7 +375,7 @@ def training_args(output_dir: Any, cls: type = TrainingArguments, **overrides: A
         seed=0,
         dataloader_num_workers=0,
     )
-    if cls is not TrainingArguments:  # TRL's SFTConfig defaults bf16 and gradient checkpointing on (STACK_NOTES)
+    if cls is not TrainingArguments:  # TRL's SFTConfig defaults bf16 (raises without a GPU) and gradient checkpointing
         kwargs.update(bf16=False, gradient_checkpointing=False)
     kwargs.update(overrides)
     return cls(**kwargs)

@@ -1,7 +1,8 @@
 """Sliced 4-bit projections (peft_sat.bnb): exact against the dequantized weight, nothing dense saved for backward.
 
-CPU only, offline. Dimensions are multiples of 64 (STACK_NOTES: bitsandbytes CPU kernels), and every layer gets
-``support_avx512bf16_for_cpu = False`` so no forward can repack its weight into the CPU inference layout.
+CPU only, offline. Dimensions are multiples of 64 (bitsandbytes' default 4-bit block size), and every layer gets
+``support_avx512bf16_for_cpu = False`` (``peft_sat.bnb.disable_cpu_inference_repack``) so no forward can repack its
+weight into the CPU inference layout.
 """
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ from torch import nn
 
 bnb = pytest.importorskip("bitsandbytes")
 import bitsandbytes.functional as bnb_functional  # noqa: E402
+from peft import get_peft_model  # noqa: E402
+from sat_testing import lora_config, quantize_4bit, tiny_model  # noqa: E402
 
-from peft_sat.bnb import dequantize_weight, linear4bit_sliced  # noqa: E402
+import peft_sat  # noqa: E402
+from peft_sat.bnb import dequantize_weight, disable_cpu_inference_repack, linear4bit_sliced  # noqa: E402
 
 # (quant_type, double quant, bias, in_features, out_features, blocksize); the last one has in % blocksize != 0
 # (192 % 128 = 64), so rows take the dequantize-then-gather fallback.
@@ -51,7 +55,7 @@ def make_layer(
     layer.load_state_dict(dense.state_dict())
     layer.weight.blocksize = blocksize  # Linear4bit has no blocksize argument; Params4bit reads it when quantizing
     layer = layer.to("cpu")  # quantizes
-    layer.support_avx512bf16_for_cpu = False
+    disable_cpu_inference_repack(layer)
     assert layer.weight.bnb_quantized and layer.weight.quant_state.blocksize == blocksize
     assert layer.weight.quant_state.nested == double_quant
     return layer
@@ -252,3 +256,13 @@ def test_lora_on_4bit(by_rows):
     grads_ref = torch.autograd.grad(y_ref.square().sum(), [x_ref, *params])
     for g, g_ref in zip(grads, grads_ref):
         torch.testing.assert_close(g, g_ref, atol=1e-4, rtol=1e-5)
+
+
+def test_sat_keeps_every_4bit_layer_from_repacking(tmp_path):
+    """SAT evaluates dense between sparse steps: the AVX512-BF16 CPU repack must be off on every 4-bit layer."""
+    model = quantize_4bit(tiny_model(), tmp_path)
+    layers = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = True
+    peft_sat.apply_sat(get_peft_model(model, lora_config()), peft_sat.SATConfig())
+    assert layers and not any(layer.support_avx512bf16_for_cpu for layer in layers)

@@ -113,15 +113,22 @@ def test_evaluation_inside_training_is_dense(tmp_path):
         args=args,
         train_dataset=lm_dataset(),
         eval_dataset=lm_dataset(num_rows=4, seed=1),
-        callbacks=[SATCallback(config), HookOnTrainBegin()],
+        callbacks=[recorder := LogRecorder(), SATCallback(config), HookOnTrainBegin()],
     )
     trainer.train()
     evals = [r for r in records if not r[0]]
     assert evals and any(rate > 0 for _, _, rate in evals), "an evaluation must happen while the rate is > 0"
     assert not any(sparse for _, sparse, _ in evals)
     assert any(sparse for training, sparse, _ in records if training)
+    # Eval rows report what ran: no sat/* keys (evaluation is dense), in the history and for every logger; the
+    # training rows around them, and the summary row after the last evaluation, keep them.
     eval_logs = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
-    assert len(eval_logs) == STEPS // 2 and all("sat/omission_rate" in entry for entry in eval_logs)
+    assert len(eval_logs) == STEPS // 2
+    assert [entry for entry in eval_logs + recorder.logs if "eval_loss" in entry and set(entry) & set(SAT_KEYS)] == []
+    assert len([entry for entry in recorder.logs if "eval_loss" in entry]) == STEPS // 2
+    other_logs = [entry for entry in trainer.state.log_history + recorder.logs if "eval_loss" not in entry]
+    assert other_logs and all(all(key in entry for key in SAT_KEYS) for entry in other_logs)
+    assert "eval_loss" in trainer.state.log_history[-2] and "train_runtime" in trainer.state.log_history[-1]
 
 
 def test_full_parameter_sat_from_get_peft_model(tmp_path):
@@ -239,6 +246,8 @@ def test_bad_callback_config_type():
     with pytest.raises(TypeError, match="`config` must be a SATConfig"):
         SATCallback(config=0.5)
     assert SATCallback({"omission_rate": 0.3}).config.omission_rate == 0.3
+    with pytest.raises(ValueError, match="did you mean `omission_rate`"):
+        SATCallback({"omision_rate": 0.3})
 
 
 # ---- without a Trainer, and the FLOPs estimate -----------------------------------------------------------------

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import pickle
+import warnings
+from copy import deepcopy
 
 import pytest
 from peft import PeftConfig, get_peft_model
@@ -48,32 +51,83 @@ def test_config_round_trips_through_json(tmp_path):
     assert isinstance(loaded, SATConfig) and loaded.to_dict() == config.to_dict()
 
 
-@pytest.mark.parametrize(
-    "field,value,rule",
-    [
-        ("omission_rate", 1.0, "in [0, 1)"),
-        ("omission_rate", -0.1, "in [0, 1)"),
-        ("omission_rate", "0.5", "in [0, 1)"),
-        ("omit", [], "non-empty list"),
-        ("omit", ["mlp", "embeddings"], "non-empty list"),
-        ("importance", "random", "must be one of"),
-        ("selection", "greedy", "must be one of"),
-        ("head_granularity", "head", "must be one of"),
-        ("score_tokens", 0, ">= 1"),
-        ("train_base", "yes", "True, False or None"),
-        ("seed", 1.5, "must be an int"),
-        ("target_modules", 3, "list of names"),
-        ("dense_tokens", "prompt", "must be one of"),
-        ("sparse_pass", "forward", "must be one of"),
-        ("dense_layers", [0, 0], "distinct layer indices"),
-        ("dense_layers", 0, "distinct layer indices"),
-    ],
-)
+INVALID_VALUES = [
+    ("omission_rate", 1.0, "in [0, 1)"),
+    ("omission_rate", -0.1, "in [0, 1)"),
+    ("omission_rate", "0.5", "in [0, 1)"),
+    ("omit", [], "non-empty list"),
+    ("omit", ["mlp", "embeddings"], "non-empty list"),
+    ("importance", "random", "must be one of"),
+    ("selection", "greedy", "must be one of"),
+    ("head_granularity", "head", "must be one of"),
+    ("score_tokens", 0, ">= 1"),
+    ("train_base", "yes", "True, False or None"),
+    ("seed", 1.5, "must be an int"),
+    ("target_modules", 3, "list of names"),
+    ("dense_tokens", "prompt", "must be one of"),
+    ("sparse_pass", "forward", "must be one of"),
+    ("dense_layers", [0, 0], "distinct layer indices"),
+    ("dense_layers", 0, "distinct layer indices"),
+]
+
+
+@pytest.mark.parametrize("field,value,rule", INVALID_VALUES)
 def test_invalid_values_raise_naming_field_rule_and_value(field, value, rule):
     with pytest.raises(ValueError) as error:
         SATConfig(**{field: value})
     message = str(error.value)
     assert f"`{field}`" in message and rule in message and repr(value) in message
+
+
+@pytest.mark.parametrize("field,value,rule", [*INVALID_VALUES, ("omission_rate", float("nan"), "in [0, 1)")])
+def test_invalid_assignment_raises_the_constructors_error_and_is_undone(field, value, rule):
+    config = SATConfig()
+    before = getattr(config, field)
+    with pytest.raises(ValueError) as assigned:
+        setattr(config, field, value)
+    with pytest.raises(ValueError) as constructed:
+        SATConfig(**{field: value})
+    assert str(assigned.value) == str(constructed.value) and f"`{field}`" in str(assigned.value)
+    assert getattr(config, field) == before
+    config.validate()  # still a valid config
+
+
+def test_valid_assignments_and_fields_tied_by_a_rule():
+    config = SATConfig()
+    config.omission_rate = 0.25
+    config.omit = ("mlp",)  # normalized like the constructor's argument
+    assert config.omission_rate == 0.25 and config.omit == ["mlp"]
+    with pytest.raises(ValueError, match="`warmup_ratio` \\+ `ladder_full_rate_ratio` must be < 1"):
+        config.warmup_ratio = 0.6  # with the default ladder_full_rate_ratio=0.5
+    assert config.warmup_ratio == 0.0
+    changed = dataclasses.replace(config, warmup_ratio=0.6, ladder_full_rate_ratio=0.3)  # both at once
+    assert (changed.warmup_ratio, changed.ladder_full_rate_ratio, changed.omit) == (0.6, 0.3, ["mlp"])
+    with pytest.raises(ValueError, match="`omission_rate`"):
+        changed.omission_rate = 1.0  # the copy validates its assignments too
+
+
+def test_copies_keep_validating_and_peft_machinery_still_assigns(tmp_path):
+    config = SATConfig(omission_rate=0.3, ladder_stairs=[(0.0, 0.3), (0.5, 0.0)])
+    for copy in (deepcopy(config), pickle.loads(pickle.dumps(config))):
+        assert copy == config
+        with pytest.raises(ValueError, match="`ladder_stairs`"):
+            copy.ladder_stairs = [(0.5, 0.3)]
+    config.inference_mode = True  # PEFT's own fields (save_pretrained / from_pretrained set this one)
+    config.save_pretrained(tmp_path)
+    loaded = PeftConfig.from_pretrained(tmp_path)
+    loaded.inference_mode = False
+    with pytest.raises(ValueError, match="`seed`"):
+        loaded.seed = "0"
+
+
+def test_get_peft_model_and_apply_sat_validate_again():
+    """A list field changed in place assigns nothing; get_peft_model and apply_sat check the config again."""
+    config = SATConfig()
+    config.omit.append("embeddings")
+    with pytest.raises(ValueError, match=r"`omit` must be a non-empty list of \['mlp', 'attention'\]"):
+        get_peft_model(tiny_model(), config)
+    with pytest.raises(ValueError, match="`omit` must be a non-empty list"):
+        peft_sat.apply_sat(tiny_model(), config)
 
 
 def test_unsupported_model_type_raises_type_error_naming_supported():
@@ -106,6 +160,24 @@ def test_olmo2_heads_cannot_be_sliced_so_only_its_mlp_is_sparsified():
     assert [type(block).__name__ for _, block in sat_blocks(model)] == ["SATOlmo2MLP", "SATOlmo2MLP"]
     with pytest.warns(UserWarning), pytest.raises(ValueError, match="matched no block"):
         peft_sat.apply_sat(tiny_model("olmo2"), SATConfig(omit=["attention"]))
+
+
+@pytest.mark.parametrize("convert", ["apply_sat", "get_peft_model"])
+def test_multi_query_attention_with_kv_group_units_warns_once_naming_q_head(convert):
+    def sat(granularity):
+        config = SATConfig(head_granularity=granularity)
+        model = tiny_model(num_key_value_heads=1)  # 8 query heads sharing one KV head
+        return peft_sat.apply_sat(model, config) if convert == "apply_sat" else get_peft_model(model, config)
+
+    with pytest.warns(UserWarning) as warned:
+        sat("kv_group")
+    messages = [str(w.message) for w in warned if "single KV group" in str(w.message)]
+    assert len(messages) == 1 and "2 attention block(s)" in messages[0] and "head_granularity='q_head'" in messages[0]
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*single KV group")
+        sat("q_head")  # query heads are units of their own: attention is sparsified, nothing to warn about
+        peft_sat.apply_sat(tiny_model(), SATConfig(head_granularity="kv_group"))  # 4 KV groups
 
 
 def test_layers_to_transform_restricts_the_layers():
@@ -161,6 +233,13 @@ def test_yaml_with_unknown_keys_or_wrong_types_is_rejected_naming_the_key(tmp_pa
     path.write_text(text)
     with pytest.raises(ValueError, match=f"`{key}`"):
         SATConfig.from_yaml(path)
+
+
+def test_apply_sat_reads_a_dict_like_from_dict():
+    model = peft_sat.apply_sat(tiny_model(), {"omission_rate": 0.25, "omit": ["mlp"]})
+    assert peft_sat.get_sat_state(model).config.omit == ["mlp"]
+    with pytest.raises(ValueError, match="did you mean `omission_rate`"):
+        peft_sat.apply_sat(tiny_model(), {"omision_rate": 0.25})
 
 
 def test_yaml_round_trip(tmp_path):

@@ -49,6 +49,26 @@ def test_sat_disabled_and_disable_adapter_layers_run_dense():
     assert not torch.equal(_logits(sat, inputs), _logits(original, inputs))
 
 
+def test_disable_adapter_context_runs_dense_then_sparse_again():
+    """``PeftModel.disable_adapter()`` (TRL's reference-model path) on full-parameter SAT, in training mode."""
+    original = tiny_model().train()
+    sat = get_peft_model(copy.deepcopy(original), peft_sat.SATConfig(omission_rate=0.5)).train()
+    inputs = batch()
+    dense = _logits(original, inputs)
+    with sat.disable_adapter():
+        assert torch.equal(_logits(sat, inputs), dense)
+        assert sat.get_model_status().enabled is False
+    assert not torch.equal(_logits(sat, inputs), dense), "sparse again after the context"
+    assert sat.get_model_status().enabled is True
+    assert "sat_switch" not in str(list(sat.state_dict())) and sat_blocks(sat)  # a switch, not a weight holder
+
+    with peft_sat.sat_disabled(sat):  # SAT already off: the context leaves it off
+        with sat.disable_adapter():
+            assert torch.equal(_logits(sat, inputs), dense)
+        assert torch.equal(_logits(sat, inputs), dense)
+    assert not torch.equal(_logits(sat, inputs), dense)
+
+
 def test_generate_in_eval_equals_original():
     original = tiny_model().eval()
     sat = get_peft_model(copy.deepcopy(original), peft_sat.SATConfig(omission_rate=0.5)).eval()

@@ -25,7 +25,7 @@ def _run(out_dir: Path, processes: int, checkpoint: Path | None = None) -> list[
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = [str(WORKER), str(out_dir), *([str(checkpoint)] if checkpoint else [])]
     launcher = [sys.executable]
-    if processes > 1:  # use_cpu=True + torchrun: real gloo DDP (STACK_NOTES)
+    if processes > 1:  # use_cpu=True + torchrun: real gloo DDP, not N independent single-process runs
         launcher = torchrun(processes)
     result = subprocess.run([*launcher, *args], capture_output=True, text=True, timeout=400, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

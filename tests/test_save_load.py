@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from peft import PeftModel, get_peft_model
+from peft import PeftConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from sat_testing import batch, lora_config, tiny_model, train_step
 from transformers import LlamaForCausalLM
@@ -49,6 +49,52 @@ def test_full_parameter_round_trip(tmp_path, tied):
     assert type(unloaded.model.layers[0].self_attn) is LlamaAttention
     for key, value in unloaded.state_dict().items():
         assert torch.equal(value, trained[key]), key
+
+
+def test_loading_for_inference_freezes_the_base_and_for_training_does_not(tmp_path):
+    get_peft_model(tiny_model(), peft_sat.SATConfig(omission_rate=0.5)).save_pretrained(tmp_path)
+    total = sum(p.numel() for p in tiny_model().parameters())
+
+    frozen = PeftModel.from_pretrained(tiny_model(), tmp_path)  # is_trainable=False, PEFT's default
+    assert frozen.get_nb_trainable_parameters() == (0, total)
+    assert not any(p.requires_grad for p in frozen.parameters()) and not frozen.training
+
+    trainable = PeftModel.from_pretrained(tiny_model(), tmp_path, is_trainable=True)
+    assert trainable.get_nb_trainable_parameters() == (total, total)
+    assert trainable.peft_config["default"].inference_mode is False
+
+
+def test_saved_files_say_to_import_peft_sat_first(tmp_path, recwarn):
+    model = get_peft_model(tiny_model(), peft_sat.SATConfig(omission_rate=0.5))
+    model.save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path)  # saving again does not repeat the note
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert "`import peft_sat`" in config["_comment"] and "KeyError: 'SAT'" in config["_comment"]
+    card = (tmp_path / "README.md").read_text()
+    assert "library_name: peft" in card and card.count("import peft_sat  # registers") == 1
+
+    recwarn.clear()
+    loaded = PeftModel.from_pretrained(tiny_model(), tmp_path)
+    assert isinstance(loaded.peft_config["default"], peft_sat.SATConfig)
+    assert isinstance(PeftConfig.from_pretrained(tmp_path), peft_sat.SATConfig)
+    assert not [w for w in recwarn if "_comment" in str(w.message)], "PEFT must not warn about the note"
+
+    # What the note prevents, and that its instruction works: a fresh process without and then with the import.
+    script = f"""
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+base = AutoModelForCausalLM.from_pretrained({str(tmp_path / "base")!r})
+try:
+    PeftModel.from_pretrained(base, {str(tmp_path)!r})
+except KeyError as error:
+    print("without:", error)
+import peft_sat
+print("with:", type(PeftModel.from_pretrained(base, {str(tmp_path)!r}).peft_config["default"]).__name__)
+"""
+    tiny_model().save_pretrained(tmp_path / "base")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "without: 'SAT'" in result.stdout and "with: SATConfig" in result.stdout, result.stdout
 
 
 def test_unload_returns_plain_model_with_trained_weights():

@@ -2,7 +2,7 @@
 
 Why re-classing and not a wrapper: PEFT skips every module nested under a tuner-layer wrapper, so LoRA applied
 after SAT would find no targets, and LoRA applied before it would get ``.base_layer.`` in its checkpoint keys
-(STACK_NOTES). Changing ``__class__`` keeps module paths, state-dict keys, ``isinstance`` checks and LoRA
+(PEFT 0.21; docs/architecture.md, "Traps of the stack"). Changing ``__class__`` keeps module paths, state-dict keys, ``isinstance`` checks and LoRA
 injection untouched, in either order. ``SATLlamaMLP`` is ``(SATMLPMixin, LlamaMLP)``: eval mode, rate 0 or a
 disabled SAT call the original ``forward`` unchanged.
 """
