@@ -32,7 +32,14 @@ import torch.nn.functional as F
 from bitsandbytes.functional import QuantState
 from torch import nn
 
-__all__ = ["dequantize_weight", "disable_cpu_inference_repack", "linear4bit_kept_grad", "linear4bit_sliced"]
+__all__ = [
+    "dequantize_weight",
+    "disable_cpu_inference_repack",
+    "linear4bit_cols_to_value",
+    "linear4bit_kept_grad",
+    "linear4bit_rows_from_value",
+    "linear4bit_sliced",
+]
 
 
 def disable_cpu_inference_repack(model: nn.Module) -> None:
@@ -133,6 +140,65 @@ class _Dense4bitKeptGrad(torch.autograd.Function):
             if need_bias:
                 grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
         return grad_x, grad_bias, None, None, None, None, None
+
+
+def linear4bit_rows_from_value(
+    module: nn.Module, x: torch.Tensor, index: torch.Tensor, value: torch.Tensor
+) -> torch.Tensor:
+    """``value[..., index]`` of the layer's dense output ``value`` computed beforehand, with the gradient of its kept
+    rows (W frozen): dL/dx = g W[index], W[index] dequantized in backward; the bias (when it trains) on rows."""
+    packed, state = _packed_weight(module)
+    index = index.to(device=packed.device, dtype=torch.long)
+    return _Rows4bitFromValue.apply(x, module.bias, packed, state, index, value)
+
+
+def linear4bit_cols_to_value(
+    module: nn.Module, kept_h: torch.Tensor, index: torch.Tensor, value: torch.Tensor
+) -> torch.Tensor:
+    """``value`` (the layer's dense output computed beforehand) with the gradient of the kept input columns
+    ``kept_h`` = h[..., index]: dL/dh_K = g W[:, index]; the bias (when it trains) gets its whole gradient."""
+    packed, state = _packed_weight(module)
+    index = index.to(device=packed.device, dtype=torch.long)
+    return _Cols4bitToValue.apply(kept_h, module.bias, packed, state, index, value)
+
+
+class _Rows4bitFromValue(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, bias, packed, state, index, value):
+        ctx.save_for_backward(packed, index)
+        ctx.state, ctx.x_dtype = state, x.dtype
+        return value.index_select(-1, index)
+
+    @staticmethod
+    def backward(ctx, grad_kept):
+        packed, index = ctx.saved_tensors
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            weight = _dequantize_slice(packed, ctx.state, index, by_rows=True).to(grad_kept.dtype)  # (k, in)
+            grad_x = (grad_kept @ weight).to(ctx.x_dtype)
+        if ctx.needs_input_grad[1]:
+            sums = grad_kept.reshape(-1, index.numel()).sum(0)
+            grad_bias = sums.new_zeros(ctx.state.shape[0]).index_copy_(0, index, sums)
+        return grad_x, grad_bias, None, None, None, None
+
+
+class _Cols4bitToValue(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, kept_h, bias, packed, state, index, value):
+        ctx.save_for_backward(packed, index)
+        ctx.state, ctx.h_dtype = state, kept_h.dtype
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        packed, index = ctx.saved_tensors
+        grad_h = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            weight = _dequantize_slice(packed, ctx.state, index, by_rows=False).to(grad_out.dtype)  # (out, k)
+            grad_h = (grad_out @ weight).to(ctx.h_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        return grad_h, grad_bias, None, None, None, None
 
 
 def dequantize_weight(module: nn.Module) -> torch.Tensor:

@@ -9,6 +9,7 @@ MLP channel i of ``down(act(gate(x)) * up(x))``:
     magnitude  s_i = ||W_gate[i, :]|| * ||W_up[i, :]|| * ||W_down[:, i]||
     wanda      s_i = sum_j (|W_gate[i, j]| + |W_up[i, j]|) * ||X_j||     (Wanda, Sun et al. 2023, per output row)
     maxip      s_i = mean_{t in X_s} |act(x_t . W_gate[i]) * (x_t . W_up[i])|   (the channel's activation)
+               with sparse_pass="backward" the dense forward has every activation: t over all of X, exact
 
 Attention query head h (rows ``h*d:(h+1)*d`` of q, KV head g(h) = h // group_size, columns of o):
     uniform    s_h ~ U(0, 1)
@@ -97,6 +98,12 @@ def channel_scores(
         activation = act_fn(project_gate(x_sample)) * project_up(x_sample)  # (S, I)
         return activation.float().abs().mean(dim=0)
     raise ValueError(f"Unknown importance metric {metric!r}.")
+
+
+def activation_scores(h: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+    """``maxip`` channel scores from activations already computed: mean_t |h_t| over the valid tokens of ``h``
+    (..., I) -> (I,), float32 (``token_mask`` as in ``valid_tokens``)."""
+    return valid_tokens(h.detach(), token_mask).float().abs().mean(dim=0)
 
 
 def head_scores(

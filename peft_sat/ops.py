@@ -15,6 +15,12 @@ For ``SATConfig.sparse_pass="backward"`` (the dense forward, the backward throug
     lora_cols_kept_grad(h, A, B, b_B, index)          forward  y = (h A^T) B^T + b_B   (a LoRA branch, bit for bit)
                                                       backward as if h were zero outside ``index``
 
+and, when the dense forward already computed the values (every unit's output), only the gradient graph of the
+kept units, on tensors of the kept width (nothing full-size but the weight gradients):
+
+    rows_from_value(x, W, b, index, y)                returns y[..., index]   backward of x W[index]^T + b[index]
+    cols_to_value(h_K, W, b, index, y)                returns y               backward of h_K W[:, index]^T + b
+
 ``gather_linear_rows`` serves several projections of the same input (q / k / v, gate / up) with ONE matmul in
 forward and one per gradient in backward, and no sum of per-projection input gradients.
 
@@ -383,3 +389,84 @@ def lora_cols_kept_grad(
     ):
         return F.linear(F.linear(h, weight_a), weight_b, bias_b)
     return _LoraColsKeptGrad.apply(h, weight_a, weight_b, bias_b, index)
+
+
+class _RowsFromValue(torch.autograd.Function):
+    """``value[..., index]`` (the kept outputs of a dense product already computed) with the gradient of
+    ``x W[index]^T + b[index]``: dL/dx = g W[index]; dL/dW, dL/db zero outside rows ``index``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, index, value):
+        need_x, need_w = ctx.needs_input_grad[:2]
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.out_features = weight.shape[0]
+        ctx.save_for_backward(x if need_w else None, weight if need_x else None, index)
+        return value.index_select(-1, index)
+
+    @staticmethod
+    def backward(ctx, grad_kept):
+        x, weight, index = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        grad_2d = grad_kept.reshape(-1, index.numel())  # (N, k)
+        grad_x = grad_w = grad_b = None
+        if need_x:
+            grad_x = grad_kept.matmul(weight.index_select(0, index).to(grad_kept.dtype)).to(x_dtype)
+        if need_w or need_b:
+            source = _source_map(index, ctx.out_features, 0, index.numel())
+        if need_w:
+            x_2d = x.reshape(-1, x.shape[-1]).to(grad_2d.dtype)
+            grad_w = _padded_product(grad_2d, x_2d, w_dtype).index_select(0, source)
+        if need_b:
+            grad_b = F.pad(grad_2d.sum(0), (0, 1)).index_select(0, source).to(b_dtype)
+        return grad_x, grad_w, grad_b, None, None
+
+
+def rows_from_value(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, index: torch.Tensor, value: torch.Tensor
+) -> torch.Tensor:
+    """``value[..., index]`` (k,) of ``value = F.linear(x, W, b)`` computed beforehand, with the gradient of the kept
+    rows: (..., out) -> (..., k). Saves ``x`` (for dL/dW) and nothing of the kept width."""
+    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        return value.index_select(-1, index)
+    return _RowsFromValue.apply(x, weight, bias, index, value)
+
+
+class _ColsToValue(torch.autograd.Function):
+    """``value`` (the output of a dense product already computed) with the gradient of ``h_K W[:, index]^T + b``:
+    dL/dh_K = g W[:, index]; dL/dW zero outside columns ``index``; the bias gets its whole gradient."""
+
+    @staticmethod
+    def forward(ctx, kept_h, weight, bias, index, value):
+        need_h, need_w = ctx.needs_input_grad[:2]
+        ctx.dtypes = (kept_h.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.in_features = weight.shape[1]
+        ctx.save_for_backward(kept_h if need_w else None, weight if need_h else None, index)
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        kept_h, weight, index = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        h_dtype, w_dtype, b_dtype = ctx.dtypes
+        grad_2d = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
+        grad_h = grad_w = grad_b = None
+        if need_h:
+            grad_h = grad_out.matmul(weight.index_select(1, index).to(grad_out.dtype)).to(h_dtype)  # (..., k)
+        if need_w:
+            kept_grad = grad_2d.t().mm(kept_h.reshape(-1, index.numel()).to(grad_2d.dtype)).to(w_dtype)  # (out, k)
+            grad_w = kept_grad.new_zeros(kept_grad.shape[0], ctx.in_features).index_copy_(1, index, kept_grad)
+        if need_b:
+            grad_b = grad_2d.sum(0).to(b_dtype)
+        return grad_h, grad_w, grad_b, None, None
+
+
+def cols_to_value(
+    kept_h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, index: torch.Tensor, value: torch.Tensor
+) -> torch.Tensor:
+    """``value`` (= ``F.linear(h, W, b)`` computed beforehand on the whole input ``h``) with the gradient of the kept
+    columns only: ``kept_h`` (..., k) is ``h[..., index]`` with its graph. Saves ``kept_h``."""
+    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (kept_h, weight, bias)):
+        return value
+    return _ColsToValue.apply(kept_h, weight, bias, index, value)
+

@@ -1,10 +1,21 @@
 """The dense forward with a sliced backward (``SATConfig.sparse_pass="backward"``): projections whose output is
 ``module(x)`` bit for bit, and whose backward runs through the kept units only.
 
+Two forms. When the units are known before the projection (attention)::
+
 For a projection ``y = x W^T + b`` with W (out, in) and kept units K::
 
     linear_rows_kept_grad(module, x, K)   y = module(x)     dL/dx = g[..., K] W[K];   dL/dW, dL/db zero outside rows K
     linear_cols_kept_grad(module, h, K)   y = module(h)     dL/dh zero outside columns K;  dL/dW zero outside columns K
+
+When the units are chosen from the dense forward's own activations (the MLP: exact ``maxip`` scores of every
+token), the projection first computes its dense value, and only the kept units' gradient graph is built after the
+selection, on tensors of the kept width::
+
+    value, kept_rows = rows_forward(module, x)      value = module(x); kept_rows(K, total) = total[..., K] whose
+                                                    backward is that of the rows K (``total``: the value, or a sum
+                                                    the value is part of, e.g. a LoRA layer's output)
+    cols_output(module, h, h_K, K)                  module(h), whose backward runs through h_K = h[..., K] and W[:, K]
 
 where g = dL/dy. In a SAT block the gradient reaching the omitted rows of q / k / v / gate / up is already zero (the
 output projection passes none to omitted units), so reading ``g[..., K]`` only is exact and skips their products.
@@ -16,12 +27,16 @@ forward with the gradient masked around it (exact, not faster), with a one-time 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .ops import dense_linear_kept_grad, lora_cols_kept_grad
+from .ops import cols_to_value, dense_linear_kept_grad, gather_linear, lora_cols_kept_grad, rows_from_value
 from .sliced import _is_bnb_4bit, _is_lora, _is_plain_linear
+
+KeptRows = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (index, total value) -> (..., k) with gradient
 
 _warned: set[str] = set()
 
@@ -112,3 +127,155 @@ def _masked_fallback(module: nn.Module, x: torch.Tensor, index: torch.Tensor, by
     with torch.no_grad():
         rest = module(x) - kept
     return kept + rest
+
+
+# ---- the value first, the kept units' gradient graph after the selection ------------------------------------------
+
+
+def rows_forward(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, KeptRows]:
+    """``(module(x), kept_rows)``: the dense value (no graph) and a function building the kept rows' gradient graph.
+
+    ``kept_rows(index, total)`` returns ``total[..., index]`` with the gradient of rows ``index`` of ``module``;
+    ``total`` is the value itself, or an output it is part of (a LoRA layer passes its sum to its base layer).
+    """
+    if _is_plain_linear(module):
+        with torch.no_grad():
+            value = F.linear(x, module.weight, module.bias)
+        return value, lambda index, total: rows_from_value(x, module.weight, module.bias, index, total)
+    if _is_lora(module) and _plain_lora(module) is not None:
+        return _lora_rows_forward(module, x)
+    if _is_bnb_4bit(module):
+        from .bnb import linear4bit_rows_from_value
+
+        with torch.no_grad():
+            value = module(x)
+        return value, lambda index, total: linear4bit_rows_from_value(module, x, index, total)
+    _warn_fallback(f"{type(module).__name__} has no kernel")
+    output = module(x)  # the dense graph; the kept rows take their gradient from it
+    value = output.detach()
+
+    def kept_rows(index: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+        part = output.index_select(-1, index)
+        return total.index_select(-1, index) + (part - part.detach())
+
+    return value, kept_rows
+
+
+def cols_output(module: nn.Module, h: torch.Tensor, kept_h: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``module(h)`` (the dense value, from ``h`` without graph) whose backward runs through ``kept_h`` =
+    ``h[..., index]`` (with its graph) and the columns ``index`` only."""
+    if _is_plain_linear(module):
+        with torch.no_grad():
+            value = F.linear(h, module.weight, module.bias)
+        return cols_to_value(kept_h, module.weight, module.bias, index, value)
+    if _is_lora(module) and _plain_lora(module) is not None:
+        return _lora_cols_output(module, h, kept_h, index)
+    if _is_bnb_4bit(module):
+        from .bnb import linear4bit_cols_to_value
+
+        with torch.no_grad():
+            value = module(h)
+        return linear4bit_cols_to_value(module, kept_h, index, value)
+    _warn_fallback(f"{type(module).__name__} has no kernel")
+    with torch.no_grad():
+        value = module(h)
+    scattered = kept_h.new_zeros(h.shape).index_copy(-1, index, kept_h)
+    part = module(scattered)  # the gradient of the kept columns; omitted columns see zeros
+    return value + (part - part.detach())
+
+
+def _plain_lora(module: nn.Module) -> list[str] | None:
+    """The active adapters of a LoRA layer whose forward ``rows_forward`` / ``cols_output`` reproduce (plain LoRA
+    without bias on A), or None (variants such as DoRA)."""
+    if module.disable_adapters and module.merged:
+        module.unmerge()
+    active = [a for a in module.active_adapters if a in module.lora_A.keys()]
+    if module.disable_adapters or module.merged:
+        active = []
+    if any(a in getattr(module, "lora_variant", {}) for a in active) or any(
+        module.lora_A[a].bias is not None for a in active
+    ):
+        return None
+    return active
+
+
+def _zero_valued(part: torch.Tensor) -> torch.Tensor:
+    """0 in value, ``part``'s gradient in backward: adds a cheap branch's graph to a value computed elsewhere."""
+    return part - part.detach()
+
+
+def _lora_rows_forward(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, KeptRows]:
+    """PEFT's LoRA forward, step by step (bit for bit the layer's value), keeping the rank-r activations A x."""
+    four_bit = _is_bnb_4bit(module.base_layer)
+    value, base_rows = rows_forward(module.base_layer, x)
+    result_dtype = value.dtype
+    if four_bit:
+        value = value.clone()  # as PEFT does for 4-bit bases
+    branches = []
+    for adapter in _plain_lora(module):
+        lora_a, lora_b = module.lora_A[adapter], module.lora_B[adapter]
+        scaling = module.scaling[adapter]
+        convert = not four_bit or not torch.is_autocast_enabled()
+        x_cast = module._cast_input_dtype(x, lora_a.weight.dtype) if convert else x
+        low_rank = lora_a(module.lora_dropout[adapter](x_cast))  # (..., r), with its graph (A trains)
+        with torch.no_grad():
+            delta = lora_b(low_rank) * scaling
+            value = value + (delta.to(result_dtype) if four_bit and convert else delta)
+        branches.append((low_rank, lora_b, scaling))
+    if not four_bit:
+        value = value.to(result_dtype)
+
+    def kept_rows(index: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+        kept = base_rows(index, total)
+        for low_rank, lora_b, scaling in branches:
+            part = gather_linear(low_rank, lora_b.weight, lora_b.bias, index, by_rows=True) * scaling
+            kept = kept + _zero_valued(part)
+        return kept
+
+    return value, kept_rows
+
+
+def _lora_cols_output(module: nn.Module, h: torch.Tensor, kept_h: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """PEFT's LoRA forward on ``h`` (bit for bit), with the gradient of the kept columns: A's columns ``index`` see
+    ``kept_h``; one dropout mask serves the value and the gradient."""
+    four_bit = _is_bnb_4bit(module.base_layer)
+    with torch.no_grad():
+        value = module.base_layer(h) if four_bit else F.linear(h, module.base_layer.weight, module.base_layer.bias)
+    output = _base_cols_to_value(module.base_layer, kept_h, index, value)
+    result_dtype = value.dtype
+    if four_bit:
+        output = output.clone()
+    for adapter in _plain_lora(module):
+        lora_a, lora_b = module.lora_A[adapter], module.lora_B[adapter]
+        dropout, scaling = module.lora_dropout[adapter], module.scaling[adapter]
+        convert = not four_bit or not torch.is_autocast_enabled()
+        h_cast = module._cast_input_dtype(h, lora_a.weight.dtype) if convert else h
+        kept_cast = module._cast_input_dtype(kept_h, lora_a.weight.dtype) if convert else kept_h
+        if isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0:
+            mask = dropout(torch.ones_like(h_cast))  # 0 or 1 / (1 - p)
+            h_cast, kept_cast = h_cast * mask, kept_cast * mask.index_select(-1, index)
+        with torch.no_grad():
+            delta = lora_b(lora_a(h_cast)) * scaling
+        part = F.linear(gather_linear(kept_cast, lora_a.weight, None, index, by_rows=False), lora_b.weight, lora_b.bias)
+        delta = delta + _zero_valued(part * scaling)
+        output = output + (delta.to(result_dtype) if four_bit and convert else delta)
+    return output if four_bit else output.to(result_dtype)
+
+
+def _base_cols_to_value(base: nn.Module, kept_h: torch.Tensor, index: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    if _is_bnb_4bit(base):
+        from .bnb import linear4bit_cols_to_value
+
+        return linear4bit_cols_to_value(base, kept_h, index, value)
+    return cols_to_value(kept_h, base.weight, base.bias, index, value)
+
+
+def _warn_fallback(reason: str) -> None:
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(
+            f"peft_sat: {reason} for a dense forward with a sliced backward; this projection runs its own dense "
+            "passes with the gradient masked around it (exact, no speed-up).",
+            stacklevel=3,
+        )
+

@@ -17,6 +17,7 @@ How a sparse block computes, with K the kept units, O the omitted ones and D the
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -59,7 +60,13 @@ class SATBlockMixin:
     # Selection is data-dependent Python (seeded generators, top-k / sampling, the per-forward cache): run it
     # eagerly under torch.compile; the compiled sliced forward gets the kept indices as tensor inputs.
     @torch.compiler.disable
-    def _sat_select(self, x: torch.Tensor) -> Any:
+    def _sat_select(self, x: torch.Tensor, activation_scores: Callable[[], torch.Tensor] | None = None) -> Any:
+        """The selection of this forward (cached: a gradient-checkpointing re-run gets the same units).
+
+        ``activation_scores``: for ``maxip``, a thunk giving the scores from activations the block already computed
+        (the dense forward of ``sparse_pass="backward"`` has every unit's activation on every token: exact scores,
+        no sampling, no extra product); otherwise the scores come from ``score_tokens`` sampled inputs.
+        """
         state = self.sat_state
         key = (state.forward_count, state.omission_rate)
         if self._sat_cache is not None and self._sat_cache[:2] == key:
@@ -67,9 +74,12 @@ class SATBlockMixin:
         config = state.config
         with torch.no_grad():
             generator = state.generator(x.device, self.sat_block_id)
-            x_valid = importance.valid_tokens(x.detach(), state.token_mask)
-            x_sample = importance.sample_tokens(x_valid, config.score_tokens, generator)
-            scores = self._sat_scores(config.importance, x_valid, x_sample, generator)
+            if activation_scores is not None and config.importance == "maxip":
+                scores = activation_scores().float()
+            else:
+                x_valid = importance.valid_tokens(x.detach(), state.token_mask)
+                x_sample = importance.sample_tokens(x_valid, config.score_tokens, generator)
+                scores = self._sat_scores(config.importance, x_valid, x_sample, generator)
             if config.distributed_selection == "shared" and state.batch.collective_ok:
                 scores = sum_across_ranks(scores)  # every rank keeps the same units
             kept = select_units(scores, num_kept(scores.shape[0], state.omission_rate), config.selection, generator)

@@ -12,7 +12,6 @@ With dense token positions D (``SATConfig.dense_tokens``) the omitted channels O
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,7 +19,7 @@ import torch
 
 from .. import importance
 from ..sliced import base_layer, base_weight, linear_cols, linear_rows, linear_rows_fused, project_base
-from ..sliced_backward import linear_cols_kept_grad, linear_rows_kept_grad
+from ..sliced_backward import cols_output, rows_forward
 from .base import SATBlockMixin, omitted_units
 
 
@@ -36,17 +35,15 @@ class SATMLPMixin(SATBlockMixin):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.sat_is_sparse():
             return super().forward(x)
-        sel: ChannelSelection = self._sat_select(x)
         rows = self.sat_dense_rows(x)  # (n,) dense token positions, or None
-        if self.sat_backward_only and rows is None:
-            return self._sat_dense_forward(x, sel.kept)  # the dense forward, the backward through kept channels
+        if self.sat_backward_only:
+            return self._sat_backward_only(x, rows)
+        sel: ChannelSelection = self._sat_select(x)
         y = self._sat_channels(x, sel.kept)  # (B, T, H): every token, kept channels
         if rows is None or rows.numel() == 0 or sel.omitted.numel() == 0:
             return y
         flat = x.reshape(-1, x.shape[-1])
-        # Dense tokens add the omitted channels; under sparse_pass="backward" as a constant (no gradient).
-        with torch.no_grad() if self.sat_backward_only else contextlib.nullcontext():
-            extra = self._sat_channels(flat.index_select(0, rows), sel.omitted, add_bias=False)  # (n, H)
+        extra = self._sat_channels(flat.index_select(0, rows), sel.omitted, add_bias=False)  # (n, H), dense tokens
         return y.reshape(-1, y.shape[-1]).index_add(0, rows, extra.to(y.dtype)).view_as(y)
 
     def _sat_channels(self, x: torch.Tensor, channels: torch.Tensor, add_bias: bool = True) -> torch.Tensor:
@@ -54,11 +51,34 @@ class SATMLPMixin(SATBlockMixin):
         gate, up = self._sat_gate_up(x, channels)  # (..., k) each
         return linear_cols(self.down_proj, self._sat_activation(gate) * up, channels, add_bias=add_bias)
 
-    def _sat_dense_forward(self, x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-        """The module's own forward, op for op, with every projection's backward through ``kept`` only."""
-        gate = linear_rows_kept_grad(self.gate_proj, x, kept)
-        up = linear_rows_kept_grad(self.up_proj, x, kept)
-        return linear_cols_kept_grad(self.down_proj, self._sat_activation(gate) * up, kept)
+    def _sat_backward_only(self, x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        """``sparse_pass="backward"``: the dense tokens (every token without a split) run the module's own forward,
+        op for op, and a backward through the kept channels, chosen from that forward's activations (exact scores);
+        the other tokens run the kept channels in both passes."""
+        flat = x.reshape(-1, x.shape[-1])
+        dense_x = x if rows is None else flat.index_select(0, rows)
+        gate, up, kept_gate_up = self._sat_gate_up_forward(dense_x)  # (..., I) dense values, no graph
+        with torch.no_grad():
+            hidden = self._sat_hidden(gate, up)
+        mask = self.sat_state.token_mask if rows is None else None  # dense rows hold no padding
+        sel: ChannelSelection = self._sat_select(x, lambda: importance.activation_scores(hidden, mask))
+        kept_gate, kept_up = kept_gate_up(sel.kept, gate, up)  # (..., k): the values, with the kept graph
+        dense_y = cols_output(self.down_proj, hidden, self._sat_hidden(kept_gate, kept_up), sel.kept)
+        if rows is None:
+            return dense_y
+        context = omitted_units(rows, flat.shape[0])  # positions outside the dense rows
+        context_y = self._sat_channels(flat.index_select(0, context), sel.kept)
+        out = dense_y.new_zeros(flat.shape[0], dense_y.shape[-1])
+        return out.index_copy(0, rows, dense_y).index_copy(0, context, context_y.to(dense_y.dtype)).view_as(x)
+
+    def _sat_hidden(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return self._sat_activation(gate) * up  # the module's own order: bit for bit its forward
+
+    def _sat_gate_up_forward(self, x: torch.Tensor):
+        """Dense gate and up values (no graph), and ``kept(index, gate, up)`` giving their kept channels' graph."""
+        gate, kept_gate = rows_forward(self.gate_proj, x)
+        up, kept_up = rows_forward(self.up_proj, x)
+        return gate, up, lambda index, g, u: (kept_gate(index, g), kept_up(index, u))
 
     @classmethod
     def sat_num_channels(cls, module) -> int:
@@ -112,10 +132,18 @@ class SATFusedMLPMixin(SATMLPMixin):
         rows = torch.cat([kept, kept + self.sat_num_units])  # gate rows, then the same channels' up rows
         return linear_rows(self.gate_up_proj, x, rows).chunk(2, dim=-1)
 
-    def _sat_dense_forward(self, x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-        rows = torch.cat([kept, kept + self.sat_num_units])
-        gate, up = linear_rows_kept_grad(self.gate_up_proj, x, rows).chunk(2, dim=-1)
-        return linear_cols_kept_grad(self.down_proj, up * self._sat_activation(gate), kept)
+    def _sat_hidden(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return up * self._sat_activation(gate)  # Phi3MLP's own order
+
+    def _sat_gate_up_forward(self, x: torch.Tensor):
+        fused, kept_fused = rows_forward(self.gate_up_proj, x)  # (..., 2I): gate channels, then up channels
+        gate, up = fused.chunk(2, dim=-1)
+        channels = self.sat_num_units
+
+        def kept(index: torch.Tensor, g: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return kept_fused(torch.cat([index, index + channels]), fused).chunk(2, dim=-1)
+
+        return gate, up, kept
 
     def _sat_score_views(self) -> dict[str, Callable]:
         channels = self.sat_num_units
