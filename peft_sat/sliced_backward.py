@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops import cols_to_value, dense_linear_kept_grad, gather_linear, lora_cols_kept_grad, rows_from_value
+from .ops import gather_linear
+from .ops_backward import cols_to_value, dense_linear_kept_grad, lora_cols_kept_grad, rows_from_value
 from .sliced import _is_bnb_4bit, _is_lora, _is_plain_linear
 
 KeptRows = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (index, total value) -> (..., k) with gradient
@@ -256,13 +257,17 @@ def _lora_cols_output(module: nn.Module, h: torch.Tensor, kept_h: torch.Tensor, 
             h_cast, kept_cast = h_cast * mask, kept_cast * mask.index_select(-1, index)
         with torch.no_grad():
             delta = lora_b(lora_a(h_cast)) * scaling
-        part = F.linear(gather_linear(kept_cast, lora_a.weight, None, index, by_rows=False), lora_b.weight, lora_b.bias)
+        part = F.linear(
+            gather_linear(kept_cast, lora_a.weight, None, index, by_rows=False), lora_b.weight, lora_b.bias
+        )
         delta = delta + _zero_valued(part * scaling)
         output = output + (delta.to(result_dtype) if four_bit and convert else delta)
     return output if four_bit else output.to(result_dtype)
 
 
-def _base_cols_to_value(base: nn.Module, kept_h: torch.Tensor, index: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+def _base_cols_to_value(
+    base: nn.Module, kept_h: torch.Tensor, index: torch.Tensor, value: torch.Tensor
+) -> torch.Tensor:
     if _is_bnb_4bit(base):
         from .bnb import linear4bit_cols_to_value
 
@@ -278,4 +283,3 @@ def _warn_fallback(reason: str) -> None:
             "passes with the gradient masked around it (exact, no speed-up).",
             stacklevel=3,
         )
-
