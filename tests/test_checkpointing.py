@@ -13,11 +13,22 @@ from sat_testing import batch, gradients, sat_model, tiny_model, train_step
 import peft_sat
 
 
+MODES = {
+    "paper": {},
+    "token-split": dict(dense_tokens="loss"),
+    "sparse-backward": dict(sparse_pass="backward", importance="maxip", selection="topk"),
+    "sparse-backward+token-split": dict(sparse_pass="backward", dense_tokens="auto"),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("use_reentrant", [False, True])
 @pytest.mark.parametrize("stack", ["full", "lora"])
-def test_checkpointed_step_equals_plain_step(stack, use_reentrant):
-    # "sampling" and "uniform" draw random numbers: a re-run that re-selected would pick other units.
-    config = peft_sat.SATConfig(omission_rate=0.5, importance="uniform", selection="sampling", seed=5)
+def test_checkpointed_step_equals_plain_step(stack, use_reentrant, mode):
+    # "sampling" and "uniform" draw random numbers: a re-run that re-selected would pick other units. The sparse
+    # backward's "maxip" scores come from the forward's own activations, which the re-run recomputes.
+    settings = {"importance": "uniform", "selection": "sampling", **MODES[mode]}
+    config = peft_sat.SATConfig(omission_rate=0.5, seed=5, **settings)
     model = sat_model(stack, config)
     checkpointed = copy.deepcopy(model)
     checkpointed.get_base_model().gradient_checkpointing_enable({"use_reentrant": use_reentrant})
@@ -26,7 +37,7 @@ def test_checkpointed_step_equals_plain_step(stack, use_reentrant):
     plain, checkpointed = model.train(), checkpointed.train()
     assert peft_sat.get_sat_state(checkpointed) is not peft_sat.get_sat_state(plain)
 
-    inputs = batch()
+    inputs = batch(prompt=8)  # context tokens, then tokens that carry loss
     plain_loss = train_step(plain, inputs)
     checkpointed_loss = train_step(checkpointed, inputs)
     torch.testing.assert_close(checkpointed_loss, plain_loss, rtol=0, atol=1e-6)
