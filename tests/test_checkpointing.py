@@ -12,7 +12,6 @@ from sat_testing import batch, gradients, sat_model, tiny_model, train_step
 
 import peft_sat
 
-
 MODES = {
     "paper": {},
     "token-split": dict(dense_tokens="loss"),
