@@ -1,11 +1,23 @@
 """Plots (PNG, matplotlib Agg) of ``benchmarks/quality.py``, drawn from its JSON only (run selection in
-``_quality_report``): loss curves dense vs SAT, the ablation grid, loss and speed-up against the omission rate."""
+``_quality_runs``): loss curves dense vs SAT, the ablation grid, loss and speed-up against the omission rate, and
+the trade-off of loss for wall time of every compared configuration."""
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
-from _quality_report import TASK_LABELS, comparisons, find_cell, full_rate_speedup, grid_runs, sweep_points
+from _quality_runs import (
+    TASK_LABELS,
+    comparisons,
+    config_name,
+    find_cell,
+    full_rate_speedup,
+    grid_runs,
+    run_defaults,
+    sweep_points,
+)
+from _quality_tradeoff import by_setting, config_points
 
 
 def plot_curves(results: dict, path: Path) -> None:
@@ -29,7 +41,7 @@ def plot_curves(results: dict, path: Path) -> None:
         for arm, color in (("dense", "tab:blue"), ("sat", "tab:orange")):
             for i, run in enumerate(runs):
                 evals = run[arm]["evals"]
-                sat = "SAT (default)" if overrides == "{}" else f"SAT {overrides}"
+                sat = f"SAT {config_name(results, overrides)}"
                 label = ("dense" if arm == "dense" else sat) if i == 0 else None
                 top.plot(
                     [e["step"] for e in evals], [e["loss"] for e in evals], "o-", color=color, alpha=0.8, label=label
@@ -46,7 +58,7 @@ def plot_curves(results: dict, path: Path) -> None:
         rate_axis.step(range(steps), runs[0]["sat"]["rates"], where="post", color="gray", alpha=0.5)
         rate_axis.set_ylabel("SAT omission rate (gray)")
         rate_axis.set_ylim(0, 1)
-        variant = "" if overrides == "{}" else f"\nSAT {overrides}"
+        variant = "" if overrides == "{}" else f"\nSAT {config_name(results, overrides)}: {overrides}"
         top.set_title(
             f"{TASK_LABELS.get(task, task)}, {steps} steps: held-out loss (dense eval), {len(runs)} seed(s){variant}"
         )
@@ -68,7 +80,7 @@ def plot_ablation(results: dict, path: Path) -> None:
     if dense is None or not cells:
         return  # no grid in these results (e.g. --parts cpt,sft): no empty figure
     fig, ax = plt.subplots(figsize=(8, 6))
-    default = results["default_sat_config"]
+    default = run_defaults(dense)
     names, losses, colors = [], [], []
     for importance in ("uniform", "magnitude", "wanda", "maxip"):
         for selection in ("topk", "sampling"):
@@ -114,6 +126,50 @@ def plot_sweep(results: dict, path: Path) -> None:
     ax.set_title(f"Omission-rate sweep ({dense['task']}, seed {dense['seed']})")
     ax.grid(alpha=0.3)
     ax.legend(handles=[loss_line, speed_line], loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_tradeoff(results: dict, path: Path) -> None:
+    """Loss gap against wall time saved, one point per configuration: per setting (task, steps) a row, at equal steps
+    (left) and at equal wall time (right); mean over seeds, sd bars where 2+ seeds, a star for the paper's settings."""
+    import matplotlib.pyplot as plt
+
+    settings = {
+        setting: [(name, overrides == "{}", config_points(runs)) for name, overrides, runs in configs]
+        for setting, configs in by_setting(results).items()
+    }
+    if not settings:
+        return  # no dense-vs-SAT comparison in these results: no empty figure
+    fig, axes = plt.subplots(len(settings), 2, figsize=(13, 5 * len(settings)), squeeze=False)
+    names = list(dict.fromkeys(name for points in settings.values() for name, _, _ in points))  # one color each
+    gaps = (("loss_gap_pct", "equal steps"), ("equal_time_gap_pct", "equal wall time"))
+    for row, ((task, steps), points) in enumerate(settings.items()):
+        for ax, (key, when) in zip(axes[row], gaps):
+            for name, paper, p in points:
+                xs, ys = p["wall_saving_pct"], p[key]
+                spread = len(xs) > 1
+                ax.errorbar(
+                    statistics.fmean(xs),
+                    statistics.fmean(ys),
+                    xerr=statistics.stdev(xs) if spread else None,
+                    yerr=statistics.stdev(ys) if spread else None,
+                    fmt="*" if paper else "o",
+                    markersize=14 if paper else 7,
+                    color=f"C{names.index(name) % 10}",
+                    capsize=3,
+                    label=f"{name} (the paper's settings)" if paper and name != "paper" else name,
+                )
+                ax.annotate(name, (statistics.fmean(xs), statistics.fmean(ys)), textcoords="offset points",
+                            xytext=(6, 6), fontsize=8)  # fmt: skip
+            ax.axhline(0, color="black", linestyle="--", linewidth=1, label="dense")
+            ax.axvline(0, color="gray", linestyle=":", linewidth=1)
+            ax.set_xlabel("wall time saved vs dense (%)")
+            ax.set_ylabel(f"held-out loss gap vs dense at {when} (%)")
+            ax.set_title(f"{TASK_LABELS.get(task, task)}, {steps} steps: at {when}")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,5 +1,5 @@
-"""Tables (``quality.md``) of ``benchmarks/quality.py``, and the selection of runs that its plots
-(``_quality_plots``) share, rendered from its JSON only.
+"""Tables (``quality.md``) of ``benchmarks/quality.py``, rendered from its JSON only (the selection of runs and the
+number formats shared with the plots and the "Beyond the paper" section: ``_quality_runs``).
 
 Every number printed here is computed from ``quality.json``; nothing is typed by hand. Partial results (a single
 part, tiny mode) render what they hold. The tables state what was measured; what it is judged against is written
@@ -8,92 +8,30 @@ in docs/results.md.
 
 from __future__ import annotations
 
-import json
 import math
-import statistics
 from pathlib import Path
+
+import _quality_tradeoff as qtradeoff
+from _quality_configs import PAPER
+from _quality_runs import (
+    TASK_LABELS,
+    comparisons,
+    config_name,
+    find_cell,
+    fmt,
+    full_rate_speedup,
+    grid_runs,
+    mean_sd,
+    override_fields,
+    run_defaults,
+    sat_label,
+    score_token_counts,
+    seconds,
+    sweep_points,
+)
 
 BEGIN = "<!-- quality.md begin -->"  # --update-doc replaces the text between these lines
 END = "<!-- quality.md end -->"
-TASK_LABELS = {"cpt": "CPT, full-parameter", "sft": "SFT, LoRA r16"}
-
-
-# ---- selection of runs ---------------------------------------------------------------------------------------
-
-
-def comparisons(results: dict) -> dict[tuple[str, int, str], list[dict]]:
-    """(task, steps, SAT overrides as JSON, "{}" for the defaults) -> the dense-vs-SAT comparison runs, by seed."""
-    groups: dict[tuple[str, int, str], list[dict]] = {}
-    for key, run in results.get("runs", {}).items():
-        if not key.startswith(("grid:", "probe:")):
-            overrides = json.dumps(run.get("sat_overrides", {}), sort_keys=True)
-            groups.setdefault((run["task"], len(run["dense"]["rates"]), overrides), []).append(run)
-    order = sorted(groups, key=lambda k: (k[0], k[1], k[2] != "{}", k[2]))  # the defaults first
-    return {k: sorted(groups[k], key=lambda r: r["seed"]) for k in order}
-
-
-def override_fields(overrides: str) -> str:
-    """SAT overrides (JSON) as keyword arguments, e.g. ``omit=['mlp'], score_tokens=128``; "" for the defaults."""
-    return ", ".join(f"{k}={v!r}" for k, v in json.loads(overrides).items())
-
-
-def sat_label(overrides: str) -> str:
-    """How a comparison's SAT arm was configured, e.g. ``SATConfig(seed=s, omit=['mlp'])``."""
-    fields = override_fields(overrides)
-    return f"`SATConfig(seed=s{', ' + fields if fields else ''})`"
-
-
-def grid_runs(results: dict) -> tuple[dict | None, list[dict]]:
-    """The grid's dense reference and its SAT cells (each a run with ``arm``), first grid setting found."""
-    runs = [run for key, run in results.get("runs", {}).items() if key.startswith("grid:")]
-    if not runs:
-        return None, []
-    prefix = min(run["key"].rsplit("|", 1)[0] for run in runs)
-    runs = [run for run in runs if run["key"].rsplit("|", 1)[0] == prefix]
-    dense = next((run for run in runs if run["arm"]["sat_config"] is None), None)
-    return dense, [run for run in runs if run["arm"]["sat_config"] is not None]
-
-
-def find_cell(cells: list[dict], default: dict, **overrides) -> dict | None:
-    """The cell whose SAT config equals ``default`` with ``overrides`` (seed ignored)."""
-    want = {k: v for k, v in {**default, **overrides}.items() if k != "seed"}
-    for cell in cells:
-        config = {k: v for k, v in cell["arm"]["sat_config"].items() if k != "seed"}
-        if json.dumps(config, sort_keys=True) == json.dumps(want, sort_keys=True):
-            return cell
-    return None
-
-
-# ---- numbers -------------------------------------------------------------------------------------------------
-
-
-def mean_sd(values: list[float], digits: int = 4, suffix: str = "") -> str:
-    if not values:
-        return "-"
-    mean = statistics.fmean(values)
-    if len(values) == 1:
-        return f"{mean:.{digits}f}{suffix}"
-    return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}{suffix}"
-
-
-def seconds(values: list[float]) -> str:
-    """``mean_sd`` of durations with digits that suit their size (tiny runs take milliseconds)."""
-    mean = statistics.fmean(values) if values else 0.0
-    return mean_sd(values, 0 if mean >= 100 else 1 if mean >= 1 else 3)
-
-
-def full_rate_speedup(dense: dict, sat: dict, times: str = "step_cpu_times_s") -> float | None:
-    """Median dense / median SAT step time over the steps SAT ran at its highest rate (first step excluded)."""
-    top = max(sat["rates"])
-    at_top = [i for i, rate in enumerate(sat["rates"]) if rate == top]
-    steps = [i for i in at_top if i > 0] or at_top  # a linear decay has its top rate at step 0 only
-    if top == 0 or not steps:
-        return None
-    return statistics.median(dense[times][i] for i in steps) / statistics.median(sat[times][i] for i in steps)
-
-
-def fmt(value: float | None, spec: str = ".4f", suffix: str = "") -> str:
-    return "-" if value is None else f"{value:{spec}}{suffix}"
 
 
 # ---- markdown ------------------------------------------------------------------------------------------------
@@ -103,19 +41,19 @@ def comparison_tables(results: dict) -> list[str]:
     lines = []
     for (task, steps, overrides), runs in comparisons(results).items():
         setup, n = runs[0]["setup"], len(runs)
-        variant = f" ({override_fields(overrides)})" if overrides != "{}" else ""
+        fields, name = override_fields(overrides), config_name(results, overrides)
+        title = (f'"{name}" ' if name != fields else "") + (f"({fields})" if fields else "")
         lines += [
-            f"### {TASK_LABELS.get(task, task)}: dense vs SAT{variant}, {steps} steps, {n} seed(s)",
+            f"### {TASK_LABELS.get(task, task)}: dense vs SAT {title.strip()}, {steps} steps, {n} seed(s)",
             "",
             f"Data: {runs[0]['data']}. Batch {setup['batch']}, AdamW lr {setup['lr']:g} (constant, no weight decay, "
-            f"gradient clipping 1.0). SAT: {sat_label(overrides)}"
-            + (" defaults" if overrides == "{}" else ", other fields default")
-            + f". Seeds: {[r['seed'] for r in runs]}.",
+            f"gradient clipping 1.0). SAT: {sat_label(overrides)}. Seeds: {[r['seed'] for r in runs]}.",
             "",
             "| arm | held-out loss before | final held-out loss | final perplexity | vs dense | training wall s "
             "| wall saving | training CPU s | CPU saving | FLOPs saving (estimate) |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
+        metrics = [qtradeoff.pair_metrics(r["dense"], r["sat"]) for r in runs]
         for arm in ("dense", "sat"):
             data = [r[arm] for r in runs]
             finals = [d["final_loss"] for d in data]
@@ -124,24 +62,24 @@ def comparison_tables(results: dict) -> list[str]:
                 mean_sd([d["evals"][0]["loss"] for d in data]),
                 mean_sd(finals),
                 mean_sd([math.exp(x) for x in finals], 2),
-                "-" if arm == "dense" else mean_sd([r["loss_gap_pct"] for r in runs], 2, "%"),
+                "-" if arm == "dense" else mean_sd([m["loss_gap_pct"] for m in metrics], 2, "%"),
                 seconds([d["train_time_s"] for d in data]),
-                "-" if arm == "dense" else mean_sd([r["wall_saving_pct"] for r in runs], 1, "%"),
+                "-" if arm == "dense" else mean_sd([m["wall_saving_pct"] for m in metrics], 1, "%"),
                 seconds([d["train_cpu_s"] for d in data]),
-                "-" if arm == "dense" else mean_sd([r["cpu_saving_pct"] for r in runs], 1, "%"),
+                "-" if arm == "dense" else mean_sd([m["cpu_saving_pct"] for m in metrics], 1, "%"),
                 "-" if arm == "dense" else mean_sd([100 * d["flops_saved_fraction_estimate"] for d in data], 1, "%"),
             ]
             lines.append("| " + " | ".join(row) + " |")
         lines += [
             "",
-            "| seed | dense final | SAT final | vs dense | SAT reaches dense's final loss | dense loss at SAT's "
-            "wall time | wall saving | speed-up at the full rate (CPU, wall) |",
+            "| seed | dense final | SAT final | vs dense | SAT reaches dense's final loss (interpolated) | loss at "
+            "equal wall time: dense, SAT | wall saving | speed-up at the full rate (CPU, wall) |",
             "|---|---|---|---|---|---|---|---|",
         ]
-        for r in runs:
-            ttt = r["time_to_target"]
+        for r, m in zip(runs, metrics):
+            ttt, at = m["time_to_target"], m["equal_time"]
             reached = (
-                f"step {ttt['step']}, {ttt['train_time_s']:.3g} s "
+                f"step {ttt['step']:.1f}, {ttt['train_time_s']:.3g} s "
                 f"({100 * ttt['train_time_s'] / r['dense']['train_time_s']:.0f}% of dense's time)"
                 if ttt["reached"]
                 else "not reached"
@@ -150,8 +88,9 @@ def comparison_tables(results: dict) -> list[str]:
             wall = full_rate_speedup(r["dense"], r["sat"], "step_times_s")
             lines.append(
                 f"| {r['seed']} | {r['dense']['final_loss']:.4f} | {r['sat']['final_loss']:.4f} | "
-                f"{r['loss_gap_pct']:+.2f}% | {reached} | {r['dense_loss_at_sat_time']:.4f} | "
-                f"{r['wall_saving_pct']:.1f}% | {fmt(cpu, '.2f', 'x')}, {fmt(wall, '.2f', 'x')} |"
+                f"{m['loss_gap_pct']:+.2f}% | {reached} | {at['dense_loss']:.4f}, {at['sat_loss']:.4f} "
+                f"({at['gap_pct']:+.2f}%; at {at['train_time_s']:.3g} s, {at['end_of']}'s end) | "
+                f"{m['wall_saving_pct']:.1f}% | {fmt(cpu, '.2f', 'x')}, {fmt(wall, '.2f', 'x')} |"
             )
         lines.append("")
     return lines
@@ -161,7 +100,7 @@ def grid_tables(results: dict) -> list[str]:
     dense, cells = grid_runs(results)
     if dense is None or not cells:
         return []
-    default = results["default_sat_config"]
+    default = run_defaults(dense)
     base = dense["arm"]["final_loss"]
     setup = dense["setup"]
     steps = len(dense["arm"]["rates"])
@@ -284,7 +223,7 @@ def probe_tables(results: dict) -> list[str]:
         ]
     tokens = [c for c in probe["cells"] if c["name"].startswith("score tokens ")]
     if tokens:
-        default = results.get("default_sat_config", {})
+        default = run_defaults(probe)
         base = f"{default.get('importance')}/{default.get('selection')}"
         parts = []
         for label, omit in (("MLP channels + heads", "mlp+attention"), ("MLP channels only", "mlp")):
@@ -301,23 +240,6 @@ def probe_tables(results: dict) -> list[str]:
             f"By tokens scored ({base}; `score_tokens`, default {default.get('score_tokens')}): {'; '.join(parts)}.",
         ]
     return lines + [""]
-
-
-def score_token_counts(cells: list[dict]) -> set[int]:
-    """Every ``score_tokens`` value among the grid cells."""
-    return {cell["arm"]["sat_config"]["score_tokens"] for cell in cells}
-
-
-def sweep_points(results: dict) -> list[tuple[float, dict]]:
-    dense, cells = grid_runs(results)
-    default = results.get("default_sat_config", {})
-    points = []
-    for cell in cells:
-        config = cell["arm"]["sat_config"]
-        others = {k: v for k, v in config.items() if k not in ("omission_rate", "seed")}
-        if others == {k: v for k, v in default.items() if k not in ("omission_rate", "seed")}:
-            points.append((config["omission_rate"], cell))
-    return sorted(points, key=lambda p: p[0]) if len(points) > 1 else []
 
 
 def _flops_cells(cell: dict, base: float) -> str:
@@ -358,15 +280,30 @@ def markdown(results: dict) -> str:
             "are not in this count.",
             "",
         ]
+    paper = ", ".join(f"{k}={v!r}" for k, v in PAPER.items())
+    lines += [f"SAT configurations are given by their fields that differ from the paper's settings: {paper}.", ""]
     lines += comparison_tables(results) + probe_tables(results) + grid_tables(results)
     return "\n".join(lines)
 
 
-def update_doc(doc: Path, text: str) -> None:
-    """Replace the lines between ``BEGIN`` and ``END`` in ``doc`` with ``text``; ValueError without both markers."""
+def update_doc(doc: Path, text: str, beyond: str = "") -> None:
+    """Replace the lines between ``BEGIN`` and ``END`` in ``doc`` with ``text``, and those between the "Beyond the
+    paper" markers with ``beyond`` (appended under its own heading the first time; nothing when ``beyond`` is "").
+
+    Raises:
+        ValueError: ``doc`` lacks the ``BEGIN`` / ``END`` lines.
+    """
     content = doc.read_text()
     if BEGIN not in content or END not in content:
         raise ValueError(f"{doc} needs the lines {BEGIN!r} and {END!r} around the generated quality tables.")
-    head, rest = content.split(BEGIN, 1)
-    tail = rest.split(END, 1)[1]
-    doc.write_text(f"{head}{BEGIN}\n{text.rstrip()}\n{END}{tail}")
+    content = _between(content, BEGIN, END, text)
+    if beyond:
+        if qtradeoff.BEGIN not in content or qtradeoff.END not in content:
+            content = f"{content.rstrip()}\n\n## {qtradeoff.TITLE}\n\n{qtradeoff.BEGIN}\n{qtradeoff.END}\n"
+        content = _between(content, qtradeoff.BEGIN, qtradeoff.END, beyond)
+    doc.write_text(content)
+
+
+def _between(content: str, begin: str, end: str, text: str) -> str:
+    head, rest = content.split(begin, 1)
+    return f"{head}{begin}\n{text.rstrip()}\n{end}{rest.split(end, 1)[1]}"

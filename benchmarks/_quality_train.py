@@ -4,7 +4,9 @@ One *arm* = one model + one AdamW + what it measured. ``run_lockstep`` trains se
 alternating them step by step (the order flips every step) so that a slow patch of a shared, noisy CPU hits dense
 and SAT alike; evaluation is dense (``model.eval()``: SAT blocks run the full model) and its time is excluded from
 the training wall time. The omission rate of SAT step ``s`` of ``T`` is ``peft_sat.omission_rate_at(config, s, T)``,
-set on the model's ``SATState`` before the step (what ``SATCallback`` does in a Trainer).
+set on the model's ``SATState`` before the step (what ``SATCallback`` does in a Trainer). The FLOPs a SAT step saves
+are estimated (``SATFlopsEstimator``) from its rate, the config's ``sparse_pass`` and the share of dense token
+positions the step's forwards measured (``SATState.dense_fractions``, cleared before each step).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from _quality_configs import config_record
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
@@ -25,26 +28,32 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 @dataclass
 class Arm:
-    """A model in training and its measurements. ``sat_config`` None: the dense baseline."""
+    """A model in training and its measurements. ``sat_config`` None: the dense baseline; else the model's SAT
+    config, ``sat_record`` the config as asked for (``config_record``) and ``flops`` the model's estimator."""
 
     label: str
     model: nn.Module
     optimizer: torch.optim.Optimizer
     sat_config: peft_sat.SATConfig | None
     clip: float
+    sat_record: dict | None = None
+    flops: SATFlopsEstimator | None = None
     step_times: list[float] = field(default_factory=list)  # seconds, forward + backward + clip + step + zero_grad
     step_cpu_times: list[float] = field(default_factory=list)  # process CPU seconds of the same (less load-sensitive)
     train_losses: list[float] = field(default_factory=list)  # the (sparse, for SAT) training-batch loss
     rates: list[float] = field(default_factory=list)
     evals: list[dict] = field(default_factory=list)  # {"step", "train_time_s", "loss"}
     eval_time_s: float = 0.0
-    flops_saved_fraction: float = 0.0  # estimate over the whole run (SATFlopsEstimator), 0 for dense
+    dense_token_fractions: list[float] = field(default_factory=list)  # per step: dense positions / all (SAT)
+    flops_saved_fractions: list[float] = field(default_factory=list)  # per step: estimate (SATFlopsEstimator)
 
     def train_step(self, batch, step: int, total_steps: int) -> None:
-        rate = 0.0
+        rate, state = 0.0, None
         if self.sat_config is not None:
             rate = peft_sat.omission_rate_at(self.sat_config, step, total_steps)
-            peft_sat.get_sat_state(self.model).set_omission_rate(rate)
+            state = peft_sat.get_sat_state(self.model)
+            state.set_omission_rate(rate)
+            state.dense_fractions.clear()  # one share per forward from here
         start, cpu_start = time.perf_counter(), time.process_time()
         loss = self.model(**batch.as_kwargs(), use_cache=False).loss
         loss.backward()
@@ -56,6 +65,11 @@ class Arm:
         self.step_cpu_times.append(time.process_time() - cpu_start)
         self.train_losses.append(float(loss.detach()))
         self.rates.append(rate)
+        if state is not None:
+            shares = state.dense_fractions
+            dense = sum(shares) / len(shares) if shares else 0.0  # no split (dense_tokens "none", rate 0): 0
+            self.dense_token_fractions.append(dense)
+            self.flops_saved_fractions.append(self.flops.saved_fraction(rate, self.sat_config.sparse_pass, dense))
 
     def evaluate(self, step: int, batches) -> float:
         start = time.perf_counter()
@@ -67,12 +81,14 @@ class Arm:
     def summary(self) -> dict:
         return {
             "label": self.label,
-            "sat_config": None if self.sat_config is None else sat_config_dict(self.sat_config),
+            "sat_config": self.sat_record,
             "final_loss": self.evals[-1]["loss"],
             "train_time_s": sum(self.step_times),
             "train_cpu_s": sum(self.step_cpu_times),
             "eval_time_s": self.eval_time_s,
-            "flops_saved_fraction_estimate": self.flops_saved_fraction,
+            "flops_saved_fraction_estimate": sum(self.flops_saved_fractions) / max(1, len(self.flops_saved_fractions)),
+            "flops_saved_fractions": self.flops_saved_fractions,
+            "dense_token_fractions": self.dense_token_fractions,
             "evals": self.evals,
             "step_times_s": self.step_times,
             "step_cpu_times_s": self.step_cpu_times,
@@ -102,12 +118,6 @@ def _mean_loss(model: nn.Module, batches, training: bool) -> float:
         count += tokens
     model.train(was_training)
     return total / count
-
-
-def sat_config_dict(config: peft_sat.SATConfig) -> dict:
-    keys = ("omission_rate", "importance", "selection", "schedule", "ladder_full_rate_ratio", "ladder_rungs")
-    keys += ("ladder_stairs", "warmup_ratio", "head_granularity", "score_tokens", "seed", "omit")
-    return {key: getattr(config, key) for key in keys}
 
 
 def make_arm(
@@ -141,16 +151,12 @@ def make_arm(
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _adamw(params, lr)
-    config = None
-    flops = 0.0
-    if sat_config is not None:
-        state = peft_sat.get_sat_state(model)
-        config = state.config
-        peft_sat.validate_schedule(config, total_steps)
-        estimator = SATFlopsEstimator(model, state)
-        rates = peft_sat.schedule_rates(config, total_steps)
-        flops = sum(estimator.saved_fraction(rate) for rate in rates) / total_steps
-    return Arm(label, model, optimizer, config, clip, flops_saved_fraction=flops)
+    if sat_config is None:
+        return Arm(label, model, optimizer, None, clip)
+    state = peft_sat.get_sat_state(model)
+    peft_sat.validate_schedule(state.config, total_steps)
+    flops = SATFlopsEstimator(model, state)
+    return Arm(label, model, optimizer, state.config, clip, config_record(sat_config), flops)
 
 
 def _adamw(params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
@@ -179,22 +185,3 @@ def run_lockstep(arms: list[Arm], batches: list, held_out: list, eval_steps: set
 
 def _eval_line(arms: list[Arm]) -> str:
     return " | ".join(f"{a.label} loss {a.evals[-1]['loss']:.4f} t={a.evals[-1]['train_time_s']:.0f}s" for a in arms)
-
-
-def time_to_target(evals: list[dict], target: float) -> dict:
-    """First evaluation at which ``loss <= target``: its step and training wall time, or ``reached`` False."""
-    for point in evals:
-        if point["loss"] <= target:
-            return {"reached": True, "step": point["step"], "train_time_s": point["train_time_s"]}
-    return {"reached": False, "step": None, "train_time_s": None}
-
-
-def loss_at_time(evals: list[dict], seconds: float) -> float:
-    """Held-out loss at training wall time ``seconds``, linearly interpolated between evaluations (clamped)."""
-    points = [(p["train_time_s"], p["loss"]) for p in evals]
-    if seconds <= points[0][0]:
-        return points[0][1]
-    for (t0, l0), (t1, l1) in zip(points, points[1:]):
-        if t0 <= seconds <= t1:
-            return l0 + (l1 - l0) * (seconds - t0) / (t1 - t0) if t1 > t0 else l1
-    return points[-1][1]

