@@ -69,7 +69,7 @@ class Arm:
             shares = state.dense_fractions
             dense = sum(shares) / len(shares) if shares else 0.0  # no split (dense_tokens "none", rate 0): 0
             self.dense_token_fractions.append(dense)
-            self.flops_saved_fractions.append(self.flops.saved_fraction(rate, self.sat_config.sparse_pass, dense))
+            self.flops_saved_fractions.append(self.flops.step_saving(self.sat_config, rate, dense))
 
     def evaluate(self, step: int, batches) -> float:
         start = time.perf_counter()

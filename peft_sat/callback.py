@@ -127,7 +127,7 @@ class SATCallback(TrainerCallback):
         # Resumed runs: count the steps already done as the schedule ran them (the rate is a function of the step).
         done = state.global_step
         rates = [omission_rate_at(config, step, state.max_steps) for step in range(done)]
-        self.dense_steps_saved = sum(self.flops.saved_fraction(rate, config.sparse_pass) for rate in rates)
+        self.dense_steps_saved = sum(self.flops.step_saving(config, rate) for rate in rates)
         self.steps_counted = done
         sat_state.set_omission_rate(omission_rate_at(config, done, state.max_steps))
         self._training = True
@@ -162,8 +162,8 @@ class SATCallback(TrainerCallback):
         fractions = sat_state.dense_fractions
         self.dense_token_fraction = sum(fractions) / len(fractions) if fractions else 0.0
         if self.flops is not None and state.global_step > self.steps_counted:
-            self.dense_steps_saved += self.flops.saved_fraction(
-                self.current_rate(), sat_state.config.sparse_pass, self.dense_token_fraction
+            self.dense_steps_saved += self.flops.step_saving(
+                sat_state.config, self.current_rate(), self.dense_token_fraction
             )
             self.steps_counted = state.global_step
 

@@ -26,7 +26,8 @@ OmittableBlock = Literal["mlp", "attention"]
 DistributedSelection = Literal["shared", "per_rank"]
 Schedule = Literal["ladder", "constant", "linear"]  # peft_sat.schedules implements them
 DenseTokenMode = Literal["auto", "none", "loss"]
-SparsePass = Literal["forward_backward", "backward"]
+SparsePass = Literal["forward_backward", "backward", "weight_grad"]
+ContextTokens = Literal["sparse", "forward_only"]
 
 IMPORTANCE_METRICS: tuple[str, ...] = get_args(ImportanceMetric)
 SELECTION_METHODS: tuple[str, ...] = get_args(SelectionMethod)
@@ -36,6 +37,7 @@ DISTRIBUTED_SELECTIONS: tuple[str, ...] = get_args(DistributedSelection)
 SCHEDULES: tuple[str, ...] = get_args(Schedule)
 DENSE_TOKEN_MODES: tuple[str, ...] = get_args(DenseTokenMode)
 SPARSE_PASSES: tuple[str, ...] = get_args(SparsePass)
+CONTEXT_TOKENS: tuple[str, ...] = get_args(ContextTokens)
 
 
 def _target_modules_help() -> str:
@@ -97,11 +99,12 @@ class SATConfig(PeftConfig):
         default="none",
         metadata={
             "help": (
-                "Which token positions run the whole block while the others run the kept units: 'loss' (every "
-                "position whose next-token label carries loss), 'auto' (as 'loss' when the labels mask context "
-                "tokens, e.g. prompts in SFT; no split when every token carries loss, as in continual pre-training, "
-                "so a default never turns a run dense) or 'none' (every token sparse, the paper). Needs `labels` in "
-                "the model forward; without them every token runs sparse, with a warning. See `peft_sat.tokens`."
+                "Which token positions run the whole block, forward and backward, while the others (context tokens) "
+                "train as `context_tokens` says: 'loss' (every position whose next-token label carries loss), 'auto' "
+                "(as 'loss' when the labels mask context tokens, e.g. prompts in SFT; no split when every token "
+                "carries loss, as in continual pre-training, so a default never turns a run dense) or 'none' (no "
+                "split: every token trains on the sub-network, the paper). Needs `labels` in the model forward; "
+                "without them nothing is split, with a warning. See `peft_sat.tokens`."
             )
         },
     )
@@ -109,11 +112,25 @@ class SATConfig(PeftConfig):
         default="forward_backward",
         metadata={
             "help": (
-                "Which passes skip the omitted units: 'forward_backward' (the paper: the kept sub-network runs both "
-                "passes) or 'backward' (the forward is the dense model's, bit for bit; the backward runs through the "
-                "kept units only, so omitted units get no gradient and pass none to the layer input). With "
-                "`dense_tokens` splitting a batch, 'backward' applies to the dense tokens and the other tokens run "
-                "sparse in both passes."
+                "What the sub-network skips, for the tokens that train on it: 'forward_backward' (the paper: the "
+                "omitted units run in neither pass), 'backward' (the forward is the dense model's, bit for bit; the "
+                "backward runs through the kept units only, so omitted units get no gradient and pass none to the "
+                "layer input) or 'weight_grad' (the forward and every input gradient are dense; only the kept units' "
+                "base weights get a gradient: the most faithful, and it saves only where base weights train, i.e. "
+                "full-parameter SAT). With 'backward' and 'weight_grad' the kept units are chosen from the dense "
+                "forward's own activations (exact 'maxip' scores)."
+            )
+        },
+    )
+    context_tokens: ContextTokens = field(
+        default="sparse",
+        metadata={
+            "help": (
+                "How the tokens outside `dense_tokens` train when a batch is split: 'sparse' (on the sub-network, as "
+                "`sparse_pass` says) or 'forward_only' (the dense forward; their backward stops at the keys and "
+                "values that the dense tokens read, so no gradient flows down their residual stream and their MLP "
+                "and query / output projections skip the backward). 'forward_only' converts the attention blocks "
+                "even when `omit` leaves them dense: they cut the gradient."
             )
         },
     )
@@ -354,6 +371,18 @@ class SATConfig(PeftConfig):
         _check_choice("distributed_selection", self.distributed_selection, DISTRIBUTED_SELECTIONS)
         _check_choice("dense_tokens", self.dense_tokens, DENSE_TOKEN_MODES)
         _check_choice("sparse_pass", self.sparse_pass, SPARSE_PASSES)
+        _check_choice("context_tokens", self.context_tokens, CONTEXT_TOKENS)
+        if (
+            "attention" in self.omit
+            and self.dense_tokens != "none"
+            and self.sparse_pass != "forward_backward"
+            and self.context_tokens == "sparse"
+        ):
+            raise ValueError(
+                f"`sparse_pass`={self.sparse_pass!r} on the context tokens of a split batch (`dense_tokens`="
+                f"{self.dense_tokens!r}, `context_tokens`='sparse') is built for MLP channels only, got `omit`="
+                f"{self.omit!r}. Use `omit=['mlp']`, `context_tokens='forward_only'` or `dense_tokens='none'`."
+            )
         dense = self.dense_layers
         if dense is not None and not (
             isinstance(dense, list)

@@ -7,14 +7,18 @@ Per token, a projection ``(in -> out)`` costs::
     backward, weight grad 2 in out     (when its weight trains)
     LoRA rank r           A (in -> r) and B (r -> out) like projections of their own, both trained
 
-SAT scales a projection of a block with n units by the kept fraction ``k / n`` (``k = num_kept(n, r)``) in the passes
-and on the tokens it slices (``SATConfig.sparse_pass``, ``dense_tokens``; f = share of dense token positions)::
+SAT scales a projection of a block with n units by the kept fraction ``k / n`` (``k = num_kept(n, r)``) in the parts
+of its work and on the tokens it slices (``SATConfig.sparse_pass``; with ``dense_tokens`` splitting a batch the
+dense tokens, a share f, run everything, the others a share 1 - f)::
 
-    sparse_pass        dense tokens   forward sliced on    backward sliced on
-    forward_backward   none           every token          every token
-    forward_backward   split          1 - f                1 - f
-    backward           none           -                    every token
-    backward           split          1 - f                every token
+    sparse_pass        forward    input grad    weight grad     sliced on the share
+    forward_backward   sliced     sliced        sliced          1 - f  (every token without a split)
+    backward           dense      sliced        sliced          1 - f
+    weight_grad        dense      dense         sliced          1 - f
+
+With ``context_tokens="forward_only"`` a split batch's context tokens run every unit forward and no backward: the
+MLP and the query / output projections save their whole backward on the share 1 - f, key / value projections
+their input gradient (their weights still learn from the dense tokens' attention).
 
 Not counted: embeddings (a gather), norms, activations, 4-bit dequantization, the optimizer, the importance scores.
 ``training_flops`` also counts the attention core (Q K^T and A V, causal: T / 2 keys per query on average, backward
@@ -39,18 +43,25 @@ OMIT_ALL = ("mlp", "attention")
 
 @dataclass(frozen=True)
 class SlicedShare:
-    """Which shares of the tokens run sliced (kept units only) in each pass."""
+    """Which shares of the tokens run sliced (kept units only) in each part of a projection's work."""
 
     forward: float
-    backward: float
+    input_grad: float
+    weight_grad: float
+    adapters: bool = True  # whether LoRA factors are sliced too ("weight_grad" trains them whole)
 
     @classmethod
-    def of(cls, sparse_pass: str, dense_fraction: float) -> SlicedShare:
+    def of(cls, sparse_pass: str, dense_fraction: float = 0.0) -> SlicedShare:
         """The shares of a step (table in the module docstring); ``dense_fraction`` = f, 0 without a split."""
         sparse = 1.0 - dense_fraction
         if sparse_pass == "backward":
-            return cls(forward=sparse if dense_fraction > 0 else 0.0, backward=1.0)
-        return cls(forward=sparse, backward=sparse)
+            return cls(forward=0.0, input_grad=sparse, weight_grad=sparse)
+        if sparse_pass == "weight_grad":
+            return cls(forward=0.0, input_grad=0.0, weight_grad=sparse, adapters=False)
+        return cls(forward=sparse, input_grad=sparse, weight_grad=sparse)
+
+
+NOTHING_SLICED = SlicedShare(0.0, 0.0, 0.0)
 
 
 def projection_flops(
@@ -62,25 +73,31 @@ def projection_flops(
     weight_trains: bool = True,
     lora_rank: int = 0,
     kept: float = 1.0,
-    sliced: SlicedShare = SlicedShare(0.0, 0.0),
+    sliced: SlicedShare = NOTHING_SLICED,
     by_rows: bool = True,
+    backward: bool = True,
 ) -> float:
     """FLOPs of one projection over ``tokens`` tokens (see the module docstring).
 
     ``kept``: the kept fraction ``k / n`` of its units (1.0 for a dense projection), output rows (``by_rows``) or
-    input columns; ``sliced``: which shares of the tokens run the kept units only, per pass. Of the LoRA factors only
-    the one on the sliced side scales: B (r -> out) for rows, A (in -> r) for columns.
+    input columns; ``sliced``: which shares of the tokens run the kept units only, per part of the work. Of the LoRA
+    factors only the one on the sliced side scales: B (r -> out) for rows, A (in -> r) for columns. ``backward``
+    False: the forward alone.
     """
-    forward_scale = 1.0 - (1.0 - kept) * sliced.forward
-    backward_scale = 1.0 - (1.0 - kept) * sliced.backward
+    scales = (
+        1.0 - (1.0 - kept) * sliced.forward,
+        (1.0 - (1.0 - kept) * sliced.input_grad) * backward,
+        (1.0 - (1.0 - kept) * sliced.weight_grad) * backward,
+    )
     forward = 2.0 * d_in * d_out
-    total = forward * forward_scale + forward * (int(input_grad) + int(weight_trains)) * backward_scale
+    total = forward * (scales[0] + int(input_grad) * scales[1] + int(weight_trains) * scales[2])
     if lora_rank:
         a_forward, b_forward = 2.0 * d_in * lora_rank, 2.0 * lora_rank * d_out
-        a_scales = (1.0, 1.0) if by_rows else (forward_scale, backward_scale)
-        b_scales = (forward_scale, backward_scale) if by_rows else (1.0, 1.0)
-        total += a_forward * a_scales[0] + a_forward * (1 + int(input_grad)) * a_scales[1]  # A: dA, input grad
-        total += b_forward * b_scales[0] + b_forward * 2 * b_scales[1]  # B: dB, gradient of A's output
+        unsliced = (1.0, float(backward), float(backward))
+        sliced_side = scales if sliced.adapters else unsliced
+        a_scales, b_scales = (unsliced, sliced_side) if by_rows else (sliced_side, unsliced)
+        total += a_forward * (a_scales[0] + a_scales[2] + int(input_grad) * a_scales[1])  # A: dA, input grad
+        total += b_forward * (b_scales[0] + b_scales[2] + b_scales[1])  # B: dB, gradient of A's output
     return tokens * total
 
 
@@ -130,19 +147,25 @@ def training_flops(
     omit: tuple[str, ...] = OMIT_ALL,
     sparse_pass: str = "forward_backward",
     dense_fraction: float = 0.0,
+    context_forward_only: bool = False,
 ) -> float:
     """Matmul FLOPs of one forward + backward of ``shape`` at omission rate ``rate`` (0: dense).
 
     ``variant``: "full" (every weight trains), "lora" or "qlora" (frozen base, rank-``lora_rank`` adapters on every
     projection; nothing before layer 0 needs a gradient unless ``shape.first_input_grad``). ``omit``,
     ``sparse_pass``: as in ``SATConfig``; ``dense_fraction``: the share of token positions that run the whole block
-    (``SATConfig.dense_tokens``). With ``q_head`` granularity the kept KV heads are at most ``min(n_kv, kept q)``.
+    (``SATConfig.dense_tokens``); ``context_forward_only``: ``context_tokens="forward_only"`` (the other tokens need
+    no backward, units play no part). With ``q_head`` granularity the kept KV heads are at most
+    ``min(n_kv, kept q)``.
     """
-    tokens, hidden = shape.tokens, shape.hidden
-    head_dim = shape.head_dim or hidden // shape.heads
-    lora = variant in ("lora", "qlora")
-    rank = lora_rank if lora else 0
-    sliced = SlicedShare.of(sparse_pass, dense_fraction) if rate > 0 else SlicedShare(0.0, 0.0)
+    rank = lora_rank if variant in ("lora", "qlora") else 0
+    if context_forward_only and rate > 0 and dense_fraction > 0:
+        full = _stack_flops(shape, variant, rank, NOTHING_SLICED, (1.0, 1.0, 1.0))
+        forward = _stack_flops(shape, variant, rank, NOTHING_SLICED, (1.0, 1.0, 1.0), backward=False)
+        head_dim = shape.head_dim or shape.hidden // shape.heads
+        kv_weights = 0.0 if rank else 2 * 2.0 * shape.hidden * shape.kv_heads * head_dim * shape.layers
+        return forward + (full - forward) * dense_fraction + kv_weights * shape.tokens * (1 - dense_fraction)
+    sliced = SlicedShare.of(sparse_pass, dense_fraction) if rate > 0 else NOTHING_SLICED
     mlp_kept = num_kept(shape.intermediate, rate) / shape.intermediate if "mlp" in omit else 1.0
     if "attention" not in omit:
         q_kept = kv_kept = 1.0
@@ -151,6 +174,22 @@ def training_flops(
     else:
         kept_q = num_kept(shape.heads, rate)
         q_kept, kv_kept = kept_q / shape.heads, min(shape.kv_heads, kept_q) / shape.kv_heads
+    return _stack_flops(shape, variant, rank, sliced, (q_kept, kv_kept, mlp_kept))
+
+
+def _stack_flops(
+    shape: StackShape,
+    variant: str,
+    rank: int,
+    sliced: SlicedShare,
+    kept: tuple[float, float, float],
+    backward: bool = True,
+) -> float:
+    """FLOPs of ``shape`` with the kept fractions (query heads, KV heads, MLP channels) and ``sliced`` shares."""
+    tokens, hidden = shape.tokens, shape.hidden
+    head_dim = shape.head_dim or hidden // shape.heads
+    q_kept, kv_kept, mlp_kept = kept
+    lora = variant in ("lora", "qlora")
 
     def projection(d_in: int, d_out: int, kept: float, input_grad: bool, by_rows: bool = True) -> float:
         return projection_flops(
@@ -163,6 +202,7 @@ def training_flops(
             kept=kept,
             sliced=sliced,
             by_rows=by_rows,
+            backward=backward,
         )
 
     total = 0.0
@@ -175,9 +215,10 @@ def training_flops(
         total += 2 * projection(hidden, shape.intermediate, mlp_kept, input_grad)  # gate, up
         total += projection(shape.intermediate, hidden, mlp_kept, True, by_rows=False)  # down
         core = 2.0 * 2.0 * tokens * (shape.seq / 2) * head_dim * shape.heads  # Q K^T and A V, forward
-        total += core * (1 - (1 - q_kept) * sliced.forward) + 2 * core * (1 - (1 - q_kept) * sliced.backward)
-    if shape.vocab:
-        total += projection_flops(tokens, hidden, shape.vocab, weight_trains=not lora)  # LM head, dense
+        total += core * (1 - (1 - q_kept) * sliced.forward)
+        total += 2 * core * (1 - (1 - q_kept) * sliced.input_grad) * backward
+    if shape.vocab:  # the LM head, dense
+        total += projection_flops(tokens, hidden, shape.vocab, weight_trains=not lora, backward=backward)
     return total
 
 
@@ -189,11 +230,19 @@ def ideal_speedup(
     omit: tuple[str, ...] = OMIT_ALL,
     sparse_pass: str = "forward_backward",
     dense_fraction: float = 0.0,
+    context_forward_only: bool = False,
 ) -> float:
     """Dense FLOPs / SAT FLOPs: the speed-up of a SAT step at 100% efficiency."""
     dense = training_flops(shape, variant, 0.0, head_granularity)
     sat = training_flops(
-        shape, variant, rate, head_granularity, omit=omit, sparse_pass=sparse_pass, dense_fraction=dense_fraction
+        shape,
+        variant,
+        rate,
+        head_granularity,
+        omit=omit,
+        sparse_pass=sparse_pass,
+        dense_fraction=dense_fraction,
+        context_forward_only=context_forward_only,
     )
     return dense / sat
 
@@ -204,7 +253,7 @@ def ideal_speedup(
 class SATFlopsEstimator:
     """Estimate of the training FLOPs that SAT saves, from the shapes of a model's linear layers. An ESTIMATE.
 
-    Every base-model ``nn.Linear`` (4-bit included) counts with ``projection_flops`` per token: the LM head and the
+    Every base-model ``nn.Linear`` (4-bit included) counts per token as in ``projection_flops``: the LM head and the
     blocks SAT does not convert dilute the saving. A SAT block's projections scale with its kept units: MLP
     ``gate_proj`` / ``up_proj`` / ``down_proj``; attention ``q/k/v/o_proj`` with ``kv_group`` units, ``q/o_proj``
     with ``q_head`` units (``k/v_proj`` counted dense: a KV head is dropped only when all its query heads are).
@@ -214,52 +263,82 @@ class SATFlopsEstimator:
 
     def __init__(self, model: nn.Module, sat_state: SATState) -> None:
         costs = {id(m): _costs(m) for m in _base_linears(model)}
-        self.dense_cost = sum(forward + backward for forward, backward in costs.values())
-        # (num_units, forward cost, backward cost of the projections that scale with kept units) per SAT block
-        self.blocks: list[tuple[int, float, float]] = []
+        self.dense_cost = sum(sum(parts) for parts in costs.values())
+        # per SAT block: (num_units, (forward, input grad, weight grad) of the projections that scale with its
+        # units, the same of its projections that skip the backward for context tokens, whether it omits units)
+        self.blocks: list[tuple[int, tuple[float, float, float], tuple[float, float, float], bool]] = []
         for module in model.modules():
             if not isinstance(module, SATBlockMixin) or module.sat_state is not sat_state:
                 continue
-            if block_kind(module) == "mlp":
+            mlp = block_kind(module) == "mlp"
+            if mlp:
                 names = ("gate_proj", "up_proj", "gate_up_proj", "down_proj")
             elif getattr(module, "sat_head_granularity", "kv_group") == "kv_group":
                 names = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj")
             else:
                 names = ("q_proj", "o_proj")
-            parts = [
-                costs.get(id(_base(getattr(module, name))), (0.0, 0.0)) for name in names if hasattr(module, name)
-            ]
-            self.blocks.append((module.sat_num_units, sum(p[0] for p in parts), sum(p[1] for p in parts)))
-        self.num_units = sum(units for units, _, _ in self.blocks)
+            scaled = _sum_costs(costs, module, names)
+            # context tokens: the whole backward of the MLP and of q / o; k / v keep their weight gradients
+            cut = _sum_costs(costs, module, names if mlp else ("q_proj", "o_proj"))
+            if not mlp:
+                kv = _sum_costs(costs, module, ("k_proj", "v_proj"))
+                cut = (cut[0], cut[1] + kv[1], cut[2])
+            self.blocks.append((module.sat_num_units, scaled, cut, getattr(module, "sat_omits_units", True)))
+        self.num_units = sum(units for units, _, _, omits in self.blocks if omits)
 
     def kept_fraction(self, rate: float) -> float:
         """Kept units / all units of the SAT blocks at omission rate ``rate`` (1.0 without blocks)."""
         if not self.num_units:
             return 1.0
-        return sum(num_kept(units, rate) for units, _, _ in self.blocks) / self.num_units
+        kept = sum(num_kept(units, rate) for units, _, _, omits in self.blocks if omits)
+        return kept / self.num_units
 
-    def saved_fraction(self, rate: float, sparse_pass: str = "forward_backward", dense_fraction: float = 0.0) -> float:
-        """Estimated fraction of one dense training step's FLOPs saved by a step at omission rate ``rate``."""
+    def saved_fraction(
+        self,
+        rate: float,
+        sparse_pass: str = "forward_backward",
+        dense_fraction: float = 0.0,
+        context_forward_only: bool = False,
+    ) -> float:
+        """Estimated fraction of one dense training step's FLOPs saved by a step at omission rate ``rate``, with
+        ``dense_fraction`` of the token positions dense (0: no split) and, when split, the context tokens running
+        forward only (``context_forward_only``) or on the sub-network."""
         if rate <= 0 or not self.dense_cost:
             return 0.0
+        if context_forward_only and dense_fraction > 0:
+            saved = sum((cut[1] + cut[2]) * (1.0 - dense_fraction) for _, _, cut, _ in self.blocks)
+            return saved / self.dense_cost
         sliced = SlicedShare.of(sparse_pass, dense_fraction)
+        shares = (sliced.forward, sliced.input_grad, sliced.weight_grad)
         saved = sum(
-            (1.0 - num_kept(units, rate) / units) * (forward * sliced.forward + backward * sliced.backward)
-            for units, forward, backward in self.blocks
+            (1.0 - num_kept(units, rate) / units) * sum(cost * share for cost, share in zip(scaled, shares))
+            for units, scaled, _, omits in self.blocks
+            if omits
         )
         return saved / self.dense_cost
+
+    def step_saving(self, config, rate: float, dense_fraction: float = 0.0) -> float:
+        """``saved_fraction`` of a step at ``rate`` under ``config``'s ``sparse_pass`` and ``context_tokens``."""
+        return self.saved_fraction(
+            rate, config.sparse_pass, dense_fraction, context_forward_only=config.context_tokens == "forward_only"
+        )
+
+
+def _sum_costs(costs: dict, module: nn.Module, names: tuple[str, ...]) -> tuple[float, float, float]:
+    parts = [costs.get(id(_base(getattr(module, name))), (0.0, 0.0, 0.0)) for name in names if hasattr(module, name)]
+    return tuple(sum(p[i] for p in parts) for i in range(3))
 
 
 def _base(module: nn.Module) -> nn.Module:
     return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
 
 
-def _costs(layer: nn.Linear) -> tuple[float, float]:
-    """(forward, backward) FLOPs per token of a base projection; 4-bit (uint8) weights are frozen."""
+def _costs(layer: nn.Linear) -> tuple[float, float, float]:
+    """(forward, input grad, weight grad) FLOPs per token of a base projection; 4-bit (uint8) weights are frozen."""
     weight = layer.weight
     trains = bool(weight.requires_grad) and weight.dtype.is_floating_point
     forward = 2.0 * layer.in_features * layer.out_features
-    return forward, forward * (1 + int(trains))
+    return forward, forward, forward * int(trains)
 
 
 def _base_linears(model: nn.Module) -> list[nn.Linear]:

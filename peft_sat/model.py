@@ -295,20 +295,27 @@ def _new_state(base: nn.Module, config: SATConfig) -> SATState:
 
 
 def _convert_if_omitted(module: nn.Module, name: str, config: SATConfig, state: SATState, block_id: int) -> bool:
-    """Convert a targeted block when its kind is in ``config.omit``; TypeError for a target SAT cannot slice."""
+    """Convert a targeted block when its kind is in ``config.omit`` (or, with ``context_tokens="forward_only"``, to
+    cut the context tokens' gradient); TypeError for a target SAT cannot slice."""
     kind = block_kind(module)
     if kind is None:
         raise unsupported_block_error(module, name)
-    if kind not in config.omit:
+    cuts = config.context_tokens == "forward_only" and config.dense_tokens != "none"
+    if kind not in config.omit and not cuts:
         return False
     if reason := unsliceable_reason(module):
+        if cuts:
+            raise ValueError(
+                f"`context_tokens`='forward_only' needs every attention block to cut the context tokens' gradient, "
+                f"and `{name}` ({type(module).__name__}) cannot be converted: {reason}. Use `context_tokens='sparse'`."
+            )
         warnings.warn(
             f"peft_sat: the heads of `{name}` ({type(module).__name__}) cannot be sliced exactly: {reason}. Its "
             "attention trains dense; SAT sparsifies the MLP blocks only.",
             stacklevel=3,
         )
         return False
-    convert_block(module, state, block_id, config.head_granularity)
+    convert_block(module, state, block_id, config.head_granularity, omits_units=kind in config.omit)
     return True
 
 

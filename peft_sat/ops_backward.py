@@ -14,6 +14,11 @@ kept units, on tensors of the kept width (nothing full-size but the weight gradi
     rows_from_value(x, W, b, index, y)                returns y[..., index]   backward of x W[index]^T + b[index]
     cols_to_value(h_K, W, b, index, y)                returns y               backward of h_K W[:, index]^T + b
 
+and for ``sparse_pass="weight_grad"`` (the forward and every input gradient dense, the weight gradients of the
+kept units only):
+
+    weight_grad_from_value(x, W, b, index, y, by_rows)  returns y   dL/dx = g W;  dL/dW zero outside rows / columns
+
 Weight gradients are full-size and zero outside the kept rows / columns, laid out as in ``peft_sat.ops``.
 """
 
@@ -248,3 +253,80 @@ def cols_to_value(
     if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (kept_h, weight, bias)):
         return value
     return _ColsToValue.apply(kept_h, weight, bias, index, value)
+
+
+class _WeightGradRows(torch.autograd.Function):
+    """``value`` (a dense product computed beforehand) with every unit's input gradient and the weight gradient of
+    rows ``index`` only: dL/dx = g W (all rows); dL/dW, dL/db zero outside rows ``index``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, index, value):
+        need_x, need_w = ctx.needs_input_grad[:2]
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.out_features = weight.shape[0]
+        ctx.save_for_backward(x if need_w else None, weight if need_x else None, index)
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, index = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        grad_x = grad_w = grad_b = None
+        if need_x:
+            grad_x = grad_out.matmul(weight.to(grad_out.dtype)).to(x_dtype)  # every unit's input gradient
+        if need_w or need_b:
+            kept_grad = grad_out.index_select(-1, index).reshape(-1, index.numel())  # (N, k)
+            source = _source_map(index, ctx.out_features, 0, index.numel())
+        if need_w:
+            x_2d = x.reshape(-1, x.shape[-1]).to(kept_grad.dtype)
+            grad_w = _padded_product(kept_grad, x_2d, w_dtype).index_select(0, source)
+        if need_b:
+            grad_b = F.pad(kept_grad.sum(0), (0, 1)).index_select(0, source).to(b_dtype)
+        return grad_x, grad_w, grad_b, None, None
+
+
+class _WeightGradCols(torch.autograd.Function):
+    """``value`` (a dense product of the input ``h`` computed beforehand) with every unit's input gradient and the
+    weight gradient of columns ``index`` only: dL/dh = g W; dL/dW zero outside columns ``index``. Saves the kept
+    columns ``h[..., index]`` only (what the kept weight gradient reads)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, index, value):
+        need_h, need_w = ctx.needs_input_grad[:2]
+        ctx.dtypes = (h.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.in_features = weight.shape[1]
+        ctx.save_for_backward(h.index_select(-1, index) if need_w else None, weight if need_h else None, index)
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        kept_h, weight, index = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        h_dtype, w_dtype, b_dtype = ctx.dtypes
+        grad_2d = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
+        grad_h = grad_w = grad_b = None
+        if need_h:
+            grad_h = grad_out.matmul(weight.to(grad_out.dtype)).to(h_dtype)
+        if need_w:
+            kept_grad = grad_2d.t().mm(kept_h.reshape(-1, index.numel()).to(grad_2d.dtype)).to(w_dtype)  # (out, k)
+            grad_w = kept_grad.new_zeros(kept_grad.shape[0], ctx.in_features).index_copy_(1, index, kept_grad)
+        if need_b:
+            grad_b = grad_2d.sum(0).to(b_dtype)
+        return grad_h, grad_w, grad_b, None, None
+
+
+def weight_grad_from_value(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    index: torch.Tensor,
+    value: torch.Tensor,
+    by_rows: bool,
+) -> torch.Tensor:
+    """``value`` (= ``F.linear(x, W, b)`` computed beforehand) with the input gradient of every unit and the weight
+    gradient of the units ``index`` only (rows: output units; columns: input units)."""
+    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        return value
+    function = _WeightGradRows if by_rows else _WeightGradCols
+    return function.apply(x, weight, bias, index, value)

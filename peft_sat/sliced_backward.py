@@ -34,7 +34,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .ops import gather_linear
-from .ops_backward import cols_to_value, dense_linear_kept_grad, lora_cols_kept_grad, rows_from_value
+from .ops_backward import (
+    cols_to_value,
+    dense_linear_kept_grad,
+    lora_cols_kept_grad,
+    rows_from_value,
+    weight_grad_from_value,
+)
 from .sliced import _is_bnb_4bit, _is_lora, _is_plain_linear
 
 KeptRows = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (index, total value) -> (..., k) with gradient
@@ -283,3 +289,40 @@ def _warn_fallback(reason: str) -> None:
             "passes with the gradient masked around it (exact, no speed-up).",
             stacklevel=3,
         )
+
+
+# ---- sparse_pass="weight_grad": every input gradient, the kept units' weight gradients --------------------------
+
+WeightGradGraph = Callable[[torch.Tensor], torch.Tensor]  # kept units -> the value with its gradient graph
+
+
+def weight_grad_forward(module: nn.Module, x: torch.Tensor, by_rows: bool) -> tuple[torch.Tensor, WeightGradGraph]:
+    """``(module(x), graph)``: the dense value (no graph), and ``graph(index)`` returning the same value whose
+    backward computes every input gradient but the base weight's gradient of the units ``index`` only (output rows
+    when ``by_rows``, input columns otherwise). LoRA factors and 4-bit bases (frozen) keep their whole gradient:
+    their products are small or absent, there is nothing to save."""
+    if _is_plain_linear(module):
+        with torch.no_grad():
+            value = F.linear(x, module.weight, module.bias)
+        return value, lambda index: weight_grad_from_value(x, module.weight, module.bias, index, value, by_rows)
+    if _is_lora(module) and _plain_lora(module) is not None and _is_plain_linear(module.base_layer):
+        base_value, base_graph = weight_grad_forward(module.base_layer, x, by_rows)
+        value, branches = base_value, []
+        for adapter in _plain_lora(module):
+            lora_a, lora_b = module.lora_A[adapter], module.lora_B[adapter]
+            x_cast = module._cast_input_dtype(x, lora_a.weight.dtype)
+            low_rank = lora_a(module.lora_dropout[adapter](x_cast))  # (..., r), one dropout draw for both phases
+            with torch.no_grad():
+                value = value + lora_b(low_rank) * module.scaling[adapter]
+            branches.append((low_rank, lora_b, module.scaling[adapter]))
+        value = value.to(base_value.dtype)
+
+        def graph(index: torch.Tensor) -> torch.Tensor:
+            output = base_graph(index)
+            for low_rank, lora_b, scaling in branches:
+                output = output + lora_b(low_rank) * scaling  # the same products as the value: the same numbers
+            return output.to(base_value.dtype)
+
+        return value, graph
+    output = module(x)  # frozen 4-bit bases, variants, unknown layers: their own forward and backward
+    return output.detach(), lambda index: output

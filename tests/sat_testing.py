@@ -22,7 +22,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast, TrainingArguments
 
 import peft_sat
-from peft_sat.blocks import SATAttentionMixin, SATBlockMixin, SATMLPMixin
+from peft_sat.blocks import SATBlockMixin, SATMLPMixin
 
 if TYPE_CHECKING:  # importing `datasets` costs every torchrun worker that imports this module; only a few tests use it
     from datasets import Dataset
@@ -176,61 +176,91 @@ def sat_blocks(model: nn.Module) -> list[tuple[str, SATBlockMixin]]:
 
 @dataclass
 class UnitMask:
-    """Which inputs of a block's output projection (down_proj / o_proj) the SAT step used, per token row.
+    """What a SAT block's last step did with its units, per token row (shapes (units,) when every token was treated
+    alike, else (B * T, units)).
 
-    ``value``: 1 where the unit computed in forward; ``grad``: 1 where the gradient flowed (a subset of ``value``).
-    Shapes (in,) when every token was treated alike, else (B * T, in).
+    ``value``: 1 where the unit computed in forward; ``grad``: 1 where the gradient flowed through it (a subset of
+    ``value``); ``weight``: 1 where its base weights took a gradient from that token (``sparse_pass="weight_grad"``;
+    None: as ``grad``). ``head_dim``: attention units expand to this many columns (1 for MLP channels).
     """
 
     value: torch.Tensor
     grad: torch.Tensor
+    weight: torch.Tensor | None = None
+    head_dim: int = 1
+
+
+def _expand(mask: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Units to the columns of the output projection's input (a query head spans ``head_dim`` columns)."""
+    return mask.repeat_interleave(head_dim, dim=-1) if head_dim > 1 else mask
 
 
 def unit_masks(model: nn.Module) -> dict[str, UnitMask]:
-    """Per SAT block, the masks of its last step, from the kept units, the dense tokens and ``sparse_pass``."""
+    """Per SAT block, the masks of its last step: kept units, dense token rows, ``sparse_pass`` (see ``UnitMask``).
+
+    A split batch (``dense_tokens``): the dense rows run every unit in both passes, the other rows as ``sparse_pass``
+    says. Attention masks are per query head.
+    """
     state = peft_sat.get_sat_state(model)
-    backward_only = state.config.sparse_pass == "backward"
+    sparse_pass = state.config.sparse_pass
     batch_info = state.batch
     labelled = batch_info.carries_loss if batch_info.carries_loss is not None else batch_info.token_mask
     rows = state.dense_rows(labelled.shape) if labelled is not None else None
     masks = {}
     for name, block in sat_blocks(model):
+        if not block.sat_omits_units:
+            continue
         kept = block.sat_last_kept
         assert kept is not None, f"{name} did not run a sparse forward"
-        if isinstance(block, SATMLPMixin):
-            mask = torch.zeros(block.sat_num_units)
-            mask[kept.cpu()] = 1.0  # kept lives on the model's device (CUDA in tests/test_cuda.py)
+        mlp = isinstance(block, SATMLPMixin)
+        units = block.sat_num_units if mlp else block.config.num_attention_heads
+        mask = torch.zeros(units)
+        mask[kept.cpu()] = 1.0  # kept lives on the model's device (CUDA in tests/test_cuda.py)
+        if rows is not None:
+            dense = torch.zeros(labelled.numel(), 1)
+            dense[rows.cpu()] = 1.0
+            mask = torch.maximum(mask.expand(labelled.numel(), -1), dense)  # dense rows run every unit
+        every = torch.ones_like(mask)
+        head_dim = 1 if mlp else block.head_dim
+        if sparse_pass == "forward_backward":
+            masks[name] = UnitMask(value=mask, grad=mask, head_dim=head_dim)
+        elif sparse_pass == "backward":
+            masks[name] = UnitMask(value=every, grad=mask, head_dim=head_dim)
         else:
-            assert isinstance(block, SATAttentionMixin)
-            num_heads = block.config.num_attention_heads
-            head_mask = torch.zeros(num_heads)
-            head_mask[kept.cpu()] = 1.0
-            mask = head_mask.repeat_interleave(block.head_dim)
-        if rows is None:
-            masks[name] = UnitMask(value=torch.ones_like(mask) if backward_only else mask, grad=mask)
-            continue
-        dense = torch.zeros(labelled.numel(), 1)
-        dense[rows.cpu()] = 1.0
-        value = torch.maximum(mask.expand(labelled.numel(), -1), dense)  # dense rows run every unit
-        masks[name] = UnitMask(value=value, grad=mask.expand_as(value).clone() if backward_only else value)
+            masks[name] = UnitMask(value=every, grad=every, weight=mask, head_dim=head_dim)
     return masks
+
+
+def _row_major(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A (units,) or (B * T, units) mask shaped to broadcast against ``like`` (..., units)."""
+    mask = mask.to(like)
+    return mask.reshape(*like.shape[:-1], -1) if mask.dim() > 1 else mask
 
 
 @contextlib.contextmanager
 def masked(reference: nn.Module, masks: dict[str, UnitMask]) -> Iterator[None]:
-    """Run ``reference``'s output projections on the masked inputs: with h the projection's input,
-    ``y = proj(h * value * grad) + stopgrad(proj(h * value) - proj(h * value * grad))`` (the forward of the units in
-    ``value``, the gradient of those in ``grad``)."""
+    """Run ``reference`` as the SAT step described by ``masks``, with dense tensors.
+
+    Each output projection (down_proj / o_proj), with h its input: ``y = proj(h * value * grad) + stopgrad(
+    proj(h * value) - proj(h * value * grad))`` (the forward of the units in ``value``, the gradient of those in
+    ``grad``). With ``weight`` masks, the base weight of every projection of the block is split into a part with
+    gradient (the units and tokens in ``weight``) and a detached part: the same values and input gradients.
+    """
     modules = dict(inner(reference).named_modules())
     patched = []
+
+    def patch(module: nn.Module, forward) -> None:
+        module.forward = forward
+        patched.append(module)
+
     for name, mask in masks.items():
         block = modules[name]
         projection = block.down_proj if hasattr(block, "down_proj") else block.o_proj
         original = projection.forward
+        value_mask, grad_mask = _expand(mask.value, mask.head_dim), _expand(mask.grad, mask.head_dim)
 
-        def forward(h, *args, original=original, mask=mask, **kwargs):
-            value = mask.value.to(h).reshape(*h.shape[:-1], -1) if mask.value.dim() > 1 else mask.value.to(h)
-            grad = mask.grad.to(h).reshape(*h.shape[:-1], -1) if mask.grad.dim() > 1 else mask.grad.to(h)
+        def forward(h, *args, original=original, value_mask=value_mask, grad_mask=grad_mask, **kwargs):
+            value, grad = _row_major(value_mask, h), _row_major(grad_mask, h)
             kept = original(h * value * grad, *args, **kwargs)
             if torch.equal(value, grad):
                 return kept
@@ -238,13 +268,87 @@ def masked(reference: nn.Module, masks: dict[str, UnitMask]) -> Iterator[None]:
                 rest = original(h * value, *args, **kwargs) - kept
             return kept + rest
 
-        projection.forward = forward
-        patched.append(projection)
+        if not (bool(value_mask.eq(1).all()) and bool(grad_mask.eq(1).all())):
+            patch(projection, forward)
+        if mask.weight is not None:
+            for base, by_rows, features_mask in _projection_masks(block, mask.weight):
+                patch(base, _weight_masked_forward(base, features_mask, by_rows))
     try:
         yield
     finally:
-        for projection in patched:
-            del projection.forward
+        for module in patched:
+            del module.forward
+
+
+def _weight_masked_forward(base: nn.Linear, features_mask: torch.Tensor, by_rows: bool):
+    """``base``'s forward whose weight gradient keeps only the (token, output row / input column) pairs of
+    ``features_mask``; values and input gradients are the plain layer's."""
+    linear = torch.nn.functional.linear
+
+    def forward(x):
+        detached_bias = None if base.bias is None else base.bias.detach()
+        if by_rows:
+            kept = linear(x, base.weight, base.bias)
+            mask = _row_major(features_mask, kept)
+            return kept * mask + linear(x, base.weight.detach(), detached_bias) * (1 - mask)
+        mask = _row_major(features_mask, x)
+        return linear(x * mask, base.weight, base.bias) + linear(x * (1 - mask), base.weight.detach())
+
+    return forward
+
+
+def _projection_masks(block: nn.Module, units: torch.Tensor) -> list[tuple[nn.Linear, bool, torch.Tensor]]:
+    """(base layer, by rows, mask over its output rows / input columns) of every trainable base projection of a
+    block, from a mask over its units (MLP channels, or query heads; a KV head counts when one of its query heads
+    does)."""
+    found = []
+
+    def add(projection: nn.Module, by_rows: bool, mask: torch.Tensor) -> None:
+        base = peft_sat.sliced.base_layer(projection)
+        if isinstance(base, nn.Linear) and base.weight.requires_grad and base.weight.dtype.is_floating_point:
+            found.append((base, by_rows, mask))
+
+    if hasattr(block, "down_proj"):  # an MLP (the reference's own class, not converted)
+        if hasattr(block, "gate_up_proj"):  # Phi3: gate rows, then up rows
+            add(block.gate_up_proj, True, torch.cat([units, units], dim=-1))
+        else:
+            add(block.gate_proj, True, units)
+            add(block.up_proj, True, units)
+        add(block.down_proj, False, units)
+        return found
+    d, groups = block.head_dim, block.num_key_value_groups
+    q_rows = units.repeat_interleave(d, dim=-1)
+    kv_rows = units.unflatten(-1, (-1, groups)).amax(-1).repeat_interleave(d, dim=-1)
+    if hasattr(block, "qkv_proj"):
+        add(block.qkv_proj, True, torch.cat([q_rows, kv_rows, kv_rows], dim=-1))
+    else:
+        add(block.q_proj, True, q_rows)
+        add(block.k_proj, True, kv_rows)
+        add(block.v_proj, True, kv_rows)
+    add(block.o_proj, False, q_rows)
+    return found
+
+
+@contextlib.contextmanager
+def context_cut(reference: nn.Module, dense_rows: torch.Tensor) -> Iterator[None]:
+    """``context_tokens="forward_only"``: no gradient reaches the rows outside ``dense_rows`` at the input of any
+    attention block: the keys and values they give the dense tokens train their projections, and nothing below."""
+    decoder = inner(reference).model
+
+    def cut(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if hidden.requires_grad:
+            mask = torch.zeros(hidden.shape[:-1].numel(), 1, dtype=hidden.dtype, device=hidden.device)
+            mask[dense_rows.to(hidden.device)] = 1.0
+            mask = mask.reshape(*hidden.shape[:-1], 1)
+            hidden.register_hook(lambda grad: grad * mask)
+
+    handles = [layer.self_attn.register_forward_pre_hook(cut, with_kwargs=True) for layer in decoder.layers]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def train_step(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -16,7 +16,9 @@ MODES = {
     "paper": {},
     "token-split": dict(dense_tokens="loss"),
     "sparse-backward": dict(sparse_pass="backward", importance="maxip", selection="topk"),
-    "sparse-backward+token-split": dict(sparse_pass="backward", dense_tokens="auto"),
+    "sparse-backward+token-split": dict(sparse_pass="backward", dense_tokens="auto", omit=["mlp"]),
+    "weight-grad": dict(sparse_pass="weight_grad", importance="maxip", selection="topk"),
+    "context-forward-only": dict(dense_tokens="auto", context_tokens="forward_only"),
 }
 
 

@@ -11,6 +11,7 @@ tokens run every unit) and, for ``sparse_pass="backward"``, masks the gradient i
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -24,6 +25,7 @@ from sat_testing import (
     assert_matches_masked_reference,
     batch,
     build_stack,
+    context_cut,
     gradients,
     lora_config,
     masked,
@@ -94,7 +96,10 @@ def test_lora_injected_after_sat_equals_masked_reference():
 MODES = {
     "token-split": dict(dense_tokens="loss"),
     "sparse-backward": dict(sparse_pass="backward"),
-    "sparse-backward+token-split": dict(sparse_pass="backward", dense_tokens="auto"),
+    "sparse-backward+token-split": dict(sparse_pass="backward", dense_tokens="auto", omit=["mlp"]),
+    "weight-grad": dict(sparse_pass="weight_grad"),
+    "weight-grad+token-split": dict(sparse_pass="weight_grad", dense_tokens="auto", omit=["mlp"]),
+    "context-forward-only": dict(dense_tokens="auto", context_tokens="forward_only", sparse_pass="weight_grad"),
 }
 MODE_CASES = [
     (
@@ -107,6 +112,7 @@ MODE_CASES = [
     for m, mode in enumerate(MODES)
     for s, stack in enumerate(STACKS)
     for f, family in enumerate(FAMILIES)
+    if not (mode == "context-forward-only" and family == "olmo2")  # its attention cannot cut: a clear error
 ]
 
 
@@ -115,17 +121,20 @@ def test_mode_step_equals_masked_dense_reference(mode, stack, family, granularit
     config = peft_sat.SATConfig(omission_rate=0.5, head_granularity=granularity, **MODES[mode])
     models = build_stack(stack, family, attn, config, tmp_path)
     inputs = batch(prompt=8)  # 8 context tokens per row, then tokens that carry loss
+    split = config.dense_tokens != "none"
 
-    if config.sparse_pass == "backward" and config.dense_tokens == "none":
+    if config.sparse_pass != "forward_backward" and not split:
         with torch.no_grad():
             reference_logits = copy.deepcopy(models.reference)(**inputs).logits
         assert torch.equal(models.sat(**inputs).logits, reference_logits), "the forward must be the dense one"
     sat_loss = train_step(models.sat, inputs)
-    masks = unit_masks(models.sat)
-    if config.dense_tokens != "none":
-        split = next(iter(masks.values())).value
-        assert split.dim() == 2 and 0 < split.sum(1).eq(split.shape[1]).sum() < split.shape[0], "trivial split"
-    with masked(models.reference, masks):
+    state = peft_sat.get_sat_state(models.sat)
+    rows = state.dense_rows(inputs["labels"].shape)
+    if split:
+        assert rows is not None and 0 < rows.numel() < inputs["labels"].numel(), "trivial split"
+    cut = config.context_tokens == "forward_only"
+    masks = {} if cut else unit_masks(models.sat)
+    with masked(models.reference, masks), context_cut(models.reference, rows) if cut else contextlib.nullcontext():
         reference_loss = train_step(models.reference, inputs)
 
     torch.testing.assert_close(sat_loss, reference_loss, rtol=0, atol=1e-5)
@@ -133,8 +142,19 @@ def test_mode_step_equals_masked_dense_reference(mode, stack, family, granularit
     assert sat_grads.keys() == reference_grads.keys() and sat_grads
     for name, grad in reference_grads.items():
         torch.testing.assert_close(sat_grads[name], grad, rtol=0, atol=1e-5, msg=name)
-    if config.sparse_pass == "backward":  # omitted units get no gradient, even from dense tokens
+    if config.sparse_pass != "forward_backward" and not split:  # omitted units get no (base weight) gradient
         for block_name, block in sat_blocks(models.sat):
             for label, weight, dim, omitted in omitted_slices(block):
+                if config.sparse_pass == "weight_grad" and not _is_base_weight(block, weight):
+                    continue  # LoRA factors keep their whole gradient there
                 omitted_grad = weight.grad.index_select(dim, omitted)
                 assert torch.count_nonzero(omitted_grad) == 0, f"{block_name}.{label}: omitted units got gradient"
+
+
+def _is_base_weight(block, weight) -> bool:
+    return any(weight is getattr(peft_sat.sliced.base_layer(m), "weight", None) for m in block.children())
+
+
+def test_context_forward_only_needs_every_attention_block():
+    with pytest.raises(ValueError, match="cannot be converted"):
+        build_stack("full", "olmo2", "sdpa", peft_sat.SATConfig(dense_tokens="auto", context_tokens="forward_only"))

@@ -37,7 +37,7 @@ def test_ideal_ratio_of_a_bare_layer_at_half_rate():
     [
         ("backward", 0.0, 3 / (1 + 2 * 0.5)),  # full forward, half of the backward (two thirds of the cost)
         ("forward_backward", 0.5, 1 / (1 - 0.5 * 0.5)),  # half the tokens dense, half at half cost
-        ("backward", 0.5, 3 / ((1 - 0.5 * 0.5) + 2 * 0.5)),  # sparse tokens sliced in forward, all in backward
+        ("backward", 0.5, 3 / (1 + 2 * (1 - 0.5 * 0.5))),  # dense tokens whole, the others half of the backward
     ],
 )
 def test_ideal_ratio_of_the_modes_beyond_the_paper(sparse_pass, dense_fraction, ideal):
@@ -45,11 +45,19 @@ def test_ideal_ratio_of_the_modes_beyond_the_paper(sparse_pass, dense_fraction, 
     assert ratio == pytest.approx(ideal)
 
 
+def test_weight_grad_halves_the_weight_gradient_only():
+    # projections: forward, input gradient, half the weight gradient; the attention core's gradient stays whole
+    ratio = ideal_speedup(LAYER, "full", 0.5, sparse_pass="weight_grad")
+    assert 1.19 < ratio < 3 / (1 + 1 + 0.5)
+    assert ideal_speedup(LAYER, "lora", 0.5, sparse_pass="weight_grad") == 1.0  # frozen base: nothing to save
+
+
 def test_sliced_share_table():
-    assert SlicedShare.of("forward_backward", 0.0) == SlicedShare(1.0, 1.0)
-    assert SlicedShare.of("forward_backward", 0.25) == SlicedShare(0.75, 0.75)
-    assert SlicedShare.of("backward", 0.0) == SlicedShare(0.0, 1.0)
-    assert SlicedShare.of("backward", 0.25) == SlicedShare(0.75, 1.0)
+    assert SlicedShare.of("forward_backward", 0.0) == SlicedShare(1.0, 1.0, 1.0)
+    assert SlicedShare.of("forward_backward", 0.25) == SlicedShare(0.75, 0.75, 0.75)
+    assert SlicedShare.of("backward", 0.0) == SlicedShare(0.0, 1.0, 1.0)
+    assert SlicedShare.of("backward", 0.25) == SlicedShare(0.0, 0.75, 0.75)
+    assert SlicedShare.of("weight_grad", 0.25) == SlicedShare(0.0, 0.0, 0.75, adapters=False)
 
 
 def _estimator(model) -> SATFlopsEstimator:
@@ -72,6 +80,11 @@ def test_estimate_of_a_real_model_matches_the_formula():
     assert backward == pytest.approx(layers * (mlp + q_o + k_v) * 0.5 / macs * 2 / 3)
     split = _estimator(model).saved_fraction(0.5, "forward_backward", dense_fraction=0.25)
     assert split == pytest.approx(layers * (mlp + q_o + k_v) * 0.5 / macs * 0.75)
+    weight_grad = _estimator(model).saved_fraction(0.5, "weight_grad")
+    assert weight_grad == pytest.approx(layers * (mlp + q_o + k_v) * 0.5 / macs / 3)
+    # context tokens forward only: their backward of the MLP and q / o, and k / v's input gradient, at any rate
+    cut = _estimator(model).saved_fraction(0.5, dense_fraction=0.25, context_forward_only=True)
+    assert cut == pytest.approx(layers * (4 * mlp + 4 * q_o + 2 * k_v) * 0.75 / (6 * macs))
     # q_head: k/v projections are counted dense; rate 0.25 of 4 heads omits 1, of 128 channels 32
     model = peft_sat.apply_sat(tiny_llama(), SATConfig(head_granularity="q_head", train_base=True))
     assert _estimator(model).saved_fraction(0.25) == pytest.approx(layers * (mlp + q_o) * 0.25 / macs)

@@ -13,7 +13,6 @@ windows (Mistral, Qwen2), logit softcapping (Gemma2), each model file's own eage
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +22,7 @@ from torch import nn
 
 from .. import importance
 from ..sliced import base_weight, linear_cols, linear_rows, linear_rows_fused, project_base
-from ..sliced_backward import linear_cols_kept_grad, linear_rows_kept_grad
+from ..sliced_backward import linear_cols_kept_grad, linear_rows_kept_grad, weight_grad_forward
 from .base import SATBlockMixin, omitted_units
 
 
@@ -72,28 +71,31 @@ class SATAttentionMixin(SATBlockMixin):
     sat_head_granularity: str
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
+        dense = dict(position_embeddings=position_embeddings, attention_mask=attention_mask, cache=cache, **kwargs)
         if not self.sat_is_sparse():
-            return super().forward(
-                hidden_states,
-                position_embeddings=position_embeddings,
-                attention_mask=attention_mask,
-                cache=cache,
-                **kwargs,
-            )
+            return super().forward(hidden_states, **dense)
+        rows = self.sat_dense_rows(hidden_states)  # (n,) dense token positions, or None
+        config = self.sat_state.config
+        if rows is not None and config.context_tokens == "forward_only":
+            # Context tokens feed the keys and values with their values only: no gradient reaches their residual
+            # stream, so below this layer they need no backward at all (their MLP rows run without a graph).
+            flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+            cut = flat.detach().index_copy(0, rows, flat.index_select(0, rows)).view_as(hidden_states)
+            return super().forward(cut, **dense)
+        if not self.sat_omits_units:  # converted only to cut the gradient of context tokens
+            return super().forward(hidden_states, **dense)
         # A sparse forward never touches a KV cache (forwards given one run dense, see `sat_is_sparse`): sliced keys
         # of a sub-network must never serve generation.
         kwargs.pop("past_key_values", None)
         sel: AttentionSelection = self._sat_select(hidden_states)
-        rows = self.sat_dense_rows(hidden_states)  # (n,) dense token positions, or None
         attend = dict(position_embeddings=position_embeddings, attention_mask=attention_mask, kwargs=kwargs)
-        if self.sat_backward_only and rows is None:
-            return self._sat_attend(hidden_states, sel.kept, kept_grad=True, **attend)
+        if rows is None and config.sparse_pass != "forward_backward":
+            return self._sat_attend(hidden_states, sel.kept, dense_forward=config.sparse_pass, **attend)
         output, weights = self._sat_attend(hidden_states, sel.kept, **attend)  # (B, T, H): kept heads, every token
         if rows is None or rows.numel() == 0 or sel.omitted is None:
             return output, weights
-        # Dense tokens add the omitted heads; under sparse_pass="backward" as a constant (no gradient).
-        with torch.no_grad() if self.sat_backward_only else contextlib.nullcontext():
-            extra, _ = self._sat_attend(hidden_states, sel.omitted, rows=rows, add_bias=False, **attend)  # (n, H)
+        # Dense tokens run the whole block: they add the omitted heads, whose keys and values are every position's.
+        extra, _ = self._sat_attend(hidden_states, sel.omitted, rows=rows, add_bias=False, **attend)  # (n, H)
         flat = output.reshape(-1, output.shape[-1]).index_add(0, rows, extra.to(output.dtype))
         return flat.view_as(output), weights
 
@@ -106,14 +108,17 @@ class SATAttentionMixin(SATBlockMixin):
         kwargs: dict,
         rows: torch.Tensor | None = None,
         add_bias: bool = True,
-        kept_grad: bool = False,
+        dense_forward: str | None = None,
     ) -> tuple[torch.Tensor, Any]:
         """Attention of the heads in ``sel`` for every query, through the o-projection at ``rows`` (flat token
         positions; None: every token). ``kept_grad``: every head runs in forward (the module's own computation, op
         for op) and the backward runs through the heads of ``sel`` only."""
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        qkv = self._sat_qkv_kept_grad(hidden_states, sel) if kept_grad else self._sat_qkv(hidden_states, sel)
+        if dense_forward is not None:
+            qkv = self._sat_qkv_dense(hidden_states, sel, self._sat_dense_projection(dense_forward, by_rows=True))
+        else:
+            qkv = self._sat_qkv(hidden_states, sel)
         query, key, value = (t.view(hidden_shape) for t in qkv)  # (B, T, heads, d)
         if hasattr(self, "q_norm"):  # per-head RMSNorm over head_dim (Qwen3, Gemma3): slicing heads is exact
             query, key = self.q_norm(query), self.k_norm(key)
@@ -123,7 +128,7 @@ class SATAttentionMixin(SATBlockMixin):
         query, key = self._sat_apply_rotary(query, key, cos, sin)
 
         module: Any = self
-        if sel.kv_for_q is not None and not kept_grad:
+        if sel.kv_for_q is not None and dense_forward is None:
             key, value = key[:, sel.kv_for_q], value[:, sel.kv_for_q]  # (B, kq, T, d): one KV per query head
             module = _GroupsOverride(self)
 
@@ -144,8 +149,9 @@ class SATAttentionMixin(SATBlockMixin):
             **kwargs,
         )
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()  # (B, T, heads * d)
-        if kept_grad:
-            return linear_cols_kept_grad(self.o_proj, attn_output, sel.q_rows), attn_weights
+        if dense_forward is not None:
+            project = self._sat_dense_projection(dense_forward, by_rows=False)
+            return project(self.o_proj, attn_output, sel.q_rows), attn_weights
         if rows is not None:
             attn_output = attn_output.reshape(-1, attn_output.shape[-1]).index_select(0, rows)  # (n, kq * d)
         return linear_cols(self.o_proj, attn_output, sel.q_rows, add_bias=add_bias), attn_weights
@@ -158,13 +164,21 @@ class SATAttentionMixin(SATBlockMixin):
         projections, rows = (self.q_proj, self.k_proj, self.v_proj), (sel.q_rows, sel.kv_rows, sel.kv_rows)
         return tuple(linear_rows_fused(projections, x, rows))
 
-    def _sat_qkv_kept_grad(self, x: torch.Tensor, sel: HeadSelection) -> tuple[torch.Tensor, ...]:
+    @staticmethod
+    def _sat_dense_projection(sparse_pass: str, by_rows: bool) -> Callable:
+        """``(module, x, index) -> module(x)`` whose backward follows ``sparse_pass`` ("backward": through the units
+        ``index`` only; "weight_grad": every input gradient, the weight gradient of ``index`` only)."""
+        if sparse_pass == "backward":
+            return linear_rows_kept_grad if by_rows else linear_cols_kept_grad
+        return lambda module, x, index: weight_grad_forward(module, x, by_rows)[1](index)
+
+    def _sat_qkv_dense(self, x: torch.Tensor, sel: HeadSelection, project: Callable) -> tuple[torch.Tensor, ...]:
         """Flat (B, T, heads * d) query, key and value of EVERY head, each projection called as the module's own
-        forward calls it, with the backward through the kept heads' rows only."""
+        forward calls it, with the backward of ``project`` for the kept heads' rows."""
         return (
-            linear_rows_kept_grad(self.q_proj, x, sel.q_rows),
-            linear_rows_kept_grad(self.k_proj, x, sel.kv_rows),
-            linear_rows_kept_grad(self.v_proj, x, sel.kv_rows),
+            project(self.q_proj, x, sel.q_rows),
+            project(self.k_proj, x, sel.kv_rows),
+            project(self.v_proj, x, sel.kv_rows),
         )
 
     def _sat_score_views(self) -> dict[str, Callable]:
@@ -241,11 +255,11 @@ class SATFusedAttentionMixin(SATAttentionMixin):
         kept_kv = sel.kv_rows.numel()
         return linear_rows(self.qkv_proj, x, rows).split([sel.q_rows.numel(), kept_kv, kept_kv], dim=-1)
 
-    def _sat_qkv_kept_grad(self, x: torch.Tensor, sel: HeadSelection) -> tuple[torch.Tensor, ...]:
+    def _sat_qkv_dense(self, x: torch.Tensor, sel: HeadSelection, project: Callable) -> tuple[torch.Tensor, ...]:
         num_heads, num_kv_heads, head_dim = self._sat_shape
         q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
         rows = torch.cat([sel.q_rows, q_size + sel.kv_rows, q_size + kv_size + sel.kv_rows])
-        qkv = linear_rows_kept_grad(self.qkv_proj, x, rows)
+        qkv = project(self.qkv_proj, x, rows)
         return qkv[..., :q_size], qkv[..., q_size : q_size + kv_size], qkv[..., q_size + kv_size :]
 
     def _sat_score_views(self) -> dict[str, Callable]:

@@ -35,6 +35,7 @@ class SATBlockMixin:
     sat_block_id: int
     sat_num_units: int
     sat_last_kept: torch.Tensor | None  # kept units of the latest sparse forward (for tests and statistics)
+    sat_omits_units: bool  # False: converted only to cut the gradient of context tokens
 
     def _sat_init(self, state: SATState, block_id: int) -> None:
         self.sat_state = state
@@ -60,12 +61,18 @@ class SATBlockMixin:
     # Selection is data-dependent Python (seeded generators, top-k / sampling, the per-forward cache): run it
     # eagerly under torch.compile; the compiled sliced forward gets the kept indices as tensor inputs.
     @torch.compiler.disable
-    def _sat_select(self, x: torch.Tensor, activation_scores: Callable[[], torch.Tensor] | None = None) -> Any:
+    def _sat_select(
+        self,
+        x: torch.Tensor,
+        activation_scores: Callable[[], torch.Tensor] | None = None,
+        token_mask: torch.Tensor | None | str = "batch",
+    ) -> Any:
         """The selection of this forward (cached: a gradient-checkpointing re-run gets the same units).
 
         ``activation_scores``: for ``maxip``, a thunk giving the scores from activations the block already computed
-        (the dense forward of ``sparse_pass="backward"`` has every unit's activation on every token: exact scores,
-        no sampling, no extra product); otherwise the scores come from ``score_tokens`` sampled inputs.
+        (the dense forward of ``sparse_pass="backward"`` / ``"weight_grad"`` has every unit's activation on every
+        token: exact scores, no sampling, no extra product); otherwise the scores come from ``score_tokens`` sampled
+        inputs. ``token_mask``: the real tokens of ``x`` ("batch": the padding mask of the model's batch).
         """
         state = self.sat_state
         key = (state.forward_count, state.omission_rate)
@@ -77,7 +84,8 @@ class SATBlockMixin:
             if activation_scores is not None and config.importance == "maxip":
                 scores = activation_scores().float()
             else:
-                x_valid = importance.valid_tokens(x.detach(), state.token_mask)
+                mask = state.token_mask if isinstance(token_mask, str) else token_mask
+                x_valid = importance.valid_tokens(x.detach(), mask)
                 x_sample = importance.sample_tokens(x_valid, config.score_tokens, generator)
                 scores = self._sat_scores(config.importance, x_valid, x_sample, generator)
             if config.distributed_selection == "shared" and state.batch.collective_ok:

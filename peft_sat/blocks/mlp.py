@@ -19,7 +19,7 @@ import torch
 
 from .. import importance
 from ..sliced import base_layer, base_weight, linear_cols, linear_rows, linear_rows_fused, project_base
-from ..sliced_backward import cols_output, rows_forward
+from ..sliced_backward import cols_output, rows_forward, weight_grad_forward
 from .base import SATBlockMixin, omitted_units
 
 
@@ -35,41 +35,62 @@ class SATMLPMixin(SATBlockMixin):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.sat_is_sparse():
             return super().forward(x)
-        rows = self.sat_dense_rows(x)  # (n,) dense token positions, or None
-        if self.sat_backward_only:
-            return self._sat_backward_only(x, rows)
-        sel: ChannelSelection = self._sat_select(x)
-        y = self._sat_channels(x, sel.kept)  # (B, T, H): every token, kept channels
-        if rows is None or rows.numel() == 0 or sel.omitted.numel() == 0:
-            return y
+        rows = self.sat_dense_rows(x)  # (n,) dense token positions, or None: every token is a sparse token
+        forward_only = self.sat_state.config.context_tokens == "forward_only"
+        if rows is None or (not self.sat_omits_units and not forward_only):
+            return (
+                self._sat_sparse_tokens(x, self.sat_state.token_mask) if self.sat_omits_units else super().forward(x)
+            )
+        # A split batch: the dense tokens run the whole block, the others as `context_tokens` says.
         flat = x.reshape(-1, x.shape[-1])
-        extra = self._sat_channels(flat.index_select(0, rows), sel.omitted, add_bias=False)  # (n, H), dense tokens
-        return y.reshape(-1, y.shape[-1]).index_add(0, rows, extra.to(y.dtype)).view_as(y)
+        context = omitted_units(rows, flat.shape[0])  # positions outside the dense rows (padding included)
+        dense_y = super().forward(flat.index_select(0, rows))
+        context_x = flat.index_select(0, context)
+        if forward_only:
+            with torch.no_grad():  # nothing below needs their gradient: the attention blocks cut it
+                context_y = super().forward(context_x)
+        else:
+            token_mask = self.sat_state.token_mask
+            context_mask = token_mask.reshape(-1).index_select(0, context) if token_mask is not None else None
+            context_y = self._sat_sparse_tokens(context_x, context_mask)
+        out = dense_y.new_empty(flat.shape[0], dense_y.shape[-1])
+        return out.index_copy(0, rows, dense_y).index_copy(0, context, context_y.to(dense_y.dtype)).view_as(x)
+
+    def _sat_sparse_tokens(self, x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+        """The sub-network step of ``sparse_pass`` on the tokens of ``x`` (``token_mask``: their real tokens)."""
+        sparse_pass = self.sat_state.config.sparse_pass
+        if sparse_pass == "backward":
+            return self._sat_backward_only(x, token_mask)
+        if sparse_pass == "weight_grad":
+            return self._sat_weight_grad_only(x, token_mask)
+        sel: ChannelSelection = self._sat_select(x, token_mask=token_mask)
+        return self._sat_channels(x, sel.kept)
 
     def _sat_channels(self, x: torch.Tensor, channels: torch.Tensor, add_bias: bool = True) -> torch.Tensor:
         """down(act(gate(x)) * up(x)) restricted to ``channels``: (..., H) -> (..., H)."""
         gate, up = self._sat_gate_up(x, channels)  # (..., k) each
         return linear_cols(self.down_proj, self._sat_activation(gate) * up, channels, add_bias=add_bias)
 
-    def _sat_backward_only(self, x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-        """``sparse_pass="backward"``: the dense tokens (every token without a split) run the module's own forward,
-        op for op, and a backward through the kept channels, chosen from that forward's activations (exact scores);
-        the other tokens run the kept channels in both passes."""
-        flat = x.reshape(-1, x.shape[-1])
-        dense_x = x if rows is None else flat.index_select(0, rows)
-        gate, up, kept_gate_up = self._sat_gate_up_forward(dense_x)  # (..., I) dense values, no graph
+    def _sat_backward_only(self, x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+        """``sparse_pass="backward"``: the module's own forward, op for op, and a backward through the kept channels,
+        chosen from that forward's activations (exact scores, no sampling)."""
+        gate, up, kept_gate_up = self._sat_gate_up_forward(x)  # (..., I) dense values, no graph
         with torch.no_grad():
             hidden = self._sat_hidden(gate, up)
-        mask = self.sat_state.token_mask if rows is None else None  # dense rows hold no padding
-        sel: ChannelSelection = self._sat_select(x, lambda: importance.activation_scores(hidden, mask))
+        sel = self._sat_select(x, lambda: importance.activation_scores(hidden, token_mask), token_mask=token_mask)
         kept_gate, kept_up = kept_gate_up(sel.kept, gate, up)  # (..., k): the values, with the kept graph
-        dense_y = cols_output(self.down_proj, hidden, self._sat_hidden(kept_gate, kept_up), sel.kept)
-        if rows is None:
-            return dense_y
-        context = omitted_units(rows, flat.shape[0])  # positions outside the dense rows
-        context_y = self._sat_channels(flat.index_select(0, context), sel.kept)
-        out = dense_y.new_zeros(flat.shape[0], dense_y.shape[-1])
-        return out.index_copy(0, rows, dense_y).index_copy(0, context, context_y.to(dense_y.dtype)).view_as(x)
+        return cols_output(self.down_proj, hidden, self._sat_hidden(kept_gate, kept_up), sel.kept)
+
+    def _sat_weight_grad_only(self, x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+        """``sparse_pass="weight_grad"``: the module's own forward and every input gradient; the base weights of the
+        kept channels only get a gradient (chosen from the forward's activations, exact scores)."""
+        gate, up, graph_gate_up = self._sat_gate_up_weight_grad(x)  # (..., I) dense values, no graph
+        with torch.no_grad():
+            hidden = self._sat_hidden(gate, up)
+        sel = self._sat_select(x, lambda: importance.activation_scores(hidden, token_mask), token_mask=token_mask)
+        hidden_graph = self._sat_hidden(*graph_gate_up(sel.kept))  # the same values, now with their graph
+        _, down_graph = weight_grad_forward(self.down_proj, hidden_graph, by_rows=False)
+        return down_graph(sel.kept)
 
     def _sat_hidden(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         return self._sat_activation(gate) * up  # the module's own order: bit for bit its forward
@@ -79,6 +100,13 @@ class SATMLPMixin(SATBlockMixin):
         gate, kept_gate = rows_forward(self.gate_proj, x)
         up, kept_up = rows_forward(self.up_proj, x)
         return gate, up, lambda index, g, u: (kept_gate(index, g), kept_up(index, u))
+
+    def _sat_gate_up_weight_grad(self, x: torch.Tensor):
+        """Dense gate and up values (no graph), and ``graph(index)``: the same values with every input gradient and
+        the weight gradients of the channels ``index``."""
+        gate, gate_graph = weight_grad_forward(self.gate_proj, x, by_rows=True)
+        up, up_graph = weight_grad_forward(self.up_proj, x, by_rows=True)
+        return gate, up, lambda index: (gate_graph(index), up_graph(index))
 
     @classmethod
     def sat_num_channels(cls, module) -> int:
@@ -144,6 +172,12 @@ class SATFusedMLPMixin(SATMLPMixin):
             return kept_fused(torch.cat([index, index + channels]), fused).chunk(2, dim=-1)
 
         return gate, up, kept
+
+    def _sat_gate_up_weight_grad(self, x: torch.Tensor):
+        fused, fused_graph = weight_grad_forward(self.gate_up_proj, x, by_rows=True)
+        gate, up = fused.chunk(2, dim=-1)
+        channels = self.sat_num_units
+        return gate, up, lambda index: fused_graph(torch.cat([index, index + channels])).chunk(2, dim=-1)
 
     def _sat_score_views(self) -> dict[str, Callable]:
         channels = self.sat_num_units

@@ -46,7 +46,15 @@ DEFAULT_TARGET_MODULES = {t: ["mlp", "self_attn"] for arch in ARCHITECTURES.valu
 SUPPORTED_BLOCKS = tuple(f"{family}{kind}" for family in ARCHITECTURES for kind in ("MLP", "Attention"))
 
 _SAT_CLASSES: dict[type, type] = {}
-_SAT_ATTRIBUTES = ("sat_state", "sat_block_id", "sat_last_kept", "_sat_cache", "sat_num_units", "sat_head_granularity")
+_SAT_ATTRIBUTES = (
+    "sat_state",
+    "sat_block_id",
+    "sat_last_kept",
+    "_sat_cache",
+    "sat_num_units",
+    "sat_head_granularity",
+    "sat_omits_units",
+)
 
 
 def original_class(module: nn.Module) -> type:
@@ -100,10 +108,17 @@ def sat_class(original: type) -> type:
     return _SAT_CLASSES[original]
 
 
-def convert_block(module: nn.Module, state: SATState, block_id: int, head_granularity: str) -> None:
-    """Turn a supported block into its SAT subclass in place (idempotent: re-binds state of a converted one)."""
+def convert_block(
+    module: nn.Module, state: SATState, block_id: int, head_granularity: str, omits_units: bool = True
+) -> None:
+    """Turn a supported block into its SAT subclass in place (idempotent: re-binds state of a converted one).
+
+    ``omits_units`` False: the block keeps every unit and only cuts the gradient of context tokens
+    (``SATConfig.context_tokens="forward_only"``).
+    """
     module.__class__ = sat_class(original_class(module))
     module._sat_init(state, block_id)
+    module.sat_omits_units = omits_units
     if block_kind(module) == "mlp":
         module.sat_num_units = module.sat_num_channels(module)
     else:
