@@ -65,11 +65,9 @@ def test_ladder_example_values():
 
 def test_stage_at_names_the_stage_of_a_step():
     config = SATConfig(omission_rate=0.6, ladder_rungs=2, warmup_ratio=0.1)  # 10 steps: 0 | 1-5 | 6-7 | 8-9
-    names = [stage_at(config, step, 10).name for step in (0, 1, 5, 6, 8, 9, 100)]
-    assert (
-        names
-        == ["dense warm-up", "full-rate stage", "full-rate stage", "rung 1 of 2", "rung 2 of 2"] + ["rung 2 of 2"] * 2
-    )
+    steps = {0: "dense warm-up", 1: "full-rate stage", 5: "full-rate stage", 6: "rung 1 of 2", 8: "rung 2 of 2"}
+    steps.update({9: "rung 2 of 2", 100: "rung 2 of 2"})  # steps past the end: the last stage
+    assert {step: stage_at(config, step, 10).name for step in steps} == steps
     assert [stage_at(config, step, 10).rate for step in range(10)] == schedule_rates(config, 10)
 
 
