@@ -17,7 +17,11 @@ rows that ``evaluate()`` logs, then carries:
   ``peft_sat.flops.SATFlopsEstimator``), i.e. ``sat/dense_steps_saved / global_step``;
 - ``sat/dense_steps_saved``: the same saving counted in dense optimizer steps;
 - ``sat/dense_token_fraction``: the share of token positions of the latest step that ran the whole block
-  (``SATConfig.dense_tokens``; 0 without a split).
+  (``SATConfig.dense_tokens``; 0 without a split);
+- ``sat/crossover_rate``: with ``SATConfig.dense_when_slower``, the highest rate measured not faster than dense steps
+  (steps at or below it run dense, and ``sat/omission_rate`` then reports 0); 0 while none is found;
+- ``sat/crossover_dense_steps``: steps the schedule made sparse that ran dense (the crossover check's dense probes and
+  the steps at or below the crossover), counted as saving nothing.
 
 Evaluation rows carry no ``sat/*`` keys: evaluation runs the dense model, so the training rate would misreport it,
 and a 0 would cut the rate's curve at every evaluation step.
@@ -27,7 +31,7 @@ from __future__ import annotations
 
 import copy
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from torch import nn
@@ -35,6 +39,7 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 from transformers.utils import logging
 
 from .config import SATConfig
+from .crossover import CrossoverCheck, synchronized_clock
 from .flops import SATFlopsEstimator
 from .model import apply_sat, get_sat_state, remove_sat
 from .schedules import describe_schedule, omission_rate_at, validate_schedule
@@ -50,6 +55,7 @@ SCHEDULE_FIELDS = (
     "ladder_full_rate_ratio",
     "ladder_rungs",
     "ladder_stairs",
+    "dense_when_slower",
 )
 
 
@@ -61,13 +67,19 @@ class SATCallback(TrainerCallback):
             ``SFTTrainer(..., peft_config=LoraConfig(...))``, where the LoRA model exists only inside the trainer).
             None: the model must already carry SAT (``get_peft_model(model, SATConfig(...))`` or ``apply_sat``), whose
             config's schedule is then followed. A dict is read by ``SATConfig.from_dict`` (unknown keys named).
+        clock: with ``dense_when_slower``, the clock that times training steps (seconds; default: ``time.perf_counter``
+            after a CUDA synchronisation). Tests inject a fake one.
 
     The rate of optimizer step ``s`` (``state.global_step`` before it) is ``omission_rate_at(config, s, max_steps)``,
-    set in ``on_step_begin``: all micro-batches of a gradient-accumulation window share it. Evaluation and generation
-    inside training are dense because SAT blocks are sparse only in training mode. The rate is a pure function of
-    ``global_step``, so ``resume_from_checkpoint`` continues the schedule where it stopped; the FLOPs counter is
-    rebuilt from the schedule on resume, so the callback needs no checkpointed state (no ``ExportableState``, hence it
-    works with the default ``restore_callback_states_from_checkpoint=False``).
+    set in ``on_step_begin``: all micro-batches of a gradient-accumulation window share it. With
+    ``config.dense_when_slower`` (the default), ``peft_sat.crossover.CrossoverCheck`` runs dense the steps whose rate
+    is at or below the crossover, the highest rate measured not faster than dense steps, and a few dense probe steps
+    to measure dense; ``crossover`` reports what it measured and decided. Evaluation and generation inside training
+    are dense because SAT blocks are sparse only in training mode. The rate is a pure function of ``global_step`` and
+    the crossover, so ``resume_from_checkpoint`` continues the schedule where it stopped. The FLOPs counter and the
+    crossover are read back from the checkpoint's log history (its entry at the resumed step; else the counter is
+    rebuilt from the schedule and the crossover measured again), so the callback needs no checkpointed state of its
+    own (no ``ExportableState``, hence it works with the default ``restore_callback_states_from_checkpoint=False``).
 
     Raises (at ``on_train_begin``, before any step):
         ValueError: the schedule does not fit ``max_steps``; no config and no SAT on the model; the model's SAT has a
@@ -75,7 +87,9 @@ class SATCallback(TrainerCallback):
             optimizer was built.
     """
 
-    def __init__(self, config: SATConfig | Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self, config: SATConfig | Mapping[str, Any] | None = None, *, clock: Callable[[], float] | None = None
+    ) -> None:
         if isinstance(config, Mapping):
             config = SATConfig.from_dict(config)
         if config is not None and not isinstance(config, SATConfig):
@@ -83,6 +97,8 @@ class SATCallback(TrainerCallback):
                 f"`config` must be a SATConfig, a dict of its fields or None, got {type(config).__name__}."
             )
         self.config = config
+        self.clock = clock if clock is not None else synchronized_clock
+        self.crossover_check: CrossoverCheck | None = None  # during and after training with `dense_when_slower`
         self.sat_state: SATState | None = None
         self.flops: SATFlopsEstimator | None = None
         self.dense_steps_saved = 0.0
@@ -124,11 +140,24 @@ class SATCallback(TrainerCallback):
             sat_state = _apply_keeping_trainability(model, copy.deepcopy(config))
         self.sat_state = sat_state
         self.flops = SATFlopsEstimator(model, sat_state)
-        # Resumed runs: count the steps already done as the schedule ran them (the rate is a function of the step).
         done = state.global_step
-        rates = [omission_rate_at(config, step, state.max_steps) for step in range(done)]
-        self.dense_steps_saved = sum(self.flops.step_saving(config, rate) for rate in rates)
+        logged = _logged_at(state, done)
+        if "sat/dense_steps_saved" in logged:  # resumed: the checkpoint's count, dense fallbacks included
+            self.dense_steps_saved = float(logged["sat/dense_steps_saved"])
+        else:  # count the steps already done as the schedule ran them (the rate is a function of the step)
+            rates = [omission_rate_at(config, step, state.max_steps) for step in range(done)]
+            self.dense_steps_saved = sum(self.flops.step_saving(config, rate) for rate in rates)
         self.steps_counted = done
+        self.crossover_check = None
+        if config.dense_when_slower:
+            self.crossover_check = CrossoverCheck(
+                config,
+                state.max_steps,
+                first_step=done,
+                clock=self.clock,
+                crossover_rate=logged.get("sat/crossover_rate", 0.0),
+                dense_fallback_steps=logged.get("sat/crossover_dense_steps", 0),
+            )
         sat_state.set_omission_rate(omission_rate_at(config, done, state.max_steps))
         self._training = True
         self._trainer = _calling_trainer()
@@ -137,20 +166,24 @@ class SATCallback(TrainerCallback):
         logger.info(
             f"SAT omission-rate schedule over {state.max_steps} steps: {describe_schedule(config, state.max_steps)}; "
             f"dense_tokens={config.dense_tokens!r}, sparse_pass={config.sparse_pass!r}, sparse layers: "
-            f"{'all targeted' if sat_state.sparse_layers is None else sat_state.sparse_layers}"
+            f"{'all targeted' if sat_state.sparse_layers is None else sat_state.sparse_layers}; "
+            + ("rates not faster than dense steps run dense" if config.dense_when_slower else "rates as scheduled")
         )
 
     def on_step_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         self._evaluating = False  # also after an evaluation that raised before on_evaluate
-        if self.sat_state is not None:
-            self.sat_state.set_omission_rate(
-                omission_rate_at(self.sat_state.config, state.global_step, state.max_steps)
-            )
-            # Every rank runs the forwards of this step: a shared selection may all-reduce inside them.
-            self.sat_state.in_training_step = True
-            self.sat_state.dense_fractions.clear()
+        sat_state = self.sat_state
+        if sat_state is not None:
+            sat_state.in_training_step = True  # every rank runs this step: a shared selection may all-reduce in it
+            sat_state.dense_fractions.clear()
+            sat_state.step_positions = 0
+            if self.crossover_check is not None:
+                rate = self.crossover_check.begin_step(state.global_step)  # may start its clock
+            else:
+                rate = omission_rate_at(sat_state.config, state.global_step, state.max_steps)
+            sat_state.set_omission_rate(rate)
 
     def on_step_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
@@ -158,6 +191,8 @@ class SATCallback(TrainerCallback):
         sat_state = self.sat_state
         if sat_state is None:
             return
+        if self.crossover_check is not None:
+            self.crossover_check.end_step(sat_state.step_positions)  # every rank: it reduces timings over ranks
         sat_state.in_training_step = False
         fractions = sat_state.dense_fractions
         self.dense_token_fraction = sum(fractions) / len(fractions) if fractions else 0.0
@@ -207,6 +242,8 @@ class SATCallback(TrainerCallback):
         self._training = False
         if self.sat_state is not None:
             self.sat_state.in_training_step = False
+        if self.crossover_check is not None:
+            logger.info(f"SAT crossover check: {self.crossover_check.describe()}")
         if self._trainer is not None:
             _unwrap_log(self._trainer)  # leave the Trainer as found; the model keeps SAT (dense in eval mode)
             self._trainer = None
@@ -216,6 +253,14 @@ class SATCallback(TrainerCallback):
     def _log_metrics(self) -> dict[str, float]:
         """What the row being logged gets: ``metrics()``, or nothing for an evaluation row (it ran dense)."""
         return {} if self._evaluating else self.metrics()
+
+    @property
+    def crossover(self) -> dict[str, Any] | None:
+        """What the crossover check measured and decided (``CrossoverCheck.to_dict``), JSON-ready for a run's
+        metrics; ``{"dense_when_slower": False}`` when switched off, None before training."""
+        if self.crossover_check is not None:
+            return self.crossover_check.to_dict()
+        return None if self.sat_state is None else {"dense_when_slower": False}
 
     def current_rate(self) -> float:
         """The omission rate the SAT blocks use now (0 while SAT is disabled)."""
@@ -227,12 +272,15 @@ class SATCallback(TrainerCallback):
         if self.flops is None:
             return {}
         rate = self.current_rate()
+        check = self.crossover_check
         return {
             "sat/omission_rate": rate,
             "sat/kept_fraction": self.flops.kept_fraction(rate),
             "sat/flops_saved_fraction": self.dense_steps_saved / self.steps_counted if self.steps_counted else 0.0,
             "sat/dense_steps_saved": self.dense_steps_saved,
             "sat/dense_token_fraction": self.dense_token_fraction,
+            "sat/crossover_rate": check.crossover_rate if check is not None else 0.0,
+            "sat/crossover_dense_steps": check.dense_fallback_steps if check is not None else 0,
         }
 
 
@@ -247,6 +295,20 @@ def _check_same_schedule(given: SATConfig, existing: SATConfig) -> None:
             f"The model already carries SAT with a different schedule than SATCallback's config ({details}). Pass "
             "`SATCallback()` to follow the model's config, or `remove_sat(model)` first to apply the callback's."
         )
+
+
+def _logged_at(state: TrainerState, step: int) -> dict[str, Any]:
+    """The training log entry of ``step`` with ``sat/*`` metrics (a resumed run's, from its checkpoint), or {}."""
+    if step == 0:
+        return {}
+    return next(
+        (
+            entry
+            for entry in reversed(state.log_history)
+            if entry.get("step") == step and "sat/dense_steps_saved" in entry
+        ),
+        {},
+    )
 
 
 def _apply_keeping_trainability(model: nn.Module, config: SATConfig) -> SATState:

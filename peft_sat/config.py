@@ -269,6 +269,19 @@ class SATConfig(PeftConfig):
             )
         },
     )
+    dense_when_slower: bool = field(
+        default=True,
+        metadata={
+            "help": (
+                "With `SATCallback`: time real training steps and run dense every step whose omission rate is at or "
+                "below the crossover, the highest rate whose sparse steps were not faster than dense steps on this "
+                "model and batch shape (at small micro-batches the fixed costs of a sparse step can outweigh what it "
+                "saves). Needs dense reference steps: the schedule's dense warm-up, else two steps early in training "
+                "run dense. Logged as `sat/crossover_rate`; see `peft_sat.crossover`. False: follow the schedule "
+                "exactly (rates independent of timing noise)."
+            )
+        },
+    )
 
     def __post_init__(self, _comment: str | None = None) -> None:
         super().__post_init__()
@@ -430,6 +443,8 @@ class SATConfig(PeftConfig):
                 f"`warmup_ratio` + `ladder_full_rate_ratio` must be < 1 to leave steps for the rungs down to 0, got "
                 f"{self.warmup_ratio} + {self.ladder_full_rate_ratio}."
             )
+        if not isinstance(self.dense_when_slower, bool):
+            raise ValueError(f"`dense_when_slower` must be True or False, got {self.dense_when_slower!r}.")
 
 
 def _normalized(name: str, value: Any) -> Any:

@@ -91,6 +91,29 @@ def omission_rate_at(config: SATConfig, step: int, total_steps: int) -> float:
         >>> [omission_rate_at(config, s, 8) for s in range(8)]  # doctest: +SKIP
         [0.6, 0.6, 0.6, 0.6, 0.3, 0.3, 0.0, 0.0]
     """
+    stage, start = _stage_and_start(config, step, total_steps)
+    if stage.rate is not None:
+        return stage.rate
+    # Linear decay from r at the stage's first step to 0 at the last step.
+    step = min(step, total_steps - 1)
+    span = total_steps - 1 - start
+    return float(config.omission_rate) * (total_steps - 1 - step) / span if span > 0 else 0.0
+
+
+def stage_at(config: SATConfig, step: int, total_steps: int) -> Stage:
+    """The stage that optimizer step ``step`` (0-based) of ``total_steps`` belongs to (steps past the end: the last).
+
+    Raises:
+        ValueError: ``step < 0`` or ``total_steps < 1``.
+
+    Example:
+        >>> stage_at(SATConfig(omission_rate=0.6, ladder_rungs=2), 5, 8).name  # doctest: +SKIP
+        'rung 1 of 2'
+    """
+    return _stage_and_start(config, step, total_steps)[0]
+
+
+def _stage_and_start(config: SATConfig, step: int, total_steps: int) -> tuple[Stage, int]:
     _check_steps(total_steps)
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"`step` must be an int >= 0, got {step!r}.")
@@ -98,12 +121,7 @@ def omission_rate_at(config: SATConfig, step: int, total_steps: int) -> float:
     all_stages = stages(config)
     starts = [first_step(stage.start, total_steps) for stage in all_stages]
     index = max(i for i, start in enumerate(starts) if start <= step or i == 0)
-    stage = all_stages[index]
-    if stage.rate is not None:
-        return stage.rate
-    # Linear decay from r at the stage's first step to 0 at the last step.
-    span = total_steps - 1 - starts[index]
-    return float(config.omission_rate) * (total_steps - 1 - step) / span if span > 0 else 0.0
+    return all_stages[index], starts[index]
 
 
 def schedule_rates(config: SATConfig, total_steps: int) -> list[float]:

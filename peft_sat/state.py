@@ -59,6 +59,9 @@ class SATState:
     in_training_step: bool = False
     sparse_layers: list[int] | None = None  # the layers whose blocks SAT converted (None: every targeted layer)
     dense_fractions: list[float] = field(default_factory=list, repr=False)  # per forward: dense positions / all
+    # Token positions (padding included: padded positions are computed too) of the training forwards inside the
+    # current training step; ``SATCallback`` resets it at each step and times steps per position.
+    step_positions: int = 0
     hooks: list[Any] = field(default_factory=list, repr=False)
     # (block, parameter) pairs registered with DeepSpeed ZeRO-3 (``peft_sat.zero3``); empty outside ZeRO-3
     zero3_registrations: list[Any] = field(default_factory=list, repr=False)
@@ -143,7 +146,7 @@ class SATState:
 
 
 # Arguments of a transformers model forward that the hook reads (by keyword, or by position when given so).
-_BATCH_ARGUMENTS = ("attention_mask", "position_ids", "labels", "use_cache")
+_BATCH_ARGUMENTS = ("input_ids", "inputs_embeds", "attention_mask", "position_ids", "labels", "use_cache")
 _CACHE_ARGUMENTS = ("cache", "past_key_values")
 # Wrappers whose forward every rank runs in lock-step (they synchronise ranks themselves).
 _LOCKSTEP_WRAPPERS = {"DistributedDataParallel", "FullyShardedDataParallel", "FSDPModule", "DeepSpeedEngine"}
@@ -201,6 +204,16 @@ class _BatchHook:
             uses_cache=uses_cache,
             collective_ok=collective_ok,
         )
+        if module.training and state.in_training_step:
+            state.step_positions += self._positions(args, kwargs)
+
+    def _positions(self, args: tuple, kwargs: dict) -> int:
+        """Token positions of this forward's batch: (B, T) of ``input_ids``, else of ``inputs_embeds`` (B, T, H)."""
+        ids = self._argument("input_ids", args, kwargs)
+        if isinstance(ids, torch.Tensor):
+            return ids.numel()
+        embeds = self._argument("inputs_embeds", args, kwargs)
+        return math.prod(embeds.shape[:-1]) if isinstance(embeds, torch.Tensor) else 0
 
 
 class _BatchDone:

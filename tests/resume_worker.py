@@ -23,7 +23,7 @@ from sat_testing import leave_process_group, lm_dataset, tiny_llama, train_logs,
 from peft_sat import SATCallback, SATConfig  # noqa: E402
 
 MAX_STEPS, SAVE_STEPS, GLOBAL_BATCH = 8, 4, 2
-CONFIG = dict(omission_rate=0.5, importance="magnitude", ladder_rungs=2)
+CONFIG = dict(omission_rate=0.5, importance="magnitude", ladder_rungs=2, dense_when_slower=False)
 
 
 class RecordLoaded(TrainerCallback):

@@ -34,7 +34,14 @@ GRANULARITIES = ("kv_group", "q_head")
 VOCAB = 128
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 WORDS = [f"w{i}" for i in range(VOCAB - 3)]  # + <pad>, <eos>, <unk>: the vocabulary of `tiny_tokenizer`
-SAT_KEYS = ("sat/omission_rate", "sat/kept_fraction", "sat/flops_saved_fraction", "sat/dense_steps_saved")
+SAT_KEYS = (
+    "sat/omission_rate",
+    "sat/kept_fraction",
+    "sat/flops_saved_fraction",
+    "sat/dense_steps_saved",
+    "sat/crossover_rate",
+    "sat/crossover_dense_steps",
+)
 
 
 def default_attention(family: str) -> str:
@@ -497,10 +504,11 @@ CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-# Arguments of a recipe run on the tiny chat model: 6 steps, so the default ladder is `TINY_RECIPE_LADDER`.
+# Arguments of a recipe run on the tiny chat model: 6 steps, so the default ladder is `TINY_RECIPE_LADDER` (rates as
+# scheduled, whatever the step times).
 TINY_RECIPE_ARGS = (
     "--max_steps 6 --per_device_train_batch_size 2 --per_device_eval_batch_size 4 --max_length 16 "
-    "--eval_samples 4 --learning_rate 1e-3 --disable_tqdm true --lora_r 4 --lora_alpha 8"
+    "--eval_samples 4 --learning_rate 1e-3 --disable_tqdm true --lora_r 4 --lora_alpha 8 --sat_dense_when_slower false"
 ).split()
 TINY_RECIPE_LADDER = [0.5, 0.5, 0.5, 1 / 3, 1 / 6, 0.0]
 

@@ -23,8 +23,8 @@ from transformers import Trainer, TrainerCallback, TrainerState
 from peft_sat import SATCallback, SATConfig, get_sat_state, omission_rate_at
 
 # "uniform" scores keep these tests about the schedule, not the importance metric; r = 0.5 of 2 KV groups / 128
-# channels is exactly half of every block.
-CONFIG = dict(omission_rate=0.5, importance="uniform")
+# channels is exactly half of every block. Rates as scheduled: timing-dependent rates are tests/test_crossover.py's.
+CONFIG = dict(omission_rate=0.5, importance="uniform", dense_when_slower=False)
 STEPS = 8
 
 
@@ -151,7 +151,7 @@ def test_full_parameter_sat_from_get_peft_model(tmp_path):
 def test_resume_from_checkpoint_continues_the_schedule(tmp_path):
     # "magnitude" scores depend on the weights only, so the resumed run selects the same sub-networks as the
     # uninterrupted one and the losses must agree too.
-    config = SATConfig(omission_rate=0.5, importance="magnitude", ladder_rungs=2)
+    config = SATConfig(omission_rate=0.5, importance="magnitude", ladder_rungs=2, dense_when_slower=False)
     args = training_args(tmp_path / "run", save_strategy="steps", save_steps=4)
     full = Trainer(model=tiny_llama(), args=args, train_dataset=lm_dataset(), callbacks=[SATCallback(config)])
     full.train()

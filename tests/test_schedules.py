@@ -11,7 +11,7 @@ import random
 import pytest
 
 from peft_sat import SATConfig, omission_rate_at, schedule_rates, validate_schedule
-from peft_sat.schedules import describe_schedule, stages
+from peft_sat.schedules import describe_schedule, stage_at, stages
 
 SCHEDULE_FIELDS = ("schedule", "warmup_ratio", "ladder_full_rate_ratio", "ladder_rungs", "ladder_stairs")
 
@@ -61,6 +61,14 @@ def test_ladder_example_values():
     assert schedule_rates(config, 8) == pytest.approx([0.6] * 4 + [0.3] * 2 + [0.0] * 2)
     assert [(s.start, s.rate) for s in stages(config)] == [(0.0, 0.6), (0.5, 0.3), (0.75, 0.0)]
     assert describe_schedule(config, 8) == "steps 0-3: 0.6 | steps 4-5: 0.3 | steps 6-7: 0"
+
+
+def test_stage_at_names_the_stage_of_a_step():
+    config = SATConfig(omission_rate=0.6, ladder_rungs=2, warmup_ratio=0.1)  # 10 steps: 0 | 1-5 | 6-7 | 8-9
+    steps = {0: "dense warm-up", 1: "full-rate stage", 5: "full-rate stage", 6: "rung 1 of 2", 8: "rung 2 of 2"}
+    steps.update({9: "rung 2 of 2", 100: "rung 2 of 2"})  # steps past the end: the last stage
+    assert {step: stage_at(config, step, 10).name for step in steps} == steps
+    assert [stage_at(config, step, 10).rate for step in range(10)] == schedule_rates(config, 10)
 
 
 def test_ladder_with_warmup():

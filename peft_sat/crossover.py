@@ -1,0 +1,274 @@
+"""Run dense the steps whose omission rate is not faster than dense training (``SATConfig.dense_when_slower``).
+
+A sparse step has costs that a dense step does not: scoring and selecting units, gathering the kept weight slices,
+more and smaller kernels. At small micro-batches they can outweigh the FLOPs it saves, and a low rate (a ladder's
+last sparse rungs) then makes a step slower than a dense one. ``CrossoverCheck`` times real training steps to find
+the crossover: the highest omission rate whose steps were not faster than dense steps. Every later step whose rate
+is at or below it runs dense (rate 0) instead: a lower rate saves fewer FLOPs for the same fixed costs, and a dense
+step trains at least as well as a sparse one.
+
+Which steps are timed depends only on the step number and the verdicts so far, so every rank times the same steps:
+
+- never the first step of a process: it carries one-time costs (allocation, first kernel launches, compilation);
+- the dense reference: the first ``TIMED_STEPS`` dense steps after it, from the schedule's dense warm-up when it has
+  one, else *dense probes*: the first steps that would be timed sparse run dense instead;
+- each rate above the crossover: its first ``TIMED_STEPS`` steps, or fewer when its stage ends sooner (a linear
+  decay judges each step's rate on that step alone).
+
+A timing is taken per token position (padding included: padded positions are computed too), so batches of different
+lengths compare, and each side keeps its best (lowest) time per position: one-time costs, e.g. a recompilation for
+the kept units' new shapes, only ever slow a step down. Each timing is reduced over ranks (max) before it is used, so
+all ranks reach the same verdicts and run the same rate, as a shared selection (an all-reduce inside the forward)
+needs. A rate is faster when its time per position is below the dense one; a tie runs dense.
+
+Example:
+    >>> check = CrossoverCheck(SATConfig(omission_rate=0.5), total_steps=100, first_step=0)  # doctest: +SKIP
+    >>> rate = check.begin_step(step)  # the rate to run; starts the clock when the step is timed
+    >>> check.end_step(positions)  # stops it; a ``Verdict`` when this step decided a rate
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from transformers.utils import logging
+
+from .config import SATConfig
+from .schedules import omission_rate_at, stage_at
+
+logger = logging.get_logger(__name__)
+
+# Timed steps per rate and for the dense reference: one step alone (a short batch, a recompilation) cannot decide.
+TIMED_STEPS = 2
+
+
+def synchronized_clock() -> float:
+    """``time.perf_counter()`` once the queued CUDA work has finished (kernels run asynchronously)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def max_over_ranks(values: list[float]) -> list[float]:
+    """The element-wise maximum of ``values`` over the ranks of the default process group (identity outside one).
+
+    Every rank must call it for the same steps: it is a collective.
+    """
+    distributed = torch.distributed
+    if not (distributed.is_available() and distributed.is_initialized()):
+        return values
+    on_cuda = "nccl" in str(distributed.get_backend()) and torch.cuda.is_available()
+    device = torch.device("cuda", torch.cuda.current_device()) if on_cuda else torch.device("cpu")
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    distributed.all_reduce(tensor, op=distributed.ReduceOp.MAX)
+    return tensor.tolist()
+
+
+@dataclass(frozen=True)
+class Timing:
+    """One timed optimizer step (reduced over ranks)."""
+
+    step: int
+    seconds: float
+    positions: int  # token positions of the step's micro-batches; 0 when unknown
+
+    @property
+    def per_position(self) -> float:
+        return self.seconds / max(1, self.positions)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Whether steps at ``rate`` were faster than dense steps; times per step at the dense reference's positions."""
+
+    rate: float
+    stage: str  # the schedule stage whose steps were timed, e.g. "rung 3 of 3"
+    steps: tuple[int, ...]
+    seconds: float
+    dense_seconds: float
+    positions: int
+    faster: bool
+
+    def describe(self) -> str:
+        comparison = "faster" if self.faster else "not faster"
+        return (
+            f"{comparison} than dense ({self.seconds:.3g} s vs {self.dense_seconds:.3g} s per step of "
+            f"{self.positions} token positions)"
+        )
+
+
+@dataclass
+class DenseStage:
+    """A schedule stage whose steps (from ``first_step`` on, ``steps`` of them) ran dense: at or below the crossover."""
+
+    stage: str
+    rate: float
+    first_step: int
+    steps: int = 0
+
+
+class CrossoverCheck:
+    """Times training steps against dense steps and runs dense every step at or below the crossover rate.
+
+    Args:
+        config: the ``SATConfig`` whose schedule (``peft_sat.schedules``) gives each step's rate.
+        total_steps: the number of optimizer steps of the run.
+        first_step: the first step this process runs (``global_step`` at train begin: > 0 when resuming); not timed.
+        clock: seconds, read at the start and end of each timed step; ``synchronized_clock`` by default. Tests inject
+            a fake one.
+        reduce: combines a step's ``[seconds, positions]`` over ranks; ``max_over_ranks`` by default.
+        crossover_rate: a crossover found before (a resumed run's), 0.0: none yet.
+        dense_fallback_steps: steps the schedule made sparse that ran dense before (a resumed run's).
+
+    ``begin_step`` / ``end_step`` must be called for every optimizer step, on every rank, in order.
+    """
+
+    def __init__(
+        self,
+        config: SATConfig,
+        total_steps: int,
+        first_step: int,
+        *,
+        clock: Callable[[], float] = synchronized_clock,
+        reduce: Callable[[list[float]], list[float]] = max_over_ranks,
+        crossover_rate: float = 0.0,
+        dense_fallback_steps: int = 0,
+    ) -> None:
+        self.config = config
+        self.total_steps = total_steps
+        self.first_step = first_step
+        self.clock = clock
+        self.reduce = reduce
+        self.crossover_rate = float(crossover_rate)  # rates at or below it run dense; 0.0: only rate 0 does
+        self.dense_fallback_steps = int(dense_fallback_steps)  # scheduled sparse, ran dense (probes included)
+        self.dense_timings: list[Timing] = []
+        self.probe_steps: list[int] = []
+        self.verdicts: list[Verdict] = []
+        self.dense_stages: list[DenseStage] = []
+        self._pending: dict[float, list[Timing]] = {}  # timings of rates not judged yet
+        self._judged: set[float] = set()
+        self._step: int | None = None
+        self._timed_rate: float | None = None  # the rate of the step being timed (0.0: dense), None: untimed
+        self._start = 0.0
+
+    # ---- per step --------------------------------------------------------------------------------------------
+
+    def begin_step(self, step: int) -> float:
+        """The omission rate to run optimizer step ``step`` at; starts the clock when the step is timed."""
+        scheduled = omission_rate_at(self.config, step, self.total_steps)
+        warm = step > self.first_step
+        need_dense = len(self.dense_timings) < TIMED_STEPS
+        rate, timed = scheduled, None
+        if scheduled == 0.0:
+            timed = 0.0 if warm and need_dense else None
+        elif scheduled <= self.crossover_rate:
+            rate = 0.0
+            self._count_dense_stage(step, scheduled)
+        elif warm and scheduled not in self._judged:
+            if need_dense:  # a dense probe in place of a step that would be timed sparse
+                rate = timed = 0.0
+                self.probe_steps.append(step)
+            else:
+                timed = scheduled
+        if rate != scheduled:
+            self.dense_fallback_steps += 1
+        self._step, self._timed_rate = step, timed
+        if timed is not None:
+            self._start = self.clock()
+        return rate
+
+    def end_step(self, positions: int) -> Verdict | None:
+        """Stop the clock of a timed step (``positions``: its token positions on this rank); the ``Verdict`` when
+        this step decided a rate, else None. Every rank reduces the timing of the same steps."""
+        rate, step = self._timed_rate, self._step
+        self._timed_rate = None
+        if rate is None or step is None:
+            return None
+        seconds, reduced_positions = self.reduce([self.clock() - self._start, float(positions)])
+        timing = Timing(step, seconds, int(reduced_positions))
+        if rate == 0.0:
+            self.dense_timings.append(timing)
+            return None
+        timings = self._pending.setdefault(rate, [])
+        timings.append(timing)
+        last_of_stage = (
+            step + 1 >= self.total_steps or omission_rate_at(self.config, step + 1, self.total_steps) != rate
+        )
+        if len(timings) < TIMED_STEPS and not last_of_stage:
+            return None
+        return self._judge(rate, self._pending.pop(rate))
+
+    # ---- verdicts --------------------------------------------------------------------------------------------
+
+    def _judge(self, rate: float, timings: list[Timing]) -> Verdict:
+        dense = min(self.dense_timings, key=lambda t: t.per_position)
+        best = min(timings, key=lambda t: t.per_position)
+        positions = max(1, dense.positions)
+        verdict = Verdict(
+            rate=rate,
+            stage=stage_at(self.config, timings[0].step, self.total_steps).name,
+            steps=tuple(t.step for t in timings),
+            seconds=best.per_position * positions,
+            dense_seconds=dense.per_position * positions,
+            positions=dense.positions,
+            faster=best.per_position < dense.per_position,
+        )
+        self.verdicts.append(verdict)
+        self._judged.add(rate)
+        if verdict.faster:
+            logger.info(f"SAT: {verdict.stage} (r={rate:.3g}) stays sparse: {verdict.describe()}.")
+        else:
+            self.crossover_rate = max(self.crossover_rate, rate)
+            logger.warning(
+                f"SAT: {verdict.stage} (r={rate:.3g}) was {verdict.describe()}; steps at rates <= "
+                f"{self.crossover_rate:.3g} run dense from step {timings[-1].step + 1} on (`dense_when_slower=False` "
+                "follows the schedule instead)."
+            )
+        return verdict
+
+    def _count_dense_stage(self, step: int, rate: float) -> None:
+        name = stage_at(self.config, step, self.total_steps).name
+        if not self.dense_stages or self.dense_stages[-1].stage != name:
+            self.dense_stages.append(DenseStage(name, rate, step))
+        self.dense_stages[-1].steps += 1
+
+    # ---- reports ---------------------------------------------------------------------------------------------
+
+    def describe(self) -> str:
+        """One line: the probes, each verdict, and the stages that ran dense, e.g. ``"rung 3 of 3 (r=0.167) ran dense
+        from step 13: not faster than dense (3.89 s vs 3.62 s per step of 512 token positions)"``."""
+        parts = [f"dense probe steps {self.probe_steps}"] if self.probe_steps else []
+        verdicts = {verdict.stage: verdict for verdict in self.verdicts}
+        for verdict in self.verdicts:
+            if verdict.faster:
+                parts.append(f"{verdict.stage} (r={verdict.rate:.3g}) ran sparse: {verdict.describe()}")
+            elif not any(stage.stage == verdict.stage for stage in self.dense_stages):
+                parts.append(f"{verdict.stage} (r={verdict.rate:.3g}) was {verdict.describe()}")
+        for stage in self.dense_stages:
+            own = verdicts.get(stage.stage)
+            why = (
+                own.describe()
+                if own is not None and not own.faster
+                else f"at or below the crossover rate {self.crossover_rate:.3g}"
+            )
+            parts.append(f"{stage.stage} (r={stage.rate:.3g}) ran dense from step {stage.first_step}: {why}")
+        return "; ".join(parts) if parts else "nothing timed yet"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The measurements and decisions, JSON-ready (e.g. for a recipe's ``metrics.json``)."""
+        dense = min(self.dense_timings, key=lambda t: t.per_position) if self.dense_timings else None
+        return {
+            "dense_when_slower": True,
+            "crossover_rate": self.crossover_rate,
+            "dense_fallback_steps": self.dense_fallback_steps,
+            "probe_steps": list(self.probe_steps),
+            "dense_reference": None if dense is None else asdict(dense),
+            "dense_steps_timed": [t.step for t in self.dense_timings],
+            "verdicts": [{**asdict(verdict), "steps": list(verdict.steps)} for verdict in self.verdicts],
+            "stages_run_dense": [asdict(stage) for stage in self.dense_stages],
+            "summary": self.describe(),
+        }

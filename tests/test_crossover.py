@@ -1,0 +1,272 @@
+"""The crossover check (``SATConfig.dense_when_slower``, ``peft_sat.crossover``) with injected step times: a rate
+whose steps are not faster than dense steps runs dense from then on, with every lower rate, and a faster one stays
+sparse; the logs, the log line, the FLOPs estimate and a resumed run say so; ranks reach the same verdicts."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+import pytest
+import torch
+from sat_testing import SAT_KEYS, lm_dataset, tiny_llama, train_logs, training_args
+from transformers import Trainer
+
+from peft_sat import SATCallback, SATConfig, omission_rate_at
+from peft_sat.crossover import TIMED_STEPS, CrossoverCheck, max_over_ranks
+
+STEPS = 16  # the default ladder at r = 0.5: steps 0-7 at 0.5, 8-10 at 1/3, 11-13 at 1/6, 14-15 dense
+# Seconds per step by rate: 0.5 and 1/3 beat dense, 1/6 does not (its fixed costs outweigh what it saves).
+SECONDS = {0.0: 1.0, 0.5: 0.6, 0.333: 0.8, 0.167: 1.2}
+# What runs: step 0 as scheduled (never timed), steps 1-2 dense probes, 0.5 and 1/3 judged faster on their first two
+# steps, 1/6 judged slower on steps 11-12, so step 13 runs dense.
+EXPECTED = [0.5, 0.0, 0.0] + [0.5] * 5 + [1 / 3] * 3 + [1 / 6] * 2 + [0.0] * 3
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matmuls run faster on one thread (the Trainer tests here are about the schedule, not the speed)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class FakeClock:
+    """Time passes only when a step runs: ``run(rate)`` adds the step time of ``rate`` (``seconds``)."""
+
+    def __init__(self, seconds: dict[float, float] | Callable[[float], float] = SECONDS) -> None:
+        self.seconds = seconds if callable(seconds) else (lambda rate: seconds[round(rate, 3)])
+        self.now = 0.0
+        self.reads = 0
+
+    def __call__(self) -> float:
+        self.reads += 1
+        return self.now
+
+    def run(self, rate: float) -> None:
+        self.now += self.seconds(rate)
+
+
+def drive(check: CrossoverCheck, clock: FakeClock, positions: Callable[[float], int] = lambda rate: 32) -> list[float]:
+    """Run every step of ``check``'s run from its first step; the rates that ran."""
+    rates = []
+    for step in range(check.first_step, check.total_steps):
+        rate = check.begin_step(step)
+        clock.run(rate)
+        check.end_step(positions(rate))
+        rates.append(rate)
+    return rates
+
+
+def crossover_trainer(output_dir, clock: FakeClock, **arg_overrides) -> tuple[Trainer, SATCallback]:
+    """A Trainer whose SATCallback reads ``clock``; each model forward advances it by its rate's step time."""
+    model = tiny_llama()
+    callback = SATCallback(SATConfig(omission_rate=0.5, importance="uniform"), clock=clock)
+    model.register_forward_hook(lambda module, args, output: clock.run(callback.current_rate()))
+    args = training_args(output_dir, max_steps=STEPS, **arg_overrides)
+    return Trainer(model=model, args=args, train_dataset=lm_dataset(), callbacks=[callback]), callback
+
+
+# ---- in a Trainer ------------------------------------------------------------------------------------------------
+
+
+def test_rung_below_the_crossover_runs_dense_and_the_logs_say_so(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="peft_sat")
+    clock = FakeClock()
+    trainer, callback = crossover_trainer(tmp_path, clock)
+    trainer.train()
+
+    logs = train_logs(trainer.state.log_history)
+    ran = [entry["sat/omission_rate"] for entry in logs]
+    assert ran == pytest.approx(EXPECTED)
+    scheduled = [omission_rate_at(callback.sat_state.config, step, STEPS) for step in range(STEPS)]
+    assert ran != pytest.approx(scheduled)  # the check changed what ran
+    assert [entry["sat/crossover_rate"] for entry in logs] == pytest.approx([0.0] * 12 + [1 / 6] * 4)
+    assert logs[-1]["sat/crossover_dense_steps"] == 3  # two probes and the last step of the 1/6 rung
+
+    # FLOPs: a step run dense saved nothing
+    saved = sum(callback.flops.saved_fraction(rate) for rate in ran)
+    assert logs[-1]["sat/dense_steps_saved"] == pytest.approx(saved)
+    assert logs[-1]["sat/flops_saved_fraction"] == pytest.approx(saved / STEPS)
+    assert saved < sum(callback.flops.saved_fraction(rate) for rate in scheduled)
+
+    report = callback.crossover
+    assert report["crossover_rate"] == pytest.approx(1 / 6) and report["probe_steps"] == [1, 2]
+    assert report["dense_reference"] == {"step": 1, "seconds": 1.0, "positions": 32}  # batch 2 x 16 tokens
+    assert [(v["stage"], v["steps"], v["faster"]) for v in report["verdicts"]] == [
+        ("full-rate stage", [3, 4], True),
+        ("rung 1 of 3", [8, 9], True),
+        ("rung 2 of 3", [11, 12], False),
+    ]
+    assert report["stages_run_dense"] == [
+        {"stage": "rung 2 of 3", "rate": pytest.approx(1 / 6), "first_step": 13, "steps": 1}
+    ]
+    # Both log lines: the decision when it is taken, the summary at the end of training.
+    decision = "rung 2 of 3 (r=0.167) was not faster than dense (1.2 s vs 1 s per step of 32 token positions)"
+    summary = "rung 2 of 3 (r=0.167) ran dense from step 13: not faster than dense (1.2 s vs 1 s per step of 32"
+    assert any(decision in record.message and record.levelno == logging.WARNING for record in caplog.records)
+    assert any(summary in record.message for record in caplog.records)
+
+
+def test_resume_keeps_the_crossover_and_the_flops_count(tmp_path):
+    full, _ = crossover_trainer(tmp_path / "run", FakeClock(), save_strategy="steps", save_steps=13)
+    full.train()
+    reference = train_logs(full.state.log_history)
+
+    # Resumed after the verdict on 1/6: step 13 is the first step of the new process (never timed), and runs dense
+    # because the crossover comes back from the checkpoint's log history.
+    resumed, callback = crossover_trainer(tmp_path / "resumed", FakeClock())
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-13"))
+    continued = train_logs(resumed.state.log_history)[-3:]
+
+    assert [entry["step"] for entry in continued] == [14, 15, 16]
+    for mine, theirs in zip(continued, reference[13:]):
+        assert {key: mine[key] for key in SAT_KEYS} == pytest.approx({key: theirs[key] for key in SAT_KEYS})
+    assert continued[0]["sat/omission_rate"] == 0.0 and callback.crossover["probe_steps"] == []
+
+
+def test_switched_off_follows_the_schedule_and_reads_no_clock(tmp_path):
+    clock = FakeClock()
+    model = tiny_llama()
+    callback = SATCallback(SATConfig(omission_rate=0.5, importance="uniform", dense_when_slower=False), clock=clock)
+    args = training_args(tmp_path, max_steps=STEPS)
+    trainer = Trainer(model=model, args=args, train_dataset=lm_dataset(), callbacks=[callback])
+    trainer.train()
+    logs = train_logs(trainer.state.log_history)
+    config = callback.sat_state.config
+    assert [entry["sat/omission_rate"] for entry in logs] == [omission_rate_at(config, s, STEPS) for s in range(STEPS)]
+    assert clock.reads == 0 and callback.crossover == {"dense_when_slower": False}
+    assert all(entry["sat/crossover_rate"] == 0.0 and entry["sat/crossover_dense_steps"] == 0 for entry in logs)
+
+
+# ---- the check on its own ------------------------------------------------------------------------------------------
+
+
+def test_faster_everywhere_costs_only_the_probes():
+    config = SATConfig(omission_rate=0.5)
+    clock = FakeClock({0.0: 1.0, 0.5: 0.5, 0.333: 0.6, 0.167: 0.9})
+    check = CrossoverCheck(config, STEPS, first_step=0, clock=clock)
+    rates = drive(check, clock)
+    assert rates == pytest.approx([0.5, 0.0, 0.0] + [omission_rate_at(config, s, STEPS) for s in range(3, STEPS)])
+    assert check.crossover_rate == 0.0 and check.dense_fallback_steps == TIMED_STEPS
+    assert all(verdict.faster for verdict in check.verdicts) and len(check.verdicts) == 3
+
+
+def test_a_dense_warmup_is_the_reference_and_a_slow_full_rate_runs_everything_dense():
+    # 16 steps: warm-up 0-3 (steps 1-2 timed: no probe), 0.5 on 4-11, rungs 1/3 on 12-13, 1/6 on 14, 0 on 15
+    config = SATConfig(omission_rate=0.5, warmup_ratio=0.25)
+    clock = FakeClock({0.0: 1.0, 0.5: 1.1, 0.333: 0.5, 0.167: 0.5})
+    check = CrossoverCheck(config, STEPS, first_step=0, clock=clock)
+    rates = drive(check, clock)
+    # 0.5 is judged slower on steps 4-5; every lower rate then runs dense, unmeasured
+    assert rates == [0.0] * 4 + [0.5, 0.5] + [0.0] * 10
+    assert check.probe_steps == [] and check.crossover_rate == 0.5 and len(check.verdicts) == 1
+    assert [(stage.stage, stage.first_step, stage.steps) for stage in check.dense_stages] == [
+        ("full-rate stage", 6, 6),
+        ("rung 1 of 3", 12, 2),
+        ("rung 2 of 3", 14, 1),
+    ]
+    assert check.dense_fallback_steps == 9
+    summary = check.describe()
+    assert "full-rate stage (r=0.5) ran dense from step 6: not faster than dense (1.1 s vs 1 s" in summary
+    assert "rung 2 of 3 (r=0.167) ran dense from step 14: at or below the crossover rate 0.5" in summary
+
+
+def test_linear_decay_judges_each_step_and_turns_dense_at_the_crossover():
+    config = SATConfig(omission_rate=0.5, schedule="linear")
+    clock = FakeClock(lambda rate: 1.0 if rate == 0 else 1.3 - rate)  # faster than dense above r = 0.3
+    check = CrossoverCheck(config, 12, first_step=0, clock=clock)
+    rates = drive(check, clock)
+    scheduled = [omission_rate_at(config, step, 12) for step in range(12)]
+    first_slow = next(step for step in range(3, 12) if scheduled[step] <= 0.3)  # 0.5 * 6 / 11 = 0.27 at step 5
+    assert rates == pytest.approx([scheduled[0], 0.0, 0.0, *scheduled[3 : first_slow + 1]] + [0.0] * (11 - first_slow))
+    assert check.crossover_rate == pytest.approx(scheduled[first_slow])
+    assert [verdict.steps for verdict in check.verdicts] == [(step,) for step in range(3, first_slow + 1)]
+
+
+def test_times_compare_per_token_position():
+    """Short dense probe batches, long sparse ones: slower per step, faster per token position."""
+    clock = FakeClock({0.0: 1.0, 0.5: 1.5, 0.333: 1.5, 0.167: 1.5})
+    check = CrossoverCheck(SATConfig(omission_rate=0.5), STEPS, first_step=0, clock=clock)
+    drive(check, clock, positions=lambda rate: 32 if rate == 0 else 64)
+    assert check.verdicts and all(verdict.faster for verdict in check.verdicts)
+    assert check.verdicts[0].seconds == pytest.approx(0.75) and check.verdicts[0].positions == 32
+
+
+def test_a_resumed_process_never_times_its_first_step_and_keeps_a_known_crossover():
+    config = SATConfig(omission_rate=0.5)
+    clock = FakeClock()
+    check = CrossoverCheck(config, STEPS, first_step=11, clock=clock, crossover_rate=1 / 6, dense_fallback_steps=2)
+    assert drive(check, clock) == [0.0] * 5
+    assert check.dense_fallback_steps == 5 and check.verdicts == []
+
+
+# ---- ranks -------------------------------------------------------------------------------------------------------
+
+
+class FakeAllReduce:
+    """``max_over_ranks`` for ranks played by threads: each rank's call blocks until every rank has made it, so a
+    timing that only one rank reduces fails the test (the barrier times out) instead of hanging a real job."""
+
+    def __init__(self, world_size: int) -> None:
+        self.barrier = threading.Barrier(world_size, timeout=20)
+        self.values: list[list[float]] = [[] for _ in range(world_size)]
+
+    def rank(self, rank: int) -> Callable[[list[float]], list[float]]:
+        def reduce(values: list[float]) -> list[float]:
+            self.values[rank] = values
+            self.barrier.wait()
+            result = [max(column) for column in zip(*self.values)]
+            self.barrier.wait()  # every rank has read before any writes the next step's values
+            return result
+
+        return reduce
+
+
+def test_ranks_with_different_timings_run_the_same_rates():
+    # Rank 0 finds 1/3 faster than dense, rank 1 (slower at low rates, e.g. longer batches) does not.
+    timings = [{0.0: 1.0, 0.5: 0.6, 0.333: 0.8, 0.167: 0.9}, {0.0: 1.0, 0.5: 0.7, 0.333: 1.1, 0.167: 1.2}]
+    config = SATConfig(omission_rate=0.5)
+
+    def run_ranks(reduce_for: Callable[[int], Callable[[list[float]], list[float]]]) -> list[list[float]]:
+        results: list[list[float]] = [[], []]
+        errors: list[BaseException] = []
+
+        def rank(index: int) -> None:
+            try:
+                clock = FakeClock(timings[index])
+                check = CrossoverCheck(config, STEPS, first_step=0, clock=clock, reduce=reduce_for(index))
+                results[index] = drive(check, clock)
+            except BaseException as error:  # surfaced below: a thread's exception would pass silently
+                errors.append(error)
+
+        threads = [threading.Thread(target=rank, args=(index,)) for index in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not errors, errors
+        return results
+
+    alone = run_ranks(lambda index: lambda values: values)
+    assert alone[0] != alone[1], "without the reduction the ranks would disagree (the test would prove nothing)"
+    fake = FakeAllReduce(2)
+    reduced = run_ranks(fake.rank)
+    assert reduced[0] == reduced[1] == alone[1]  # the slowest rank decides
+
+
+def test_max_over_ranks_is_the_identity_on_one_process(tmp_path):
+    assert max_over_ranks([1.5, 32.0]) == [1.5, 32.0]  # no process group
+    distributed = torch.distributed
+    distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1)
+    try:
+        assert max_over_ranks([1.5, 32.0]) == [1.5, 32.0]  # a real all-reduce over one rank
+    finally:
+        distributed.destroy_process_group()
+
+
+def test_dense_when_slower_must_be_a_bool():
+    with pytest.raises(ValueError, match=r"`dense_when_slower` must be True or False, got 'yes'"):
+        SATConfig(dense_when_slower="yes")
