@@ -17,8 +17,8 @@ dense tokens, a share f, run everything, the others a share 1 - f)::
     weight_grad        dense      dense         sliced          1 - f
 
 With ``context_tokens="forward_only"`` a split batch's context tokens run every unit forward and no backward: the
-MLP and the query / output projections save their whole backward on the share 1 - f, key / value projections
-their input gradient (their weights still learn from the dense tokens' attention).
+MLP, the query / output projections and the LM head save their whole backward on the share 1 - f, key / value
+projections their input gradient (their weights still learn from the dense tokens' attention).
 
 Not counted: embeddings (a gather), norms, activations, 4-bit dequantization, the optimizer, the importance scores.
 ``training_flops`` also counts the attention core (Q K^T and A V, causal: T / 2 keys per query on average, backward
@@ -34,6 +34,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from .blocks import SATBlockMixin, block_kind
+from .blocks.lm_head import SATLMHeadMixin
 from .model import adapter_module_ids
 from .selection import num_kept
 from .state import SATState
@@ -285,6 +286,8 @@ class SATFlopsEstimator:
                 cut = (cut[0], cut[1] + kv[1], cut[2])
             self.blocks.append((module.sat_num_units, scaled, cut, getattr(module, "sat_omits_units", True)))
         self.num_units = sum(units for units, _, _, omits in self.blocks if omits)
+        heads = [m for m in model.modules() if isinstance(m, SATLMHeadMixin) and m.sat_state is sat_state]
+        self.head_backward = sum(sum(costs.get(id(h), (0.0, 0.0, 0.0))[1:]) for h in heads)
 
     def kept_fraction(self, rate: float) -> float:
         """Kept units / all units of the SAT blocks at omission rate ``rate`` (1.0 without blocks)."""
@@ -306,8 +309,8 @@ class SATFlopsEstimator:
         if rate <= 0 or not self.dense_cost:
             return 0.0
         if context_forward_only and dense_fraction > 0:
-            saved = sum((cut[1] + cut[2]) * (1.0 - dense_fraction) for _, _, cut, _ in self.blocks)
-            return saved / self.dense_cost
+            saved = sum(cut[1] + cut[2] for _, _, cut, _ in self.blocks) + self.head_backward
+            return saved * (1.0 - dense_fraction) / self.dense_cost
         sliced = SlicedShare.of(sparse_pass, dense_fraction)
         shares = (sliced.forward, sliced.input_grad, sliced.weight_grad)
         saved = sum(

@@ -28,6 +28,7 @@ from .blocks import (
     unsliceable_reason,
     unsupported_block_error,
 )
+from .blocks.lm_head import convert_lm_head
 from .config import SATConfig
 from .sliced import _is_bnb_4bit
 from .state import SATState
@@ -101,6 +102,7 @@ class SATModel(BaseTuner):
         if not self._sat_blocks:
             raise ValueError(f"`target_modules` {config.target_modules!r} matched no block that `omit` selects.")
         _log_sparse_layers(self.sat_state, self._sat_matching)
+        _convert_lm_head_if_cut(model, config, self.sat_state)
         _warn_if_attention_keeps_everything(self._sat_blocks, config)
         self.sat_state.register_zero3_parameters(model)  # already partitioned (deepspeed.zero.Init)
         self.sat_switch = SATSwitch(self.sat_state, adapter_name)  # for PeftModel.disable_adapter()
@@ -177,6 +179,7 @@ def apply_sat(model: nn.Module, config: SATConfig | Mapping[str, Any]) -> nn.Mod
     if not blocks:
         raise ValueError(f"`target_modules` {config.target_modules!r} matched no block that `omit` selects.")
     _log_sparse_layers(state, matching)
+    _convert_lm_head_if_cut(base, config, state)
     _warn_if_attention_keeps_everything(blocks, config)
     state.register_zero3_parameters(base)  # already partitioned (deepspeed.zero.Init, or after deepspeed.initialize)
     if config.train_base is not None:
@@ -256,6 +259,16 @@ def layer_matching_config(config: SATConfig, model: nn.Module) -> SATConfig:
     matching.layers_to_transform = sparse
     matching.dense_layers = None
     return matching
+
+
+def _convert_lm_head_if_cut(model: nn.Module, config: SATConfig, state: SATState) -> None:
+    """With context tokens training forward only, their logits need no graph either (``blocks/lm_head.py``)."""
+    if config.context_tokens != "forward_only" or config.dense_tokens == "none":
+        return
+    heads = [m.get_output_embeddings() for m in model.modules() if isinstance(m, PreTrainedModel)]
+    head = next((h for h in heads if isinstance(h, nn.Linear)), None)
+    if head is not None:
+        convert_lm_head(head, state)
 
 
 def _log_sparse_layers(state: SATState, matching: SATConfig) -> None:

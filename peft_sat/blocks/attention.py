@@ -23,7 +23,7 @@ from torch import nn
 from .. import importance
 from ..sliced import base_weight, linear_cols, linear_rows, linear_rows_fused, project_base
 from ..sliced_backward import linear_cols_kept_grad, linear_rows_kept_grad, weight_grad_forward
-from .base import SATBlockMixin, omitted_units
+from .base import SATBlockMixin, omitted_units, rows_split
 
 
 @dataclass(frozen=True)
@@ -79,9 +79,7 @@ class SATAttentionMixin(SATBlockMixin):
         if rows is not None and config.context_tokens == "forward_only":
             # Context tokens feed the keys and values with their values only: no gradient reaches their residual
             # stream, so below this layer they need no backward at all (their MLP rows run without a graph).
-            flat = hidden_states.reshape(-1, hidden_states.shape[-1])
-            cut = flat.detach().index_copy(0, rows, flat.index_select(0, rows)).view_as(hidden_states)
-            return super().forward(cut, **dense)
+            return self._sat_context_cut(hidden_states, rows, position_embeddings, attention_mask, kwargs)
         if not self.sat_omits_units:  # converted only to cut the gradient of context tokens
             return super().forward(hidden_states, **dense)
         # A sparse forward never touches a KV cache (forwards given one run dense, see `sat_is_sparse`): sliced keys
@@ -113,12 +111,34 @@ class SATAttentionMixin(SATBlockMixin):
         """Attention of the heads in ``sel`` for every query, through the o-projection at ``rows`` (flat token
         positions; None: every token). ``kept_grad``: every head runs in forward (the module's own computation, op
         for op) and the backward runs through the heads of ``sel`` only."""
-        input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, self.head_dim)
         if dense_forward is not None:
             qkv = self._sat_qkv_dense(hidden_states, sel, self._sat_dense_projection(dense_forward, by_rows=True))
         else:
             qkv = self._sat_qkv(hidden_states, sel)
+        kv_for_q = sel.kv_for_q if dense_forward is None else None
+        attn_output, attn_weights = self._sat_core(qkv, kv_for_q, position_embeddings, attention_mask, kwargs)
+        if dense_forward is not None:
+            project = self._sat_dense_projection(dense_forward, by_rows=False)
+            return project(self.o_proj, attn_output, sel.q_rows), attn_weights
+        if rows is not None:
+            attn_output = attn_output.reshape(-1, attn_output.shape[-1]).index_select(0, rows)  # (n, kq * d)
+        return linear_cols(self.o_proj, attn_output, sel.q_rows, add_bias=add_bias), attn_weights
+
+    # -- layout-specific parts ---------------------------------------------------------------------------------
+
+    def _sat_qkv(self, x: torch.Tensor, sel: HeadSelection) -> tuple[torch.Tensor, ...]:
+        """Flat (B, T, heads * d) query, key and value of the kept heads."""
+        # one matmul for the three when they are plain nn.Linear (or LoRA over one): they read the same input
+        projections, rows = (self.q_proj, self.k_proj, self.v_proj), (sel.q_rows, sel.kv_rows, sel.kv_rows)
+        return tuple(linear_rows_fused(projections, x, rows))
+
+    def _sat_core(
+        self, qkv: tuple[torch.Tensor, ...], kv_for_q, position_embeddings, attention_mask, kwargs: dict
+    ) -> tuple[torch.Tensor, Any]:
+        """The module's attention on flat (B, T, heads * d) query, key and value: per-head norms, rotary embedding,
+        the attention kernel; returns (B, T, heads * d) and the kernel's weights."""
+        input_shape = qkv[0].shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
         query, key, value = (t.view(hidden_shape) for t in qkv)  # (B, T, heads, d)
         if hasattr(self, "q_norm"):  # per-head RMSNorm over head_dim (Qwen3, Gemma3): slicing heads is exact
             query, key = self.q_norm(query), self.k_norm(key)
@@ -128,8 +148,8 @@ class SATAttentionMixin(SATBlockMixin):
         query, key = self._sat_apply_rotary(query, key, cos, sin)
 
         module: Any = self
-        if sel.kv_for_q is not None and dense_forward is None:
-            key, value = key[:, sel.kv_for_q], value[:, sel.kv_for_q]  # (B, kq, T, d): one KV per query head
+        if kv_for_q is not None:
+            key, value = key[:, kv_for_q], value[:, kv_for_q]  # (B, kq, T, d): one KV per query head
             module = _GroupsOverride(self)
 
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -148,21 +168,25 @@ class SATAttentionMixin(SATBlockMixin):
             sliding_window=getattr(self, "sliding_window", getattr(self.config, "sliding_window", None)),
             **kwargs,
         )
-        attn_output = attn_output.reshape(*input_shape, -1).contiguous()  # (B, T, heads * d)
-        if dense_forward is not None:
-            project = self._sat_dense_projection(dense_forward, by_rows=False)
-            return project(self.o_proj, attn_output, sel.q_rows), attn_weights
-        if rows is not None:
-            attn_output = attn_output.reshape(-1, attn_output.shape[-1]).index_select(0, rows)  # (n, kq * d)
-        return linear_cols(self.o_proj, attn_output, sel.q_rows, add_bias=add_bias), attn_weights
+        return attn_output.reshape(*input_shape, -1).contiguous(), attn_weights  # (B, T, heads * d)
 
-    # -- layout-specific parts ---------------------------------------------------------------------------------
+    def _sat_context_cut(self, hidden_states, rows, position_embeddings, attention_mask, kwargs) -> tuple:
+        """``context_tokens="forward_only"``: every head, forward; the context rows give keys and values whose
+        projections train, and take no gradient themselves (no query or output graph, no input gradient)."""
+        flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+        context = omitted_units(rows, flat.shape[0])
+        cut = flat.detach().index_copy(0, rows, flat.index_select(0, rows))  # keys / values: weights train only
+        qkv = self._sat_cut_qkv(flat, cut, rows, context)
+        shape = hidden_states.shape[:-1]
+        attn_output, attn_weights = self._sat_core(
+            tuple(t.view(*shape, -1) for t in qkv), None, position_embeddings, attention_mask, kwargs
+        )
+        output = rows_split(self.o_proj, attn_output.reshape(-1, attn_output.shape[-1]), rows, context)
+        return output.view(*shape, -1), attn_weights
 
-    def _sat_qkv(self, x: torch.Tensor, sel: HeadSelection) -> tuple[torch.Tensor, ...]:
-        """Flat (B, T, heads * d) query, key and value of the kept heads."""
-        # one matmul for the three when they are plain nn.Linear (or LoRA over one): they read the same input
-        projections, rows = (self.q_proj, self.k_proj, self.v_proj), (sel.q_rows, sel.kv_rows, sel.kv_rows)
-        return tuple(linear_rows_fused(projections, x, rows))
+    def _sat_cut_qkv(self, flat, cut, rows, context) -> tuple[torch.Tensor, ...]:
+        """Flat (N, heads * d) query (a graph on the dense rows only), key and value (of the cut input)."""
+        return rows_split(self.q_proj, flat, rows, context), self.k_proj(cut), self.v_proj(cut)
 
     @staticmethod
     def _sat_dense_projection(sparse_pass: str, by_rows: bool) -> Callable:
@@ -254,6 +278,11 @@ class SATFusedAttentionMixin(SATAttentionMixin):
         rows = torch.cat([sel.q_rows, q_size + sel.kv_rows, q_size + kv_size + sel.kv_rows])
         kept_kv = sel.kv_rows.numel()
         return linear_rows(self.qkv_proj, x, rows).split([sel.q_rows.numel(), kept_kv, kept_kv], dim=-1)
+
+    def _sat_cut_qkv(self, flat, cut, rows, context) -> tuple[torch.Tensor, ...]:
+        num_heads, num_kv_heads, head_dim = self._sat_shape
+        q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+        return self.qkv_proj(cut).split([q_size, kv_size, kv_size], dim=-1)  # one projection: one input
 
     def _sat_qkv_dense(self, x: torch.Tensor, sel: HeadSelection, project: Callable) -> tuple[torch.Tensor, ...]:
         num_heads, num_kv_heads, head_dim = self._sat_shape

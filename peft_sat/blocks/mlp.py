@@ -20,7 +20,7 @@ import torch
 from .. import importance
 from ..sliced import base_layer, base_weight, linear_cols, linear_rows, linear_rows_fused, project_base
 from ..sliced_backward import cols_output, rows_forward, weight_grad_forward
-from .base import SATBlockMixin, omitted_units
+from .base import SATBlockMixin, assemble_rows, omitted_units, rows_split
 
 
 @dataclass(frozen=True)
@@ -44,17 +44,13 @@ class SATMLPMixin(SATBlockMixin):
         # A split batch: the dense tokens run the whole block, the others as `context_tokens` says.
         flat = x.reshape(-1, x.shape[-1])
         context = omitted_units(rows, flat.shape[0])  # positions outside the dense rows (padding included)
+        if forward_only:  # nothing needs their gradient: the attention blocks cut it
+            return rows_split(super().forward, flat, rows, context).view_as(x)
         dense_y = super().forward(flat.index_select(0, rows))
-        context_x = flat.index_select(0, context)
-        if forward_only:
-            with torch.no_grad():  # nothing below needs their gradient: the attention blocks cut it
-                context_y = super().forward(context_x)
-        else:
-            token_mask = self.sat_state.token_mask
-            context_mask = token_mask.reshape(-1).index_select(0, context) if token_mask is not None else None
-            context_y = self._sat_sparse_tokens(context_x, context_mask)
-        out = dense_y.new_empty(flat.shape[0], dense_y.shape[-1])
-        return out.index_copy(0, rows, dense_y).index_copy(0, context, context_y.to(dense_y.dtype)).view_as(x)
+        token_mask = self.sat_state.token_mask
+        context_mask = token_mask.reshape(-1).index_select(0, context) if token_mask is not None else None
+        context_y = self._sat_sparse_tokens(flat.index_select(0, context), context_mask)
+        return assemble_rows(flat.shape[0], rows, dense_y, context, context_y).view_as(x)
 
     def _sat_sparse_tokens(self, x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
         """The sub-network step of ``sparse_pass`` on the tokens of ``x`` (``token_mask``: their real tokens)."""
