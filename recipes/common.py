@@ -9,6 +9,7 @@ it once, or twice with ``--compare_dense true``: SAT, then the dense baseline fr
 from __future__ import annotations
 
 import copy
+import gc
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,12 +31,19 @@ DENSE_ARM_DIR = "dense"  # the dense baseline's output folder inside `output_dir
 
 @dataclass
 class Arm:
-    """One training run of a recipe: its trainer and what it measured."""
+    """One training run of a recipe and what it measured; its trainer, model and optimizer are already released."""
 
     sat_config: SATConfig | None  # None: dense training
-    trainer: Any
     recorder: RunRecorder
     train_loss: float
+    log_history: list[dict[str, Any]]
+    global_step: int
+    max_steps: int
+    output_dir: str
+    train_examples: int
+    eval_examples: int
+    launch: dict[str, Any]  # distributed_type, num_processes, zero_stage
+    is_main_process: bool
 
     @property
     def label(self) -> str:
@@ -108,6 +116,9 @@ def train_arm(
     Raises:
         RecipeError: TRL's preprocessing left the training or held-out split empty.
     """
+    gc.collect()  # a previous arm's model and optimizer (the A/B) must not stay in memory next to this one's
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     args = copy.copy(training_args)
     args.eval_on_start = True
     set_seed(args.seed)
@@ -127,7 +138,30 @@ def train_arm(
     if final_eval_point(recorder, trainer.state.global_step) is None:
         trainer.evaluate()  # `eval_strategy: no`: the held-out loss after training (eval mode: SAT blocks run dense)
     trainer.save_model(args.output_dir)
-    return Arm(sat_config=sat_config, trainer=trainer, recorder=recorder, train_loss=output.training_loss)
+    state = trainer.accelerator.state
+    arm = Arm(
+        sat_config=sat_config,
+        recorder=recorder,
+        train_loss=output.training_loss,
+        log_history=trainer.state.log_history,
+        global_step=trainer.state.global_step,
+        max_steps=trainer.state.max_steps,
+        output_dir=str(args.output_dir),
+        train_examples=len(trainer.train_dataset),
+        eval_examples=len(trainer.eval_dataset),
+        launch={
+            "distributed_type": str(getattr(state.distributed_type, "value", state.distributed_type)),
+            "num_processes": state.num_processes,
+            "zero_stage": state.deepspeed_plugin.zero_stage if trainer.is_deepspeed_enabled else None,
+        },
+        is_main_process=trainer.is_world_process_zero(),
+    )
+    return arm  # the trainer, with the model and optimizer, is unreachable from here on
+
+
+def end_run() -> None:
+    """Destroy the process group of a multi-process run, once, after every arm (what ``Trainer.end()`` does)."""
+    PartialState().destroy_process_group()
 
 
 def dense_arm_args(training_args: Any) -> Any:

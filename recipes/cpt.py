@@ -86,7 +86,7 @@ def main(script_args: Any, training_args: Any, model_args: Any, sat_args: Any) -
     dataset = script_args.dataset_name or BUILTIN_DATA
     metrics = report.run_metrics(RECIPE, dataset, "blocks", model_args, arm, dense, wall_start)
     report.write_report(metrics, arm, dense)
-    arm.trainer.end()  # finish trackers, destroy the process group (multi-process runs): once, after every arm
+    common.end_run()
     return metrics
 
 

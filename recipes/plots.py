@@ -87,8 +87,7 @@ def _train_losses(ax: Any, arm: Arm, dense: Arm | None) -> None:
 
 
 def _logged_losses(arm: Arm) -> list[tuple[int, float]]:
-    history = arm.trainer.state.log_history
-    return [(entry["step"], entry["loss"]) for entry in history if "loss" in entry and "step" in entry]
+    return [(entry["step"], entry["loss"]) for entry in arm.log_history if "loss" in entry and "step" in entry]
 
 
 def _curve(ax: Any, points: list[dict[str, float]], x_key: str, color: str, label: str, style: str) -> None:

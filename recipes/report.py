@@ -117,8 +117,8 @@ def compare_arms(sat: Arm, dense: Arm, flops_saved_estimate: float | None) -> di
     dense_final = dense.eval_loss_after
     reached = seconds_to_reach(sat_curve, dense_final)
     return {
-        "dense_output_dir": str(dense.trainer.args.output_dir),
-        "steps": {"sat": sat.trainer.state.global_step, "dense": dense.trainer.state.global_step},
+        "dense_output_dir": dense.output_dir,
+        "steps": {"sat": sat.global_step, "dense": dense.global_step},
         "train_seconds": {"sat": sat_seconds, "dense": dense_seconds},
         "wall_time_saved_s": saved,
         "wall_time_saved_fraction": saved_fraction,
@@ -139,7 +139,7 @@ def compare_arms(sat: Arm, dense: Arm, flops_saved_estimate: float | None) -> di
         "eval_curve": {"sat": sat_curve, "dense": dense_curve},
         "dense_step_time_s": dense_time_saved(dense.recorder.steps)["step_time_dense_s"],
         "dense_train_loss": dense.train_loss,
-        "dense_log_history": dense.trainer.state.log_history,
+        "dense_log_history": dense.log_history,
     }
 
 
@@ -157,10 +157,7 @@ def run_metrics(
     wall_start: float,
 ) -> dict[str, Any]:
     """Everything ``metrics.json`` holds about a run (and its dense arm with ``--compare_dense``)."""
-    trainer = arm.trainer
-    history = trainer.state.log_history
-    last = {key: value for entry in history for key, value in entry.items()}  # latest value of every logged key
-    state = trainer.accelerator.state
+    last = {key: value for entry in arm.log_history for key, value in entry.items()}  # latest value of every key
     tokens = int(last.get("num_tokens", 0))
     runtime = arm.recorder.train_seconds
     kind = variant(model_args)
@@ -174,16 +171,14 @@ def run_metrics(
         "sat": sat,
         "model": model_args.model_name_or_path,
         "dataset": dataset,
-        "output_dir": str(trainer.args.output_dir),
+        "output_dir": arm.output_dir,
         "saved": "LoRA adapter" if model_args.use_peft else "model",
         "unit": unit,
-        "train_examples": len(trainer.train_dataset),
-        "eval_examples": len(trainer.eval_dataset),
-        "distributed_type": str(getattr(state.distributed_type, "value", state.distributed_type)),
-        "num_processes": state.num_processes,
-        "zero_stage": state.deepspeed_plugin.zero_stage if trainer.is_deepspeed_enabled else None,
-        "max_steps": trainer.state.max_steps,
-        "global_step": trainer.state.global_step,
+        "train_examples": arm.train_examples,
+        "eval_examples": arm.eval_examples,
+        **arm.launch,
+        "max_steps": arm.max_steps,
+        "global_step": arm.global_step,
         "eval_loss_before": arm.eval_loss_before,
         "eval_loss_after": arm.eval_loss_after,
         "eval_curve": arm.recorder.eval_curve,
@@ -194,19 +189,19 @@ def run_metrics(
         "tokens_per_s": tokens / runtime if runtime else None,
         "omission_rate_final": last.get("sat/omission_rate", 0.0),
         "flops_saved_fraction_estimate": flops,
-        "schedule": describe_schedule(arm.sat_config, trainer.state.max_steps) if sat else "dense",
+        "schedule": describe_schedule(arm.sat_config, arm.max_steps) if sat else "dense",
         "sat_config": arm.sat_config.to_dict() if sat else None,
         **measured,
         "measured_to_estimated_saving": _ratio(measured["dense_time_saved_fraction"], flops),
         "compare_dense": compare_arms(arm, dense, flops) if dense is not None else None,
         "steps": arm.recorder.steps,
-        "log_history": history,
+        "log_history": arm.log_history,
     }
 
 
 def write_report(metrics: dict[str, Any], arm: Arm, dense: Arm | None) -> None:
     """On the main process: ``metrics.json``, then the plot (last: a failure there only warns), then the summary."""
-    if not arm.trainer.is_world_process_zero():
+    if not arm.is_main_process:
         return
     output_dir = Path(metrics["output_dir"])
     output_dir.mkdir(parents=True, exist_ok=True)

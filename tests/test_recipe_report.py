@@ -11,6 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `recipes` is a folder of scripts, not installed
 
+from peft_sat import SATConfig  # noqa: E402
 from recipes import plots  # noqa: E402
 from recipes.common import Arm  # noqa: E402
 from recipes.measure import RunRecorder  # noqa: E402
@@ -32,11 +33,19 @@ DENSE_CURVE = [
 def fake_arm(curve: list[dict], steps: list[dict], log_history: list[dict], sat: bool, output_dir: str) -> Arm:
     recorder = RunRecorder()
     recorder.eval_curve, recorder.steps, recorder.train_seconds = curve, steps, curve[-1]["train_seconds"]
-    trainer = SimpleNamespace(
-        args=SimpleNamespace(output_dir=output_dir),
-        state=SimpleNamespace(global_step=curve[-1]["step"], log_history=log_history),
+    return Arm(
+        sat_config=SATConfig() if sat else None,
+        recorder=recorder,
+        train_loss=1.0,
+        log_history=log_history,
+        global_step=curve[-1]["step"],
+        max_steps=curve[-1]["step"],
+        output_dir=output_dir,
+        train_examples=8,
+        eval_examples=2,
+        launch={},
+        is_main_process=True,
     )
-    return Arm(sat_config=object() if sat else None, trainer=trainer, recorder=recorder, train_loss=1.0)
 
 
 def test_dense_time_saved_is_measured_from_dense_steps():
@@ -96,3 +105,28 @@ def test_plot_tells_sparse_steps_from_dense_steps(tmp_path):
     assert {"SAT: held-out loss (dense eval)", "dense arm: held-out loss"} <= time_panel_labels
     path = plots.plot_curves(tmp_path, sat, dense, title="test")
     assert path.stat().st_size > 1000
+
+
+def test_training_clock_leaves_out_evaluation(monkeypatch):
+    from recipes import measure
+
+    clock = iter([0.0, 1.0, 3.0, 13.0, 14.0])  # train begin, step 1 begin / end, step 2 begin / end
+    monkeypatch.setattr(measure.time, "perf_counter", lambda: next(clock))
+    recorder, state = RunRecorder(), SimpleNamespace(global_step=0)
+    recorder.on_train_begin(None, state, None)
+    recorder.on_evaluate(None, state, None, metrics={"eval_loss": 2.0, "eval_runtime": 0.5})  # eval_on_start
+    for step in (1, 2):
+        recorder.on_step_begin(None, state, None)
+        state.global_step = step
+        recorder.on_step_end(None, state, None)
+        if step == 1:  # an evaluation of 9.5 s between the two steps
+            recorder.on_evaluate(None, state, None, metrics={"eval_loss": 1.9, "eval_runtime": 9.5})
+    recorder.on_train_end(None, state, None)
+    recorder.on_evaluate(None, state, None, metrics={"eval_loss": 1.8, "eval_runtime": 7.0})  # after `train()`
+    assert [s["seconds"] for s in recorder.steps] == [2.0, 1.0]
+    assert recorder.train_seconds == 14.0 - 0.5 - 9.5
+    assert recorder.eval_curve == [
+        {"step": 0, "train_seconds": 0.0, "eval_loss": 2.0},
+        {"step": 1, "train_seconds": 2.5, "eval_loss": 1.9},
+        {"step": 2, "train_seconds": 4.0, "eval_loss": 1.8},
+    ]
