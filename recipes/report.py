@@ -137,9 +137,32 @@ def compare_arms(sat: Arm, dense: Arm, flops_saved_estimate: float | None) -> di
             (dense_seconds - reached) / dense_seconds if reached is not None and dense_seconds > 0 else None
         ),
         "eval_curve": {"sat": sat_curve, "dense": dense_curve},
+        **paired_step_times(sat.recorder.steps, dense.recorder.steps),
         "dense_step_time_s": dense_time_saved(dense.recorder.steps)["step_time_dense_s"],
         "dense_train_loss": dense.train_loss,
         "dense_log_history": dense.log_history,
+    }
+
+
+def paired_step_times(sat_steps: list[dict[str, float]], dense_steps: list[dict[str, float]]) -> dict[str, Any]:
+    """SAT's step times against dense's on the same batches (the A/B's arms see the same data order).
+
+    Pairing step ``s`` of both arms cancels what differs from batch to batch (SFT batches are padded to their
+    longest example, so step times vary with the data). The first step of each arm is left out (warm-up).
+
+    Returns:
+        ``step_time_saved_fraction``: ``1 - sum(SAT step seconds) / sum(dense step seconds)``, and
+        ``step_time_ratio_by_rate``: the median of SAT's / dense's step time per omission rate (below 1: faster).
+    """
+    dense_seconds = {record["step"]: record["seconds"] for record in dense_steps[1:]}
+    pairs = [(record, dense_seconds[record["step"]]) for record in sat_steps[1:] if record["step"] in dense_seconds]
+    by_rate: dict[float, list[float]] = {}
+    for record, dense_time in pairs:
+        by_rate.setdefault(record["omission_rate"], []).append(record["seconds"] / dense_time)
+    total_dense = sum(dense_time for _, dense_time in pairs)
+    return {
+        "step_time_saved_fraction": 1 - sum(r["seconds"] for r, _ in pairs) / total_dense if total_dense else None,
+        "step_time_ratio_by_rate": {str(rate): statistics.median(ratios) for rate, ratios in sorted(by_rate.items())},
     }
 
 
@@ -272,6 +295,8 @@ def _format_comparison(c: dict[str, Any]) -> list[str]:
         f"     training wall time: SAT {seconds['sat']:.1f} s | dense {seconds['dense']:.1f} s: {saved_text}; "
         f"FLOPs estimate {_percent(c['flops_saved_fraction_estimate'])}, measured / estimate "
         f"{_num(c['measured_to_estimated_saving'], '.2f')}",
+        f"     step time on the same batches: {_percent(c['step_time_saved_fraction'])} saved; SAT / dense per rate: "
+        + ", ".join(f"r={float(rate):.3g}: {ratio:.2f}" for rate, ratio in c["step_time_ratio_by_rate"].items()),
     ]
 
 

@@ -15,7 +15,7 @@ from peft_sat import SATConfig  # noqa: E402
 from recipes import plots  # noqa: E402
 from recipes.common import Arm  # noqa: E402
 from recipes.measure import RunRecorder  # noqa: E402
-from recipes.report import compare_arms, dense_time_saved, loss_at, seconds_to_reach  # noqa: E402
+from recipes.report import compare_arms, dense_time_saved, loss_at, paired_step_times, seconds_to_reach  # noqa: E402
 
 # Held-out loss against training wall time: SAT is faster per step, dense learns more per step.
 SAT_CURVE = [
@@ -85,6 +85,18 @@ def test_compare_arms_at_equal_steps_and_equal_wall_time():
     swapped = compare_arms(dense, sat, flops_saved_estimate=0.5)
     assert swapped["eval_loss_at_equal_wall_time"] == {"train_seconds": 60.0, "sat": pytest.approx(1.66), "dense": 1.6}
     assert swapped["wall_time_saved_s"] == -40.0 and swapped["sat_seconds_to_dense_final_loss"] == pytest.approx(75.0)
+
+
+def test_paired_step_times_compare_the_same_batches():
+    sat = [
+        {"step": s + 1, "omission_rate": r, "seconds": t} for s, (r, t) in enumerate([(0.5, 9), (0.5, 1), (0.0, 3)])
+    ]
+    dense = [{"step": s + 1, "omission_rate": 0.0, "seconds": t} for s, t in enumerate([9, 2, 3])]
+    result = paired_step_times(sat, dense)  # the first step (warm-up) is left out
+    assert result == {
+        "step_time_saved_fraction": pytest.approx(1 - 4 / 5),
+        "step_time_ratio_by_rate": {"0.0": 1.0, "0.5": 0.5},
+    }
 
 
 def test_plot_tells_sparse_steps_from_dense_steps(tmp_path):
