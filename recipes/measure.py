@@ -20,8 +20,9 @@ from peft_sat import get_sat_state
 class RunRecorder(TrainerCallback):
     """Per-step wall times and rates (``steps``) and the held-out loss of every evaluation (``eval_curve``).
 
-    ``steps``: ``{"step", "seconds", "omission_rate"}`` per optimizer step, ``seconds`` from ``on_step_begin`` to
-    ``on_step_end`` (forward, backward, optimizer; not data loading or logging).
+    ``steps``: ``{"step", "seconds", "omission_rate", "tokens"}`` per optimizer step, ``seconds`` from
+    ``on_step_begin`` to ``on_step_end`` (forward, backward, optimizer; not data loading or logging), ``tokens`` the
+    token positions its training forwards ran, padding included (what the compute scales with).
     ``eval_curve``: ``{"step", "train_seconds", "eval_loss"}`` per evaluation, ``train_seconds`` the training clock at
     the end of the latest optimizer step (0 before the first).
     ``train_seconds``: the training clock at the end of the latest optimizer step.
@@ -34,13 +35,23 @@ class RunRecorder(TrainerCallback):
         self._train_start: float | None = None
         self._step_start: float | None = None
         self._eval_seconds = 0.0  # evaluation time inside `train()`, taken off the training clock
+        self._step_tokens = 0
+        self._hook: Any = None
 
-    def on_train_begin(self, args, state, control, **kwargs) -> None:
+    def on_train_begin(self, args, state, control, model=None, **kwargs) -> None:
+        if model is not None and self._hook is None:
+            self._hook = model.register_forward_pre_hook(self._count_tokens, with_kwargs=True)
         _synchronize()
         self._train_start = time.perf_counter()
         self._eval_seconds = 0.0
 
+    def _count_tokens(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if module.training and isinstance(ids, torch.Tensor):
+            self._step_tokens += ids.numel()
+
     def on_step_begin(self, args, state, control, **kwargs) -> None:
+        self._step_tokens = 0
         _synchronize()
         self._step_start = time.perf_counter()
 
@@ -50,12 +61,17 @@ class RunRecorder(TrainerCallback):
         sat_state = get_sat_state(model) if model is not None else None
         rate = sat_state.omission_rate if sat_state is not None and sat_state.enabled else 0.0
         seconds = now - self._step_start if self._step_start is not None else float("nan")
-        self.steps.append({"step": state.global_step, "seconds": seconds, "omission_rate": rate})
+        self.steps.append(
+            {"step": state.global_step, "seconds": seconds, "omission_rate": rate, "tokens": self._step_tokens}
+        )
         if self._train_start is not None:
             self.train_seconds = now - self._train_start - self._eval_seconds
 
     def on_train_end(self, args, state, control, **kwargs) -> None:
         self._train_start = None  # evaluations after `train()` are not inside the training clock
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
 
     def on_evaluate(self, args, state, control, metrics: dict[str, float] | None = None, **kwargs) -> None:
         if not metrics or "eval_loss" not in metrics:

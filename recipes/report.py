@@ -6,6 +6,11 @@ dense step time and ``t_r`` the median step time at each omission rate ``r > 0``
 
     saved = sum over sparse rates r of  n_r * (t_dense - t_r)
 
+Step times are compared per token: each step's seconds are scaled to the run's mean batch size in token positions
+(padding included), because SFT batches are padded to their longest example, so the few dense steps at the end of
+the ladder may hold shorter or longer batches than the sparse steps they are compared with. Packed blocks (cpt.py)
+all have the same size, which leaves their times unchanged.
+
 The first step of a run is left out of the medians (one-time allocation and warm-up costs). A run with fewer
 than two timed dense steps (e.g. ``sat_schedule=constant``) reports no measured saving, only the callback's FLOPs
 estimate; the dense baseline (``--use_sat false``) reports its own step time for comparison.
@@ -30,6 +35,9 @@ from . import plots
 from .common import Arm
 
 METRICS_FILE = "metrics.json"
+# Step times of the same dense computation on a quiet machine differ by a few percent; beyond this, the machine's
+# load changed between the two arms of the A/B.
+STEADY_TOLERANCE = 0.15
 VARIANT_LABELS = {"full": "full-parameter", "lora": "LoRA", "qlora": "QLoRA (4-bit base)"}
 
 
@@ -40,6 +48,7 @@ def variant(model_args: Any) -> str:
 
 def dense_time_saved(records: list[dict[str, float]]) -> dict[str, Any]:
     """The measured dense time saved by the sparse steps of ``records`` (see the module docstring)."""
+    records = per_mean_batch(records)
     timed = records[1:]  # the first step carries one-time costs
     by_rate: dict[float, list[float]] = {}
     for record in timed:
@@ -74,9 +83,17 @@ def dense_time_saved(records: list[dict[str, float]]) -> dict[str, Any]:
     result["dense_time_saved_s"] = saved
     result["dense_time_saved_fraction"] = saved / (total_steps_time + saved) if total_steps_time + saved > 0 else None
     result["dense_time_note"] = (
-        f"measured: median of {len(dense)} dense steps of this run vs each sparse rate's median"
+        f"measured: median of {len(dense)} dense steps of this run vs each sparse rate's median, per token"
     )
     return result
+
+
+def per_mean_batch(records: list[dict[str, float]]) -> list[dict[str, float]]:
+    """``records`` with each step's seconds scaled to the mean ``tokens`` per step (unchanged without token counts)."""
+    if not records or any(not record.get("tokens") for record in records):
+        return records
+    mean_tokens = sum(record["tokens"] for record in records) / len(records)
+    return [{**record, "seconds": record["seconds"] * mean_tokens / record["tokens"]} for record in records]
 
 
 def loss_at(curve: list[dict[str, float]], seconds: float) -> float:
@@ -116,6 +133,7 @@ def compare_arms(sat: Arm, dense: Arm, flops_saved_estimate: float | None) -> di
     saved_fraction = saved / dense_seconds if dense_seconds > 0 else None
     dense_final = dense.eval_loss_after
     reached = seconds_to_reach(sat_curve, dense_final)
+    paired = paired_step_times(sat.recorder.steps, dense.recorder.steps)
     return {
         "dense_output_dir": dense.output_dir,
         "steps": {"sat": sat.global_step, "dense": dense.global_step},
@@ -137,7 +155,8 @@ def compare_arms(sat: Arm, dense: Arm, flops_saved_estimate: float | None) -> di
             (dense_seconds - reached) / dense_seconds if reached is not None and dense_seconds > 0 else None
         ),
         "eval_curve": {"sat": sat_curve, "dense": dense_curve},
-        **paired_step_times(sat.recorder.steps, dense.recorder.steps),
+        **paired,
+        "steady_machine": steady_machine(paired["step_time_ratio_by_rate"]),
         "dense_step_time_s": dense_time_saved(dense.recorder.steps)["step_time_dense_s"],
         "dense_train_loss": dense.train_loss,
         "dense_log_history": dense.log_history,
@@ -164,6 +183,17 @@ def paired_step_times(sat_steps: list[dict[str, float]], dense_steps: list[dict[
         "step_time_saved_fraction": 1 - sum(r["seconds"] for r, _ in pairs) / total_dense if total_dense else None,
         "step_time_ratio_by_rate": {str(rate): statistics.median(ratios) for rate, ratios in sorted(by_rate.items())},
     }
+
+
+def steady_machine(step_time_ratio_by_rate: dict[str, float], tolerance: float = STEADY_TOLERANCE) -> bool | None:
+    """Whether the machine ran both arms of the A/B at the same speed; None when it cannot be told.
+
+    The SAT arm's dense steps (rate 0, the ladder's last rung) run the same computation on the same batches as the
+    dense arm's steps of the same number; their time ratio is 1 on a steady machine. Another job starting or ending
+    between the arms moves it, and with it every wall-time number of the A/B.
+    """
+    ratio = step_time_ratio_by_rate.get(str(0.0))
+    return None if ratio is None else abs(ratio - 1.0) <= tolerance
 
 
 def _ratio(measured: float | None, estimated: float | None) -> float | None:
@@ -207,6 +237,8 @@ def run_metrics(
         "eval_curve": arm.recorder.eval_curve,
         "train_loss": arm.train_loss,
         "train_runtime_s": runtime,  # training wall time, held-out evaluations excluded
+        # what the training clock spent outside the timed steps: data loading, logging, callbacks between steps
+        "time_between_steps_s": runtime - sum(record["seconds"] for record in arm.recorder.steps),
         "wall_time_s": time.perf_counter() - wall_start,
         "train_tokens": tokens,
         "tokens_per_s": tokens / runtime if runtime else None,
@@ -279,6 +311,16 @@ def _format_comparison(c: dict[str, Any]) -> list[str]:
     equal_steps, equal_time = c["eval_loss_at_equal_steps"], c["eval_loss_at_equal_wall_time"]
     reached = c["sat_seconds_to_dense_final_loss"]
     saved = c["wall_time_saved_s"]
+    dense_rung = c["step_time_ratio_by_rate"].get(str(0.0))
+    if c["steady_machine"] is None:
+        steadiness = "     (no dense steps in the SAT arm to check that the machine ran both arms at the same speed)"
+    elif c["steady_machine"]:
+        steadiness = f"     machine speed steady across the arms: the same dense steps took {dense_rung:.2f}x in both"
+    else:
+        steadiness = (
+            f"     WARNING: the same dense steps took {dense_rung:.2f}x as long in the SAT arm as in the dense arm: the "
+            "machine's load changed between the arms, so the wall-time numbers above are not comparable"
+        )
     saved_text = (
         f"{saved:.1f} s saved ({_percent(c['wall_time_saved_fraction'])})"
         if saved >= 0
@@ -297,6 +339,7 @@ def _format_comparison(c: dict[str, Any]) -> list[str]:
         f"{_num(c['measured_to_estimated_saving'], '.2f')}",
         f"     step time on the same batches: {_percent(c['step_time_saved_fraction'])} saved; SAT / dense per rate: "
         + ", ".join(f"r={float(rate):.3g}: {ratio:.2f}" for rate, ratio in c["step_time_ratio_by_rate"].items()),
+        steadiness,
     ]
 
 

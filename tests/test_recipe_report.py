@@ -15,7 +15,14 @@ from peft_sat import SATConfig  # noqa: E402
 from recipes import plots  # noqa: E402
 from recipes.common import Arm  # noqa: E402
 from recipes.measure import RunRecorder  # noqa: E402
-from recipes.report import compare_arms, dense_time_saved, loss_at, paired_step_times, seconds_to_reach  # noqa: E402
+from recipes.report import (  # noqa: E402
+    compare_arms,
+    dense_time_saved,
+    loss_at,
+    paired_step_times,
+    seconds_to_reach,
+    steady_machine,
+)
 
 # Held-out loss against training wall time: SAT is faster per step, dense learns more per step.
 SAT_CURVE = [
@@ -60,6 +67,15 @@ def test_dense_time_saved_is_measured_from_dense_steps():
     assert no_dense["dense_time_saved_s"] is None and "not measured" in no_dense["dense_time_note"]
 
 
+def test_dense_time_saved_compares_steps_per_token():
+    # The sparse steps ran batches twice as long as the dense rung's: per token they were not faster.
+    shapes = [(0.5, 2.0, 200), (0.5, 2.0, 200), (0.5, 2.0, 200), (0.0, 1.0, 100), (0.0, 1.0, 100), (0.0, 1.0, 100)]
+    records = [{"step": s + 1, "omission_rate": r, "seconds": t, "tokens": n} for s, (r, t, n) in enumerate(shapes)]
+    assert dense_time_saved(records)["dense_time_saved_s"] == pytest.approx(0.0)
+    records[1]["seconds"] = records[2]["seconds"] = 1.0  # now half the time per token
+    assert dense_time_saved(records)["dense_time_saved_s"] == pytest.approx(3 * 0.75)
+
+
 def test_loss_at_interpolates_between_evaluations_and_clamps_outside():
     assert loss_at(DENSE_CURVE, 25.0) == pytest.approx(1.85)
     assert loss_at(DENSE_CURVE, 60.0) == pytest.approx(1.66)
@@ -97,6 +113,12 @@ def test_paired_step_times_compare_the_same_batches():
         "step_time_saved_fraction": pytest.approx(1 - 4 / 5),
         "step_time_ratio_by_rate": {"0.0": 1.0, "0.5": 0.5},
     }
+
+
+def test_steady_machine_from_the_dense_steps_of_both_arms():
+    assert steady_machine({"0.5": 0.6, "0.0": 1.05}) is True
+    assert steady_machine({"0.5": 0.6, "0.0": 0.7}) is False  # the dense arm ran on a busier machine
+    assert steady_machine({"0.5": 0.6}) is None  # no dense rung (constant schedule): cannot tell
 
 
 def test_plot_tells_sparse_steps_from_dense_steps(tmp_path):

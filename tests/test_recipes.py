@@ -253,6 +253,7 @@ def test_sft_end_to_end(variant, tiny_model_dir, chat_file, tmp_path):
     curve = metrics["eval_curve"]  # held-out loss at the start, every `eval_steps` and at the end, clock excluded
     assert [p["step"] for p in curve] == [0, 3, 6] and curve[0]["train_seconds"] == 0.0
     assert 0 < curve[1]["train_seconds"] < curve[2]["train_seconds"] == metrics["train_runtime_s"]
+    assert 0 <= metrics["time_between_steps_s"] < metrics["train_runtime_s"]
     assert metrics["compare_dense"] is None
 
 
@@ -262,6 +263,7 @@ def test_cpt_end_to_end_full(tiny_model_dir, text_file, tmp_path):
     assert (tmp_path / "model.safetensors").is_file() and (tmp_path / PLOT_FILE).is_file()
     assert _logged_rates(metrics)[-1] == 0.0
     assert metrics["train_tokens"] == 6 * 2 * 16  # full packed blocks, no padding
+    assert [record["tokens"] for record in metrics["steps"]] == [2 * 16] * 6  # token positions each step ran
     assert metrics["eval_loss_after"] < metrics["eval_loss_before"]  # lr 1e-3 on repeated text: it learns
 
 
@@ -301,7 +303,7 @@ def test_compare_dense_trains_both_arms_on_the_same_batches(tiny_model_dir, chat
     }
     assert compare["eval_loss_at_equal_wall_time"]["train_seconds"] == pytest.approx(min(sat_seconds, dense_seconds))
     assert [p["step"] for p in compare["eval_curve"]["dense"]] == [0, 3, 6]
-    assert {"measured_to_estimated_saving", "sat_seconds_to_dense_final_loss"} <= set(compare)
+    assert {"measured_to_estimated_saving", "sat_seconds_to_dense_final_loss", "steady_machine"} <= set(compare)
     assert all("sat/omission_rate" not in entry for entry in compare["dense_log_history"])  # the dense arm is dense
 
 
