@@ -35,11 +35,14 @@ quality: $(STAMP)
 	$(PY) -m ruff check peft_sat tests benchmarks recipes
 	$(PY) -m ruff format --check peft_sat tests benchmarks recipes
 
+# Extra recipe arguments, e.g. `make sft ARGS="--compare_dense true"` (SAT, then dense from the same start: the A/B).
+ARGS ?=
+
 sft: $(STAMP)
-	$(VENV)/bin/accelerate launch recipes/sft.py
+	$(VENV)/bin/accelerate launch recipes/sft.py $(ARGS)
 
 cpt: $(STAMP)
-	$(VENV)/bin/accelerate launch recipes/cpt.py
+	$(VENV)/bin/accelerate launch recipes/cpt.py $(ARGS)
 
 # dense vs SAT tokens/s: SmolLM2 and a Llama-2-7B-shaped layer x full / LoRA / QLoRA x r (about 8 min on 2 CPU cores)
 speed: $(STAMP)

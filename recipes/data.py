@@ -147,14 +147,17 @@ def _fitting_prefix(messages: list[dict[str, str]], budget: int | None) -> list[
     return messages[:end] if end else None
 
 
-def check_sft_columns(data: Dataset | DatasetDict, text_field: str) -> str | None:
-    """A problem message when the dataset has no column layout that ``SFTTrainer`` understands, else None."""
+def check_sft_columns(data: Dataset | DatasetDict, name: str, text_field: str) -> None:
+    """Raise ``ValueError`` when the dataset has no column layout that ``SFTTrainer`` understands."""
     columns = columns_of(data)
     if {"messages", "conversations", text_field, "input_ids"} & set(columns) or {"prompt", "completion"} <= set(
         columns
     ):
-        return None
-    return f"The dataset has columns {columns}; sft.py expects {SFT_FORMATS}. Rename a column or set `dataset_text_field`."
+        return
+    raise ValueError(
+        f"`dataset_name` {name!r}: the dataset has columns {columns}; sft.py expects {SFT_FORMATS}. Rename a column "
+        "or set `dataset_text_field`."
+    )
 
 
 def is_conversational(data: Dataset) -> bool:
@@ -172,11 +175,14 @@ def cpt_builtin() -> Dataset:
     return Dataset.from_dict({"text": [assets.python_reference_text()]})
 
 
-def check_cpt_columns(data: Dataset | DatasetDict, text_field: str) -> str | None:
+def check_cpt_columns(data: Dataset | DatasetDict, name: str, text_field: str) -> None:
+    """Raise ``ValueError`` when the dataset has no text column ``text_field``."""
     columns = columns_of(data)
-    if text_field in columns:
-        return None
-    return f"The dataset has columns {columns}; cpt.py trains on raw text in the column `dataset_text_field`={text_field!r}. Set `dataset_text_field`."
+    if text_field not in columns:
+        raise ValueError(
+            f"`dataset_name` {name!r}: the dataset has columns {columns}; cpt.py trains on raw text in the column "
+            f"`dataset_text_field`={text_field!r}. Set `dataset_text_field`."
+        )
 
 
 def pack_blocks(data: Dataset, tokenizer: Any, text_field: str, block_size: int) -> Dataset:

@@ -19,9 +19,10 @@ sys.path.insert(0, str(ROOT))  # `recipes` is a folder of scripts at the reposit
 from peft_sat import SATConfig  # noqa: E402
 from recipes import cpt, sft  # noqa: E402
 from recipes.arguments import SAT_PREFIX, SATArguments  # noqa: E402
-from recipes.common import RecipeError  # noqa: E402
 from recipes.data import _fitting_prefix, pack_blocks, split_train_eval  # noqa: E402
-from recipes.report import METRICS_FILE, PLOT_FILE, dense_time_saved  # noqa: E402
+from recipes.plots import PLOT_FILE  # noqa: E402
+from recipes.preflight import RecipeError  # noqa: E402
+from recipes.report import METRICS_FILE  # noqa: E402
 
 RECIPES = {"sft": sft, "cpt": cpt}
 RECIPE_YAMLS = sorted((ROOT / "recipes").glob("*/config_*.yaml"))
@@ -66,6 +67,14 @@ def test_recipe_yaml_parses_with_known_keys(path):
     assert model_args.load_in_4bit == path.stem.endswith("qlora")
     assert model_args.use_peft == (path.stem != "config_full")
     assert isinstance(sat_args.to_sat_config(), SATConfig)
+
+
+@pytest.mark.parametrize("recipe, name", [("sft", "config_lora.yaml"), ("cpt", "config_full.yaml")])
+def test_default_yaml_is_what_runs_without_arguments(recipe, name):
+    # The YAML leaves SAT fields to SATConfig's defaults, so that a new default reaches both ways of running.
+    for plain, from_yaml in zip(parse(recipe), parse(recipe, "--config", str(ROOT / "recipes" / recipe / name))):
+        names = [f.name for f in dataclasses.fields(plain)]
+        assert {name for name in names if getattr(plain, name) != getattr(from_yaml, name)} <= {"output_dir"}
 
 
 @pytest.mark.parametrize("path", ACCELERATE_YAMLS, ids=lambda p: p.name)
@@ -132,18 +141,6 @@ def test_pack_blocks_and_held_out_tail(tiny_model_dir):
     assert held_out["input_ids"] == blocks["input_ids"][-3:] and len(train) == 9
 
 
-def test_dense_time_saved_is_measured_from_dense_steps():
-    records = [
-        {"step": s + 1, "omission_rate": r, "seconds": t}
-        for s, (r, t) in enumerate([(0.5, 9.0), (0.5, 1.0), (0.5, 1.0), (0.25, 1.5), (0.0, 2.0), (0.0, 2.0)])
-    ]
-    result = dense_time_saved(records)
-    assert result["step_time_dense_s"] == 2.0
-    assert result["dense_time_saved_s"] == pytest.approx(3 * (2.0 - 1.0) + (2.0 - 1.5))
-    no_dense = dense_time_saved([{**r, "omission_rate": 0.5} for r in records])
-    assert no_dense["dense_time_saved_s"] is None and "not measured" in no_dense["dense_time_note"]
-
-
 # ---- end to end on a tiny model --------------------------------------------------------------------------------
 
 
@@ -162,6 +159,9 @@ EXPECTED_KEYS = {
     "flops_saved_fraction_estimate",
     "schedule",
     "steps",
+    "eval_curve",
+    "measured_to_estimated_saving",
+    "compare_dense",
 }
 
 
@@ -179,14 +179,25 @@ def test_sft_end_to_end(variant, tiny_model_dir, chat_file, tmp_path):
     assert rates[0] == 0.5 and rates[-1] == 0.0 and rates == sorted(rates, reverse=True)  # the ladder, down to dense
     assert [r["omission_rate"] for r in metrics["steps"]] == TINY_RECIPE_LADDER
     assert all(v == v for v in (metrics["eval_loss_before"], metrics["eval_loss_after"]))  # not NaN
+    curve = metrics["eval_curve"]  # held-out loss at the start, every `eval_steps` and at the end, clock excluded
+    assert [p["step"] for p in curve] == [0, 3, 6] and curve[0]["train_seconds"] == 0.0
+    assert 0 < curve[1]["train_seconds"] < curve[2]["train_seconds"] == metrics["train_runtime_s"]
+    assert 0 <= metrics["time_between_steps_s"] < metrics["train_runtime_s"]
+    assert metrics["compare_dense"] is None
+    assert saved["crossover"] == {"dense_when_slower": False}  # TINY_RECIPE_ARGS switch the crossover check off
 
 
 def test_cpt_end_to_end_full(tiny_model_dir, text_file, tmp_path):
-    metrics = cpt.main(*tiny_args("cpt", tiny_model_dir, text_file, tmp_path, "--sat_ladder_rungs", "1"))
+    metrics = cpt.main(
+        *tiny_args("cpt", tiny_model_dir, text_file, tmp_path, "--sat_ladder_rungs", "1", "--sat_dense_when_slower", "true")
+    )
     assert metrics["variant"] == "full" and metrics["unit"] == "blocks" and metrics["eval_examples"] == 4
+    crossover = metrics["crossover"]  # what SATCallback.crossover measured: dense probes, verdicts, dense rungs
+    assert crossover["dense_when_slower"] and crossover["probe_steps"] and crossover["summary"]
     assert (tmp_path / "model.safetensors").is_file() and (tmp_path / PLOT_FILE).is_file()
     assert _logged_rates(metrics)[-1] == 0.0
     assert metrics["train_tokens"] == 6 * 2 * 16  # full packed blocks, no padding
+    assert [record["tokens"] for record in metrics["steps"]] == [2 * 16] * 6  # token positions each step ran
     assert metrics["eval_loss_after"] < metrics["eval_loss_before"]  # lr 1e-3 on repeated text: it learns
 
 
@@ -195,6 +206,74 @@ def test_dense_baseline(tiny_model_dir, text_file, tmp_path):
     assert not metrics["sat"] and metrics["schedule"] == "dense"
     assert all("sat/omission_rate" not in entry for entry in metrics["log_history"])
     assert metrics["step_time_dense_s"] is not None
+
+
+def test_compare_dense_trains_both_arms_on_the_same_batches(tiny_model_dir, chat_file, tmp_path, monkeypatch):
+    from trl import SFTTrainer
+
+    batches: dict[str, list] = {}  # output_dir -> input ids of every training micro-batch, in order
+    training_step = SFTTrainer.training_step
+
+    def recording_step(self, model, inputs, *args, **kwargs):
+        batches.setdefault(self.args.output_dir, []).append(inputs["input_ids"].tolist())
+        return training_step(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(SFTTrainer, "training_step", recording_step)
+    metrics = sft.main(*tiny_args("sft", tiny_model_dir, chat_file, tmp_path, "--compare_dense", "true"))
+
+    dense_dir = tmp_path / "dense"
+    assert list(batches) == [str(tmp_path), str(dense_dir)] and len(batches[str(tmp_path)]) == 6
+    assert batches[str(tmp_path)] == batches[str(dense_dir)]  # same data order in both arms
+    assert (dense_dir / "adapter_model.safetensors").is_file() and (tmp_path / PLOT_FILE).is_file()
+    compare = json.loads((tmp_path / METRICS_FILE).read_text())["compare_dense"]
+    assert compare["steps"] == {"sat": 6, "dense": 6}
+    # LoRA starts from B = 0 with the same seed: both arms evaluate the same model at step 0.
+    assert compare["eval_loss_before"]["sat"] == pytest.approx(compare["eval_loss_before"]["dense"])
+    sat_seconds, dense_seconds = compare["train_seconds"]["sat"], compare["train_seconds"]["dense"]
+    assert compare["wall_time_saved_s"] == pytest.approx(dense_seconds - sat_seconds)
+    assert compare["eval_loss_at_equal_steps"] == {
+        "sat": metrics["eval_loss_after"],
+        "dense": compare["dense_final_eval_loss"],
+    }
+    assert compare["eval_loss_at_equal_wall_time"]["train_seconds"] == pytest.approx(min(sat_seconds, dense_seconds))
+    assert [p["step"] for p in compare["eval_curve"]["dense"]] == [0, 3, 6]
+    assert {"measured_to_estimated_saving", "sat_seconds_to_dense_final_loss", "steady_machine"} <= set(compare)
+    assert all("sat/omission_rate" not in entry for entry in compare["dense_log_history"])  # the dense arm is dense
+
+
+def test_plot_failure_still_writes_metrics_and_summary(tiny_model_dir, text_file, tmp_path, monkeypatch, capsys):
+    from recipes import plots
+
+    def broken_plot(*args, **kwargs):
+        raise RuntimeError("no fonts")
+
+    monkeypatch.setattr(plots, "plot_curves", broken_plot)
+    with pytest.warns(UserWarning, match="plot could not be written: RuntimeError: no fonts"):
+        cpt.main(*tiny_args("cpt", tiny_model_dir, text_file, tmp_path))
+    assert json.loads((tmp_path / METRICS_FILE).read_text())["global_step"] == 6
+    printed = capsys.readouterr().out
+    assert "== recipes/cpt.py" in printed and "plot: NOT written (RuntimeError: no fonts)" in printed
+    assert not (tmp_path / PLOT_FILE).exists()
+
+
+def test_missing_optional_packages_fail_before_training(tiny_model_dir, text_file, tmp_path, monkeypatch):
+    import importlib.util
+
+    from recipes import preflight
+
+    find_spec = importlib.util.find_spec
+    missing = {"matplotlib", "bitsandbytes"}
+    monkeypatch.setattr(
+        preflight.importlib.util, "find_spec", lambda name, *a: None if name in missing else find_spec(name, *a)
+    )
+    args = tiny_args(
+        "cpt", tiny_model_dir, text_file, tmp_path / "out", "--load_in_4bit", "true", "--use_peft", "true"
+    )
+    with pytest.raises(RecipeError) as info:
+        cpt.main(*args)
+    assert "2 problem(s)" in str(info.value)
+    assert "`pip install matplotlib`" in str(info.value) and "`pip install bitsandbytes`" in str(info.value)
+    assert not (tmp_path / "out").exists()  # nothing trained, nothing written
 
 
 # ---- bad input: one error listing every problem, before any training -------------------------------------------
@@ -228,9 +307,12 @@ def test_unknown_dataset_and_missing_text_column(tiny_model_dir, chat_file, tmp_
         cpt.main(*tiny_args("cpt", tiny_model_dir, chat_file, tmp_path))  # chat data has no text column
 
 
-def test_qlora_needs_peft_and_cpt_needs_a_block_size(tiny_model_dir, text_file, tmp_path):
+def test_argument_combinations_that_cannot_work(tiny_model_dir, text_file, tmp_path):
     args = tiny_args("cpt", tiny_model_dir, text_file, tmp_path, "--load_in_4bit", "true", "--use_peft", "false")
     with pytest.raises(RecipeError, match="use_peft: true"):
+        cpt.main(*args)
+    args = tiny_args("cpt", tiny_model_dir, text_file, tmp_path, "--compare_dense", "true", "--use_sat", "false")
+    with pytest.raises(RecipeError, match="`compare_dense` compares SAT with dense training"):
         cpt.main(*args)
 
 

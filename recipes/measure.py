@@ -1,0 +1,93 @@
+"""What a recipe measures while it trains: every optimizer step's wall time and omission rate, the training clock
+without evaluation, and the held-out loss of every evaluation against step and training wall time.
+
+The training clock starts at ``on_train_begin`` (after the model, optimizer and data loader are built, the same work
+for both arms of an A/B) and stops at the end of the last optimizer step; the time of every evaluation inside
+``train()`` (``eval_runtime``) is taken out, so periodic held-out evaluations never count as training time.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from peft_sat import get_sat_state
+
+
+class RunRecorder(TrainerCallback):
+    """Per-step wall times and rates (``steps``) and the held-out loss of every evaluation (``eval_curve``).
+
+    ``steps``: ``{"step", "seconds", "omission_rate", "tokens"}`` per optimizer step, ``seconds`` from
+    ``on_step_begin`` to ``on_step_end`` (forward, backward, optimizer; not data loading or logging), ``tokens`` the
+    token positions its training forwards ran, padding included (what the compute scales with).
+    ``eval_curve``: ``{"step", "train_seconds", "eval_loss"}`` per evaluation, ``train_seconds`` the training clock at
+    the end of the latest optimizer step (0 before the first).
+    ``train_seconds``: the training clock at the end of the latest optimizer step.
+    """
+
+    def __init__(self) -> None:
+        self.steps: list[dict[str, float]] = []
+        self.eval_curve: list[dict[str, float]] = []
+        self.train_seconds = 0.0
+        self._train_start: float | None = None
+        self._step_start: float | None = None
+        self._eval_seconds = 0.0  # evaluation time inside `train()`, taken off the training clock
+        self._step_tokens = 0
+        self._hook: Any = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs) -> None:
+        if model is not None and self._hook is None:
+            self._hook = model.register_forward_pre_hook(self._count_tokens, with_kwargs=True)
+        _synchronize()
+        self._train_start = time.perf_counter()
+        self._eval_seconds = 0.0
+
+    def _count_tokens(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if module.training and isinstance(ids, torch.Tensor):
+            self._step_tokens += ids.numel()
+
+    def on_step_begin(self, args, state, control, **kwargs) -> None:
+        self._step_tokens = 0
+        _synchronize()
+        self._step_start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, model=None, **kwargs) -> None:
+        _synchronize()  # CUDA kernels run asynchronously: wait for them before reading the clock
+        now = time.perf_counter()
+        sat_state = get_sat_state(model) if model is not None else None
+        rate = sat_state.omission_rate if sat_state is not None and sat_state.enabled else 0.0
+        seconds = now - self._step_start if self._step_start is not None else float("nan")
+        self.steps.append(
+            {"step": state.global_step, "seconds": seconds, "omission_rate": rate, "tokens": self._step_tokens}
+        )
+        if self._train_start is not None:
+            self.train_seconds = now - self._train_start - self._eval_seconds
+
+    def on_train_end(self, args, state, control, **kwargs) -> None:
+        self._train_start = None  # evaluations after `train()` are not inside the training clock
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def on_evaluate(self, args, state, control, metrics: dict[str, float] | None = None, **kwargs) -> None:
+        if not metrics or "eval_loss" not in metrics:
+            return
+        if self._train_start is not None:
+            self._eval_seconds += metrics.get("eval_runtime", 0.0)
+        point = {"step": state.global_step, "train_seconds": self.train_seconds, "eval_loss": metrics["eval_loss"]}
+        self.eval_curve.append(point)
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def final_eval_point(recorder: RunRecorder, global_step: int) -> dict[str, Any] | None:
+    """The evaluation at the last optimizer step, or None when the run did not evaluate there."""
+    last = recorder.eval_curve[-1] if recorder.eval_curve else None
+    return last if last is not None and last["step"] == global_step else None
