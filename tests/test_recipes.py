@@ -189,7 +189,9 @@ def test_sft_end_to_end(variant, tiny_model_dir, chat_file, tmp_path):
 
 def test_cpt_end_to_end_full(tiny_model_dir, text_file, tmp_path):
     metrics = cpt.main(
-        *tiny_args("cpt", tiny_model_dir, text_file, tmp_path, "--sat_ladder_rungs", "1", "--sat_dense_when_slower", "true")
+        *tiny_args(
+            "cpt", tiny_model_dir, text_file, tmp_path, "--sat_ladder_rungs", "1", "--sat_dense_when_slower", "true"
+        )
     )
     assert metrics["variant"] == "full" and metrics["unit"] == "blocks" and metrics["eval_examples"] == 4
     crossover = metrics["crossover"]  # what SATCallback.crossover measured: dense probes, verdicts, dense rungs
