@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .ops import _padded_product, _source_map
+from .ops import _gather_cols, _padded_product, _product, _scatter_cols, _source_map, _stack_rows
 
 
 class _DenseLinearKeptGrad(torch.autograd.Function):
@@ -59,7 +59,9 @@ class _DenseLinearKeptGrad(torch.autograd.Function):
             kept_grad = grad_out.index_select(-1, index)  # (..., k)
             grad_2d = kept_grad.reshape(-1, index.numel())  # (N, k)
             if need_x:
-                grad_x = kept_grad.matmul(weight.index_select(0, index).to(kept_grad.dtype)).to(x_dtype)
+                kept_weight = _stack_rows((weight,), (index,), transient_out=True)  # (k, in)
+                grad_x = kept_grad.matmul(kept_weight.to(kept_grad.dtype)).to(x_dtype)
+                del kept_weight  # the transient buffer is reused below
             if need_w or need_b:
                 source = _source_map(index, out_features, 0, index.numel())
             if need_w:
@@ -70,12 +72,11 @@ class _DenseLinearKeptGrad(torch.autograd.Function):
             return grad_x, grad_w, grad_b, None, None
         grad_2d = grad_out.reshape(-1, out_features)  # (N, out)
         if need_x:
-            kept = grad_out.matmul(weight.index_select(1, index).to(grad_out.dtype))  # (..., k)
+            kept = grad_out.matmul(_gather_cols(weight, index, transient_out=True).to(grad_out.dtype))  # (..., k)
             grad_x = kept.new_zeros(ctx.in_shape, dtype=x_dtype).index_copy_(-1, index, kept.to(x_dtype))
         if need_w:
             x_2d = kept_x.reshape(-1, index.numel()).to(grad_2d.dtype)  # (N, k)
-            kept_grad = grad_2d.t().mm(x_2d).to(w_dtype)  # (out, k)
-            grad_w = kept_grad.new_zeros(out_features, in_features).index_copy_(1, index, kept_grad)
+            grad_w = _scatter_cols(_product(grad_2d, x_2d), index, in_features, w_dtype)
         if need_b:
             grad_b = grad_2d.sum(0).to(b_dtype)
         return grad_x, grad_w, grad_b, None, None
@@ -190,7 +191,9 @@ class _RowsFromValue(torch.autograd.Function):
         grad_2d = grad_kept.reshape(-1, index.numel())  # (N, k)
         grad_x = grad_w = grad_b = None
         if need_x:
-            grad_x = grad_kept.matmul(weight.index_select(0, index).to(grad_kept.dtype)).to(x_dtype)
+            kept_weight = _stack_rows((weight,), (index,), transient_out=True)  # (k, in)
+            grad_x = grad_kept.matmul(kept_weight.to(grad_kept.dtype)).to(x_dtype)
+            del kept_weight  # the transient buffer is reused below
         if need_w or need_b:
             source = _source_map(index, ctx.out_features, 0, index.numel())
         if need_w:
@@ -231,10 +234,12 @@ class _ColsToValue(torch.autograd.Function):
         grad_2d = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
         grad_h = grad_w = grad_b = None
         if need_h:
-            grad_h = grad_out.matmul(weight.index_select(1, index).to(grad_out.dtype)).to(h_dtype)  # (..., k)
+            kept_weight = _gather_cols(weight, index, transient_out=True)  # (out, k)
+            grad_h = grad_out.matmul(kept_weight.to(grad_out.dtype)).to(h_dtype)  # (..., k)
+            del kept_weight  # the transient buffer is reused below
         if need_w:
-            kept_grad = grad_2d.t().mm(kept_h.reshape(-1, index.numel()).to(grad_2d.dtype)).to(w_dtype)  # (out, k)
-            grad_w = kept_grad.new_zeros(kept_grad.shape[0], ctx.in_features).index_copy_(1, index, kept_grad)
+            kept_2d = kept_h.reshape(-1, index.numel()).to(grad_2d.dtype)  # (N, k)
+            grad_w = _scatter_cols(_product(grad_2d, kept_2d), index, ctx.in_features, w_dtype)
         if need_b:
             grad_b = grad_2d.sum(0).to(b_dtype)
         return grad_h, grad_w, grad_b, None, None
