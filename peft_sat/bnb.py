@@ -36,7 +36,6 @@ __all__ = [
     "dequantize_weight",
     "disable_cpu_inference_repack",
     "linear4bit_cols_to_value",
-    "linear4bit_kept_grad",
     "linear4bit_rows_from_value",
     "linear4bit_sliced",
 ]
@@ -91,55 +90,6 @@ def linear4bit_sliced(
         bias = bias.index_select(0, index) if by_rows else bias
     out = _Sliced4bitMatmul.apply(x.to(compute_dtype), bias, packed, state, index, by_rows)
     return out.to(x.dtype)
-
-
-def linear4bit_kept_grad(module: nn.Module, x: torch.Tensor, index: torch.Tensor, by_rows: bool) -> torch.Tensor:
-    """``module(x)``, the layer's own dense forward bit for bit, whose backward runs through ``index`` only.
-
-    W is frozen: dL/dx = dL/dy[..., index] W[index] (rows) or is zero outside columns ``index`` with
-    dL/dx[..., index] = dL/dy W[:, index] (columns), W dequantized slice-wise in backward. The bias (when it trains)
-    gets its gradient on rows ``index`` (rows) or whole (columns).
-
-    Example:
-        >>> y = linear4bit_kept_grad(layer, x, torch.tensor([0, 5, 7]), by_rows=True)  # (..., out), dense values
-    """
-    packed, state = _packed_weight(module)
-    index = index.to(device=packed.device, dtype=torch.long)
-    return _Dense4bitKeptGrad.apply(x, module.bias, module, packed, state, index, by_rows)
-
-
-class _Dense4bitKeptGrad(torch.autograd.Function):
-    """The forward calls the layer itself (no graph inside ``Function.forward``); backward dequantizes the kept slice.
-
-    Saves the packed bytes (alive as the parameter) and the index; the forward's output is not kept.
-    """
-
-    @staticmethod
-    def forward(ctx, x, bias, module, packed, state, index, by_rows):
-        ctx.save_for_backward(packed, index)
-        ctx.state, ctx.by_rows, ctx.in_shape, ctx.x_dtype = state, by_rows, x.shape, x.dtype
-        return module(x)
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        packed, index = ctx.saved_tensors
-        grad_x = grad_bias = None
-        need_x, need_bias = ctx.needs_input_grad[:2]
-        weight = _dequantize_slice(packed, ctx.state, index, ctx.by_rows) if need_x else None
-        if ctx.by_rows:
-            kept_grad = grad_out.index_select(-1, index)  # (..., k)
-            if need_x:
-                grad_x = (kept_grad @ weight.to(kept_grad.dtype)).to(ctx.x_dtype)  # (..., k) @ (k, in)
-            if need_bias:
-                sums = kept_grad.reshape(-1, index.numel()).sum(0)
-                grad_bias = sums.new_zeros(ctx.state.shape[0]).index_copy_(0, index, sums)
-        else:
-            if need_x:
-                kept = (grad_out @ weight.to(grad_out.dtype)).to(ctx.x_dtype)  # (..., out) @ (out, k)
-                grad_x = kept.new_zeros(ctx.in_shape).index_copy_(-1, index, kept)
-            if need_bias:
-                grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
-        return grad_x, grad_bias, None, None, None, None, None
 
 
 def linear4bit_rows_from_value(

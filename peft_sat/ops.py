@@ -27,25 +27,61 @@ Why custom ``autograd.Function``s instead of ``F.linear(x, W.index_select(0, ind
   shared with other processes stalls in parallel regions waiting for a descheduled thread (measurements: the
   "Kernel choices" section of docs/results.md);
 - several row-sliced projections of one input (q / k / v, gate / up) run as one matmul (``gather_linear_rows``);
-- memory on accelerators: autograd keeps every layer's gathered copy alive from forward to backward (half the
-  model's weights at r = 0.5); there backward re-gathers it from W instead (``REGATHER_DEVICES``).
+- memory: autograd would keep every layer's gathered copy alive from forward to backward (half the model's weights
+  at r = 0.5, more than the activations SAT saves); backward re-gathers it from W instead (``REGATHER_DEVICES``),
+  so a step saves only what the dense step saves, restricted to the kept units.
+
+Transient buffers (the gathered weights, the kept part of a weight gradient) live in one reusable per-thread buffer
+on CPUs (``transient``), never in fresh memory: the allocator returns big blocks to the OS when they are freed, and
+touching fresh pages costs about as much as copying them (docs/results.md, "Kernel choices").
 
 Indices must hold distinct entries (``peft_sat.selection`` returns sorted unique indices).
 """
 
 from __future__ import annotations
 
+import math
+import threading
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
-# Devices where backward re-gathers the kept weight from W instead of keeping the gathered copy from forward. Keeping
-# it costs memory: every layer's copy lives from forward to backward (half the model's weights at r = 0.5, e.g.
-# ~6.5 GB for a 7B model in bf16); re-gathering costs one more copy kernel per projection: negligible on a GPU, but
-# on a CPU one more parallel region, and on a CPU shared with other processes each region may wait a whole
-# scheduler slice for a descheduled thread, which made CPU steps slower (docs/results.md, "Kernel choices").
-REGATHER_DEVICES = {"cuda", "xpu", "mps", "hpu", "npu", "meta"}
+# Devices where backward re-gathers the kept weight from W instead of keeping the gathered copy from forward: all of
+# them. Keeping it costs memory: every layer's copy lives from forward to backward (half the model's weights at
+# r = 0.5, e.g. ~6.5 GB for a 7B model in bf16), more than the activations a sparse step saves. Re-gathering costs one
+# copy of the kept weight per projection (into the reused buffer of `transient` on CPUs). A set, so that a device
+# can opt out (tests compare both paths).
+REGATHER_DEVICES = {"cpu", "cuda", "xpu", "mps", "hpu", "npu", "meta"}
+
+
+class _Workspace(threading.local):
+    def __init__(self) -> None:
+        self.buffers: dict[torch.dtype, torch.Tensor] = {}
+
+
+_WORKSPACE = _Workspace()
+
+
+def transient(shape: Sequence[int], like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An uninitialized tensor of ``shape`` on ``like``'s device, valid until the next ``transient`` call.
+
+    On CPUs it is a view of one per-thread buffer per dtype, grown to the largest request and then reused: the
+    gathered weights and weight-gradient parts below are written and read once per call, and fresh memory for them
+    would be page-faulted in again every time (the allocator returns big blocks to the OS when they are freed).
+    Elsewhere (and under ``torch.compile``) it is a fresh tensor: accelerator allocators cache blocks themselves.
+    The buffer holds at most the largest kept weight of one call (e.g. gate and up at r = 0.25); it is never saved
+    for backward nor returned.
+    """
+    dtype = dtype or like.dtype
+    if like.device.type != "cpu" or torch.compiler.is_compiling():
+        return like.new_empty(shape, dtype=dtype)
+    numel = math.prod(shape)
+    buffer = _WORKSPACE.buffers.get(dtype)
+    if buffer is None or buffer.numel() < numel:
+        _WORKSPACE.buffers.pop(dtype, None)  # free the smaller one first
+        buffer = _WORKSPACE.buffers[dtype] = like.new_empty(numel, dtype=dtype)
+    return buffer[:numel].view(shape)
 
 
 class _GatherLinearRows(torch.autograd.Function):
@@ -55,7 +91,9 @@ class _GatherLinearRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, count, *tensors):
         weights, biases, indices = tensors[:count], tensors[count : 2 * count], tensors[2 * count :]
-        stacked = _stack_rows(weights, indices)  # (sum k, in)
+        ctx.regather = weights[0].device.type in REGATHER_DEVICES
+        keep = ctx.needs_input_grad[0] and not ctx.regather
+        stacked = _stack_rows(weights, indices, transient_out=not keep)  # (sum k, in)
         needs = ctx.needs_input_grad
         need_x = needs[0]
         need_weights = needs[2 : 2 + count]
@@ -66,7 +104,8 @@ class _GatherLinearRows(torch.autograd.Function):
         ctx.weight_dtypes = [w.dtype for w in weights]
         ctx.bias_dtypes = [None if b is None else b.dtype for b in biases]
         ctx.x_dtype = x.dtype
-        ctx.regather = weights[0].device.type in REGATHER_DEVICES
+        # Saved: x for the weight gradients (the dense step saves it too) and W itself for dL/dx, re-gathered in
+        # backward; the gathered copy only where a device opts out of REGATHER_DEVICES.
         for_x = (weights if ctx.regather else (stacked,)) if need_x else ()
         ctx.save_for_backward(x if any(need_weights) else None, *indices, *for_x)
         ctx.need = (need_x, need_weights, need_biases)
@@ -80,8 +119,9 @@ class _GatherLinearRows(torch.autograd.Function):
         need_x, need_weights, need_biases = ctx.need
         grad_x = None
         if need_x:
-            stacked = _stack_rows(for_x, indices) if ctx.regather else for_x[0]
+            stacked = _stack_rows(for_x, indices, transient_out=True) if ctx.regather else for_x[0]
             grad_x = grad_out.matmul(stacked.to(grad_out.dtype)).to(ctx.x_dtype)  # (..., sum k) @ (sum k, in)
+            del stacked  # the transient buffer is reused below
         grad_weights, grad_biases = [None] * count, [None] * count
         if any(need_weights) or any(need_biases):
             grad_2d = grad_out.reshape(-1, grad_out.shape[-1])  # (N, sum k)
@@ -110,11 +150,12 @@ class _GatherLinearCols(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, index):
-        kept_weight = weight.index_select(1, index)  # (out, k)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        ctx.regather = weight.device.type in REGATHER_DEVICES
+        kept_weight = _gather_cols(weight, index, transient_out=not need_x or ctx.regather)  # (out, k)
         ctx.in_features = weight.shape[1]
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
-        ctx.regather = weight.device.type in REGATHER_DEVICES
+        # Saved: the kept columns of the input (what the dense step saves, restricted to them) and W itself.
         for_x = (weight if ctx.regather else kept_weight) if need_x else None
         ctx.save_for_backward(x if need_w else None, for_x, index)
         return F.linear(x, kept_weight, bias)
@@ -126,30 +167,50 @@ class _GatherLinearCols(torch.autograd.Function):
         x_dtype, w_dtype, b_dtype = ctx.dtypes  # differ from grad_out's under autocast
         grad_x = grad_w = grad_b = None
         if need_x:
-            kept_weight = for_x.index_select(1, index) if ctx.regather else for_x
+            kept_weight = _gather_cols(for_x, index, transient_out=True) if ctx.regather else for_x
             grad_x = grad_out.matmul(kept_weight.to(grad_out.dtype)).to(x_dtype)  # (..., out) @ (out, k)
+            del kept_weight  # the transient buffer is reused below
         grad_2d = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
         if need_w:
             x_2d = x.reshape(-1, x.shape[-1]).to(grad_2d.dtype)  # (N, k)
-            kept_grad = grad_2d.t().mm(x_2d).to(w_dtype)  # (out, k)
-            # Not the padded-buffer layout of the rows: writing the product with row stride k + 1 slows it down by
-            # more than this column scatter costs (docs/results.md, "Kernel choices").
-            grad_w = kept_grad.new_zeros(kept_grad.shape[0], ctx.in_features).index_add_(1, index, kept_grad)
+            grad_w = _scatter_cols(_product(grad_2d, x_2d), index, ctx.in_features, w_dtype)
         if need_b:
             grad_b = grad_2d.sum(0).to(b_dtype)
         return grad_x, grad_w, grad_b, None
 
 
-def _stack_rows(weights: Sequence[torch.Tensor], indices: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``[W_1[i_1]; ...; W_n[i_n]]`` (sum k, in), gathered straight into one buffer."""
-    if len(weights) == 1:
-        return weights[0].index_select(0, indices[0])
-    stacked = weights[0].new_empty(sum(index.numel() for index in indices), weights[0].shape[1])
+def _stack_rows(
+    weights: Sequence[torch.Tensor], indices: Sequence[torch.Tensor], transient_out: bool = False
+) -> torch.Tensor:
+    """``[W_1[i_1]; ...; W_n[i_n]]`` (sum k, in), gathered straight into one buffer (``transient`` or fresh)."""
+    shape = (sum(index.numel() for index in indices), weights[0].shape[1])
+    stacked = transient(shape, weights[0]) if transient_out else weights[0].new_empty(shape)
     offset = 0
     for weight, index in zip(weights, indices):
         torch.index_select(weight, 0, index, out=stacked[offset : offset + index.numel()])
         offset += index.numel()
     return stacked
+
+
+def _gather_cols(weight: torch.Tensor, index: torch.Tensor, transient_out: bool = False) -> torch.Tensor:
+    """``W[:, index]`` (out, k), into the ``transient`` buffer or fresh memory."""
+    shape = (weight.shape[0], index.numel())
+    return torch.index_select(weight, 1, index, out=transient(shape, weight) if transient_out else None)
+
+
+def _product(grad_2d: torch.Tensor, x_2d: torch.Tensor) -> torch.Tensor:
+    """``grad_2d^T x_2d`` (k_out, k_in) into the ``transient`` buffer."""
+    return torch.mm(grad_2d.t(), x_2d, out=transient((grad_2d.shape[1], x_2d.shape[1]), grad_2d))
+
+
+def _scatter_cols(kept_grad: torch.Tensor, index: torch.Tensor, in_features: int, dtype: torch.dtype):
+    """The full-size (out, in) gradient of ``dtype``, ``kept_grad`` (out, k) at columns ``index``, zero elsewhere.
+
+    Not the padded-buffer layout of the rows: writing the product with row stride k + 1 slows it down by more than
+    this column scatter costs (docs/results.md, "Kernel choices").
+    """
+    full = torch.zeros(kept_grad.shape[0], in_features, dtype=dtype, device=kept_grad.device)
+    return full.index_add_(1, index, kept_grad.to(dtype))
 
 
 def _stack_biases(biases, indices, sizes, like: torch.Tensor) -> torch.Tensor | None:
@@ -167,9 +228,9 @@ def _source_map(index: torch.Tensor, size: int, offset: int, zero_at: int) -> to
 
 
 def _padded_product(grad_2d: torch.Tensor, x_2d: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``grad_2d^T x_2d`` (k, in) in a (k + 1, in) buffer of ``dtype`` whose last row is zero."""
+    """``grad_2d^T x_2d`` (k, in) in a (k + 1, in) ``transient`` buffer of ``dtype`` whose last row is zero."""
     kept_rows = grad_2d.shape[1]
-    buffer = grad_2d.new_empty(kept_rows + 1, x_2d.shape[1], dtype=dtype)
+    buffer = transient((kept_rows + 1, x_2d.shape[1]), grad_2d, dtype)
     if dtype == grad_2d.dtype:
         torch.mm(grad_2d.t(), x_2d, out=buffer[:kept_rows])
     else:  # autocast: the product in the compute dtype, the gradient in the weight's dtype
@@ -204,7 +265,7 @@ def gather_linear_rows(
     tensors = (*weights, *biases, *indices)
     if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (x, *weights, *biases)):
         sizes = [index.numel() for index in indices]
-        stacked = _stack_rows(weights, indices)
+        stacked = _stack_rows(weights, indices, transient_out=True)
         return F.linear(x, stacked, _stack_biases(biases, indices, sizes, stacked))
     return _GatherLinearRows.apply(x, len(weights), *tensors)
 
@@ -232,5 +293,5 @@ def gather_linear(
     if by_rows:
         return gather_linear_rows(x, (weight,), (bias,), (index,))
     if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (x, weight, bias)):
-        return F.linear(x, weight.index_select(1, index), bias)
+        return F.linear(x, _gather_cols(weight, index, transient_out=True), bias)
     return _GatherLinearCols.apply(x, weight, bias, index)

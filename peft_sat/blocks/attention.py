@@ -22,7 +22,7 @@ from torch import nn
 
 from .. import importance
 from ..sliced import base_weight, linear_cols, linear_rows, linear_rows_fused, project_base
-from ..sliced_backward import linear_cols_kept_grad, linear_rows_kept_grad, weight_grad_forward
+from ..sliced_backward import cols_output, rows_forward, weight_grad_forward
 from .base import SATBlockMixin, omitted_units, rows_split
 
 
@@ -32,8 +32,26 @@ class HeadSelection:
 
     q_heads: torch.Tensor  # (kq,) kept query heads
     q_rows: torch.Tensor  # (kq * d,) rows of q_proj = columns of o_proj
+    kv_heads: torch.Tensor  # (kkv,) KV heads they read
     kv_rows: torch.Tensor  # (kkv * d,) rows of k_proj / v_proj
     kv_for_q: torch.Tensor | None  # q_head granularity: (kq,) position of each query head's KV head among kept
+
+
+KeptHeads = Callable[[HeadSelection, tuple[torch.Tensor, ...]], tuple[torch.Tensor, ...]]
+
+
+def _heads(flat: torch.Tensor, heads: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """The heads ``heads`` of a flat (B, T, n * d) tensor: (B, T, len(heads) * d), copied a whole head at a time."""
+    return flat.unflatten(-1, (-1, head_dim)).index_select(-2, heads).flatten(-2)
+
+
+def _merge_heads(kept: torch.Tensor, omitted: torch.Tensor, sel: AttentionSelection, head_dim: int) -> torch.Tensor:
+    """The (B, T, n_q * d) attention output in head order from the kept and the omitted heads' flat outputs."""
+    heads = sel.kept.q_heads.numel() + sel.omitted.q_heads.numel()
+    whole = kept.new_empty(*kept.shape[:-1], heads, head_dim)
+    whole.index_copy_(-2, sel.kept.q_heads, kept.unflatten(-1, (-1, head_dim)))
+    whole.index_copy_(-2, sel.omitted.q_heads, omitted.unflatten(-1, (-1, head_dim)).to(whole.dtype))
+    return whole.flatten(-2)
 
 
 class _GroupsOverride:
@@ -87,8 +105,10 @@ class SATAttentionMixin(SATBlockMixin):
         kwargs.pop("past_key_values", None)
         sel: AttentionSelection = self._sat_select(hidden_states)
         attend = dict(position_embeddings=position_embeddings, attention_mask=attention_mask, kwargs=kwargs)
-        if rows is None and config.sparse_pass != "forward_backward":
-            return self._sat_attend(hidden_states, sel.kept, dense_forward=config.sparse_pass, **attend)
+        if rows is None and config.sparse_pass == "backward":
+            return self._sat_attend_kept_grad(hidden_states, sel, **attend)
+        if rows is None and config.sparse_pass == "weight_grad":
+            return self._sat_attend_weight_grad(hidden_states, sel.kept, **attend)
         output, weights = self._sat_attend(hidden_states, sel.kept, **attend)  # (B, T, H): kept heads, every token
         if rows is None or rows.numel() == 0 or sel.omitted is None:
             return output, weights
@@ -106,31 +126,66 @@ class SATAttentionMixin(SATBlockMixin):
         kwargs: dict,
         rows: torch.Tensor | None = None,
         add_bias: bool = True,
-        dense_forward: str | None = None,
     ) -> tuple[torch.Tensor, Any]:
         """Attention of the heads in ``sel`` for every query, through the o-projection at ``rows`` (flat token
-        positions; None: every token). ``kept_grad``: every head runs in forward (the module's own computation, op
-        for op) and the backward runs through the heads of ``sel`` only."""
-        if dense_forward is not None:
-            qkv = self._sat_qkv_dense(hidden_states, sel, self._sat_dense_projection(dense_forward, by_rows=True))
-        else:
-            qkv = self._sat_qkv(hidden_states, sel)
-        kv_for_q = sel.kv_for_q if dense_forward is None else None
-        attn_output, attn_weights = self._sat_core(qkv, kv_for_q, position_embeddings, attention_mask, kwargs)
-        if dense_forward is not None:
-            project = self._sat_dense_projection(dense_forward, by_rows=False)
-            return project(self.o_proj, attn_output, sel.q_rows), attn_weights
+        positions; None: every token)."""
+        qkv = self._sat_qkv(hidden_states, sel)
+        attn_output, attn_weights = self._sat_core(qkv, sel.kv_for_q, position_embeddings, attention_mask, kwargs)
         if rows is not None:
             attn_output = attn_output.reshape(-1, attn_output.shape[-1]).index_select(0, rows)  # (n, kq * d)
         return linear_cols(self.o_proj, attn_output, sel.q_rows, add_bias=add_bias), attn_weights
+
+    def _sat_attend_kept_grad(
+        self, hidden_states: torch.Tensor, sel: AttentionSelection, position_embeddings, attention_mask, kwargs: dict
+    ) -> tuple[torch.Tensor, Any]:
+        """``sparse_pass="backward"``: the module's own forward value, and a gradient graph of the kept heads only.
+
+        The projections compute every head's value first (``peft_sat.sliced_backward.rows_forward``); the kept heads
+        then attend with their graph, the omitted ones without, and the o-projection's value is computed from every
+        head's output while its backward runs through the kept heads' columns only. Each head's attention is
+        computed on its own in the kernels, so the value is the dense forward's, bit for bit; backward (and what it
+        saves) covers the kept heads only.
+        """
+        values, kept_graph = self._sat_qkv_forward(hidden_states)  # (B, T, heads * d) each, no graph
+        attend = (position_embeddings, attention_mask, kwargs)
+        kept_qkv = kept_graph(sel.kept, values)
+        kept_output, kept_weights = self._sat_core(kept_qkv, sel.kept.kv_for_q, *attend)  # (B, T, kq * d)
+        omitted = sel.omitted
+        if omitted is None:  # every head kept: the kept output is the whole one, in head order
+            return cols_output(self.o_proj, kept_output, kept_output, sel.kept.q_rows), kept_weights
+        with torch.no_grad():
+            query, key, value = values
+            d = self.head_dim
+            omitted_qkv = (_heads(query, omitted.q_heads, d), _heads(key, omitted.kv_heads, d),
+                           _heads(value, omitted.kv_heads, d))  # fmt: skip
+            omitted_output, omitted_weights = self._sat_core(omitted_qkv, omitted.kv_for_q, *attend)
+            whole = _merge_heads(kept_output.detach(), omitted_output, sel, d)  # (B, T, n_q * d)
+            weights = None
+            if kept_weights is not None and omitted_weights is not None:  # (B, heads, T, T): eager kernels
+                shape = list(kept_weights.shape)
+                shape[1] = query.shape[-1] // d
+                weights = kept_weights.new_empty(shape).index_copy_(1, sel.kept.q_heads, kept_weights.detach())
+                weights.index_copy_(1, omitted.q_heads, omitted_weights)
+        return cols_output(self.o_proj, whole, kept_output, sel.kept.q_rows), weights
+
+    def _sat_attend_weight_grad(
+        self, hidden_states: torch.Tensor, sel: HeadSelection, position_embeddings, attention_mask, kwargs: dict
+    ) -> tuple[torch.Tensor, Any]:
+        """``sparse_pass="weight_grad"``: the dense forward and every input gradient; the projections' base weights
+        get their gradient on the rows (q / k / v) and columns (o) of the kept heads only."""
+        qkv = self._sat_qkv_weight_grad(hidden_states, sel)
+        attn_output, attn_weights = self._sat_core(qkv, None, position_embeddings, attention_mask, kwargs)
+        _, output = weight_grad_forward(self.o_proj, attn_output, by_rows=False)
+        return output(sel.q_rows), attn_weights
 
     # -- layout-specific parts ---------------------------------------------------------------------------------
 
     def _sat_qkv(self, x: torch.Tensor, sel: HeadSelection) -> tuple[torch.Tensor, ...]:
         """Flat (B, T, heads * d) query, key and value of the kept heads."""
-        # one matmul for the three when they are plain nn.Linear (or LoRA over one): they read the same input
-        projections, rows = (self.q_proj, self.k_proj, self.v_proj), (sel.q_rows, sel.kv_rows, sel.kv_rows)
-        return tuple(linear_rows_fused(projections, x, rows))
+        # q and k as one matmul when they are plain nn.Linear (or LoRA over one): they read the same input. Not v:
+        # the attention kernel saves v for backward, and a view of a fused output would keep q and k alive with it.
+        query, key = linear_rows_fused((self.q_proj, self.k_proj), x, (sel.q_rows, sel.kv_rows))
+        return query, key, linear_rows(self.v_proj, x, sel.kv_rows)
 
     def _sat_core(
         self, qkv: tuple[torch.Tensor, ...], kv_for_q, position_embeddings, attention_mask, kwargs: dict
@@ -188,22 +243,25 @@ class SATAttentionMixin(SATBlockMixin):
         """Flat (N, heads * d) query (a graph on the dense rows only), key and value (of the cut input)."""
         return rows_split(self.q_proj, flat, rows, context), self.k_proj(cut), self.v_proj(cut)
 
-    @staticmethod
-    def _sat_dense_projection(sparse_pass: str, by_rows: bool) -> Callable:
-        """``(module, x, index) -> module(x)`` whose backward follows ``sparse_pass`` ("backward": through the units
-        ``index`` only; "weight_grad": every input gradient, the weight gradient of ``index`` only)."""
-        if sparse_pass == "backward":
-            return linear_rows_kept_grad if by_rows else linear_cols_kept_grad
-        return lambda module, x, index: weight_grad_forward(module, x, by_rows)[1](index)
-
-    def _sat_qkv_dense(self, x: torch.Tensor, sel: HeadSelection, project: Callable) -> tuple[torch.Tensor, ...]:
-        """Flat (B, T, heads * d) query, key and value of EVERY head, each projection called as the module's own
-        forward calls it, with the backward of ``project`` for the kept heads' rows."""
-        return (
-            project(self.q_proj, x, sel.q_rows),
-            project(self.k_proj, x, sel.kv_rows),
-            project(self.v_proj, x, sel.kv_rows),
+    def _sat_qkv_forward(self, x: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], KeptHeads]:
+        """The query, key and value of EVERY head, flat (B, T, heads * d), as the module's own projections compute
+        them (no graph), and ``kept(sel, values)`` giving those of the heads of ``sel`` with their gradient graph."""
+        (query, kept_q), (key, kept_k), (value, kept_v) = (
+            rows_forward(p, x) for p in (self.q_proj, self.k_proj, self.v_proj)
         )
+
+        def kept(sel: HeadSelection, values: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+            q, k, v = values
+            return kept_q(sel.q_rows, q), kept_k(sel.kv_rows, k), kept_v(sel.kv_rows, v)
+
+        return (query, key, value), kept
+
+    def _sat_qkv_weight_grad(self, x: torch.Tensor, sel: HeadSelection) -> tuple[torch.Tensor, ...]:
+        """Flat (B, T, heads * d) query, key and value of EVERY head, whose projections' base weights get their
+        gradient on the kept heads' rows only."""
+        rows = (sel.q_rows, sel.kv_rows, sel.kv_rows)
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        return tuple(weight_grad_forward(p, x, by_rows=True)[1](r) for p, r in zip(projections, rows, strict=True))
 
     def _sat_score_views(self) -> dict[str, Callable]:
         return dict(
@@ -264,6 +322,7 @@ class SATAttentionMixin(SATBlockMixin):
         return HeadSelection(
             q_heads=q_heads,
             q_rows=(q_heads[:, None] * head_dim + offsets).reshape(-1),
+            kv_heads=kv_heads,
             kv_rows=(kv_heads[:, None] * head_dim + offsets).reshape(-1),
             kv_for_q=kv_for_q,
         )
@@ -284,11 +343,24 @@ class SATFusedAttentionMixin(SATAttentionMixin):
         q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
         return self.qkv_proj(cut).split([q_size, kv_size, kv_size], dim=-1)  # one projection: one input
 
-    def _sat_qkv_dense(self, x: torch.Tensor, sel: HeadSelection, project: Callable) -> tuple[torch.Tensor, ...]:
+    def _sat_qkv_forward(self, x: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], KeptHeads]:
+        num_heads, num_kv_heads, head_dim = self._sat_shape
+        q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+        qkv, kept_qkv = rows_forward(self.qkv_proj, x)  # (B, T, q_size + 2 kv_size)
+        values = qkv[..., :q_size], qkv[..., q_size : q_size + kv_size], qkv[..., q_size + kv_size :]
+
+        def kept(sel: HeadSelection, _values: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+            rows = torch.cat([sel.q_rows, q_size + sel.kv_rows, q_size + kv_size + sel.kv_rows])
+            kept_kv = sel.kv_rows.numel()
+            return kept_qkv(rows, qkv).split([sel.q_rows.numel(), kept_kv, kept_kv], dim=-1)
+
+        return values, kept
+
+    def _sat_qkv_weight_grad(self, x: torch.Tensor, sel: HeadSelection) -> tuple[torch.Tensor, ...]:
         num_heads, num_kv_heads, head_dim = self._sat_shape
         q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
         rows = torch.cat([sel.q_rows, q_size + sel.kv_rows, q_size + kv_size + sel.kv_rows])
-        qkv = project(self.qkv_proj, x, rows)
+        qkv = weight_grad_forward(self.qkv_proj, x, by_rows=True)[1](rows)
         return qkv[..., :q_size], qkv[..., q_size : q_size + kv_size], qkv[..., q_size + kv_size :]
 
     def _sat_score_views(self) -> dict[str, Callable]:
