@@ -54,11 +54,11 @@ class SelectTimer:
         original = SATBlockMixin._sat_select
         timer = self
 
-        def timed(module, x):
+        def timed(module, x, *args, **kwargs):
             synchronize(timer.device)  # on CUDA: time the selection's kernels, not the queue before it
             start = time.perf_counter()
             try:
-                return original(module, x)
+                return original(module, x, *args, **kwargs)
             finally:
                 synchronize(timer.device)
                 timer.seconds += time.perf_counter() - start

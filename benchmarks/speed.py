@@ -10,7 +10,9 @@ Variants (``--variants``): full (every weight trains), lora (r16 on the 7 projec
 over a bitsandbytes nf4 4-bit base).
 
 Method. Per case and variant ONE model is built and SAT applied; its arms are dense (omission rate 0: every SAT
-block runs the original transformers forward) and each rate of ``--rates``. One round runs one step per arm, on the
+block runs the original transformers forward) and each rate of ``--rates``; ``--sat`` sets any other ``SATConfig``
+field (``sparse_pass``, ``dense_tokens``, ``context_tokens``, ...), and the ideal ratio follows it, with the share
+of dense positions the batch got (``--loss-tokens``) when the config splits it. One round runs one step per arm, on the
 same batch, in an order rotated every round; warm-up rounds are discarded; per arm the median of ``--steps``
 measured steps is reported (steps during which other processes used the CPUs are redone, see ``_timing.py``). A
 step is forward + backward + ``AdamW.step()`` (fused) + ``zero_grad()``; on CUDA under bf16 autocast (fp32 master
@@ -32,12 +34,16 @@ Examples:
     .venv/bin/python benchmarks/speed.py                     # about 10 minutes on 2 quiet CPU cores
     .venv/bin/python benchmarks/speed.py --json docs/img/speed/speed.json --plot docs/img/speed/speedup.png
     .venv/bin/python benchmarks/speed.py --tiny              # seconds: smoke test on tiny random models
+    # a mode beyond the paper, on SFT-like SmolLM2 batches whose first 40% of positions carry no loss (a prompt):
+    .venv/bin/python benchmarks/speed.py --cases smollm2 --variants lora --loss-tokens 0.6 \
+        --sat '{"dense_tokens": "auto", "context_tokens": "forward_only"}'
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import statistics
 import sys
@@ -82,6 +88,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--score-tokens", type=int, default=peft_sat.SATConfig().score_tokens, help="SATConfig.score_tokens (>= 1)"
     )
+    parser.add_argument(
+        "--sat", default="{}", help='JSON object of SATConfig overrides, e.g. \'{"sparse_pass": "weight_grad"}\''
+    )
+    parser.add_argument(
+        "--loss-tokens",
+        type=float,
+        default=1.0,
+        help="smollm2: share of each sequence's positions carrying loss (the last ones; 1: every token, as in CPT)",
+    )
     parser.add_argument("--max-foreign-load", type=float, default=0.05, help="redo steps above this foreign load")
     parser.add_argument("--max-rounds", type=int, default=None, help="cap of measured rounds (default 2 x steps)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -105,6 +120,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--omit needs at least one of 'mlp', 'attention'")
     if args.score_tokens < 1:
         parser.error(f"--score-tokens must be >= 1, got {args.score_tokens}")
+    if not 0.0 < args.loss_tokens <= 1.0:
+        parser.error(f"--loss-tokens must lie in (0, 1], got {args.loss_tokens}")
+    try:
+        args.sat = json.loads(args.sat)
+        _sat_config(args)
+    except ValueError as error:  # bad JSON or an invalid SATConfig: the library's own message
+        parser.error(f"--sat: {error}")
     args.max_rounds = args.max_rounds or 2 * args.steps
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return args
@@ -161,12 +183,14 @@ def smollm2_case(args: argparse.Namespace) -> Case:
         kwargs = _quantization_kwargs(args) if quantized else {"dtype": torch.float32}
         return AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", **kwargs)
 
+    labels = ids.clone()
+    labels[:, : seq - max(1, round(args.loss_tokens * seq))] = -100  # a prompt: no loss on the first positions
     shape = StackShape.from_config(config, batch, seq)
     return Case(
         name="smollm2",
         shape=shape,
         build=build,
-        inputs=lambda device: {"input_ids": ids.to(device), "labels": ids.to(device)},
+        inputs=lambda device: {"input_ids": ids.to(device), "labels": labels.to(device)},
         loss=lambda model, inputs: model(**inputs, use_cache=False).loss,
     )
 
@@ -220,9 +244,7 @@ def sat_model(case: Case, variant: str, args: argparse.Namespace) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     base = case.build(variant == "qlora")
-    sat_config = peft_sat.SATConfig(
-        head_granularity=args.head_granularity, score_tokens=args.score_tokens, omit=args.omit, schedule="constant"
-    )
+    sat_config = _sat_config(args)
     if variant == "full":
         model = get_peft_model(base.to(args.device), sat_config)
     else:
@@ -233,6 +255,28 @@ def sat_model(case: Case, variant: str, args: argparse.Namespace) -> nn.Module:
                 nn.init.normal_(param, std=0.02)
         model = peft_sat.apply_sat(lora.to(args.device), sat_config)
     return model.train()
+
+
+def _sat_config(args: argparse.Namespace) -> peft_sat.SATConfig:
+    """The SAT arms' config: the flags, then ``--sat`` on top (the rate is set per step)."""
+    if not isinstance(args.sat, dict):
+        raise ValueError(f"expected a JSON object of SATConfig fields, got {args.sat!r}")
+    flags = dict(head_granularity=args.head_granularity, score_tokens=args.score_tokens, omit=args.omit)
+    return peft_sat.SATConfig.from_dict({**flags, "schedule": "constant", **args.sat})
+
+
+def _ideal(case: Case, variant: str, rate: float, config: peft_sat.SATConfig, dense_fraction: float) -> float:
+    """Dense / SAT FLOPs of ``config`` at ``rate`` on the case's shape, ``dense_fraction`` of its positions dense."""
+    return ideal_speedup(
+        case.shape,
+        variant,
+        rate,
+        config.head_granularity,
+        tuple(config.omit),
+        sparse_pass=config.sparse_pass,
+        dense_fraction=dense_fraction,
+        context_forward_only=config.context_tokens == "forward_only",
+    )
 
 
 # ---- measurement -----------------------------------------------------------------------------------------------
@@ -273,12 +317,15 @@ def measure(case: Case, variant: str, args: argparse.Namespace) -> list[Row]:
     memory = {rate: _memory(model, state, case, inputs, rate, autocast, args.device) for rate in arms}
     tokens = case.shape.tokens
     dense_seconds = statistics.median(s.seconds for s in samples["0.0"])
+    config = state.config
+    # the share of positions the SAT forwards ran dense (the memory forwards end with a SAT rate); 0 without a split
+    dense_fraction = state.dense_fractions[-1] if state.dense_fractions else 0.0
     rows = []
     for rate in arms:
         kept = samples[str(rate)]
         seconds = statistics.median(s.seconds for s in kept)
         ratio = dense_seconds / seconds if rate else None
-        ideal = ideal_speedup(case.shape, variant, rate, args.head_granularity, tuple(args.omit)) if rate else None
+        ideal = _ideal(case, variant, rate, config, dense_fraction) if rate else None
         rows.append(
             Row(
                 case=case.name,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from peft import get_peft_model
 from sat_testing import batch, tiny_model
@@ -49,11 +50,19 @@ def test_compiled_training_matches_eager_and_recompiles_boundedly():
     assert graphs[-1] <= 2 * graphs[0] + 4, f"recompilations not bounded: {graphs}"
 
 
-def test_compiled_modes_beyond_the_paper_match_eager():
-    """The dense forward with a sliced backward and the token split (custom autograd functions, data-dependent
-    token rows) compile and train exactly as in eager mode."""
+MODES_BEYOND_THE_PAPER = {
+    "sparse-backward+token-split": dict(sparse_pass="backward", dense_tokens="auto", omit=["mlp"]),
+    "weight-grad": dict(sparse_pass="weight_grad"),
+    "context-forward-only": dict(dense_tokens="auto", context_tokens="forward_only"),
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES_BEYOND_THE_PAPER))
+def test_compiled_modes_beyond_the_paper_match_eager(mode):
+    """The modes beyond the paper (custom autograd functions, data-dependent token rows, context rows without a
+    graph) compile and train exactly as in eager mode."""
     torch._dynamo.reset()
-    config = peft_sat.SATConfig(omission_rate=0.5, sparse_pass="backward", dense_tokens="auto", schedule="constant")
+    config = peft_sat.SATConfig(omission_rate=0.5, schedule="constant", **MODES_BEYOND_THE_PAPER[mode])
     eager = get_peft_model(tiny_model(), config).train()
     model = copy.deepcopy(eager)
     compiled = torch.compile(model, backend="aot_eager")
