@@ -168,3 +168,25 @@ def activation_bytes(model: torch.nn.Module, forward: Callable[[], torch.Tensor]
         output = forward()
     del output
     return sum(storages.values())
+
+
+def peak_rss_growth(step: Callable[[], None]) -> int | None:
+    """Bytes by which ``step()`` raised the process's peak resident memory above its resident memory before it
+    (Linux: the peak ``VmHWM`` is reset through ``/proc/self/clear_refs``); None where that is unavailable. What a
+    CPU step holds at its peak: activations, gradients and temporaries, from the allocator's point of view."""
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")  # reset the peak to the current resident size
+        before = _status_bytes("VmRSS")
+        step()
+        return max(0, _status_bytes("VmHWM") - before)
+    except OSError:
+        return None
+
+
+def _status_bytes(key: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024  # reported in kB
+    raise OSError(f"{key} not in /proc/self/status")

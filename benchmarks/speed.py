@@ -24,7 +24,8 @@ Columns:
     ideal        dense / SAT matmul FLOPs (``peft_sat.flops``): the speed-up at 100% efficiency
     eff          ratio / ideal
     act MB       activation memory: bytes autograd saves for backward in one forward (every device)
-    peak MB      CUDA only: peak allocated memory of a whole step (weights, gradients and optimizer included)
+    peak MB      CUDA: peak allocated memory of forward + backward (weights, gradients and optimizer included);
+                 CPU: how much forward + backward raised the process's peak resident memory (Linux)
     select %     share of the SAT step spent scoring units and selecting them
     others %     median share of the CPUs that other processes used during the kept steps
 
@@ -346,17 +347,25 @@ def measure(case: Case, variant: str, args: argparse.Namespace) -> list[Row]:
 
 
 def _memory(model, state, case: Case, inputs: dict, rate: float, autocast, device: torch.device):
-    """(activation bytes of one forward, CUDA peak bytes of one forward + backward or None) at ``rate``."""
+    """(activation bytes of one forward, peak bytes of one forward + backward) at ``rate``: CUDA's peak allocated
+    memory (weights, gradients and optimizer included), on a CPU the growth of the process's peak resident memory
+    over the step (None where the OS does not say)."""
     state.set_omission_rate(rate)
     with autocast:
         activations = _timing.activation_bytes(model, lambda: case.loss(model, inputs))
-    if device.type != "cuda":
-        return activations, None
-    torch.cuda.reset_peak_memory_stats(device)
-    with autocast:
-        loss = case.loss(model, inputs)
-    loss.backward()
-    peak = torch.cuda.max_memory_allocated(device)
+
+    def step() -> None:
+        with autocast:
+            loss = case.loss(model, inputs)
+        loss.backward()
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = _timing.peak_rss_growth(step)
     model.zero_grad(set_to_none=True)
     return activations, peak
 
