@@ -13,7 +13,7 @@ import copy
 from typing import Protocol
 
 import _quality_train as qtrain
-from _quality_configs import config_record
+from _quality_configs import PAPER_MODES, config_record
 from _quality_data import TaskData
 from torch import nn
 
@@ -59,7 +59,7 @@ def grid_cells(rates: list[float]) -> dict[str, dict]:
     for tokens in SCORE_TOKENS:
         cells[f"score tokens {tokens}"] = {"score_tokens": tokens}
         cells[f"score tokens {tokens}, mlp only"] = {"score_tokens": tokens, "omit": ["mlp"]}
-    return cells
+    return {name: {**PAPER_MODES, **overrides} for name, overrides in cells.items()}
 
 
 def probe_cells(rates: list[float]) -> dict[str, dict]:
@@ -79,7 +79,7 @@ def probe_cells(rates: list[float]) -> dict[str, dict]:
                 "omit": omit,
                 "schedule": "constant",
             }
-    return cells
+    return {name: {**PAPER_MODES, **overrides} for name, overrides in cells.items()}
 
 
 def run_probe(assets: Assets, task: str, rates: list[float], seed: int, log) -> dict:

@@ -9,12 +9,12 @@ from pathlib import Path
 
 from _quality_runs import (
     TASK_LABELS,
+    cell_base,
     comparisons,
     config_name,
     find_cell,
     full_rate_speedup,
     grid_runs,
-    run_defaults,
     sweep_points,
 )
 from _quality_tradeoff import by_setting, config_points
@@ -80,7 +80,7 @@ def plot_ablation(results: dict, path: Path) -> None:
     if dense is None or not cells:
         return  # no grid in these results (e.g. --parts cpt,sft): no empty figure
     fig, ax = plt.subplots(figsize=(8, 6))
-    default = run_defaults(dense)
+    default = cell_base(dense)
     names, losses, colors = [], [], []
     for importance in ("uniform", "magnitude", "wanda", "maxip"):
         for selection in ("topk", "sampling"):

@@ -15,6 +15,7 @@ import _quality_tradeoff as qtradeoff
 from _quality_configs import PAPER
 from _quality_runs import (
     TASK_LABELS,
+    cell_base,
     comparisons,
     config_name,
     find_cell,
@@ -23,7 +24,6 @@ from _quality_runs import (
     grid_runs,
     mean_sd,
     override_fields,
-    run_defaults,
     sat_label,
     score_token_counts,
     seconds,
@@ -100,7 +100,7 @@ def grid_tables(results: dict) -> list[str]:
     dense, cells = grid_runs(results)
     if dense is None or not cells:
         return []
-    default = run_defaults(dense)
+    default = cell_base(dense)
     base = dense["arm"]["final_loss"]
     setup = dense["setup"]
     steps = len(dense["arm"]["rates"])
@@ -223,7 +223,7 @@ def probe_tables(results: dict) -> list[str]:
         ]
     tokens = [c for c in probe["cells"] if c["name"].startswith("score tokens ")]
     if tokens:
-        default = run_defaults(probe)
+        default = cell_base(probe)
         base = f"{default.get('importance')}/{default.get('selection')}"
         parts = []
         for label, omit in (("MLP channels + heads", "mlp+attention"), ("MLP channels only", "mlp")):

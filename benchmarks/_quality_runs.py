@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import statistics
 
-from _quality_configs import beyond_paper, normalized
+from _quality_configs import PAPER_MODES, beyond_paper, normalized
 
 TASK_LABELS = {"cpt": "CPT, full-parameter", "sft": "SFT, LoRA r16"}
 
@@ -48,9 +48,10 @@ def config_name(results: dict, overrides: str) -> str:
     return name or ("paper" if overrides == "{}" else override_fields(overrides))
 
 
-def run_defaults(run: dict) -> dict:
-    """``SATConfig()``'s fields when ``run`` ran (recorded since the modes beyond the paper; before, the paper's)."""
-    return normalized(run.get("default_sat_config", {}))
+def cell_base(run: dict) -> dict:
+    """The config a grid or probe cell starts from: ``SATConfig()``'s fields when ``run`` ran (recorded since the modes
+    beyond the paper; before, the paper's) with the paper's modes (``PAPER_MODES``)."""
+    return normalized({**run.get("default_sat_config", {}), **PAPER_MODES})
 
 
 def grid_runs(results: dict) -> tuple[dict | None, list[dict]]:
@@ -110,7 +111,7 @@ def score_token_counts(cells: list[dict]) -> set[int]:
 
 def sweep_points(results: dict) -> list[tuple[float, dict]]:
     dense, cells = grid_runs(results)
-    default = run_defaults(dense) if dense else {}
+    default = cell_base(dense) if dense else {}
     points = []
     for cell in cells:
         config = normalized(cell["arm"]["sat_config"])

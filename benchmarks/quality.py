@@ -16,8 +16,8 @@ Parts (``--parts``):
            ``--rates``
 The SAT arms of cpt / sft: ``SATConfig()``'s defaults, ``--sat``'s overrides, or each named configuration of
 ``--configs`` / ``--configs-file`` (``_quality_configs``: ``paper`` names the paper's settings, ``defaults``
-``SATConfig()``'s). Grid and probe cells use the defaults (read at run time and recorded) except for the fields a
-cell varies.
+``SATConfig()``'s). Grid and probe cells measure the paper's levers on the paper's sub-network: the paper's modes
+(``_quality_configs.PAPER_MODES``) over the defaults (read at run time and recorded), then the fields a cell varies.
 
 Dense and SAT arms of a comparison train in lockstep on the same batches (``_quality_train.run_lockstep``);
 held-out loss is evaluated dense (``model.eval()``) before training, every ``--eval-every`` steps and at the end.

@@ -60,8 +60,17 @@ class SATConfig(PeftConfig):
     """Configuration of Sparsity-Accelerated Training (SAT, arXiv 2406.01392).
 
     In training mode each targeted block scores its units (MLP channels, attention heads) on the current
-    micro-batch, keeps the most important ``1 - omission_rate`` fraction and computes forward and backward on the
-    kept units only, as smaller dense matrix products. Evaluation (``model.eval()``) always runs the dense model.
+    micro-batch and keeps the most important ``1 - omission_rate`` fraction. The paper computes forward and backward
+    on the kept units only (``sparse_pass="forward_backward"``, ``omit=["mlp", "attention"]``,
+    ``dense_tokens="none"``). The defaults keep the computed function closer to the dense model's, which measured
+    better at equal wall time (docs/results.md, "Beyond the paper"):
+
+    - a batch whose labels mask some tokens (SFT prompts) splits: the loss tokens run the whole dense block, the
+      context tokens only its forward (``dense_tokens="auto"``, ``context_tokens="forward_only"``);
+    - any other batch (continual pre-training: every token carries loss) runs the dense forward and a backward
+      through the kept MLP channels (``sparse_pass="backward"``, ``omit=["mlp"]``), on the paper's ladder schedule.
+
+    Evaluation (``model.eval()``) and generation always run the dense model.
 
     Example:
         >>> import peft_sat  # registers the PEFT method "sat"
@@ -87,16 +96,17 @@ class SATConfig(PeftConfig):
         metadata={"help": _target_modules_help()},
     )
     omit: list[OmittableBlock] = field(
-        default_factory=lambda: ["mlp", "attention"],
+        default_factory=lambda: ["mlp"],
         metadata={
             "help": (
-                "Which kinds of units to omit: any of 'mlp' (channels) and 'attention' (heads). On models with few "
-                "KV groups, ['mlp'] loses less quality but also saves less time (see docs/results.md)."
+                "Which kinds of units to omit: any of 'mlp' (channels) and 'attention' (heads). Default ['mlp']: "
+                "omitting heads cost far more loss per FLOP saved in every measurement (docs/results.md, 'Beyond "
+                "the paper'); ['mlp', 'attention'] is the paper's."
             )
         },
     )
     dense_tokens: DenseTokenMode = field(
-        default="none",
+        default="auto",
         metadata={
             "help": (
                 "Which token positions run the whole block, forward and backward, while the others (context tokens) "
@@ -109,7 +119,7 @@ class SATConfig(PeftConfig):
         },
     )
     sparse_pass: SparsePass = field(
-        default="forward_backward",
+        default="backward",
         metadata={
             "help": (
                 "What the sub-network skips, for the tokens that train on it: 'forward_backward' (the paper: the "
@@ -123,7 +133,7 @@ class SATConfig(PeftConfig):
         },
     )
     context_tokens: ContextTokens = field(
-        default="sparse",
+        default="forward_only",
         metadata={
             "help": (
                 "How the tokens outside `dense_tokens` train when a batch is split: 'sparse' (on the sub-network, as "

@@ -263,6 +263,7 @@ class SATFlopsEstimator:
     """
 
     def __init__(self, model: nn.Module, sat_state: SATState) -> None:
+        self.sat_state = sat_state
         costs = {id(m): _costs(m) for m in _base_linears(model)}
         self.dense_cost = sum(sum(parts) for parts in costs.values())
         # per SAT block: (num_units, (forward, input grad, weight grad) of the projections that scale with its
@@ -322,9 +323,8 @@ class SATFlopsEstimator:
 
     def step_saving(self, config, rate: float, dense_fraction: float = 0.0) -> float:
         """``saved_fraction`` of a step at ``rate`` under ``config``'s ``sparse_pass`` and ``context_tokens``."""
-        return self.saved_fraction(
-            rate, config.sparse_pass, dense_fraction, context_forward_only=config.context_tokens == "forward_only"
-        )
+        forward_only = config.context_tokens == "forward_only" and self.sat_state.context_forward_only
+        return self.saved_fraction(rate, config.sparse_pass, dense_fraction, context_forward_only=forward_only)
 
 
 def _sum_costs(costs: dict, module: nn.Module, names: tuple[str, ...]) -> tuple[float, float, float]:

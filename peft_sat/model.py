@@ -22,6 +22,7 @@ from transformers.utils import logging
 
 from .blocks import (
     DEFAULT_TARGET_MODULES,
+    SATBlockMixin,
     block_kind,
     convert_block,
     restore_block,
@@ -99,9 +100,10 @@ class SATModel(BaseTuner):
             self._sat_blocks.append(target)
 
     def _post_injection_hook(self, model: nn.Module, config: SATConfig, adapter_name: str) -> None:
-        if not self._sat_blocks:
+        if not any(block.sat_omits_units for block in self._sat_blocks):
             raise ValueError(f"`target_modules` {config.target_modules!r} matched no block that `omit` selects.")
         _log_sparse_layers(self.sat_state, self._sat_matching)
+        _convert_for_the_cut(model, config, self.sat_state, self._sat_blocks)
         _convert_lm_head_if_cut(model, config, self.sat_state)
         _warn_if_attention_keeps_everything(self._sat_blocks, config)
         self.sat_state.register_zero3_parameters(model)  # already partitioned (deepspeed.zero.Init)
@@ -176,9 +178,10 @@ def apply_sat(model: nn.Module, config: SATConfig | Mapping[str, Any]) -> nn.Mod
             module, name, config, state, len(blocks)
         ):
             blocks.append(module)
-    if not blocks:
+    if not any(block.sat_omits_units for block in blocks):
         raise ValueError(f"`target_modules` {config.target_modules!r} matched no block that `omit` selects.")
     _log_sparse_layers(state, matching)
+    _convert_for_the_cut(base, config, state, blocks)
     _convert_lm_head_if_cut(base, config, state)
     _warn_if_attention_keeps_everything(blocks, config)
     state.register_zero3_parameters(base)  # already partitioned (deepspeed.zero.Init, or after deepspeed.initialize)
@@ -261,9 +264,26 @@ def layer_matching_config(config: SATConfig, model: nn.Module) -> SATConfig:
     return matching
 
 
+def _convert_for_the_cut(model: nn.Module, config: SATConfig, state: SATState, blocks: list[nn.Module]) -> None:
+    """With context tokens training forward only, every targeted block cuts their gradient, also in the layers that
+    omit no unit (``dense_layers``, ``layers_to_transform``): one attention block that let it through would send the
+    gradient down context rows whose other blocks run without a graph."""
+    if not state.context_forward_only:
+        return
+    every_layer = copy.deepcopy(config)
+    every_layer.layers_to_transform, every_layer.dense_layers = None, None
+    for name, module in model.named_modules():
+        if isinstance(module, SATBlockMixin) or block_kind(module) is None:
+            continue
+        if check_target_module_exists(every_layer, name) and _convert_if_omitted(
+            module, name, config, state, len(blocks), omits_units=False
+        ):
+            blocks.append(module)
+
+
 def _convert_lm_head_if_cut(model: nn.Module, config: SATConfig, state: SATState) -> None:
     """With context tokens training forward only, their logits need no graph either (``blocks/lm_head.py``)."""
-    if config.context_tokens != "forward_only" or config.dense_tokens == "none":
+    if not state.context_forward_only:
         return
     heads = [m.get_output_embeddings() for m in model.modules() if isinstance(m, PreTrainedModel)]
     head = next((h for h in heads if isinstance(h, nn.Linear)), None)
@@ -301,34 +321,41 @@ def _new_state(base: nn.Module, config: SATConfig) -> SATState:
 
         disable_cpu_inference_repack(base)  # dense evaluations between sparse steps must not repack the weights
     state = SATState(config=config, omission_rate=config.omission_rate)
+    state.context_forward_only = config.context_tokens == "forward_only" and config.dense_tokens != "none"
     models = [m for m in base.modules() if isinstance(m, PreTrainedModel)] or [base]
     state.attach(models)
     base.sat_state = state
     return state
 
 
-def _convert_if_omitted(module: nn.Module, name: str, config: SATConfig, state: SATState, block_id: int) -> bool:
-    """Convert a targeted block when its kind is in ``config.omit`` (or, with ``context_tokens="forward_only"``, to
-    cut the context tokens' gradient); TypeError for a target SAT cannot slice."""
+def _convert_if_omitted(
+    module: nn.Module, name: str, config: SATConfig, state: SATState, block_id: int, omits_units: bool | None = None
+) -> bool:
+    """Convert a targeted block when its kind is in ``config.omit`` (or, with ``context_tokens="forward_only"`` in
+    force, to cut the context tokens' gradient); TypeError for a target SAT cannot slice."""
     kind = block_kind(module)
     if kind is None:
         raise unsupported_block_error(module, name)
-    cuts = config.context_tokens == "forward_only" and config.dense_tokens != "none"
-    if kind not in config.omit and not cuts:
+    omits_units = kind in config.omit if omits_units is None else omits_units
+    if not omits_units and not state.context_forward_only:
         return False
     if reason := unsliceable_reason(module):
-        if cuts:
-            raise ValueError(
-                f"`context_tokens`='forward_only' needs every attention block to cut the context tokens' gradient, "
-                f"and `{name}` ({type(module).__name__}) cannot be converted: {reason}. Use `context_tokens='sparse'`."
+        if state.context_forward_only:
+            state.context_forward_only = False
+            warnings.warn(
+                f"peft_sat: `context_tokens`='forward_only' needs every attention block to cut the context tokens' "
+                f"gradient, and `{name}` ({type(module).__name__}) cannot be converted: {reason}. The context tokens "
+                "of a split batch train as with `context_tokens`='sparse'.",
+                stacklevel=3,
             )
-        warnings.warn(
-            f"peft_sat: the heads of `{name}` ({type(module).__name__}) cannot be sliced exactly: {reason}. Its "
-            "attention trains dense; SAT sparsifies the MLP blocks only.",
-            stacklevel=3,
-        )
+        if omits_units:
+            warnings.warn(
+                f"peft_sat: the heads of `{name}` ({type(module).__name__}) cannot be sliced exactly: {reason}. Its "
+                "attention trains dense; SAT sparsifies the MLP blocks only.",
+                stacklevel=3,
+            )
         return False
-    convert_block(module, state, block_id, config.head_granularity, omits_units=kind in config.omit)
+    convert_block(module, state, block_id, config.head_granularity, omits_units=omits_units)
     return True
 
 

@@ -58,6 +58,9 @@ class SATState:
     # every rank takes (any forward outside, e.g. a callback sampling on rank 0 alone, may be one rank's alone).
     in_training_step: bool = False
     sparse_layers: list[int] | None = None  # the layers whose blocks SAT converted (None: every targeted layer)
+    # ``context_tokens="forward_only"`` in force: set from the config, cleared when an attention block of the model
+    # cannot cut the context tokens' gradient (its context tokens then train as with "sparse")
+    context_forward_only: bool = False
     dense_fractions: list[float] = field(default_factory=list, repr=False)  # per forward: dense positions / all
     # Token positions (padding included: padded positions are computed too) of the training forwards inside the
     # current training step; ``SATCallback`` resets it at each step and times steps per position.

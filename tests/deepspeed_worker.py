@@ -18,7 +18,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from sat_testing import batch, sat_model  # noqa: E402
+from sat_testing import batch, paper_config, sat_model  # noqa: E402
 
 import peft_sat  # noqa: E402
 
@@ -31,7 +31,7 @@ def main(stack: str, stage: str, rates: str, out_dir: str, *flags: str) -> None:
     if "regather" in flags:
         peft_sat.ops.REGATHER_DEVICES.add("cpu")
     step_rates = [float(rate) for rate in rates.split(",")]
-    config = peft_sat.SATConfig(omission_rate=max(step_rates), importance="magnitude", selection="topk")
+    config = paper_config(omission_rate=max(step_rates), importance="magnitude", selection="topk")
     model = sat_model(stack, config).train()
     rank, world, engine = 0, 1, None
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)

@@ -17,9 +17,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, os.path.dirname(__file__))
-from sat_testing import batch, leave_process_group, sat_model  # noqa: E402
-
-import peft_sat  # noqa: E402
+from sat_testing import batch, leave_process_group, paper_config, sat_model  # noqa: E402
 
 GLOBAL_BATCH, STEPS = 4, 3
 
@@ -31,7 +29,7 @@ def main(stack: str, importance: str, out_dir: str, wrapper: str = "ddp", lone: 
         dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=180))  # fail, never hang
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
 
-    config = peft_sat.SATConfig(omission_rate=0.5, importance=importance, selection="topk")
+    config = paper_config(omission_rate=0.5, importance=importance, selection="topk")
     model = sat_model(stack, config).train()
     trained = model
     if distributed and wrapper == "ddp":

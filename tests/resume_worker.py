@@ -18,9 +18,9 @@ from peft import LoraConfig, get_peft_model
 from transformers import Trainer, TrainerCallback
 
 sys.path.insert(0, os.path.dirname(__file__))
-from sat_testing import leave_process_group, lm_dataset, tiny_llama, train_logs, training_args  # noqa: E402
+from sat_testing import leave_process_group, lm_dataset, paper_config, tiny_llama, train_logs, training_args  # noqa: E402
 
-from peft_sat import SATCallback, SATConfig  # noqa: E402
+from peft_sat import SATCallback  # noqa: E402
 
 MAX_STEPS, SAVE_STEPS, GLOBAL_BATCH = 8, 4, 2
 CONFIG = dict(omission_rate=0.5, importance="magnitude", ladder_rungs=2, dense_when_slower=False)
@@ -52,7 +52,7 @@ def main(out_dir: str, checkpoint: str | None = None) -> None:
     )
     recorder = RecordLoaded()
     trainer = Trainer(
-        model=model, args=args, train_dataset=lm_dataset(), callbacks=[recorder, SATCallback(SATConfig(**CONFIG))]
+        model=model, args=args, train_dataset=lm_dataset(), callbacks=[recorder, SATCallback(paper_config(**CONFIG))]
     )
     trainer.train(resume_from_checkpoint=checkpoint)
     if trainer.is_world_process_zero():

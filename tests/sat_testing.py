@@ -70,6 +70,18 @@ def tiny_config(family: str, attn: str | None = None, **overrides):
     return config
 
 
+# The paper's method (the defaults before the modes beyond it): the tests written for its sparse forward build their
+# configs on top of it, whatever SATConfig's defaults are.
+PAPER_MODES = dict(
+    omit=["mlp", "attention"], dense_tokens="none", sparse_pass="forward_backward", context_tokens="sparse"
+)
+
+
+def paper_config(**overrides: Any) -> peft_sat.SATConfig:
+    """``SATConfig`` with the paper's modes (``PAPER_MODES``) under ``overrides``."""
+    return peft_sat.SATConfig(**{**PAPER_MODES, **overrides})
+
+
 def tiny_model(family: str = "llama", attn: str | None = None, seed: int = 0, **overrides) -> nn.Module:
     torch.manual_seed(seed)
     attn = attn or default_attention(family)

@@ -15,7 +15,7 @@ from torch import nn
 bnb = pytest.importorskip("bitsandbytes")
 import bitsandbytes.functional as bnb_functional  # noqa: E402
 from peft import get_peft_model  # noqa: E402
-from sat_testing import lora_config, quantize_4bit, tiny_model  # noqa: E402
+from sat_testing import lora_config, paper_config, quantize_4bit, tiny_model  # noqa: E402
 
 import peft_sat  # noqa: E402
 from peft_sat.bnb import dequantize_weight, disable_cpu_inference_repack, linear4bit_sliced  # noqa: E402
@@ -264,5 +264,5 @@ def test_sat_keeps_every_4bit_layer_from_repacking(tmp_path):
     layers = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
     for layer in layers:
         layer.support_avx512bf16_for_cpu = True
-    peft_sat.apply_sat(get_peft_model(model, lora_config()), peft_sat.SATConfig())
+    peft_sat.apply_sat(get_peft_model(model, lora_config()), paper_config())
     assert layers and not any(layer.support_avx512bf16_for_cpu for layer in layers)

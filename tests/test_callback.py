@@ -11,6 +11,7 @@ from peft import LoraConfig, get_peft_model
 from sat_testing import (
     SAT_KEYS,
     lm_dataset,
+    paper_config,
     sat_blocks,
     text_dataset,
     tiny_llama,
@@ -57,7 +58,7 @@ class LogRecorder(TrainerCallback):
 
 
 def test_trainer_logs_follow_the_ladder_and_reach_every_logger(tmp_path):
-    config = SATConfig(**CONFIG)
+    config = paper_config(**CONFIG)
     recorder = LogRecorder()
     model = tiny_llama()
     trainer = Trainer(
@@ -84,7 +85,7 @@ def test_trainer_logs_follow_the_ladder_and_reach_every_logger(tmp_path):
 
 
 def test_rate_is_set_once_per_optimizer_step(tmp_path):
-    config = SATConfig(**CONFIG)
+    config = paper_config(**CONFIG)
     model = tiny_llama()
     seen: list[float] = []
     model.register_forward_pre_hook(lambda module, args: seen.append(get_sat_state(module).omission_rate))
@@ -95,7 +96,7 @@ def test_rate_is_set_once_per_optimizer_step(tmp_path):
 
 
 def test_evaluation_inside_training_is_dense(tmp_path):
-    config = SATConfig(**CONFIG)
+    config = paper_config(**CONFIG)
     model = tiny_llama()
     records: list[tuple[bool, bool, float]] = []  # (training mode, sparse forward, rate) per MLP forward
     mlp = model.model.layers[0].mlp
@@ -132,7 +133,7 @@ def test_evaluation_inside_training_is_dense(tmp_path):
 
 
 def test_full_parameter_sat_from_get_peft_model(tmp_path):
-    config = SATConfig(**CONFIG, ladder_rungs=2)
+    config = paper_config(**CONFIG, ladder_rungs=2)
     model = get_peft_model(tiny_llama(), config)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     recorder = LogRecorder()
@@ -151,7 +152,7 @@ def test_full_parameter_sat_from_get_peft_model(tmp_path):
 def test_resume_from_checkpoint_continues_the_schedule(tmp_path):
     # "magnitude" scores depend on the weights only, so the resumed run selects the same sub-networks as the
     # uninterrupted one and the losses must agree too.
-    config = SATConfig(omission_rate=0.5, importance="magnitude", ladder_rungs=2, dense_when_slower=False)
+    config = paper_config(omission_rate=0.5, importance="magnitude", ladder_rungs=2, dense_when_slower=False)
     args = training_args(tmp_path / "run", save_strategy="steps", save_steps=4)
     full = Trainer(model=tiny_llama(), args=args, train_dataset=lm_dataset(), callbacks=[SATCallback(config)])
     full.train()
@@ -175,7 +176,7 @@ def test_resume_from_checkpoint_continues_the_schedule(tmp_path):
 def test_sft_trainer_with_lora_and_sat_callback(tmp_path):
     from trl import SFTConfig, SFTTrainer
 
-    config = SATConfig(**CONFIG)
+    config = paper_config(**CONFIG)
     recorder = LogRecorder()
     trainer = SFTTrainer(
         model=tiny_llama(),
@@ -216,7 +217,7 @@ def _trainer(tmp_path, model, *callbacks, **arg_overrides) -> Trainer:
 
 def test_schedule_that_does_not_fit_max_steps_fails_before_training(tmp_path):
     model = tiny_llama()
-    trainer = _trainer(tmp_path, model, SATCallback(SATConfig(ladder_rungs=10)))
+    trainer = _trainer(tmp_path, model, SATCallback(paper_config(ladder_rungs=10)))
     with pytest.raises(ValueError, match="`ladder_rungs`=10 does not fit `total_steps`=8"):
         trainer.train()
     assert trainer.state.global_step == 0 and get_sat_state(model) is None
@@ -228,16 +229,16 @@ def test_callback_without_config_needs_sat_on_the_model(tmp_path):
 
 
 def test_callback_config_must_agree_with_the_models_sat(tmp_path):
-    model = get_peft_model(tiny_llama(), SATConfig(**CONFIG))
+    model = get_peft_model(tiny_llama(), paper_config(**CONFIG))
     with pytest.raises(ValueError, match=r"different schedule .*`ladder_rungs`: 2 vs 3"):
-        _trainer(tmp_path, model, SATCallback(SATConfig(**CONFIG, ladder_rungs=2))).train()
+        _trainer(tmp_path, model, SATCallback(paper_config(**CONFIG, ladder_rungs=2))).train()
 
 
 def test_train_base_that_would_bypass_the_optimizer_is_refused(tmp_path):
     model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     with pytest.raises(ValueError, match=r"`train_base`=True would change `requires_grad` of \d+ parameters"):
-        _trainer(tmp_path, model, SATCallback(SATConfig(**CONFIG, train_base=True))).train()
+        _trainer(tmp_path, model, SATCallback(paper_config(**CONFIG, train_base=True))).train()
     assert get_sat_state(model) is None
     assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
 
@@ -256,7 +257,7 @@ def test_bad_callback_config_type():
 def test_fallback_logging_without_a_trainer():
     """Driven by hand (no Trainer on the stack), the metrics still reach ``logs`` and the log history."""
     model = tiny_llama()
-    callback = SATCallback(SATConfig(**CONFIG))
+    callback = SATCallback(paper_config(**CONFIG))
     state = TrainerState(max_steps=STEPS)
     callback.on_train_begin(None, state, None, model=model)
     for _ in range(3):

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 from peft import get_peft_model
-from sat_testing import batch, gradients, sat_model, tiny_model, train_step
+from sat_testing import batch, gradients, paper_config, sat_model, tiny_model, train_step
 
 import peft_sat
 
@@ -29,7 +29,7 @@ def test_checkpointed_step_equals_plain_step(stack, use_reentrant, mode):
     # "sampling" and "uniform" draw random numbers: a re-run that re-selected would pick other units. The sparse
     # backward's "maxip" scores come from the forward's own activations, which the re-run recomputes.
     settings = {"importance": "uniform", "selection": "sampling", **MODES[mode]}
-    config = peft_sat.SATConfig(omission_rate=0.5, seed=5, **settings)
+    config = paper_config(omission_rate=0.5, seed=5, **settings)
     model = sat_model(stack, config)
     checkpointed = copy.deepcopy(model)
     checkpointed.get_base_model().gradient_checkpointing_enable({"use_reentrant": use_reentrant})
@@ -49,7 +49,7 @@ def test_checkpointed_step_equals_plain_step(stack, use_reentrant, mode):
 
 
 def test_selection_is_refreshed_every_model_forward():
-    config = peft_sat.SATConfig(omission_rate=0.5, importance="uniform", selection="sampling")
+    config = paper_config(omission_rate=0.5, importance="uniform", selection="sampling")
     model = get_peft_model(tiny_model(), config).train()
     mlp = model.get_base_model().model.layers[0].mlp
     seen = set()

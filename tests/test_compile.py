@@ -11,7 +11,7 @@ import copy
 import pytest
 import torch
 from peft import get_peft_model
-from sat_testing import batch, tiny_model
+from sat_testing import batch, paper_config, tiny_model
 from torch._dynamo.utils import counters
 
 import peft_sat
@@ -26,7 +26,7 @@ def _graphs() -> int:
 def test_compiled_training_matches_eager_and_recompiles_boundedly():
     torch._dynamo.reset()
     counters.clear()
-    eager = get_peft_model(tiny_model(), peft_sat.SATConfig(omission_rate=0.5)).train()
+    eager = get_peft_model(tiny_model(), paper_config(omission_rate=0.5)).train()
     model = copy.deepcopy(eager)
     compiled = torch.compile(model, backend="aot_eager")
     graphs = []
@@ -62,7 +62,7 @@ def test_compiled_modes_beyond_the_paper_match_eager(mode):
     """The modes beyond the paper (custom autograd functions, data-dependent token rows, context rows without a
     graph) compile and train exactly as in eager mode."""
     torch._dynamo.reset()
-    config = peft_sat.SATConfig(omission_rate=0.5, schedule="constant", **MODES_BEYOND_THE_PAPER[mode])
+    config = paper_config(omission_rate=0.5, schedule="constant", **MODES_BEYOND_THE_PAPER[mode])
     eager = get_peft_model(tiny_model(), config).train()
     model = copy.deepcopy(eager)
     compiled = torch.compile(model, backend="aot_eager")

@@ -149,17 +149,24 @@ def test_targets_matching_nothing_raise():
 
 
 def test_omit_restricts_the_converted_blocks():
-    model = peft_sat.apply_sat(tiny_model(), SATConfig(omit=["mlp"]))
+    model = peft_sat.apply_sat(tiny_model(), SATConfig(omit=["mlp"], context_tokens="sparse"))
     assert type(model.model.layers[0].mlp).__name__ == "SATLlamaMLP"
     assert type(model.model.layers[0].self_attn).__name__ == "LlamaAttention"
+    # context_tokens="forward_only" (the default) converts attention too, to cut the context tokens' gradient
+    attention = peft_sat.apply_sat(tiny_model(), SATConfig(omit=["mlp"])).model.layers[0].self_attn
+    assert type(attention).__name__ == "SATLlamaAttention" and not attention.sat_omits_units
 
 
 def test_olmo2_heads_cannot_be_sliced_so_only_its_mlp_is_sparsified():
     with pytest.warns(UserWarning, match="q/k RMSNorm spans all heads.*MLP blocks only"):
-        model = peft_sat.apply_sat(tiny_model("olmo2"), SATConfig())
+        model = peft_sat.apply_sat(tiny_model("olmo2"), SATConfig(omit=["mlp", "attention"]))
     assert [type(block).__name__ for _, block in sat_blocks(model)] == ["SATOlmo2MLP", "SATOlmo2MLP"]
     with pytest.warns(UserWarning), pytest.raises(ValueError, match="matched no block"):
         peft_sat.apply_sat(tiny_model("olmo2"), SATConfig(omit=["attention"]))
+    # The defaults cut the context tokens' gradient in attention: Olmo2's cannot, so its context tokens train sparse.
+    with pytest.warns(UserWarning, match="q/k RMSNorm spans all heads.*train as with `context_tokens`='sparse'"):
+        model = peft_sat.apply_sat(tiny_model("olmo2"), SATConfig())
+    assert not peft_sat.get_sat_state(model).context_forward_only
 
 
 @pytest.mark.parametrize("convert", ["apply_sat", "get_peft_model"])
@@ -191,13 +198,30 @@ def test_dense_layers_keep_layers_dense_and_combine_with_layers_to_transform(cap
     from sat_testing import sat_blocks
 
     four = dict(num_hidden_layers=4)
-    model = peft_sat.apply_sat(tiny_model(**four), SATConfig(dense_layers=[0, -1], omit=["mlp"]))
+    paper = dict(omit=["mlp"], context_tokens="sparse")  # "forward_only" converts every block (next test)
+    model = peft_sat.apply_sat(tiny_model(**four), SATConfig(dense_layers=[0, -1], **paper))
     assert [name for name, _ in sat_blocks(model)] == ["model.layers.1.mlp", "model.layers.2.mlp"]
     assert peft_sat.get_sat_state(model).sparse_layers == [1, 2]
-    full = get_peft_model(tiny_model(**four), SATConfig(dense_layers=[-1], layers_to_transform=[0, 2], omit=["mlp"]))
+    full = get_peft_model(tiny_model(**four), SATConfig(dense_layers=[-1], layers_to_transform=[0, 2], **paper))
     assert [name for name, _ in sat_blocks(full)] == ["model.layers.0.mlp", "model.layers.2.mlp"]
     assert peft_sat.get_sat_state(full).sparse_layers == [0, 2]
     assert full.peft_config["default"].layers_to_transform == [0, 2], "the user's config must stay as given"
+
+
+@pytest.mark.parametrize("convert", ["apply_sat", "get_peft_model"])
+def test_context_forward_only_cuts_in_the_layers_that_omit_nothing(convert):
+    """Every attention block must cut the context tokens' gradient, or it would leak down context rows whose other
+    blocks run without a graph: the layers outside `dense_layers` / `layers_to_transform` convert too, omitting none."""
+    from sat_testing import sat_blocks
+
+    config = SATConfig(dense_layers=[0], layers_to_transform=[1, 2], omit=["mlp"])
+    base = tiny_model(num_hidden_layers=4)
+    model = peft_sat.apply_sat(base, config) if convert == "apply_sat" else get_peft_model(base, config)
+    blocks = dict(sat_blocks(model))
+    assert len(blocks) == 8  # every attention and MLP block of the 4 layers
+    omitting = sorted(name for name, block in blocks.items() if block.sat_omits_units)
+    assert omitting == ["model.layers.1.mlp", "model.layers.2.mlp"]
+    assert peft_sat.get_sat_state(model).sparse_layers == [1, 2]
 
 
 @pytest.mark.parametrize(

@@ -10,10 +10,10 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from sat_testing import SAT_KEYS, lm_dataset, tiny_llama, train_logs, training_args
+from sat_testing import SAT_KEYS, lm_dataset, paper_config, tiny_llama, train_logs, training_args
 from transformers import Trainer
 
-from peft_sat import SATCallback, SATConfig, omission_rate_at
+from peft_sat import SATCallback, omission_rate_at
 from peft_sat.crossover import TIMED_STEPS, CrossoverCheck, max_over_ranks
 
 STEPS = 16  # the default ladder at r = 0.5: steps 0-7 at 0.5, 8-10 at 1/3, 11-13 at 1/6, 14-15 dense
@@ -63,7 +63,7 @@ def drive(check: CrossoverCheck, clock: FakeClock, positions: Callable[[float], 
 def crossover_trainer(output_dir, clock: FakeClock, **arg_overrides) -> tuple[Trainer, SATCallback]:
     """A Trainer whose SATCallback reads ``clock``; each model forward advances it by its rate's step time."""
     model = tiny_llama()
-    callback = SATCallback(SATConfig(omission_rate=0.5, importance="uniform"), clock=clock)
+    callback = SATCallback(paper_config(omission_rate=0.5, importance="uniform"), clock=clock)
     model.register_forward_hook(lambda module, args, output: clock.run(callback.current_rate()))
     args = training_args(output_dir, max_steps=STEPS, **arg_overrides)
     return Trainer(model=model, args=args, train_dataset=lm_dataset(), callbacks=[callback]), callback
@@ -130,7 +130,7 @@ def test_resume_keeps_the_crossover_and_the_flops_count(tmp_path):
 def test_switched_off_follows_the_schedule_and_reads_no_clock(tmp_path):
     clock = FakeClock()
     model = tiny_llama()
-    callback = SATCallback(SATConfig(omission_rate=0.5, importance="uniform", dense_when_slower=False), clock=clock)
+    callback = SATCallback(paper_config(omission_rate=0.5, importance="uniform", dense_when_slower=False), clock=clock)
     args = training_args(tmp_path, max_steps=STEPS)
     trainer = Trainer(model=model, args=args, train_dataset=lm_dataset(), callbacks=[callback])
     trainer.train()
@@ -145,7 +145,7 @@ def test_switched_off_follows_the_schedule_and_reads_no_clock(tmp_path):
 
 
 def test_faster_everywhere_costs_only_the_probes():
-    config = SATConfig(omission_rate=0.5)
+    config = paper_config(omission_rate=0.5)
     clock = FakeClock({0.0: 1.0, 0.5: 0.5, 0.333: 0.6, 0.167: 0.9})
     check = CrossoverCheck(config, STEPS, first_step=0, clock=clock)
     rates = drive(check, clock)
@@ -156,7 +156,7 @@ def test_faster_everywhere_costs_only_the_probes():
 
 def test_a_dense_warmup_is_the_reference_and_a_slow_full_rate_runs_everything_dense():
     # 16 steps: warm-up 0-3 (steps 1-2 timed: no probe), 0.5 on 4-11, rungs 1/3 on 12-13, 1/6 on 14, 0 on 15
-    config = SATConfig(omission_rate=0.5, warmup_ratio=0.25)
+    config = paper_config(omission_rate=0.5, warmup_ratio=0.25)
     clock = FakeClock({0.0: 1.0, 0.5: 1.1, 0.333: 0.5, 0.167: 0.5})
     check = CrossoverCheck(config, STEPS, first_step=0, clock=clock)
     rates = drive(check, clock)
@@ -175,7 +175,7 @@ def test_a_dense_warmup_is_the_reference_and_a_slow_full_rate_runs_everything_de
 
 
 def test_linear_decay_judges_each_step_and_turns_dense_at_the_crossover():
-    config = SATConfig(omission_rate=0.5, schedule="linear")
+    config = paper_config(omission_rate=0.5, schedule="linear")
     clock = FakeClock(lambda rate: 1.0 if rate == 0 else 1.3 - rate)  # faster than dense above r = 0.3
     check = CrossoverCheck(config, 12, first_step=0, clock=clock)
     rates = drive(check, clock)
@@ -189,14 +189,14 @@ def test_linear_decay_judges_each_step_and_turns_dense_at_the_crossover():
 def test_times_compare_per_token_position():
     """Short dense probe batches, long sparse ones: slower per step, faster per token position."""
     clock = FakeClock({0.0: 1.0, 0.5: 1.5, 0.333: 1.5, 0.167: 1.5})
-    check = CrossoverCheck(SATConfig(omission_rate=0.5), STEPS, first_step=0, clock=clock)
+    check = CrossoverCheck(paper_config(omission_rate=0.5), STEPS, first_step=0, clock=clock)
     drive(check, clock, positions=lambda rate: 32 if rate == 0 else 64)
     assert check.verdicts and all(verdict.faster for verdict in check.verdicts)
     assert check.verdicts[0].seconds == pytest.approx(0.75) and check.verdicts[0].positions == 32
 
 
 def test_a_resumed_process_never_times_its_first_step_and_keeps_a_known_crossover():
-    config = SATConfig(omission_rate=0.5)
+    config = paper_config(omission_rate=0.5)
     clock = FakeClock()
     check = CrossoverCheck(config, STEPS, first_step=11, clock=clock, crossover_rate=1 / 6, dense_fallback_steps=2)
     assert drive(check, clock) == [0.0] * 5
@@ -228,7 +228,7 @@ class FakeAllReduce:
 def test_ranks_with_different_timings_run_the_same_rates():
     # Rank 0 finds 1/3 faster than dense, rank 1 (slower at low rates, e.g. longer batches) does not.
     timings = [{0.0: 1.0, 0.5: 0.6, 0.333: 0.8, 0.167: 0.9}, {0.0: 1.0, 0.5: 0.7, 0.333: 1.1, 0.167: 1.2}]
-    config = SATConfig(omission_rate=0.5)
+    config = paper_config(omission_rate=0.5)
 
     def run_ranks(reduce_for: Callable[[int], Callable[[list[float]], list[float]]]) -> list[list[float]]:
         results: list[list[float]] = [[], []]
@@ -269,4 +269,4 @@ def test_max_over_ranks_is_the_identity_on_one_process(tmp_path):
 
 def test_dense_when_slower_must_be_a_bool():
     with pytest.raises(ValueError, match=r"`dense_when_slower` must be True or False, got 'yes'"):
-        SATConfig(dense_when_slower="yes")
+        paper_config(dense_when_slower="yes")

@@ -22,6 +22,7 @@ from sat_testing import (
     lora_config,
     masked,
     omitted_slices,
+    paper_config,
     quantize_4bit,
     sat_blocks,
     tiny_model,
@@ -56,7 +57,7 @@ def _no_tf32():
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("stack", ["full", "lora"])
 def test_fp32_equals_masked_dense_reference_on_cuda(stack, attn, granularity):
-    config = peft_sat.SATConfig(omission_rate=0.5, head_granularity=granularity)
+    config = paper_config(omission_rate=0.5, head_granularity=granularity)
     models = build_stack(stack, "llama", attn, config)
     sat, reference = models.sat.to(DEVICE), models.reference.to(DEVICE)
     inputs = _cuda_inputs()
@@ -71,7 +72,7 @@ def test_fp32_equals_masked_dense_reference_on_cuda(stack, attn, granularity):
 
 @pytest.mark.parametrize("stack", ["full", "lora"])
 def test_bf16_weights_match_masked_dense_reference_on_cuda(stack):
-    models = build_stack(stack, "llama", "sdpa", peft_sat.SATConfig(omission_rate=0.5))
+    models = build_stack(stack, "llama", "sdpa", paper_config(omission_rate=0.5))
     sat = models.sat.to(DEVICE, torch.bfloat16)
     reference = models.reference.to(DEVICE, torch.bfloat16)
     inputs = _cuda_inputs()
@@ -119,7 +120,7 @@ def test_backward_regathers_on_cuda_with_equal_gradients(by_rows, monkeypatch):
 
 def test_full_model_step_with_regather_equals_kept_copy_on_cuda(monkeypatch):
     """A whole SAT step (fused q/k/v and gate/up rows, o / down columns) through the re-gather path."""
-    config = peft_sat.SATConfig(omission_rate=0.5, importance="magnitude")
+    config = paper_config(omission_rate=0.5, importance="magnitude")
     sat = get_peft_model(tiny_model(), config).to(DEVICE).train()
     copy_path = copy.deepcopy(sat)
     inputs = _cuda_inputs()
@@ -137,14 +138,14 @@ def test_qlora_4bit_equals_masked_dense_reference_on_cuda(granularity, tmp_path)
     base = quantize_4bit(tiny_model(attn="sdpa"), tmp_path, device_map={"": 0})
     lora = get_peft_model(base, lora_config())
     reference = copy.deepcopy(lora).train()
-    sat = peft_sat.apply_sat(lora, peft_sat.SATConfig(omission_rate=0.5, head_granularity=granularity)).train()
+    sat = peft_sat.apply_sat(lora, paper_config(omission_rate=0.5, head_granularity=granularity)).train()
     assert any(type(m).__name__ == "Linear4bit" and m.weight.device.type == "cuda" for m in sat.modules())
     assert_matches_masked_reference(sat, reference, _cuda_inputs(), atol=1e-4)
 
 
 def test_torch_compile_inductor_matches_eager_on_cuda():
     torch._dynamo.reset()
-    eager = get_peft_model(tiny_model(), peft_sat.SATConfig(omission_rate=0.5)).to(DEVICE).train()
+    eager = get_peft_model(tiny_model(), paper_config(omission_rate=0.5)).to(DEVICE).train()
     model = copy.deepcopy(eager)
     compiled = torch.compile(model)  # inductor: Triton kernels on CUDA
     for step, rate in enumerate([0.5, 0.5, 0.25, 0.0]):

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 from peft import get_peft_model
-from sat_testing import FAMILIES, batch, inner, lora_config, sat_blocks, tiny_model
+from sat_testing import FAMILIES, batch, inner, lora_config, paper_config, sat_blocks, tiny_model
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP
 
 import peft_sat
@@ -20,7 +20,7 @@ def _logits(model, inputs):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_rate_zero_and_eval_equal_the_original_model_exactly(family):
     original = tiny_model(family)
-    sat = get_peft_model(copy.deepcopy(original), peft_sat.SATConfig(omission_rate=0.5))
+    sat = get_peft_model(copy.deepcopy(original), paper_config(omission_rate=0.5))
     inputs = batch()
 
     sat.eval()
@@ -38,7 +38,7 @@ def test_rate_zero_and_eval_equal_the_original_model_exactly(family):
 
 def test_sat_disabled_and_disable_adapter_layers_run_dense():
     original = tiny_model().train()
-    sat = get_peft_model(copy.deepcopy(original), peft_sat.SATConfig(omission_rate=0.5)).train()
+    sat = get_peft_model(copy.deepcopy(original), paper_config(omission_rate=0.5)).train()
     inputs = batch()
     with peft_sat.sat_disabled(sat):
         assert torch.equal(_logits(sat, inputs), _logits(original, inputs))
@@ -52,7 +52,7 @@ def test_sat_disabled_and_disable_adapter_layers_run_dense():
 def test_disable_adapter_context_runs_dense_then_sparse_again():
     """``PeftModel.disable_adapter()`` (TRL's reference-model path) on full-parameter SAT, in training mode."""
     original = tiny_model().train()
-    sat = get_peft_model(copy.deepcopy(original), peft_sat.SATConfig(omission_rate=0.5)).train()
+    sat = get_peft_model(copy.deepcopy(original), paper_config(omission_rate=0.5)).train()
     inputs = batch()
     dense = _logits(original, inputs)
     with sat.disable_adapter():
@@ -71,7 +71,7 @@ def test_disable_adapter_context_runs_dense_then_sparse_again():
 
 def test_generate_in_eval_equals_original():
     original = tiny_model().eval()
-    sat = get_peft_model(copy.deepcopy(original), peft_sat.SATConfig(omission_rate=0.5)).eval()
+    sat = get_peft_model(copy.deepcopy(original), paper_config(omission_rate=0.5)).eval()
     prompt = batch()["input_ids"][1:, :6]
     kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert torch.equal(sat.generate(input_ids=prompt, **kwargs), original.generate(input_ids=prompt, **kwargs))
@@ -81,7 +81,7 @@ def test_generate_in_eval_equals_original():
 def test_generate_in_training_mode_equals_eval_mode(family):
     """TRL's GRPO / RLOO trainers and sampling callbacks generate with the model in training mode: any forward with
     a KV cache runs dense, and the training forwards around it stay sparse."""
-    sat = get_peft_model(tiny_model(family), peft_sat.SATConfig(omission_rate=0.5))
+    sat = get_peft_model(tiny_model(family), paper_config(omission_rate=0.5))
     prompt = batch()["input_ids"][1:, :6]
     kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     expected = sat.eval().generate(input_ids=prompt, **kwargs)
@@ -98,7 +98,7 @@ def test_remove_sat_restores_classes_and_outputs():
     original = tiny_model().train()
     lora = get_peft_model(copy.deepcopy(original), lora_config())
     reference = copy.deepcopy(lora)
-    peft_sat.apply_sat(lora, peft_sat.SATConfig(omission_rate=0.5))
+    peft_sat.apply_sat(lora, paper_config(omission_rate=0.5))
     assert len(sat_blocks(lora)) == 4
     peft_sat.remove_sat(lora)
     assert sat_blocks(lora) == [] and peft_sat.get_sat_state(lora) is None
@@ -111,8 +111,8 @@ def test_remove_sat_restores_classes_and_outputs():
 
 def test_apply_sat_twice_is_idempotent():
     model = tiny_model()
-    peft_sat.apply_sat(model, peft_sat.SATConfig(omission_rate=0.5))
-    peft_sat.apply_sat(model, peft_sat.SATConfig(omission_rate=0.25))
+    peft_sat.apply_sat(model, paper_config(omission_rate=0.5))
+    peft_sat.apply_sat(model, paper_config(omission_rate=0.25))
     assert len(sat_blocks(model)) == 4
     assert peft_sat.get_sat_state(model).omission_rate == 0.25
     assert len(model._forward_pre_hooks) == 1

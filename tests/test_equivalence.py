@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 
 import pytest
 import torch
@@ -30,6 +31,7 @@ from sat_testing import (
     lora_config,
     masked,
     omitted_slices,
+    paper_config,
     sat_blocks,
     tiny_model,
     train_step,
@@ -51,7 +53,7 @@ CASES = [
 
 @pytest.mark.parametrize("stack,family,granularity,attn", CASES, ids=["-".join(c) for c in CASES])
 def test_sparse_step_equals_masked_dense_reference(stack, family, granularity, attn, tmp_path):
-    config = peft_sat.SATConfig(omission_rate=0.5, head_granularity=granularity)
+    config = paper_config(omission_rate=0.5, head_granularity=granularity)
     models = build_stack(stack, family, attn, config, tmp_path)
     inputs = batch()
 
@@ -77,7 +79,7 @@ def test_sparse_step_equals_masked_dense_reference(stack, family, granularity, a
 @pytest.mark.parametrize("importance", ["uniform", "magnitude", "wanda", "maxip"])
 @pytest.mark.parametrize("selection", ["topk", "sampling"])
 def test_every_metric_and_selection_trains_the_masked_reference(importance, selection):
-    config = peft_sat.SATConfig(omission_rate=0.25, importance=importance, selection=selection, seed=3)
+    config = paper_config(omission_rate=0.25, importance=importance, selection=selection, seed=3)
     models = build_stack("full", "llama", "sdpa", config)
     assert_matches_masked_reference(models.sat, models.reference, batch())
 
@@ -86,7 +88,7 @@ def test_lora_injected_after_sat_equals_masked_reference():
     """TRL's `peft_config` path: SAT first (apply_sat on the plain model), LoRA second."""
     base = tiny_model("qwen3")
     reference = get_peft_model(copy.deepcopy(base), lora_config()).train()
-    peft_sat.apply_sat(base, peft_sat.SATConfig(omission_rate=0.5, head_granularity="q_head"))
+    peft_sat.apply_sat(base, paper_config(omission_rate=0.5, head_granularity="q_head"))
     torch.manual_seed(0)  # LoRA init is random (init_lora_weights=False): copy the reference's weights
     sat = get_peft_model(base, lora_config()).train()
     sat.load_state_dict(reference.state_dict())
@@ -118,7 +120,7 @@ MODE_CASES = [
 
 @pytest.mark.parametrize("mode,stack,family,granularity,attn", MODE_CASES, ids=["-".join(c) for c in MODE_CASES])
 def test_mode_step_equals_masked_dense_reference(mode, stack, family, granularity, attn, tmp_path):
-    config = peft_sat.SATConfig(omission_rate=0.5, head_granularity=granularity, **MODES[mode])
+    config = paper_config(omission_rate=0.5, head_granularity=granularity, **MODES[mode])
     models = build_stack(stack, family, attn, config, tmp_path)
     inputs = batch(prompt=8)  # 8 context tokens per row, then tokens that carry loss
     split = config.dense_tokens != "none"
@@ -155,6 +157,25 @@ def _is_base_weight(block, weight) -> bool:
     return any(weight is getattr(peft_sat.sliced.base_layer(m), "weight", None) for m in block.children())
 
 
-def test_context_forward_only_needs_every_attention_block():
-    with pytest.raises(ValueError, match="cannot be converted"):
-        build_stack("full", "olmo2", "sdpa", peft_sat.SATConfig(dense_tokens="auto", context_tokens="forward_only"))
+def test_context_forward_only_falls_back_to_sparse_context_where_attention_cannot_cut():
+    """Olmo2's attention cannot be converted (its q / k norm spans every head), so it cannot cut the context tokens'
+    gradient: with `context_tokens="forward_only"` its split batches train exactly as with "sparse", with a warning."""
+    inputs = batch(prompt=8)
+    results = []
+    for context_tokens in ("forward_only", "sparse"):
+        config = peft_sat.SATConfig(
+            omission_rate=0.5, omit=["mlp"], dense_tokens="auto", context_tokens=context_tokens
+        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = get_peft_model(tiny_model("olmo2"), config).train()
+        forward_only_warned = any("context tokens of a split batch train as" in str(w.message) for w in caught)
+        assert forward_only_warned == (context_tokens == "forward_only")
+        assert not peft_sat.get_sat_state(model).context_forward_only
+        loss = model(**inputs).loss
+        loss.backward()
+        results.append((loss, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (loss_cut, grads_cut), (loss_sparse, grads_sparse) = results
+    assert torch.equal(loss_cut, loss_sparse) and grads_cut.keys() == grads_sparse.keys()
+    for name in grads_cut:
+        assert torch.equal(grads_cut[name], grads_sparse[name]), name

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 from peft import LoraConfig, get_peft_model
-from sat_testing import tiny_llama
+from sat_testing import paper_config, tiny_llama
 
 import peft_sat
-from peft_sat import SATConfig, get_sat_state
+from peft_sat import get_sat_state
 from peft_sat.flops import SATFlopsEstimator, SlicedShare, StackShape, ideal_speedup, training_flops
 
 LAYER = StackShape(hidden=256, intermediate=512, heads=8, kv_heads=8, layers=1, vocab=0, batch=1, seq=64)
@@ -71,7 +71,7 @@ def test_estimate_of_a_real_model_matches_the_formula():
     k_v = 2 * hidden * kv_heads * head_dim
     macs = layers * (mlp + q_o + k_v) + hidden * vocab  # + LM head
     # full-parameter: 2 FLOPs per multiply-add forward, 4 backward (input and weight gradients)
-    model = peft_sat.apply_sat(tiny_llama(), SATConfig(omission_rate=0.5, train_base=True))
+    model = peft_sat.apply_sat(tiny_llama(), paper_config(omission_rate=0.5, train_base=True))
     assert _estimator(model).dense_cost == 6 * macs
     assert _estimator(model).saved_fraction(0.5) == pytest.approx(layers * (mlp + q_o + k_v) * 0.5 / macs)
     assert _estimator(model).saved_fraction(0.0) == 0.0
@@ -86,12 +86,12 @@ def test_estimate_of_a_real_model_matches_the_formula():
     cut = _estimator(model).saved_fraction(0.5, dense_fraction=0.25, context_forward_only=True)
     assert cut == pytest.approx(layers * (4 * mlp + 4 * q_o + 2 * k_v) * 0.75 / (6 * macs))
     # q_head: k/v projections are counted dense; rate 0.25 of 4 heads omits 1, of 128 channels 32
-    model = peft_sat.apply_sat(tiny_llama(), SATConfig(head_granularity="q_head", train_base=True))
+    model = peft_sat.apply_sat(tiny_llama(), paper_config(head_granularity="q_head", train_base=True))
     assert _estimator(model).saved_fraction(0.25) == pytest.approx(layers * (mlp + q_o) * 0.25 / macs)
     assert _estimator(model).kept_fraction(0.25) == pytest.approx((96 + 3) * layers / ((128 + 4) * layers))
     # LoRA: frozen base weights cost forward + input gradient only; adapter layers are not counted
     lora = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules="all-linear"))
-    peft_sat.apply_sat(lora, SATConfig(omit=["mlp"]))
+    peft_sat.apply_sat(lora, paper_config(omit=["mlp"]))
     assert _estimator(lora).dense_cost == 4 * macs
     assert _estimator(lora).saved_fraction(0.5) == pytest.approx(layers * mlp * 0.5 / macs)
     assert _estimator(lora).saved_fraction(0.5, "backward") == pytest.approx(layers * mlp * 0.5 / macs / 2)

@@ -8,9 +8,9 @@ import random
 import torch
 from datasets import Dataset
 from peft import LoraConfig
-from sat_testing import WORDS, sat_blocks, tiny_llama, tiny_tokenizer
+from sat_testing import WORDS, paper_config, sat_blocks, tiny_llama, tiny_tokenizer
 
-from peft_sat import SATCallback, SATConfig
+from peft_sat import SATCallback
 from peft_sat.blocks import SATMLPMixin
 
 
@@ -44,7 +44,7 @@ def test_grpo_generations_equal_eval_mode_while_training_steps_stay_sparse(tmp_p
         train_dataset=prompts,
         processing_class=tiny_tokenizer(),
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
-        callbacks=[SATCallback(SATConfig(omission_rate=0.5, schedule="constant", dense_when_slower=False))],
+        callbacks=[SATCallback(paper_config(omission_rate=0.5, schedule="constant", dense_when_slower=False))],
     )
     model = trainer.model
     generate = model.generate

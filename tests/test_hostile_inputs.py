@@ -8,14 +8,22 @@ import copy
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
-from sat_testing import assert_matches_masked_reference, batch, build_stack, sat_blocks, tiny_model, train_step
+from sat_testing import (
+    assert_matches_masked_reference,
+    batch,
+    build_stack,
+    paper_config,
+    sat_blocks,
+    tiny_model,
+    train_step,
+)
 from transformers.models.llama.modeling_llama import LlamaMLP
 
 import peft_sat
 
 
 def _full_stack(**config):
-    return build_stack("full", "llama", "sdpa", peft_sat.SATConfig(omission_rate=0.5, **config))
+    return build_stack("full", "llama", "sdpa", paper_config(omission_rate=0.5, **config))
 
 
 def test_all_padding_batch_does_not_crash_and_matches_reference():
@@ -64,7 +72,7 @@ def test_fewer_tokens_than_kept_units():
 
 
 def test_long_sequences():
-    models = build_stack("full", "llama", "sdpa", peft_sat.SATConfig(omission_rate=0.5))
+    models = build_stack("full", "llama", "sdpa", paper_config(omission_rate=0.5))
     for model in (models.sat, models.reference):
         model.config.max_position_embeddings = 1024
     inputs = batch(batch_size=1, seq_len=1024, pad=0)
@@ -91,13 +99,13 @@ def test_layers_of_different_sizes():
         config.intermediate_size = 64
         torch.manual_seed(3)
         inner.model.layers[1].mlp = LlamaMLP(config)
-    peft_sat.apply_sat(models.sat, peft_sat.SATConfig(omission_rate=0.5))  # re-apply: picks up the new block
+    peft_sat.apply_sat(models.sat, paper_config(omission_rate=0.5))  # re-apply: picks up the new block
     assert [b.sat_num_units for _, b in sat_blocks(models.sat) if hasattr(b, "gate_proj")] == [128, 64]
     assert_matches_masked_reference(models.sat, models.reference, batch())
 
 
 def test_removing_sat_mid_training_continues_dense():
-    model = get_peft_model(tiny_model(), peft_sat.SATConfig(omission_rate=0.5)).train()
+    model = get_peft_model(tiny_model(), paper_config(omission_rate=0.5)).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     train_step(model, batch(seed=1))
     optimizer.step()
@@ -109,7 +117,7 @@ def test_removing_sat_mid_training_continues_dense():
 
 
 def test_checkpoint_trained_with_another_rate_loads_and_trains(tmp_path):
-    sat = get_peft_model(tiny_model(), peft_sat.SATConfig(omission_rate=0.5))
+    sat = get_peft_model(tiny_model(), paper_config(omission_rate=0.5))
     sat.save_pretrained(tmp_path)
     loaded = PeftModel.from_pretrained(tiny_model(), tmp_path, is_trainable=True).train()
     state = peft_sat.get_sat_state(loaded)
@@ -121,6 +129,6 @@ def test_checkpoint_trained_with_another_rate_loads_and_trains(tmp_path):
 
 
 def test_bad_rate_at_run_time_is_rejected():
-    state = peft_sat.get_sat_state(get_peft_model(tiny_model(), peft_sat.SATConfig()))
+    state = peft_sat.get_sat_state(get_peft_model(tiny_model(), paper_config()))
     with pytest.raises(ValueError, match=r"`omission_rate` must be in \[0, 1\), got 1.0"):
         state.set_omission_rate(1.0)

@@ -8,14 +8,22 @@ import copy
 import pytest
 import torch
 from peft import get_peft_model
-from sat_testing import assert_matches_masked_reference, batch, lora_config, omitted_slices, sat_blocks, tiny_model
+from sat_testing import (
+    assert_matches_masked_reference,
+    batch,
+    lora_config,
+    omitted_slices,
+    paper_config,
+    sat_blocks,
+    tiny_model,
+)
 
 import peft_sat
 
 
 def _pair(model):
     reference = copy.deepcopy(model).train()
-    return peft_sat.apply_sat(model, peft_sat.SATConfig(omission_rate=0.5)).train(), reference
+    return peft_sat.apply_sat(model, paper_config(omission_rate=0.5)).train(), reference
 
 
 @pytest.mark.parametrize(

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from sat_testing import batch, build_stack, gradients, masked, unit_masks
-
-import peft_sat
+from sat_testing import batch, build_stack, gradients, masked, paper_config, unit_masks
 
 
 @pytest.mark.parametrize("stack", ["full", "lora"])
 def test_gradient_accumulation_over_micro_batches_with_different_sub_networks(stack):
-    config = peft_sat.SATConfig(omission_rate=0.5, importance="uniform", seed=1)
+    config = paper_config(omission_rate=0.5, importance="uniform", seed=1)
     models = build_stack(stack, "qwen3", "sdpa", config)
     selections = []
     for micro_batch in range(3):
@@ -31,7 +29,7 @@ def test_gradient_accumulation_over_micro_batches_with_different_sub_networks(st
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("stack", ["full", "lora"])
 def test_autocast(stack, dtype):
-    models = build_stack(stack, "llama", "sdpa", peft_sat.SATConfig(omission_rate=0.5))
+    models = build_stack(stack, "llama", "sdpa", paper_config(omission_rate=0.5))
     inputs = batch()
     with torch.autocast("cpu", dtype=dtype):
         sat_loss = models.sat(**inputs).loss

@@ -29,6 +29,10 @@ import _quality_tradeoff as qtradeoff  # noqa: E402
 import quality  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# How the reports name SATConfig()'s defaults: its fields off the paper's settings
+DEFAULT_FIELDS = ", ".join(
+    f"{k}={v!r}" for k, v in sorted(qconfigs.beyond_paper(qconfigs.config_record(peft_sat.SATConfig())).items())
+)
 
 
 def run_tiny(out: Path, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
@@ -82,7 +86,7 @@ def test_tiny_run_writes_every_number_and_plot(tiny_run: Path):
             assert (run["sat_loss_at_dense_time"] is None) == (at["end_of"] == "sat")
             # The FLOPs estimate follows the steps that ran: nothing saved on the dense last step.
             assert len(sat["flops_saved_fractions"]) == len(sat["rates"]) and sat["flops_saved_fractions"][-1] == 0
-            assert sat["sat_config"]["sparse_pass"] == "forward_backward" and sat["sat_config"]["dense_layers"] is None
+            assert sat["sat_config"] == qconfigs.config_record(peft_sat.SATConfig(seed=run["seed"]))  # the defaults
     grid = [run for key, run in runs.items() if key.startswith("grid:")]
     configs = [run["arm"]["sat_config"] for run in grid if run["arm"]["sat_config"] is not None]
     cells = {(c["importance"], c["selection"], c["schedule"]) for c in configs if c["omission_rate"] == 0.5}
@@ -108,28 +112,35 @@ def test_tiny_run_writes_every_number_and_plot(tiny_run: Path):
         assert heading in markdown
     assert "Targets" not in markdown and "met**" not in markdown  # what runs are judged against: docs/results.md
     beyond = (tiny_run / "quality_beyond.md").read_text()
-    assert "| defaults | - (the paper) | 2 |" in beyond and "![Trade-off" in beyond
+    assert f"| defaults | {DEFAULT_FIELDS} | 2 |" in beyond and "![Trade-off" in beyond
     assert "Targets" not in beyond and "met**" not in beyond
 
 
 @pytest.mark.slow
 def test_sat_overrides_run_as_their_own_comparison(tmp_path):
-    overrides = {"omit": ["mlp"], "score_tokens": 4}
+    overrides = {"omit": ["mlp", "attention"], "score_tokens": 4}  # on top of SATConfig()'s defaults
     for extra in ([], ["--sat", json.dumps(overrides)]):
         proc = run_tiny(tmp_path, "--parts", "cpt", "--seeds", "0", *extra)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     runs = json.loads((tmp_path / "quality.json").read_text())["runs"]
-    assert sorted(runs) == ["cpt|steps=8|seed=0", 'cpt|steps=8|seed=0|{"omit": ["mlp"], "score_tokens": 4}']
-    default, varied = runs["cpt|steps=8|seed=0"], runs['cpt|steps=8|seed=0|{"omit": ["mlp"], "score_tokens": 4}']
-    assert default["sat_overrides"] == {} and varied["sat_overrides"] == overrides
-    assert default["sat"]["sat_config"]["omit"] == ["mlp", "attention"]
+    # Keyed by the fields off the paper's settings: the defaults' own, then those plus the overrides'.
+    defaults = qconfigs.beyond_paper(qconfigs.config_record(peft_sat.SATConfig()))
+    varied_fields = qconfigs.beyond_paper(qconfigs.config_record(peft_sat.SATConfig(**overrides)))
+    assert varied_fields == {**{k: v for k, v in defaults.items() if k != "omit"}, "score_tokens": 4}
+    keys = [f"cpt|steps=8|seed=0|{json.dumps(fields, sort_keys=True)}" for fields in (defaults, varied_fields)]
+    assert sorted(runs) == sorted(keys)
+    default, varied = (runs[key] for key in keys)
+    assert default["sat_overrides"] == defaults and varied["sat_overrides"] == varied_fields
+    assert default["sat"]["sat_config"]["omit"] == peft_sat.SATConfig().omit
     assert {k: varied["sat"]["sat_config"][k] for k in overrides} == overrides
     assert default["dense"]["final_loss"] == varied["dense"]["final_loss"]  # same seed: the same dense run
     markdown = (tmp_path / "quality.md").read_text()
-    first, second = markdown.index('dense vs SAT "defaults", 8 steps'), markdown.index("dense vs SAT (omit=['mlp']")
-    assert first < second  # the defaults' table comes first
-    assert "SAT: the paper's settings. Seeds" in markdown[first:second]
-    assert "SAT: the paper's settings with `omit=['mlp'], score_tokens=4`." in markdown[second:]
+    assert f'dense vs SAT "defaults" ({DEFAULT_FIELDS}), 8 steps' in markdown
+    assert f"SAT: the paper's settings with `{DEFAULT_FIELDS}`. Seeds" in markdown
+    assert (
+        "SAT: the paper's settings with `context_tokens='forward_only', dense_tokens='auto', score_tokens=4"
+        in markdown
+    )
 
 
 @pytest.mark.parametrize(
@@ -241,13 +252,19 @@ def test_records_keys_and_the_paper_cover_every_satconfig_field():
     assert {"dense_tokens", "sparse_pass", "dense_layers"} <= set(record)
     assert qconfigs.beyond_paper({"omission_rate": 0.5, "seed": 3}) == {}  # an old record: the paper's modes
     # Keys of runs stored before the modes beyond the paper still match, so those runs resume.
-    assert qconfigs.canonical({"omit": ["mlp"], "score_tokens": 128}) == '{"omit": ["mlp"], "score_tokens": 128}'
-    assert qconfigs.cell_key({"importance": "uniform", "schedule": "constant"}) == (
+    paper_modes = {
+        "omit": ["mlp"],
+        "dense_tokens": "none",
+        "sparse_pass": "forward_backward",
+        "context_tokens": "sparse",
+    }
+    assert qconfigs.canonical({**paper_modes, "score_tokens": 128}) == '{"omit": ["mlp"], "score_tokens": 128}'
+    assert qconfigs.cell_key({**qconfigs.PAPER_MODES, "importance": "uniform", "schedule": "constant"}) == (
         '{"head_granularity": "kv_group", "importance": "uniform", "ladder_full_rate_ratio": 0.5, "ladder_rungs": 3, '
         '"ladder_stairs": null, "omission_rate": 0.5, "omit": ["mlp", "attention"], "schedule": "constant", '
         '"score_tokens": 32, "selection": "topk", "warmup_ratio": 0.0}'
     )
-    assert '"sparse_pass": "backward"' in qconfigs.cell_key({"sparse_pass": "backward"})
+    assert '"sparse_pass": "backward"' in qconfigs.cell_key({**qconfigs.PAPER_MODES, "sparse_pass": "backward"})
 
 
 def test_update_doc_appends_the_beyond_section_once_then_replaces_it(tmp_path):
@@ -265,14 +282,23 @@ def test_update_doc_appends_the_beyond_section_once_then_replaces_it(tmp_path):
         qreport.update_doc(doc, "tables", "beyond")
 
 
+DENSE_FWD = {"sparse_pass": "backward", "dense_layers": [0], "context_tokens": "sparse", "dense_tokens": "none"}
+LOSS_TOKENS = {**qconfigs.PAPER_MODES, "dense_tokens": "loss"}  # the paper's sub-network on the context tokens
+
+
+def quality_fields(key: str) -> str:
+    """How the reports spell a comparison key's fields, e.g. ``dense_layers=[0], sparse_pass='backward'``."""
+    return ", ".join(f"{k}={v!r}" for k, v in json.loads(key).items())
+
+
 @pytest.mark.slow
 def test_named_configs_compare_in_lockstep_resume_and_render(tmp_path):
     first = run_tiny(tmp_path, "--parts", "cpt,sft", "--seeds", "0", "--configs",
-                     'paper,loss tokens={"dense_tokens": "loss"}')  # fmt: skip
+                     f"paper,loss tokens={json.dumps(LOSS_TOKENS)}")  # fmt: skip
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     grid = tmp_path / "grid.json"
-    grid.write_text(json.dumps({"the paper": "paper", "loss tokens": {"dense_tokens": "loss"},
-                                "dense fwd": {"sparse_pass": "backward", "dense_layers": [0]}}))  # fmt: skip
+    grid.write_text(json.dumps({"the paper": "paper", "loss tokens": LOSS_TOKENS,
+                                "dense fwd": DENSE_FWD}))  # fmt: skip
     doc = tmp_path / "results.md"
     doc.write_text(f"# Results\n\n{qreport.BEGIN}\n{qreport.END}\n")
     second = run_tiny(tmp_path, "--parts", "cpt,sft", "--seeds", "0", "--configs-file", str(grid),
@@ -281,7 +307,7 @@ def test_named_configs_compare_in_lockstep_resume_and_render(tmp_path):
     assert second.stdout.count("stored, skipped") == 4  # "the paper" = "paper": the same config, stored
     assert second.stdout.count("(dense fwd) (load average") == 2  # only the new configuration ran, CPT and SFT
     results = json.loads((tmp_path / "quality.json").read_text())
-    loss, dense_fwd = '{"dense_tokens": "loss"}', '{"dense_layers": [0], "sparse_pass": "backward"}'
+    loss, dense_fwd = qconfigs.canonical(LOSS_TOKENS), qconfigs.canonical(DENSE_FWD)  # fields over the defaults
     assert sorted(results["runs"]) == sorted(
         f"{task}|steps=8|seed=0{suffix}" for task in ("cpt", "sft") for suffix in ("", f"|{loss}", f"|{dense_fwd}")
     )
@@ -297,8 +323,9 @@ def test_named_configs_compare_in_lockstep_resume_and_render(tmp_path):
     assert (tmp_path / "tradeoff.png").read_bytes().startswith(PNG_MAGIC)
     text = doc.read_text()
     assert text.count("## Beyond the paper") == 1 and text.count(qtradeoff.BEGIN) == 1
-    for row in ("| the paper | - (the paper) | 1 |", "| loss tokens | dense_tokens='loss' | 1 |",
-                "| dense fwd | dense_layers=[0], sparse_pass='backward' | 1 |"):  # fmt: skip
+    fields = {name: quality_fields(key) for name, key in (("loss tokens", loss), ("dense fwd", dense_fwd))}
+    for row in ("| the paper | - (the paper) | 1 |", f"| loss tokens | {fields['loss tokens']} | 1 |",
+                f"| dense fwd | {fields['dense fwd']} | 1 |"):  # fmt: skip
         assert text.count(row) == 2, row  # one row per setting: CPT and SFT
     assert "### CPT, full-parameter, 8 steps" in text and "### SFT, LoRA r16, 8 steps" in text
     assert "](tradeoff.png)" in text and "--configs-file" in text and "--report-only --update-doc" in text

@@ -14,9 +14,9 @@ import pytest
 import torch
 from resume_worker import CONFIG, MAX_STEPS, SAVE_STEPS  # the worker script's settings, not a test module
 from safetensors.torch import load_file
-from sat_testing import torchrun
+from sat_testing import paper_config, torchrun
 
-from peft_sat import SATConfig, omission_rate_at
+from peft_sat import omission_rate_at
 
 WORKER = Path(__file__).with_name("resume_worker.py")
 
@@ -48,7 +48,7 @@ def test_resume_with_another_world_size_continues_the_ladder(saved_on, resumed_o
     resumed = _run(tmp_path / "resumed", resumed_on, checkpoint)[-(MAX_STEPS - SAVE_STEPS) :]
 
     # the ladder continues from the checkpoint's global step, as the uninterrupted run went on
-    expected = [omission_rate_at(SATConfig(**CONFIG), step, MAX_STEPS) for step in range(MAX_STEPS)]
+    expected = [omission_rate_at(paper_config(**CONFIG), step, MAX_STEPS) for step in range(MAX_STEPS)]
     assert [entry["sat/omission_rate"] for entry in uninterrupted] == pytest.approx(expected)
     assert [entry["step"] for entry in resumed] == list(range(SAVE_STEPS + 1, MAX_STEPS + 1))
     assert [entry["sat/omission_rate"] for entry in resumed] == pytest.approx(expected[SAVE_STEPS:])

@@ -11,7 +11,7 @@ import pytest
 import torch
 from peft import PeftConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
-from sat_testing import batch, lora_config, tiny_model, train_step
+from sat_testing import batch, lora_config, paper_config, tiny_model, train_step
 from transformers import LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaAttention, LlamaMLP
 
@@ -29,7 +29,7 @@ def _train(model, steps: int = 2):
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied-embeddings"])
 def test_full_parameter_round_trip(tmp_path, tied):
-    sat = _train(get_peft_model(tiny_model(tie_word_embeddings=tied), peft_sat.SATConfig(omission_rate=0.5)))
+    sat = _train(get_peft_model(tiny_model(tie_word_embeddings=tied), paper_config(omission_rate=0.5)))
     trained = {k: v.clone() for k, v in sat.get_base_model().state_dict().items()}
     assert not torch.equal(
         trained["model.layers.0.mlp.up_proj.weight"], tiny_model().model.layers[0].mlp.up_proj.weight
@@ -52,7 +52,7 @@ def test_full_parameter_round_trip(tmp_path, tied):
 
 
 def test_loading_for_inference_freezes_the_base_and_for_training_does_not(tmp_path):
-    get_peft_model(tiny_model(), peft_sat.SATConfig(omission_rate=0.5)).save_pretrained(tmp_path)
+    get_peft_model(tiny_model(), paper_config(omission_rate=0.5)).save_pretrained(tmp_path)
     total = sum(p.numel() for p in tiny_model().parameters())
 
     frozen = PeftModel.from_pretrained(tiny_model(), tmp_path)  # is_trainable=False, PEFT's default
@@ -65,7 +65,7 @@ def test_loading_for_inference_freezes_the_base_and_for_training_does_not(tmp_pa
 
 
 def test_saved_files_say_to_import_peft_sat_first(tmp_path, recwarn):
-    model = get_peft_model(tiny_model(), peft_sat.SATConfig(omission_rate=0.5))
+    model = get_peft_model(tiny_model(), paper_config(omission_rate=0.5))
     model.save_pretrained(tmp_path)
     model.save_pretrained(tmp_path)  # saving again does not repeat the note
     config = json.loads((tmp_path / "adapter_config.json").read_text())
@@ -98,7 +98,7 @@ print("with:", type(PeftModel.from_pretrained(base, {str(tmp_path)!r}).peft_conf
 
 
 def test_unload_returns_plain_model_with_trained_weights():
-    sat = _train(get_peft_model(tiny_model(), peft_sat.SATConfig(omission_rate=0.5)), steps=1)
+    sat = _train(get_peft_model(tiny_model(), paper_config(omission_rate=0.5)), steps=1)
     weight = sat.get_base_model().model.layers[1].mlp.down_proj.weight.clone()
     plain = sat.unload()
     assert type(plain.model.layers[1].mlp) is LlamaMLP and not hasattr(plain, "peft_config")
@@ -106,16 +106,16 @@ def test_unload_returns_plain_model_with_trained_weights():
 
 
 def test_print_trainable_parameters_tells_the_truth():
-    full = get_peft_model(tiny_model(), peft_sat.SATConfig())
+    full = get_peft_model(tiny_model(), paper_config())
     total = sum(p.numel() for p in tiny_model().parameters())
     assert full.get_nb_trainable_parameters() == (total, total)
 
     lora = get_peft_model(tiny_model(), lora_config())
     expected = lora.get_nb_trainable_parameters()
-    peft_sat.apply_sat(lora, peft_sat.SATConfig())  # train_base=None: adapters only, as before
+    peft_sat.apply_sat(lora, paper_config())  # train_base=None: adapters only, as before
     assert lora.get_nb_trainable_parameters() == expected
 
-    frozen = get_peft_model(tiny_model(), peft_sat.SATConfig(train_base=False))
+    frozen = get_peft_model(tiny_model(), paper_config(train_base=False))
     assert frozen.get_nb_trainable_parameters()[0] == 0
 
 
@@ -124,7 +124,7 @@ def test_lora_checkpoint_is_plain_lora_and_loads_without_peft_sat(tmp_path):
     plain_lora.save_pretrained(tmp_path / "plain")
 
     lora = get_peft_model(tiny_model(), lora_config())
-    peft_sat.apply_sat(lora, peft_sat.SATConfig(omission_rate=0.5))
+    peft_sat.apply_sat(lora, paper_config(omission_rate=0.5))
     _train(lora)
     lora.save_pretrained(tmp_path / "sat")
     saved = load_file(tmp_path / "sat" / "adapter_model.safetensors")
@@ -151,7 +151,7 @@ print("ok")
 
 def test_lora_applied_after_sat_finds_targets_and_trains():
     model = tiny_model()
-    peft_sat.apply_sat(model, peft_sat.SATConfig(omission_rate=0.5))
+    peft_sat.apply_sat(model, paper_config(omission_rate=0.5))
     lora = get_peft_model(model, lora_config())
     lora_names = [n for n, _ in lora.named_modules() if n.endswith("q_proj") and "lora" not in n]
     assert len(lora_names) == 2 and all(hasattr(lora.get_submodule(n), "lora_A") for n in lora_names)

@@ -94,7 +94,7 @@ class SATAttentionMixin(SATBlockMixin):
             return super().forward(hidden_states, **dense)
         rows = self.sat_dense_rows(hidden_states)  # (n,) dense token positions, or None
         config = self.sat_state.config
-        if rows is not None and config.context_tokens == "forward_only":
+        if rows is not None and self.sat_state.context_forward_only:
             # Context tokens feed the keys and values with their values only: no gradient reaches their residual
             # stream, so below this layer they need no backward at all (their MLP rows run without a graph).
             return self._sat_context_cut(hidden_states, rows, position_embeddings, attention_mask, kwargs)

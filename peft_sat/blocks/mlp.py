@@ -36,7 +36,7 @@ class SATMLPMixin(SATBlockMixin):
         if not self.sat_is_sparse():
             return super().forward(x)
         rows = self.sat_dense_rows(x)  # (n,) dense token positions, or None: every token is a sparse token
-        forward_only = self.sat_state.config.context_tokens == "forward_only"
+        forward_only = self.sat_state.context_forward_only
         if rows is None or (not self.sat_omits_units and not forward_only):
             return (
                 self._sat_sparse_tokens(x, self.sat_state.token_mask) if self.sat_omits_units else super().forward(x)
