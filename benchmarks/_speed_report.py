@@ -25,6 +25,9 @@ class Row:
     select_share: float | None
     foreign_load: float | None
     step_ms_all: list[float]
+    # dense activation MB x (1 - r x share of it saved inside the blocks that omit units) + 5% of dense: what a
+    # sparse step may hold (None for the dense arm and for reports written before it was measured)
+    activation_target_mb: float | None = None
 
 
 @dataclass
@@ -68,7 +71,10 @@ def describe(report: Report) -> list[str]:
     return lines
 
 
-COLUMNS = ("case", "variant", "r", "tokens/s", "ratio", "ideal", "eff", "act MB", "peak MB", "select %", "others %")
+COLUMNS = (
+    "case", "variant", "r", "tokens/s", "ratio", "ideal", "eff", "act MB", "act target", "peak MB", "select %",
+    "others %",
+)  # fmt: skip
 
 
 def _cells(row: Row) -> list[str]:
@@ -81,6 +87,7 @@ def _cells(row: Row) -> list[str]:
         _x(row.ideal),
         _f(row.efficiency, ".2f"),
         f"{row.activation_mb:.1f}",
+        _target(row),
         _f(row.peak_mb, ".0f"),
         _pct(row.select_share),
         _pct(row.foreign_load),
@@ -88,7 +95,7 @@ def _cells(row: Row) -> list[str]:
 
 
 def format_table(report: Report) -> str:
-    widths = (9, 7, 5, 9, 6, 6, 5, 8, 8, 8, 8)
+    widths = (9, 7, 5, 9, 6, 6, 5, 8, 10, 8, 8, 8)
     header = " ".join(f"{c:<{w}}" if i < 2 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(COLUMNS, widths)))
     lines = [*describe(report), header, "-" * len(header)]
     for row in report.rows:
@@ -112,6 +119,13 @@ def warning_lines(report: Report) -> list[str]:
     allowed = report.settings["allowed_foreign"]
     busy = sorted({f"{r.case}/{r.variant}" for r in report.rows if (r.foreign_load or 0.0) > allowed})
     return [f"WARNING: other processes kept the CPUs busy during {', '.join(busy)}: rerun when quiet."] if busy else []
+
+
+def _target(row: Row) -> str:
+    """``<= target`` and whether the arm's activation memory meets it."""
+    if row.activation_target_mb is None:
+        return "-"
+    return f"<={row.activation_target_mb:.1f} " + ("ok" if row.activation_mb <= row.activation_target_mb else "OVER")
 
 
 def _x(value: float | None) -> str:

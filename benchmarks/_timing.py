@@ -152,22 +152,37 @@ def interleave(
     return kept, sum(len(samples[name]) - len(kept[name]) for name in names)
 
 
-def activation_bytes(model: torch.nn.Module, forward: Callable[[], torch.Tensor]) -> int:
+def activation_bytes(
+    model: torch.nn.Module, forward: Callable[[], torch.Tensor], blocks: list[torch.nn.Module] = ()
+) -> tuple[int, int]:
     """Bytes of the tensors autograd saves for backward during ``forward()`` (parameters excluded, storages counted
-    once): the activation memory a training step holds at the end of its forward. The graph is freed after."""
+    once): the activation memory a training step holds at the end of its forward, and the part of it first saved
+    inside one of ``blocks``. The graph is freed after."""
     parameter_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages: dict[int, int] = {}
+    storages: dict[int, tuple[int, bool]] = {}
+    depth = [0]  # > 0 while a module of `blocks` runs
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
-        if storage.data_ptr() not in parameter_storages:
-            storages[storage.data_ptr()] = storage.nbytes()
+        if storage.data_ptr() not in parameter_storages and storage.data_ptr() not in storages:
+            storages[storage.data_ptr()] = (storage.nbytes(), depth[0] > 0)
         return tensor
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        output = forward()
-    del output
-    return sum(storages.values())
+    def enter(*_):
+        depth[0] += 1
+
+    def leave(*_):
+        depth[0] -= 1
+
+    hooks = [h for b in blocks for h in (b.register_forward_pre_hook(enter), b.register_forward_hook(leave))]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            output = forward()
+        del output
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return sum(n for n, _ in storages.values()), sum(n for n, inside in storages.values() if inside)
 
 
 def peak_rss_growth(step: Callable[[], None]) -> int | None:

@@ -24,6 +24,8 @@ Columns:
     ideal        dense / SAT matmul FLOPs (``peft_sat.flops``): the speed-up at 100% efficiency
     eff          ratio / ideal
     act MB       activation memory: bytes autograd saves for backward in one forward (every device)
+    act target   the activation memory a SAT arm may hold: dense act MB x (1 - r x share of it saved inside the
+                 blocks that omit units) + 5% of dense; ok / OVER
     peak MB      CUDA: peak allocated memory of forward + backward (weights, gradients and optimizer included);
                  CPU: how much forward + backward raised the process's peak resident memory (Linux)
     select %     share of the SAT step spent scoring units and selecting them
@@ -64,6 +66,7 @@ from _speed_report import CASES, VARIANTS, Report, Row, format_table, markdown, 
 
 import peft_sat  # noqa: E402
 import peft_sat.assets  # noqa: E402
+from peft_sat.blocks import SATBlockMixin  # noqa: E402
 from peft_sat.flops import StackShape, ideal_speedup  # noqa: E402
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -316,6 +319,8 @@ def measure(case: Case, variant: str, args: argparse.Namespace) -> list[Row]:
         device=args.device,
     )
     memory = {rate: _memory(model, state, case, inputs, rate, autocast, args.device) for rate in arms}
+    dense_bytes, omitting_bytes = memory[0.0][2]
+    share = omitting_bytes / dense_bytes if dense_bytes else 0.0  # of dense activations, saved in omitting blocks
     tokens = case.shape.tokens
     dense_seconds = statistics.median(s.seconds for s in samples["0.0"])
     config = state.config
@@ -337,6 +342,7 @@ def measure(case: Case, variant: str, args: argparse.Namespace) -> list[Row]:
                 ideal=ideal,
                 efficiency=ratio / ideal if rate else None,
                 activation_mb=memory[rate][0] / 2**20,
+                activation_target_mb=dense_bytes * (1 - rate * share + 0.05) / 2**20 if rate else None,
                 peak_mb=None if memory[rate][1] is None else memory[rate][1] / 2**20,
                 select_share=statistics.median(s.select_share for s in kept) if rate else None,
                 foreign_load=statistics.median(s.foreign_load for s in kept),
@@ -351,8 +357,9 @@ def _memory(model, state, case: Case, inputs: dict, rate: float, autocast, devic
     memory (weights, gradients and optimizer included), on a CPU the growth of the process's peak resident memory
     over the step (None where the OS does not say)."""
     state.set_omission_rate(rate)
+    omitting = [m for m in model.modules() if isinstance(m, SATBlockMixin) and m.sat_omits_units]
     with autocast:
-        activations = _timing.activation_bytes(model, lambda: case.loss(model, inputs))
+        activations, inside = _timing.activation_bytes(model, lambda: case.loss(model, inputs), omitting)
 
     def step() -> None:
         with autocast:
@@ -367,7 +374,7 @@ def _memory(model, state, case: Case, inputs: dict, rate: float, autocast, devic
     else:
         peak = _timing.peak_rss_growth(step)
     model.zero_grad(set_to_none=True)
-    return activations, peak
+    return activations, peak, (activations, inside)
 
 
 # ---- report ----------------------------------------------------------------------------------------------------
