@@ -38,6 +38,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.utils import logging
 
+from .blocks import SATBlockMixin
 from .config import SATConfig
 from .crossover import CrossoverCheck, synchronized_clock
 from .flops import SATFlopsEstimator
@@ -140,6 +141,7 @@ class SATCallback(TrainerCallback):
             sat_state = _apply_keeping_trainability(model, copy.deepcopy(config))
         self.sat_state = sat_state
         self.flops = SATFlopsEstimator(model, sat_state)
+        _warn_if_weight_grad_saves_nothing(model, sat_state)
         done = state.global_step
         logged = _logged_at(state, done)
         if "sat/dense_steps_saved" in logged:  # resumed: the checkpoint's count, dense fallbacks included
@@ -377,3 +379,18 @@ def _unwrap_log(trainer: Trainer) -> None:
         del trainer.log
     else:
         trainer.log = current._sat_previous
+
+
+def _warn_if_weight_grad_saves_nothing(model: nn.Module, sat_state: SATState) -> None:
+    """``sparse_pass="weight_grad"`` slices only base-weight gradients: with every base weight frozen (LoRA, QLoRA) a
+    batch that is not split trains dense, at a dense step's cost. Say so once instead of saving nothing silently."""
+    if sat_state.config.sparse_pass != "weight_grad":
+        return
+    blocks = [m for m in model.modules() if isinstance(m, SATBlockMixin) and m.sat_state is sat_state]
+    if blocks and not any(p.requires_grad for b in blocks for n, p in b.named_parameters() if "lora_" not in n):
+        sat_state.warn_once(
+            "weight-grad-frozen",
+            "peft_sat: `sparse_pass`='weight_grad' slices only the gradients of base weights, and this model's are "
+            "frozen (LoRA / QLoRA): batches that are not split train dense and save nothing. Use "
+            "`sparse_pass`='backward' for adapters.",
+        )

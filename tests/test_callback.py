@@ -5,6 +5,8 @@ dense, resume continues the schedule, and bad set-ups fail before the first step
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -269,3 +271,22 @@ def test_fallback_logging_without_a_trainer():
     callback.on_log(None, state, None, logs=logs)
     assert logs["sat/omission_rate"] == 0.5 and logs["sat/dense_steps_saved"] == pytest.approx(3 * 0.45)
     assert state.log_history[-1]["sat/kept_fraction"] == 0.5
+
+
+@pytest.mark.parametrize("frozen_base", [True, False])
+def test_weight_grad_on_a_frozen_base_warns_that_it_saves_nothing(tmp_path, frozen_base):
+    """`sparse_pass="weight_grad"` slices base-weight gradients only: under LoRA an unsplit batch trains dense."""
+    model = tiny_llama()
+    if frozen_base:
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"]))
+    config = SATConfig(
+        **CONFIG, sparse_pass="weight_grad", schedule="constant", train_base=None if frozen_base else True
+    )
+    trainer = _trainer(tmp_path, model, SATCallback(config), max_steps=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    warned = [
+        w for w in caught if "`sparse_pass`='weight_grad' slices only the gradients of base weights" in str(w.message)
+    ]
+    assert len(warned) == (1 if frozen_base else 0)
