@@ -25,9 +25,9 @@ class Row:
     select_share: float | None
     foreign_load: float | None
     step_ms_all: list[float]
-    # dense activation MB x (1 - r x share of it saved inside the blocks that omit units) + 5% of dense: what a
-    # sparse step may hold (None for the dense arm and for reports written before it was measured)
-    activation_target_mb: float | None = None
+    # the dense arm: the share of its activation memory saved inside the blocks that omit units (what a rate r can
+    # remove at most: r x share); a SAT arm: its activation memory / the dense arm's. None in older reports.
+    activation_share: float | None = None
 
 
 @dataclass
@@ -72,7 +72,7 @@ def describe(report: Report) -> list[str]:
 
 
 COLUMNS = (
-    "case", "variant", "r", "tokens/s", "ratio", "ideal", "eff", "act MB", "act target", "peak MB", "select %",
+    "case", "variant", "r", "tokens/s", "ratio", "ideal", "eff", "act MB", "act share", "peak MB", "select %",
     "others %",
 )  # fmt: skip
 
@@ -87,7 +87,7 @@ def _cells(row: Row) -> list[str]:
         _x(row.ideal),
         _f(row.efficiency, ".2f"),
         f"{row.activation_mb:.1f}",
-        _target(row),
+        _f(row.activation_share, ".3f"),
         _f(row.peak_mb, ".0f"),
         _pct(row.select_share),
         _pct(row.foreign_load),
@@ -119,13 +119,6 @@ def warning_lines(report: Report) -> list[str]:
     allowed = report.settings["allowed_foreign"]
     busy = sorted({f"{r.case}/{r.variant}" for r in report.rows if (r.foreign_load or 0.0) > allowed})
     return [f"WARNING: other processes kept the CPUs busy during {', '.join(busy)}: rerun when quiet."] if busy else []
-
-
-def _target(row: Row) -> str:
-    """``<= target`` and whether the arm's activation memory meets it."""
-    if row.activation_target_mb is None:
-        return "-"
-    return f"<={row.activation_target_mb:.1f} " + ("ok" if row.activation_mb <= row.activation_target_mb else "OVER")
 
 
 def _x(value: float | None) -> str:

@@ -24,8 +24,8 @@ Columns:
     ideal        dense / SAT matmul FLOPs (``peft_sat.flops``): the speed-up at 100% efficiency
     eff          ratio / ideal
     act MB       activation memory: bytes autograd saves for backward in one forward (every device)
-    act target   the activation memory a SAT arm may hold: dense act MB x (1 - r x share of it saved inside the
-                 blocks that omit units) + 5% of dense; ok / OVER
+    act share    dense arm: the share of its activation memory saved inside the blocks that omit units (a rate r
+                 can remove at most r x that share); SAT arm: its activation memory / the dense arm's
     peak MB      CUDA: peak allocated memory of forward + backward (weights, gradients and optimizer included);
                  CPU: how much forward + backward raised the process's peak resident memory (Linux)
     select %     share of the SAT step spent scoring units and selecting them
@@ -88,7 +88,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=4, help="measured steps per arm")
     parser.add_argument("--warmup", type=int, default=1, help="discarded rounds before measuring")
     parser.add_argument("--head-granularity", default="kv_group", choices=["kv_group", "q_head"])
-    parser.add_argument("--omit", default="mlp,attention", help="SATConfig.omit: comma-separated 'mlp', 'attention'")
+    parser.add_argument(
+        "--omit",
+        default=",".join(peft_sat.SATConfig().omit),
+        help="SATConfig.omit: comma-separated 'mlp', 'attention' (default: SATConfig's)",
+    )
     parser.add_argument(
         "--score-tokens", type=int, default=peft_sat.SATConfig().score_tokens, help="SATConfig.score_tokens (>= 1)"
     )
@@ -342,7 +346,7 @@ def measure(case: Case, variant: str, args: argparse.Namespace) -> list[Row]:
                 ideal=ideal,
                 efficiency=ratio / ideal if rate else None,
                 activation_mb=memory[rate][0] / 2**20,
-                activation_target_mb=dense_bytes * (1 - rate * share + 0.05) / 2**20 if rate else None,
+                activation_share=memory[rate][0] / dense_bytes if rate else share,
                 peak_mb=None if memory[rate][1] is None else memory[rate][1] / 2**20,
                 select_share=statistics.median(s.select_share for s in kept) if rate else None,
                 foreign_load=statistics.median(s.foreign_load for s in kept),
