@@ -57,6 +57,10 @@ def describe(report: Report) -> list[str]:
     s = report.settings
     tokens = f" on {s['score_tokens']} score tokens" if "score_tokens" in s else ""  # older reports: the default 32
     omit = "" if s.get("omit", ["mlp", "attention"]) == ["mlp", "attention"] else f"; omits {'+'.join(s['omit'])} only"
+    if s.get("sat"):  # --sat: the SATConfig fields set on top of the flags
+        omit += "; SATConfig " + ", ".join(f"{k}={v!r}" for k, v in s["sat"].items() if k != "omit")
+    if s.get("loss_tokens", 1.0) < 1.0:
+        omit += f"; loss on the last {s['loss_tokens']:.0%} of each sequence"
     lines = [
         f"SAT speed benchmark: {s['machine']}; {s['device']}, {s['precision']}, {s['threads']} threads, torch "
         f"{s['torch']}; {s['head_granularity']} heads, maxip + top-k{tokens}{omit}; median of {s['steps']} interleaved steps per "

@@ -132,9 +132,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--loss-tokens must lie in (0, 1], got {args.loss_tokens}")
     try:
         args.sat = json.loads(args.sat)
-        _sat_config(args)
+        config = _sat_config(args)
     except ValueError as error:  # bad JSON or an invalid SATConfig: the library's own message
         parser.error(f"--sat: {error}")
+    # the report describes the config that ran, --sat included
+    args.omit, args.score_tokens, args.head_granularity = (
+        list(config.omit),
+        config.score_tokens,
+        config.head_granularity,
+    )
     args.max_rounds = args.max_rounds or 2 * args.steps
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return args
