@@ -188,9 +188,10 @@ def test_multi_query_attention_with_kv_group_units_warns_once_naming_q_head(conv
 
 
 def test_layers_to_transform_restricts_the_layers():
-    model = peft_sat.apply_sat(tiny_model(), SATConfig(layers_to_transform=[1]))
+    paper = dict(omit=["mlp", "attention"], context_tokens="sparse", dense_tokens="none")  # no block converted to cut
+    model = peft_sat.apply_sat(tiny_model(), SATConfig(layers_to_transform=[1], **paper))
     assert [name for name, _ in sat_blocks(model)] == ["model.layers.1.self_attn", "model.layers.1.mlp"]
-    full = get_peft_model(tiny_model(), SATConfig(layers_to_transform=0, layers_pattern="layers"))
+    full = get_peft_model(tiny_model(), SATConfig(layers_to_transform=0, layers_pattern="layers", **paper))
     assert [name for name, _ in sat_blocks(full)] == ["model.layers.0.self_attn", "model.layers.0.mlp"]
 
 
