@@ -345,7 +345,8 @@ def test_stored_real_results_still_render(tmp_path):
     assert "| maxip | topk | ladder |" in markdown  # grid cells found with the paper's fields filled in
     assert "| 0.75 |" in markdown  # the omission-rate sweep
     beyond = (tmp_path / "quality_beyond.md").read_text()
-    assert "| paper | - (the paper) | 2 |" in beyond and "| score_tokens=128 | score_tokens=128 | 2 |" in beyond
+    assert "| paper | - (the paper) | 2 |" in beyond and "| 128 score tokens | score_tokens=128 | 2 |" in beyond
+    assert f"| defaults | {DEFAULT_FIELDS} | 2 |" in beyond  # the defaults beyond the paper, 2 seeds
 
 
 def test_batches_are_seeded_and_padded_with_ignored_labels():
