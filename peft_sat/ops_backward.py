@@ -163,8 +163,8 @@ class _WeightGradCols(torch.autograd.Function):
         if need_h:
             grad_h = grad_out.matmul(weight.to(grad_out.dtype)).to(h_dtype)
         if need_w:
-            kept_grad = grad_2d.t().mm(kept_h.reshape(-1, index.numel()).to(grad_2d.dtype)).to(w_dtype)  # (out, k)
-            grad_w = kept_grad.new_zeros(kept_grad.shape[0], ctx.in_features).index_copy_(1, index, kept_grad)
+            kept_2d = kept_h.reshape(-1, index.numel()).to(grad_2d.dtype)  # (N, k)
+            grad_w = _scatter_cols(_product(grad_2d, kept_2d), index, ctx.in_features, w_dtype)
         if need_b:
             grad_b = grad_2d.sum(0).to(b_dtype)
         return grad_h, grad_w, grad_b, None, None

@@ -25,14 +25,13 @@ sys.path.insert(0, str(SCRIPT.parent))  # the benchmark helpers are scripts next
 import _quality_configs as qconfigs  # noqa: E402
 import _quality_data as qdata  # noqa: E402
 import _quality_report as qreport  # noqa: E402
+import _quality_runs as qruns  # noqa: E402
 import _quality_tradeoff as qtradeoff  # noqa: E402
 import quality  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # How the reports name SATConfig()'s defaults: its fields off the paper's settings
-DEFAULT_FIELDS = ", ".join(
-    f"{k}={v!r}" for k, v in sorted(qconfigs.beyond_paper(qconfigs.config_record(peft_sat.SATConfig())).items())
-)
+DEFAULT_FIELDS = qruns.override_fields(qconfigs.canonical({}))
 
 
 def run_tiny(out: Path, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
@@ -286,11 +285,6 @@ DENSE_FWD = {"sparse_pass": "backward", "dense_layers": [0], "context_tokens": "
 LOSS_TOKENS = {**qconfigs.PAPER_MODES, "dense_tokens": "loss"}  # the paper's sub-network on the context tokens
 
 
-def quality_fields(key: str) -> str:
-    """How the reports spell a comparison key's fields, e.g. ``dense_layers=[0], sparse_pass='backward'``."""
-    return ", ".join(f"{k}={v!r}" for k, v in json.loads(key).items())
-
-
 @pytest.mark.slow
 def test_named_configs_compare_in_lockstep_resume_and_render(tmp_path):
     first = run_tiny(tmp_path, "--parts", "cpt,sft", "--seeds", "0", "--configs",
@@ -323,7 +317,7 @@ def test_named_configs_compare_in_lockstep_resume_and_render(tmp_path):
     assert (tmp_path / "tradeoff.png").read_bytes().startswith(PNG_MAGIC)
     text = doc.read_text()
     assert text.count("## Beyond the paper") == 1 and text.count(qtradeoff.BEGIN) == 1
-    fields = {name: quality_fields(key) for name, key in (("loss tokens", loss), ("dense fwd", dense_fwd))}
+    fields = {name: qruns.override_fields(key) for name, key in (("loss tokens", loss), ("dense fwd", dense_fwd))}
     for row in ("| the paper | - (the paper) | 1 |", f"| loss tokens | {fields['loss tokens']} | 1 |",
                 f"| dense fwd | {fields['dense fwd']} | 1 |"):  # fmt: skip
         assert text.count(row) == 2, row  # one row per setting: CPT and SFT
