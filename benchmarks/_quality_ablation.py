@@ -18,7 +18,7 @@ from _quality_data import TaskData
 from torch import nn
 
 import peft_sat
-from peft_sat.config import IMPORTANCE_METRICS, SELECTION_METHODS
+from peft_sat.config_validation import IMPORTANCE_METRICS, SELECTION_METHODS
 
 
 class Assets(Protocol):

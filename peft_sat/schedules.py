@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .config import SATConfig  # config.py imports nothing from here (it owns the schedule names, SCHEDULES)
+from .config import SATConfig  # config.py imports nothing from here (config_validation owns SCHEDULES)
 
 
 @dataclass(frozen=True)
