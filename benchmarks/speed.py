@@ -62,10 +62,11 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _timing  # noqa: E402
-from _speed_report import CASES, VARIANTS, Report, Row, format_table, markdown, plot  # noqa: E402
+from _speed_report import CASES, VARIANTS, Report, Row, describe, format_table, markdown, plot  # noqa: E402
 
 import peft_sat  # noqa: E402
 import peft_sat.assets  # noqa: E402
+import peft_sat.cpu_allocator  # noqa: E402
 from peft_sat.blocks import SATBlockMixin  # noqa: E402
 from peft_sat.flops import StackShape, ideal_speedup  # noqa: E402
 
@@ -108,12 +109,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-foreign-load", type=float, default=0.05, help="redo steps above this foreign load")
     parser.add_argument("--max-rounds", type=int, default=None, help="cap of measured rounds (default 2 x steps)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument(
+        "--cpu-allocator",
+        default="tuned",
+        choices=["tuned", "default"],
+        help="CPU: 'tuned' keeps freed memory between steps (peft_sat.cpu_allocator, as the recipes do); 'default': "
+        "glibc's thresholds",
+    )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--tiny", action="store_true", help="a seconds-long run on tiny random models (smoke test)")
     parser.add_argument("--json", default=None, help="write settings and rows to this path")
     parser.add_argument("--plot", default=None, help="write a PNG of speed-up against omission rate")
     parser.add_argument("--markdown", default=None, help="write the table as markdown to this path")
     parser.add_argument("--from-json", default=None, help="measure nothing: re-render a saved --json report")
+    parser.add_argument(
+        "--profile",
+        default=None,
+        help="measure nothing: write torch.profiler operator tables (dense arm, then each rate) to this path",
+    )
+    parser.add_argument("--profile-rows", type=int, default=25, help="operators per --profile table")
     args = parser.parse_args(argv)
     args.cases = _subset(parser, "--cases", args.cases, CASES)
     args.variants = _subset(parser, "--variants", args.variants, VARIANTS)
@@ -296,13 +310,16 @@ def _ideal(case: Case, variant: str, rate: float, config: peft_sat.SATConfig, de
 # ---- measurement -----------------------------------------------------------------------------------------------
 
 
-def measure(case: Case, variant: str, args: argparse.Namespace) -> list[Row]:
-    model = sat_model(case, variant, args)
+def _autocast(args: argparse.Namespace) -> torch.autocast:
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.device.type == "cuda")
+
+
+def _step_factory(model: nn.Module, case: Case, args: argparse.Namespace) -> Callable[[float], Callable[[], float]]:
+    """rate -> a function running one training step of ``model`` at that rate and returning its wall seconds."""
     state = peft_sat.get_sat_state(model)
     inputs = case.inputs(args.device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-6, fused=True)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.device.type == "cuda")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6, fused=True)
+    autocast = _autocast(args)
 
     def step_at(rate: float) -> Callable[[], float]:
         def step() -> float:
@@ -319,6 +336,15 @@ def measure(case: Case, variant: str, args: argparse.Namespace) -> list[Row]:
 
         return step
 
+    return step_at
+
+
+def measure(case: Case, variant: str, args: argparse.Namespace) -> list[Row]:
+    model = sat_model(case, variant, args)
+    state = peft_sat.get_sat_state(model)
+    inputs = case.inputs(args.device)
+    autocast = _autocast(args)
+    step_at = _step_factory(model, case, args)
     arms = {0.0: step_at(0.0), **{rate: step_at(rate) for rate in args.rates}}
     samples, _ = _timing.interleave(
         {str(rate): step for rate, step in arms.items()},
@@ -362,6 +388,36 @@ def measure(case: Case, variant: str, args: argparse.Namespace) -> list[Row]:
     return rows
 
 
+def profile(args: argparse.Namespace) -> str:
+    """``torch.profiler`` operator tables, per case, variant and arm, of ``--steps`` steps after ``--warmup``
+    (self time, the operators that cost the most first): where a SAT step spends the time dense does not."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    _tune_allocator(args)
+    builders = {"smollm2": smollm2_case, "7b-layer": layer_case}
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.type == "cuda" else [])
+    sort = "self_cuda_time_total" if args.device.type == "cuda" else "self_cpu_time_total"
+    sections = [f"# speed.py --profile: {' '.join(describe(Report(run_settings(args), {}, [])))}"]
+    for name in args.cases:
+        case = builders[name](args)
+        for variant in args.variants:
+            model = sat_model(case, variant, args)
+            step_at = _step_factory(model, case, args)
+            for rate in [0.0, *args.rates]:
+                step = step_at(rate)
+                for _ in range(args.warmup):
+                    step()
+                with torch_profile(activities=activities) as prof:
+                    seconds = [step() for _ in range(args.steps)]
+                table = prof.key_averages().table(sort_by=sort, row_limit=args.profile_rows, max_name_column_width=48)
+                title = f"{case.name} {variant} rate {rate} ({'dense' if rate == 0 else 'SAT'})"
+                sections.append(f"## {title}: {1e3 * statistics.median(seconds):.0f} ms per step (profiled)\n{table}")
+            del model
+            gc.collect()
+    return "\n\n".join(sections) + "\n"
+
+
 def _memory(model, state, case: Case, inputs: dict, rate: float, autocast, device: torch.device):
     """(activation bytes of one forward, peak bytes of one forward + backward) at ``rate``: CUDA's peak allocated
     memory (weights, gradients and optimizer included), on a CPU the growth of the process's peak resident memory
@@ -381,13 +437,20 @@ def _memory(model, state, case: Case, inputs: dict, rate: float, autocast, devic
         torch.cuda.reset_peak_memory_stats(device)
         step()
         peak = torch.cuda.max_memory_allocated(device)
-    else:
+    else:  # the memory a tuned allocator kept from earlier steps would hide the step's own peak
+        peft_sat.cpu_allocator.release_free_memory()
         peak = _timing.peak_rss_growth(step)
     model.zero_grad(set_to_none=True)
     return activations, peak, (activations, inside)
 
 
 # ---- report ----------------------------------------------------------------------------------------------------
+
+
+def _tune_allocator(args: argparse.Namespace) -> None:
+    """``--cpu-allocator tuned`` on a CPU; records in ``args`` whether it applied (the report says so)."""
+    tuned = args.device.type == "cpu" and args.cpu_allocator == "tuned"
+    args.cpu_allocator = "tuned" if tuned and peft_sat.cpu_allocator.tune_cpu_allocator() else "default"
 
 
 def run_settings(args: argparse.Namespace) -> dict:
@@ -408,6 +471,10 @@ def run_settings(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> Report:
     args = parse_args(argv)
+    if args.profile:
+        Path(args.profile).write_text(profile(args))
+        print(f"operator tables written to {args.profile}")
+        return Report(run_settings(args), {}, [])
     if args.from_json:
         report = Report.load(args.from_json)
     else:
@@ -425,6 +492,7 @@ def main(argv: list[str] | None = None) -> Report:
 def run(args: argparse.Namespace) -> Report:
     if args.threads:
         torch.set_num_threads(args.threads)
+    _tune_allocator(args)
     args.allowed_foreign = _timing.allowed_foreign_load(args.max_foreign_load)
     builders = {"smollm2": smollm2_case, "7b-layer": layer_case}
     cases = {name: builders[name](args) for name in args.cases}

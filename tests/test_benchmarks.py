@@ -1,5 +1,5 @@
 """``benchmarks/speed.py`` runs end to end in its seconds-long ``--tiny`` mode, writes its JSON, markdown and plot,
-and re-renders a saved report (timings not checked: they are the benchmark's job, not a test's). Its ideal FLOPs
+re-renders a saved report and writes ``--profile`` operator tables (timings not checked: they are the benchmark's job, not a test's). Its ideal FLOPs
 ratio comes from ``peft_sat.flops`` (``tests/test_flops.py``)."""
 
 from __future__ import annotations
@@ -53,6 +53,19 @@ def test_speed_tiny_covers_every_case_variant_and_rate(tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
     table = result.stdout[result.stdout.index("SAT speed benchmark") :]  # libraries may log before it
     assert again.stdout[again.stdout.index("SAT speed benchmark") :] == table
+
+
+def test_speed_profile_writes_an_operator_table_per_arm(tmp_path):
+    out = tmp_path / "profile.txt"
+    command = [sys.executable, str(SPEED), "--tiny", "--cases", "smollm2", "--variants", "full", "--rates", "0.5"]
+    result = subprocess.run([*command, "--profile", str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = out.read_text()
+    titles = [line for line in text.splitlines() if line.startswith("## ")]
+    assert [t.split(":")[0] for t in titles] == ["## smollm2 full rate 0.0 (dense)", "## smollm2 full rate 0.5 (SAT)"]
+    dense, sat = text.split("## ")[1:]
+    assert "aten::mm" in dense and "aten::mm" in sat
+    assert "RowsFromValue" in sat and "RowsFromValue" not in dense  # the default sparse backward ran in the SAT arm
 
 
 def test_speed_rejects_bad_arguments():
