@@ -49,6 +49,16 @@ class RecipeArguments(ScriptArguments):
             )
         },
     )
+    tune_cpu_allocator: bool = field(
+        default=True,
+        metadata={
+            "help": (
+                "On a CPU run, keep freed memory in the process between steps instead of faulting it in again every "
+                "step (`peft_sat.cpu_allocator`; glibc only). The process keeps its peak resident size. False: the "
+                "allocator's defaults."
+            )
+        },
+    )
     compare_dense: bool = field(
         default=False,
         metadata={

@@ -21,7 +21,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, set_seed
 from trl import SFTTrainer, get_peft_config, get_quantization_config
 
-from peft_sat import SATCallback, SATConfig
+from peft_sat import SATCallback, SATConfig, cpu_allocator
 from peft_sat.bnb import disable_cpu_inference_repack
 
 from .measure import RunRecorder, final_eval_point
@@ -74,6 +74,13 @@ def use_all_cpu_cores() -> None:
         torch.set_num_threads(cores)
 
 
+def tune_cpu_allocator(script_args: Any, training_args: Any) -> bool:
+    """``peft_sat.cpu_allocator.tune_cpu_allocator`` on a CPU run unless ``--tune_cpu_allocator false``; True when
+    applied (recorded in ``metrics.json``: step times depend on it)."""
+    on_cpu = training_args.use_cpu or not torch.cuda.is_available()
+    return bool(script_args.tune_cpu_allocator and on_cpu and cpu_allocator.tune_cpu_allocator())
+
+
 def load_model(model_path: str, model_args: Any, training_args: Any) -> Any:
     """The causal LM, in ``model_args.dtype``; 4-bit (bitsandbytes nf4) when ``load_in_4bit`` (QLoRA)."""
     kwargs: dict[str, Any] = {
@@ -117,6 +124,8 @@ def train_arm(
     gc.collect()  # a previous arm's model and optimizer (the A/B) must not stay in memory next to this one's
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    # The A/B's second arm must not reuse the pages the first one faulted in: both start from the same allocator state.
+    cpu_allocator.release_free_memory()
     args = copy.copy(training_args)
     args.eval_on_start = True
     set_seed(args.seed)

@@ -65,6 +65,7 @@ def main(script_args: Any, training_args: Any, model_args: Any, sat_args: Any) -
     """
     wall_start = time.perf_counter()
     common.use_all_cpu_cores()
+    allocator_tuned = common.tune_cpu_allocator(script_args, training_args)
 
     # Check everything before training: one RecipeError lists every problem.
     problems: list[str] = []
@@ -84,7 +85,7 @@ def main(script_args: Any, training_args: Any, model_args: Any, sat_args: Any) -
 
     # Report: metrics.json, the plot, the summary.
     dataset = script_args.dataset_name or BUILTIN_DATA
-    metrics = report.run_metrics(RECIPE, dataset, "blocks", model_args, arm, dense, wall_start)
+    metrics = report.run_metrics(RECIPE, dataset, "blocks", model_args, arm, dense, wall_start, allocator_tuned)
     report.write_report(metrics, arm, dense)
     common.end_run()
     return metrics

@@ -185,6 +185,7 @@ def test_sft_end_to_end(variant, tiny_model_dir, chat_file, tmp_path):
     assert 0 <= metrics["time_between_steps_s"] < metrics["train_runtime_s"]
     assert metrics["compare_dense"] is None
     assert saved["crossover"] == {"dense_when_slower": False}  # TINY_RECIPE_ARGS switch the crossover check off
+    assert saved["cpu_allocator_tuned"] is sys.platform.startswith("linux")  # a CPU run keeps freed memory
 
 
 def test_cpt_end_to_end_full(tiny_model_dir, text_file, tmp_path):
@@ -204,8 +205,10 @@ def test_cpt_end_to_end_full(tiny_model_dir, text_file, tmp_path):
 
 
 def test_dense_baseline(tiny_model_dir, text_file, tmp_path):
-    metrics = cpt.main(*tiny_args("cpt", tiny_model_dir, text_file, tmp_path, "--use_sat", "false"))
-    assert not metrics["sat"] and metrics["schedule"] == "dense"
+    metrics = cpt.main(
+        *tiny_args("cpt", tiny_model_dir, text_file, tmp_path, "--use_sat", "false", "--tune_cpu_allocator", "false")
+    )
+    assert not metrics["sat"] and metrics["schedule"] == "dense" and not metrics["cpu_allocator_tuned"]
     assert all("sat/omission_rate" not in entry for entry in metrics["log_history"])
     assert metrics["step_time_dense_s"] is not None
 

@@ -1,0 +1,54 @@
+"""Training on a CPU: keep freed memory in the process instead of returning it to the OS after every step.
+
+glibc's ``malloc`` serves large blocks (from 128 KiB, a threshold it raises as such blocks are freed) with fresh
+``mmap`` pages and unmaps them on ``free``; it also trims the top of its heap once more than a threshold is free.
+A training step allocates and frees hundreds of megabytes (activations, full-size weight gradients, temporaries),
+so each step faults its memory in again page by page, and the kernel zeroes every page first. A SAT step is hit
+harder than a dense one: its tensors change size with the kept width and the share of dense token positions, which
+defeats the adaptive threshold, and the dense steps that follow sparse ones in the same process inherit the
+fragmented heap. Measured on SmolLM2-135M SFT (``make sft``, 2 CPU cores): a third of the SAT run's time was kernel
+time, and its dense steps ran about 30% slower than those of a dense-only run.
+
+``tune_cpu_allocator`` fixes both thresholds (blocks up to 32 MiB come from the heap; freed memory stays mapped up
+to 2 GiB), the same trade PyTorch's CUDA caching allocator makes on a GPU: the process keeps its peak resident size
+between steps. Process-wide and glibc-only; a no-op (``False``) elsewhere. ``release_free_memory`` hands the kept
+memory back (``malloc_trim``), e.g. before measuring how much a step raises the peak resident size.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+
+# mallopt(3) parameters (glibc's malloc.h)
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 32 << 20  # glibc's maximum on 64-bit: larger blocks (e.g. a 100 MB logits tensor) are still mapped
+TRIM_THRESHOLD = (2 << 30) - 1  # mallopt takes an int
+
+
+def _glibc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "gnu_get_libc_version") else None  # not musl
+
+
+def tune_cpu_allocator() -> bool:
+    """Fix glibc's mmap and trim thresholds for training (see the module docstring); True when applied."""
+    libc = _glibc()
+    if libc is None:
+        return False
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
+        libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+    )
+
+
+def release_free_memory() -> bool:
+    """Return the free memory the allocator keeps to the OS (``malloc_trim(0)``); True when glibc did."""
+    libc = _glibc()
+    return libc is not None and hasattr(libc, "malloc_trim") and bool(libc.malloc_trim(0))

@@ -1,0 +1,47 @@
+"""``peft_sat.cpu_allocator``: after ``tune_cpu_allocator`` freed tensor memory stays in the process (the next step
+reuses it instead of faulting fresh pages in), and ``release_free_memory`` hands it back. Run in a fresh interpreter:
+the setting is process-wide."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc (Linux)")
+
+SCRIPT = textwrap.dedent(
+    """
+    import torch
+    from peft_sat import cpu_allocator
+
+    def resident_mb():
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
+
+    def freed_and_kept(mb):
+        before = resident_mb()
+        block = torch.ones(mb * 2**18)  # mb MiB of float32, every page touched
+        grown = resident_mb() - before
+        del block
+        return grown, resident_mb() - before  # (growth while alive, growth still resident after the free)
+
+    # glibc's defaults: an 8 MiB block is mapped for itself and unmapped on free
+    grown, kept = freed_and_kept(8)
+    assert grown > 7 and kept < 2, (grown, kept)
+    assert cpu_allocator.tune_cpu_allocator()
+    grown, kept = freed_and_kept(24)  # tuned: served from the heap, and the freed memory stays resident
+    assert grown > 20 and kept > 20, (grown, kept)
+    before = resident_mb()
+    assert cpu_allocator.release_free_memory()
+    assert resident_mb() < before - 20
+    print("ok")
+    """
+)
+
+
+def test_tuned_allocator_keeps_freed_memory_until_released():
+    result = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
