@@ -10,8 +10,11 @@ step trains at least as well as a sparse one.
 Which steps are timed depends only on the step number and the verdicts so far, so every rank times the same steps:
 
 - never the first step of a process: it carries one-time costs (allocation, first kernel launches, compilation);
-- the dense reference: the first ``TIMED_STEPS`` dense steps after it, from the schedule's dense warm-up when it has
-  one, else *dense probes*: the first steps that would be timed sparse run dense instead;
+- the dense reference: ``TIMED_STEPS`` dense steps after ``SETTLING_STEPS`` untimed ones, from the schedule's dense
+  warm-up when it has one, else *dense probes*: the first steps that would be timed sparse run dense instead. The
+  first dense steps after the first step, or after sparse ones, are slow for reasons of their own (on a CPU: heap
+  growth and page faults for the larger dense buffers; measured 1.4-2x a settled dense step in ``make sft`` /
+  ``make cpt``); timed, they made a reference so slow that rungs slower than dense passed as faster;
 - each rate above the crossover: its first ``TIMED_STEPS`` steps, or fewer when its stage ends sooner (a linear
   decay judges each step's rate on that step alone).
 
@@ -19,7 +22,10 @@ A timing is taken per token position (padding included: padded positions are com
 lengths compare, and each side keeps its best (lowest) time per position: one-time costs, e.g. a recompilation for
 the kept units' new shapes, only ever slow a step down. Each timing is reduced over ranks (max) before it is used, so
 all ranks reach the same verdicts and run the same rate, as a shared selection (an all-reduce inside the forward)
-needs. A rate is faster when its time per position is below the dense one; a tie runs dense.
+needs. A rate is faster when its time per position is at least ``MIN_GAIN`` below the dense one: step times on a
+shared CPU wander by a few percent, and a rung that saves less than that buys its loss of quality with nothing
+measurable (a ``make cpt`` run judged r = 1/6 faster at 2% below its dense reference, and the A/B's dense arm then
+ran the same batches faster). Anything closer runs dense.
 
 Example:
     >>> check = CrossoverCheck(SATConfig(omission_rate=0.5), total_steps=100, first_step=0)  # doctest: +SKIP
@@ -44,6 +50,10 @@ logger = logging.get_logger(__name__)
 
 # Timed steps per rate and for the dense reference: one step alone (a short batch, a recompilation) cannot decide.
 TIMED_STEPS = 2
+# Untimed dense steps before the dense reference is timed (see the module docstring).
+SETTLING_STEPS = 2
+# The least share of the dense time per token position a rate must save to be judged faster.
+MIN_GAIN = 0.03
 
 
 def synchronized_clock() -> float:
@@ -151,6 +161,7 @@ class CrossoverCheck:
         self.dense_stages: list[DenseStage] = []
         self._pending: dict[float, list[Timing]] = {}  # timings of rates not judged yet
         self._judged: set[float] = set()
+        self._settling_left = SETTLING_STEPS  # untimed dense steps still due before the reference is timed
         self._step: int | None = None
         self._timed_rate: float | None = None  # the rate of the step being timed (0.0: dense), None: untimed
         self._start = 0.0
@@ -164,13 +175,13 @@ class CrossoverCheck:
         need_dense = len(self.dense_timings) < TIMED_STEPS
         rate, timed = scheduled, None
         if scheduled == 0.0:
-            timed = 0.0 if warm and need_dense else None
+            timed = self._dense_timing() if warm and need_dense else None
         elif scheduled <= self.crossover_rate:
             rate = 0.0
             self._count_dense_stage(step, scheduled)
         elif warm and scheduled not in self._judged:
             if need_dense:  # a dense probe in place of a step that would be timed sparse
-                rate = timed = 0.0
+                rate, timed = 0.0, self._dense_timing()
                 self.probe_steps.append(step)
             else:
                 timed = scheduled
@@ -180,6 +191,13 @@ class CrossoverCheck:
         if timed is not None:
             self._start = self.clock()
         return rate
+
+    def _dense_timing(self) -> float | None:
+        """0.0 (time this dense step for the reference), or None while settling steps are due."""
+        if self._settling_left > 0:
+            self._settling_left -= 1
+            return None
+        return 0.0
 
     def end_step(self, positions: int) -> Verdict | None:
         """Stop the clock of a timed step (``positions``: its token positions on this rank); the ``Verdict`` when
@@ -215,7 +233,7 @@ class CrossoverCheck:
             seconds=best.per_position * positions,
             dense_seconds=dense.per_position * positions,
             positions=dense.positions,
-            faster=best.per_position < dense.per_position,
+            faster=best.per_position <= (1.0 - MIN_GAIN) * dense.per_position,
         )
         self.verdicts.append(verdict)
         self._judged.add(rate)

@@ -14,14 +14,14 @@ from sat_testing import SAT_KEYS, lm_dataset, paper_config, tiny_llama, train_lo
 from transformers import Trainer
 
 from peft_sat import SATCallback, omission_rate_at
-from peft_sat.crossover import TIMED_STEPS, CrossoverCheck, max_over_ranks
+from peft_sat.crossover import MIN_GAIN, SETTLING_STEPS, TIMED_STEPS, CrossoverCheck, max_over_ranks
 
 STEPS = 16  # the default ladder at r = 0.5: steps 0-7 at 0.5, 8-10 at 1/3, 11-13 at 1/6, 14-15 dense
 # Seconds per step by rate: 0.5 and 1/3 beat dense, 1/6 does not (its fixed costs outweigh what it saves).
 SECONDS = {0.0: 1.0, 0.5: 0.6, 0.333: 0.8, 0.167: 1.2}
-# What runs: step 0 as scheduled (never timed), steps 1-2 dense probes, 0.5 and 1/3 judged faster on their first two
-# steps, 1/6 judged slower on steps 11-12, so step 13 runs dense.
-EXPECTED = [0.5, 0.0, 0.0] + [0.5] * 5 + [1 / 3] * 3 + [1 / 6] * 2 + [0.0] * 3
+# What runs: step 0 as scheduled (never timed), steps 1-4 dense probes (1-2 settle untimed, 3-4 timed), 0.5 and 1/3
+# judged faster on their first two steps, 1/6 judged slower on steps 11-12, so step 13 runs dense.
+EXPECTED = [0.5] + [0.0] * 4 + [0.5] * 3 + [1 / 3] * 3 + [1 / 6] * 2 + [0.0] * 3
 
 
 @pytest.fixture(autouse=True)
@@ -84,7 +84,7 @@ def test_rung_below_the_crossover_runs_dense_and_the_logs_say_so(tmp_path, caplo
     scheduled = [omission_rate_at(callback.sat_state.config, step, STEPS) for step in range(STEPS)]
     assert ran != pytest.approx(scheduled)  # the check changed what ran
     assert [entry["sat/crossover_rate"] for entry in logs] == pytest.approx([0.0] * 12 + [1 / 6] * 4)
-    assert logs[-1]["sat/crossover_dense_steps"] == 3  # two probes and the last step of the 1/6 rung
+    assert logs[-1]["sat/crossover_dense_steps"] == 5  # four probes and the last step of the 1/6 rung
 
     # FLOPs: a step run dense saved nothing
     saved = sum(callback.flops.saved_fraction(rate) for rate in ran)
@@ -93,10 +93,13 @@ def test_rung_below_the_crossover_runs_dense_and_the_logs_say_so(tmp_path, caplo
     assert saved < sum(callback.flops.saved_fraction(rate) for rate in scheduled)
 
     report = callback.crossover
-    assert report["crossover_rate"] == pytest.approx(1 / 6) and report["probe_steps"] == [1, 2]
-    assert report["dense_reference"] == {"step": 1, "seconds": 1.0, "positions": 32}  # batch 2 x 16 tokens
+    assert report["crossover_rate"] == pytest.approx(1 / 6) and report["probe_steps"] == [1, 2, 3, 4]
+    assert report["dense_steps_timed"] == [3, 4]  # the settling probes 1-2 are not timed
+    reference = report["dense_reference"]  # the faster of the timed probes (equal here, up to the float clock)
+    assert reference["step"] in (3, 4) and reference["seconds"] == pytest.approx(1.0)
+    assert reference["positions"] == 32  # batch 2 x 16 tokens
     assert [(v["stage"], v["steps"], v["faster"]) for v in report["verdicts"]] == [
-        ("full-rate stage", [3, 4], True),
+        ("full-rate stage", [5, 6], True),
         ("rung 1 of 3", [8, 9], True),
         ("rung 2 of 3", [11, 12], False),
     ]
@@ -149,41 +152,53 @@ def test_faster_everywhere_costs_only_the_probes():
     clock = FakeClock({0.0: 1.0, 0.5: 0.5, 0.333: 0.6, 0.167: 0.9})
     check = CrossoverCheck(config, STEPS, first_step=0, clock=clock)
     rates = drive(check, clock)
-    assert rates == pytest.approx([0.5, 0.0, 0.0] + [omission_rate_at(config, s, STEPS) for s in range(3, STEPS)])
-    assert check.crossover_rate == 0.0 and check.dense_fallback_steps == TIMED_STEPS
+    probes = SETTLING_STEPS + TIMED_STEPS
+    first_sparse = 1 + probes
+    scheduled = [omission_rate_at(config, s, STEPS) for s in range(first_sparse, STEPS)]
+    assert rates == pytest.approx([0.5] + [0.0] * probes + scheduled)
+    assert check.crossover_rate == 0.0 and check.dense_fallback_steps == probes
     assert all(verdict.faster for verdict in check.verdicts) and len(check.verdicts) == 3
 
 
 def test_a_dense_warmup_is_the_reference_and_a_slow_full_rate_runs_everything_dense():
-    # 16 steps: warm-up 0-3 (steps 1-2 timed: no probe), 0.5 on 4-11, rungs 1/3 on 12-13, 1/6 on 14, 0 on 15
+    # 16 steps: warm-up 0-3 (steps 1-2 settle, step 3 timed), 0.5 on 4-11 (step 4 a timed probe), rungs 1/3 on 12-13,
+    # 1/6 on 14, 0 on 15
     config = paper_config(omission_rate=0.5, warmup_ratio=0.25)
     clock = FakeClock({0.0: 1.0, 0.5: 1.1, 0.333: 0.5, 0.167: 0.5})
     check = CrossoverCheck(config, STEPS, first_step=0, clock=clock)
     rates = drive(check, clock)
-    # 0.5 is judged slower on steps 4-5; every lower rate then runs dense, unmeasured
-    assert rates == [0.0] * 4 + [0.5, 0.5] + [0.0] * 10
-    assert check.probe_steps == [] and check.crossover_rate == 0.5 and len(check.verdicts) == 1
+    # 0.5 is judged slower on steps 5-6; every lower rate then runs dense, unmeasured
+    assert rates == [0.0] * 5 + [0.5, 0.5] + [0.0] * 9
+    assert check.probe_steps == [4] and check.crossover_rate == 0.5 and len(check.verdicts) == 1
+    assert [t.step for t in check.dense_timings] == [3, 4]
     assert [(stage.stage, stage.first_step, stage.steps) for stage in check.dense_stages] == [
-        ("full-rate stage", 6, 6),
+        ("full-rate stage", 7, 5),
         ("rung 1 of 3", 12, 2),
         ("rung 2 of 3", 14, 1),
     ]
     assert check.dense_fallback_steps == 9
     summary = check.describe()
-    assert "full-rate stage (r=0.5) ran dense from step 6: not faster than dense (1.1 s vs 1 s" in summary
+    assert "full-rate stage (r=0.5) ran dense from step 7: not faster than dense (1.1 s vs 1 s" in summary
     assert "rung 2 of 3 (r=0.167) ran dense from step 14: at or below the crossover rate 0.5" in summary
 
 
 def test_linear_decay_judges_each_step_and_turns_dense_at_the_crossover():
     config = paper_config(omission_rate=0.5, schedule="linear")
-    clock = FakeClock(lambda rate: 1.0 if rate == 0 else 1.3 - rate)  # faster than dense above r = 0.3
-    check = CrossoverCheck(config, 12, first_step=0, clock=clock)
+    clock = FakeClock(lambda rate: 1.0 if rate == 0 else 1.3 - rate)  # as fast as dense at r = 0.3
+    steps = 20
+    check = CrossoverCheck(config, steps, first_step=0, clock=clock)
     rates = drive(check, clock)
-    scheduled = [omission_rate_at(config, step, 12) for step in range(12)]
-    first_slow = next(step for step in range(3, 12) if scheduled[step] <= 0.3)  # 0.5 * 6 / 11 = 0.27 at step 5
-    assert rates == pytest.approx([scheduled[0], 0.0, 0.0, *scheduled[3 : first_slow + 1]] + [0.0] * (11 - first_slow))
+    scheduled = [omission_rate_at(config, step, steps) for step in range(steps)]
+    probes = SETTLING_STEPS + TIMED_STEPS
+    first_sparse = 1 + probes
+    # slower than dense by the crossover's measure: saving under MIN_GAIN (r < 0.33: 0.5 * 12 / 19 = 0.32 at step 7)
+    first_slow = next(step for step in range(steps) if 1.3 - scheduled[step] > 1.0 - MIN_GAIN)
+    assert first_slow > first_sparse + 1  # some steps are judged faster first
+    assert rates == pytest.approx(
+        [scheduled[0]] + [0.0] * probes + scheduled[first_sparse : first_slow + 1] + [0.0] * (steps - 1 - first_slow)
+    )
     assert check.crossover_rate == pytest.approx(scheduled[first_slow])
-    assert [verdict.steps for verdict in check.verdicts] == [(step,) for step in range(3, first_slow + 1)]
+    assert [verdict.steps for verdict in check.verdicts] == [(step,) for step in range(first_sparse, first_slow + 1)]
 
 
 def test_times_compare_per_token_position():
@@ -193,6 +208,16 @@ def test_times_compare_per_token_position():
     drive(check, clock, positions=lambda rate: 32 if rate == 0 else 64)
     assert check.verdicts and all(verdict.faster for verdict in check.verdicts)
     assert check.verdicts[0].seconds == pytest.approx(0.75) and check.verdicts[0].positions == 32
+
+
+def test_a_rate_within_the_noise_of_dense_runs_dense():
+    """2% faster than dense is not faster: below ``MIN_GAIN`` the full-rate stage and every rung run dense."""
+    assert MIN_GAIN > 0.02
+    clock = FakeClock({0.0: 1.0, 0.5: 0.98, 0.333: 0.5, 0.167: 0.5})
+    check = CrossoverCheck(paper_config(omission_rate=0.5), STEPS, first_step=0, clock=clock)
+    rates = drive(check, clock)
+    assert not check.verdicts[0].faster and check.crossover_rate == 0.5
+    assert rates[1 + SETTLING_STEPS + TIMED_STEPS + TIMED_STEPS :] == [0.0] * (STEPS - 7)
 
 
 def test_a_resumed_process_never_times_its_first_step_and_keeps_a_known_crossover():
