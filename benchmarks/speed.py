@@ -128,6 +128,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="measure nothing: write torch.profiler operator tables (dense arm, then each rate) to this path",
     )
     parser.add_argument("--profile-rows", type=int, default=25, help="operators per --profile table")
+    parser.add_argument(
+        "--profile-by-shape", action="store_true", help="--profile: one row per operator and input shapes"
+    )
     args = parser.parse_args(argv)
     args.cases = _subset(parser, "--cases", args.cases, CASES)
     args.variants = _subset(parser, "--variants", args.variants, VARIANTS)
@@ -404,13 +407,16 @@ def profile(args: argparse.Namespace) -> str:
         for variant in args.variants:
             model = sat_model(case, variant, args)
             step_at = _step_factory(model, case, args)
-            for rate in [0.0, *args.rates]:
-                step = step_at(rate)
-                for _ in range(args.warmup):
+            arms = {rate: step_at(rate) for rate in [0.0, *args.rates]}
+            for _ in range(args.warmup):  # every arm warm before any is profiled: the first one is not the cold one
+                for step in arms.values():
                     step()
-                with torch_profile(activities=activities) as prof:
+            for rate, step in arms.items():
+                with torch_profile(activities=activities, record_shapes=args.profile_by_shape) as prof:
                     seconds = [step() for _ in range(args.steps)]
-                table = prof.key_averages().table(sort_by=sort, row_limit=args.profile_rows, max_name_column_width=48)
+                table = prof.key_averages(group_by_input_shape=args.profile_by_shape).table(
+                    sort_by=sort, row_limit=args.profile_rows, max_name_column_width=48, max_shapes_column_width=60
+                )
                 title = f"{case.name} {variant} rate {rate} ({'dense' if rate == 0 else 'SAT'})"
                 sections.append(f"## {title}: {1e3 * statistics.median(seconds):.0f} ms per step (profiled)\n{table}")
             del model
