@@ -313,6 +313,12 @@ def _ideal(case: Case, variant: str, rate: float, config: peft_sat.SATConfig, de
 # ---- measurement -----------------------------------------------------------------------------------------------
 
 
+def _tune_allocator(args: argparse.Namespace) -> None:
+    """``--cpu-allocator tuned`` on a CPU; records in ``args`` whether it applied (the report says so)."""
+    tuned = args.device.type == "cpu" and args.cpu_allocator == "tuned"
+    args.cpu_allocator = "tuned" if tuned and peft_sat.cpu_allocator.tune_cpu_allocator() else "default"
+
+
 def _autocast(args: argparse.Namespace) -> torch.autocast:
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.device.type == "cuda")
 
@@ -451,12 +457,6 @@ def _memory(model, state, case: Case, inputs: dict, rate: float, autocast, devic
 
 
 # ---- report ----------------------------------------------------------------------------------------------------
-
-
-def _tune_allocator(args: argparse.Namespace) -> None:
-    """``--cpu-allocator tuned`` on a CPU; records in ``args`` whether it applied (the report says so)."""
-    tuned = args.device.type == "cpu" and args.cpu_allocator == "tuned"
-    args.cpu_allocator = "tuned" if tuned and peft_sat.cpu_allocator.tune_cpu_allocator() else "default"
 
 
 def run_settings(args: argparse.Namespace) -> dict:
