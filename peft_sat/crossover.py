@@ -10,13 +10,18 @@ step trains at least as well as a sparse one.
 Which steps are timed depends only on the step number and the verdicts so far, so every rank times the same steps:
 
 - never the first step of a process: it carries one-time costs (allocation, first kernel launches, compilation);
-- the dense reference: ``TIMED_STEPS`` dense steps after ``SETTLING_STEPS`` untimed ones, from the schedule's dense
-  warm-up when it has one, else *dense probes*: the first steps that would be timed sparse run dense instead. The
-  first dense steps after the first step, or after sparse ones, are slow for reasons of their own (on a CPU: heap
-  growth and page faults for the larger dense buffers; measured 1.4-2x a settled dense step in ``make sft`` /
-  ``make cpt``); timed, they made a reference so slow that rungs slower than dense passed as faster;
+- never the first ``SETTLING_STEPS`` dense steps after it: the first dense steps of a process are slow for reasons of
+  their own (on a CPU: heap growth and page faults for the larger dense buffers; measured 1.4-2x a settled dense step
+  in ``make sft`` / ``make cpt``). While they are due, a step that would be timed sparse runs dense instead;
 - each rate above the crossover: its first ``TIMED_STEPS`` steps, or fewer when its stage ends sooner (a linear
-  decay judges each step's rate on that step alone).
+  decay judges each step's rate on that step alone);
+- the dense steps it is compared with, *next to its own*: a rate is judged only against dense steps timed at most
+  ``REFERENCE_STEPS`` steps before its first timed step or among its timed steps. Where there are too few, *dense
+  probes* (steps that would be timed sparse, run dense instead) alternate with the rate's timed steps: dense, sparse,
+  dense, sparse. The last steps of a scheduled dense stage (a warm-up) serve when a rate follows them. A CPU's step
+  times drift over a run by more than a low rate saves: one dense reference taken at the start of a ``make cpt`` run
+  (4.12 s per step at steps 3-4) let the rung at r = 1/6 run sparse at 3.88 s while the same run's later dense
+  steps took 3.55-3.66 s.
 
 A timing is taken per token position (padding included: padded positions are computed too), so batches of different
 lengths compare, and each side keeps its best (lowest) time per position: one-time costs, e.g. a recompilation for
@@ -26,6 +31,9 @@ needs. A rate is faster when its time per position is at least ``MIN_GAIN`` belo
 shared CPU wander by a few percent, and a rung that saves less than that buys its loss of quality with nothing
 measurable (a ``make cpt`` run judged r = 1/6 faster at 2% below its dense reference, and the A/B's dense arm then
 ran the same batches faster). Anything closer runs dense.
+
+The probes cost dense steps in place of sparse ones: with the default ladder, two settling steps and two probes per
+judged rate at most (fewer where a judged rate's probes are recent enough for the next rate).
 
 Example:
     >>> check = CrossoverCheck(SATConfig(omission_rate=0.5), total_steps=100, first_step=0)  # doctest: +SKIP
@@ -50,8 +58,10 @@ logger = logging.get_logger(__name__)
 
 # Timed steps per rate and for the dense reference: one step alone (a short batch, a recompilation) cannot decide.
 TIMED_STEPS = 2
-# Untimed dense steps before the dense reference is timed (see the module docstring).
+# Untimed dense steps of a process before any dense step is timed (see the module docstring).
 SETTLING_STEPS = 2
+# How many steps before a rate's first timed step a dense timing may be taken to count as that rate's reference.
+REFERENCE_STEPS = 4
 # The least share of the dense time per token position a rate must save to be judged faster.
 MIN_GAIN = 0.03
 
@@ -98,6 +108,7 @@ class Verdict:
     rate: float
     stage: str  # the schedule stage whose steps were timed, e.g. "rung 3 of 3"
     steps: tuple[int, ...]
+    dense_steps: tuple[int, ...]  # the dense steps it was compared with
     seconds: float
     dense_seconds: float
     positions: int
@@ -161,7 +172,7 @@ class CrossoverCheck:
         self.dense_stages: list[DenseStage] = []
         self._pending: dict[float, list[Timing]] = {}  # timings of rates not judged yet
         self._judged: set[float] = set()
-        self._settling_left = SETTLING_STEPS  # untimed dense steps still due before the reference is timed
+        self._settling_left = SETTLING_STEPS  # untimed dense steps still due before any dense step is timed
         self._step: int | None = None
         self._timed_rate: float | None = None  # the rate of the step being timed (0.0: dense), None: untimed
         self._start = 0.0
@@ -172,19 +183,25 @@ class CrossoverCheck:
         """The omission rate to run optimizer step ``step`` at; starts the clock when the step is timed."""
         scheduled = omission_rate_at(self.config, step, self.total_steps)
         warm = step > self.first_step
-        need_dense = len(self.dense_timings) < TIMED_STEPS
-        rate, timed = scheduled, None
-        if scheduled == 0.0:
-            timed = self._dense_timing() if warm and need_dense else None
-        elif scheduled <= self.crossover_rate:
+        rate, timed, probe = scheduled, None, False
+        if scheduled != 0.0 and scheduled <= self.crossover_rate:
             rate = 0.0
             self._count_dense_stage(step, scheduled)
-        elif warm and scheduled not in self._judged:
-            if need_dense:  # a dense probe in place of a step that would be timed sparse
-                rate, timed = 0.0, self._dense_timing()
+        elif scheduled != 0.0 and warm and scheduled not in self._judged:
+            # dense, sparse, dense, sparse: one dense timing next to the rate's more than its own, up to TIMED_STEPS
+            pending = self._pending.get(scheduled, [])
+            first_timed = pending[0].step if pending else step
+            reference = self._reference(first_timed)
+            if self._settling_left > 0 or len(reference) < min(TIMED_STEPS, len(pending) + 1):
+                rate, probe = 0.0, True
                 self.probe_steps.append(step)
             else:
                 timed = scheduled
+        if rate == 0.0 and warm:
+            if self._settling_left > 0:
+                self._settling_left -= 1
+            elif probe or self._precedes_an_unjudged_rate(step):
+                timed = 0.0
         if rate != scheduled:
             self.dense_fallback_steps += 1
         self._step, self._timed_rate = step, timed
@@ -192,12 +209,16 @@ class CrossoverCheck:
             self._start = self.clock()
         return rate
 
-    def _dense_timing(self) -> float | None:
-        """0.0 (time this dense step for the reference), or None while settling steps are due."""
-        if self._settling_left > 0:
-            self._settling_left -= 1
-            return None
-        return 0.0
+    def _reference(self, first_timed_step: int) -> list[Timing]:
+        """The dense timings that a rate whose first timed step is ``first_timed_step`` is compared with."""
+        return [t for t in self.dense_timings if t.step >= first_timed_step - REFERENCE_STEPS]
+
+    def _precedes_an_unjudged_rate(self, step: int) -> bool:
+        """Whether one of the next ``TIMED_STEPS`` steps is scheduled at a rate still to be judged: this scheduled
+        dense step can be part of its reference."""
+        following = range(step + 1, min(step + 1 + TIMED_STEPS, self.total_steps))
+        rates = (omission_rate_at(self.config, s, self.total_steps) for s in following)
+        return any(r > self.crossover_rate and r not in self._judged for r in rates)
 
     def end_step(self, positions: int) -> Verdict | None:
         """Stop the clock of a timed step (``positions``: its token positions on this rank); the ``Verdict`` when
@@ -223,13 +244,15 @@ class CrossoverCheck:
     # ---- verdicts --------------------------------------------------------------------------------------------
 
     def _judge(self, rate: float, timings: list[Timing]) -> Verdict:
-        dense = min(self.dense_timings, key=lambda t: t.per_position)
+        reference = self._reference(timings[0].step)
+        dense = min(reference, key=lambda t: t.per_position)
         best = min(timings, key=lambda t: t.per_position)
         positions = max(1, dense.positions)
         verdict = Verdict(
             rate=rate,
             stage=stage_at(self.config, timings[0].step, self.total_steps).name,
             steps=tuple(t.step for t in timings),
+            dense_steps=tuple(t.step for t in reference),
             seconds=best.per_position * positions,
             dense_seconds=dense.per_position * positions,
             positions=dense.positions,
@@ -286,7 +309,10 @@ class CrossoverCheck:
             "probe_steps": list(self.probe_steps),
             "dense_reference": None if dense is None else asdict(dense),
             "dense_steps_timed": [t.step for t in self.dense_timings],
-            "verdicts": [{**asdict(verdict), "steps": list(verdict.steps)} for verdict in self.verdicts],
+            "verdicts": [
+                {**asdict(verdict), "steps": list(verdict.steps), "dense_steps": list(verdict.dense_steps)}
+                for verdict in self.verdicts
+            ],
             "stages_run_dense": [asdict(stage) for stage in self.dense_stages],
             "summary": self.describe(),
         }

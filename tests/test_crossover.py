@@ -14,14 +14,23 @@ from sat_testing import SAT_KEYS, lm_dataset, paper_config, tiny_llama, train_lo
 from transformers import Trainer
 
 from peft_sat import SATCallback, omission_rate_at
-from peft_sat.crossover import MIN_GAIN, SETTLING_STEPS, TIMED_STEPS, CrossoverCheck, max_over_ranks
+from peft_sat.crossover import (
+    MIN_GAIN,
+    REFERENCE_STEPS,
+    SETTLING_STEPS,
+    TIMED_STEPS,
+    CrossoverCheck,
+    max_over_ranks,
+)
 
 STEPS = 16  # the default ladder at r = 0.5: steps 0-7 at 0.5, 8-10 at 1/3, 11-13 at 1/6, 14-15 dense
+LONG_STEPS = 24  # steps 0-11 at 0.5, 12-15 at 1/3, 16-19 at 1/6, 20-23 dense: a judged rung has steps left
 # Seconds per step by rate: 0.5 and 1/3 beat dense, 1/6 does not (its fixed costs outweigh what it saves).
 SECONDS = {0.0: 1.0, 0.5: 0.6, 0.333: 0.8, 0.167: 1.2}
-# What runs: step 0 as scheduled (never timed), steps 1-4 dense probes (1-2 settle untimed, 3-4 timed), 0.5 and 1/3
-# judged faster on their first two steps, 1/6 judged slower on steps 11-12, so step 13 runs dense.
-EXPECTED = [0.5] + [0.0] * 4 + [0.5] * 3 + [1 / 3] * 3 + [1 / 6] * 2 + [0.0] * 3
+# What runs in LONG_STEPS: step 0 as scheduled (never timed); dense probes 1-2 (settling, untimed), 3 and 5
+# alternating with 0.5 on 4 and 6 (judged faster); probes 12 and 14 alternating with 1/3 on 13 and 15 (faster); 1/6
+# on 16-17, judged slower against the probes 12 and 14 (recent enough), so 18-19 run dense.
+EXPECTED = [0.5] + [0.0] * 3 + [0.5, 0.0] + [0.5] * 6 + [0.0, 1 / 3, 0.0, 1 / 3] + [1 / 6] * 2 + [0.0] * 6
 
 
 @pytest.fixture(autouse=True)
@@ -61,11 +70,12 @@ def drive(check: CrossoverCheck, clock: FakeClock, positions: Callable[[float], 
 
 
 def crossover_trainer(output_dir, clock: FakeClock, **arg_overrides) -> tuple[Trainer, SATCallback]:
-    """A Trainer whose SATCallback reads ``clock``; each model forward advances it by its rate's step time."""
+    """A Trainer of ``LONG_STEPS`` whose SATCallback reads ``clock``; each model forward advances it by its rate's
+    step time."""
     model = tiny_llama()
     callback = SATCallback(paper_config(omission_rate=0.5, importance="uniform"), clock=clock)
     model.register_forward_hook(lambda module, args, output: clock.run(callback.current_rate()))
-    args = training_args(output_dir, max_steps=STEPS, **arg_overrides)
+    args = training_args(output_dir, max_steps=LONG_STEPS, **arg_overrides)
     return Trainer(model=model, args=args, train_dataset=lm_dataset(), callbacks=[callback]), callback
 
 
@@ -81,51 +91,51 @@ def test_rung_below_the_crossover_runs_dense_and_the_logs_say_so(tmp_path, caplo
     logs = train_logs(trainer.state.log_history)
     ran = [entry["sat/omission_rate"] for entry in logs]
     assert ran == pytest.approx(EXPECTED)
-    scheduled = [omission_rate_at(callback.sat_state.config, step, STEPS) for step in range(STEPS)]
+    scheduled = [omission_rate_at(callback.sat_state.config, step, LONG_STEPS) for step in range(LONG_STEPS)]
     assert ran != pytest.approx(scheduled)  # the check changed what ran
-    assert [entry["sat/crossover_rate"] for entry in logs] == pytest.approx([0.0] * 12 + [1 / 6] * 4)
-    assert logs[-1]["sat/crossover_dense_steps"] == 5  # four probes and the last step of the 1/6 rung
+    assert [entry["sat/crossover_rate"] for entry in logs] == pytest.approx([0.0] * 17 + [1 / 6] * 7)
+    assert logs[-1]["sat/crossover_dense_steps"] == 8  # six probes and the last two steps of the 1/6 rung
 
     # FLOPs: a step run dense saved nothing
     saved = sum(callback.flops.saved_fraction(rate) for rate in ran)
     assert logs[-1]["sat/dense_steps_saved"] == pytest.approx(saved)
-    assert logs[-1]["sat/flops_saved_fraction"] == pytest.approx(saved / STEPS)
+    assert logs[-1]["sat/flops_saved_fraction"] == pytest.approx(saved / LONG_STEPS)
     assert saved < sum(callback.flops.saved_fraction(rate) for rate in scheduled)
 
     report = callback.crossover
-    assert report["crossover_rate"] == pytest.approx(1 / 6) and report["probe_steps"] == [1, 2, 3, 4]
-    assert report["dense_steps_timed"] == [3, 4]  # the settling probes 1-2 are not timed
-    reference = report["dense_reference"]  # the faster of the timed probes (equal here, up to the float clock)
-    assert reference["step"] in (3, 4) and reference["seconds"] == pytest.approx(1.0)
+    assert report["crossover_rate"] == pytest.approx(1 / 6) and report["probe_steps"] == [1, 2, 3, 5, 12, 14]
+    assert report["dense_steps_timed"] == [3, 5, 12, 14]  # the settling probes 1-2 are not timed
+    reference = report["dense_reference"]  # the fastest timed dense step (all equal here, up to the float clock)
+    assert reference["step"] in (3, 5, 12, 14) and reference["seconds"] == pytest.approx(1.0)
     assert reference["positions"] == 32  # batch 2 x 16 tokens
-    assert [(v["stage"], v["steps"], v["faster"]) for v in report["verdicts"]] == [
-        ("full-rate stage", [5, 6], True),
-        ("rung 1 of 3", [8, 9], True),
-        ("rung 2 of 3", [11, 12], False),
+    assert [(v["stage"], v["steps"], v["dense_steps"], v["faster"]) for v in report["verdicts"]] == [
+        ("full-rate stage", [4, 6], [3, 5], True),
+        ("rung 1 of 3", [13, 15], [12, 14], True),
+        ("rung 2 of 3", [16, 17], [12, 14], False),
     ]
     assert report["stages_run_dense"] == [
-        {"stage": "rung 2 of 3", "rate": pytest.approx(1 / 6), "first_step": 13, "steps": 1}
+        {"stage": "rung 2 of 3", "rate": pytest.approx(1 / 6), "first_step": 18, "steps": 2}
     ]
     # Both log lines: the decision when it is taken, the summary at the end of training.
     decision = "rung 2 of 3 (r=0.167) was not faster than dense (1.2 s vs 1 s per step of 32 token positions)"
-    summary = "rung 2 of 3 (r=0.167) ran dense from step 13: not faster than dense (1.2 s vs 1 s per step of 32"
+    summary = "rung 2 of 3 (r=0.167) ran dense from step 18: not faster than dense (1.2 s vs 1 s per step of 32"
     assert any(decision in record.message and record.levelno == logging.WARNING for record in caplog.records)
     assert any(summary in record.message for record in caplog.records)
 
 
 def test_resume_keeps_the_crossover_and_the_flops_count(tmp_path):
-    full, _ = crossover_trainer(tmp_path / "run", FakeClock(), save_strategy="steps", save_steps=13)
+    full, _ = crossover_trainer(tmp_path / "run", FakeClock(), save_strategy="steps", save_steps=18)
     full.train()
     reference = train_logs(full.state.log_history)
 
-    # Resumed after the verdict on 1/6: step 13 is the first step of the new process (never timed), and runs dense
+    # Resumed after the verdict on 1/6: step 18 is the first step of the new process (never timed), and runs dense
     # because the crossover comes back from the checkpoint's log history.
     resumed, callback = crossover_trainer(tmp_path / "resumed", FakeClock())
-    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-13"))
-    continued = train_logs(resumed.state.log_history)[-3:]
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-18"))
+    continued = train_logs(resumed.state.log_history)[-6:]
 
-    assert [entry["step"] for entry in continued] == [14, 15, 16]
-    for mine, theirs in zip(continued, reference[13:]):
+    assert [entry["step"] for entry in continued] == list(range(19, 25))
+    for mine, theirs in zip(continued, reference[18:]):
         assert {key: mine[key] for key in SAT_KEYS} == pytest.approx({key: theirs[key] for key in SAT_KEYS})
     assert continued[0]["sat/omission_rate"] == 0.0 and callback.crossover["probe_steps"] == []
 
@@ -152,25 +162,51 @@ def test_faster_everywhere_costs_only_the_probes():
     clock = FakeClock({0.0: 1.0, 0.5: 0.5, 0.333: 0.6, 0.167: 0.9})
     check = CrossoverCheck(config, STEPS, first_step=0, clock=clock)
     rates = drive(check, clock)
-    probes = SETTLING_STEPS + TIMED_STEPS
-    first_sparse = 1 + probes
-    scheduled = [omission_rate_at(config, s, STEPS) for s in range(first_sparse, STEPS)]
-    assert rates == pytest.approx([0.5] + [0.0] * probes + scheduled)
-    assert check.crossover_rate == 0.0 and check.dense_fallback_steps == probes
+    # the settling steps, then a probe before each rate's first and second timed steps (0.5 on 4, 6; 1/3 on 8, 10;
+    # 1/6 on 11, 13), except where a probe of the rate before is recent enough (8 compares with 5, 11 with 9)
+    assert check.probe_steps == [1, 2, 3, 5, 9, 12]
+    scheduled = [omission_rate_at(config, s, STEPS) for s in range(STEPS)]
+    assert rates == pytest.approx([0.0 if s in check.probe_steps else scheduled[s] for s in range(STEPS)])
+    assert check.crossover_rate == 0.0 and check.dense_fallback_steps == len(check.probe_steps)
     assert all(verdict.faster for verdict in check.verdicts) and len(check.verdicts) == 3
+    for verdict in check.verdicts:  # each compared with dense steps next to its own
+        assert len(verdict.dense_steps) == TIMED_STEPS
+        assert all(step >= verdict.steps[0] - REFERENCE_STEPS for step in verdict.dense_steps)
+    assert SETTLING_STEPS == 2 and [t.step for t in check.dense_timings] == [3, 5, 9, 12]
+
+
+def test_a_rung_is_judged_against_dense_steps_next_to_it_not_the_first_ones():
+    """Step times drift: every step of the first 10 takes 1.3x its later time. A rung at 1.1 s per step is faster than
+    the early dense steps (1.3 s) and slower than the dense steps next to it (1.0 s): it runs dense."""
+    runs = []
+
+    def seconds(rate: float) -> float:
+        runs.append(rate)
+        drift = 1.3 if len(runs) <= 10 else 1.0
+        return drift * {0.0: 1.0, 0.5: 0.6, 0.333: 0.8, 0.167: 1.1}[round(rate, 3)]
+
+    clock = FakeClock(seconds)
+    check = CrossoverCheck(paper_config(omission_rate=0.5), LONG_STEPS, first_step=0, clock=clock)
+    rates = drive(check, clock)
+    verdict = check.verdicts[-1]
+    assert verdict.rate == pytest.approx(1 / 6) and not verdict.faster
+    early = [t.seconds for t in check.dense_timings if t.step < 10]
+    assert early == pytest.approx([1.3, 1.3]) and 1.1 < (1 - MIN_GAIN) * 1.3  # the first dense steps would pass it
+    assert verdict.dense_steps == (12, 14) and verdict.dense_seconds == pytest.approx(1.0)
+    assert rates[18:20] == [0.0, 0.0] and check.crossover_rate == pytest.approx(1 / 6)
 
 
 def test_a_dense_warmup_is_the_reference_and_a_slow_full_rate_runs_everything_dense():
-    # 16 steps: warm-up 0-3 (steps 1-2 settle, step 3 timed), 0.5 on 4-11 (step 4 a timed probe), rungs 1/3 on 12-13,
+    # 16 steps: warm-up 0-3 (steps 1-2 settle, step 3 timed), 0.5 on 4-11 (step 5 a timed probe), rungs 1/3 on 12-13,
     # 1/6 on 14, 0 on 15
     config = paper_config(omission_rate=0.5, warmup_ratio=0.25)
     clock = FakeClock({0.0: 1.0, 0.5: 1.1, 0.333: 0.5, 0.167: 0.5})
     check = CrossoverCheck(config, STEPS, first_step=0, clock=clock)
     rates = drive(check, clock)
-    # 0.5 is judged slower on steps 5-6; every lower rate then runs dense, unmeasured
-    assert rates == [0.0] * 5 + [0.5, 0.5] + [0.0] * 9
-    assert check.probe_steps == [4] and check.crossover_rate == 0.5 and len(check.verdicts) == 1
-    assert [t.step for t in check.dense_timings] == [3, 4]
+    # 0.5 is judged slower on steps 4 and 6; every lower rate then runs dense, unmeasured
+    assert rates == [0.0] * 4 + [0.5, 0.0, 0.5] + [0.0] * 9
+    assert check.probe_steps == [5] and check.crossover_rate == 0.5 and len(check.verdicts) == 1
+    assert [t.step for t in check.dense_timings] == [3, 5]
     assert [(stage.stage, stage.first_step, stage.steps) for stage in check.dense_stages] == [
         ("full-rate stage", 7, 5),
         ("rung 1 of 3", 12, 2),
@@ -184,21 +220,24 @@ def test_a_dense_warmup_is_the_reference_and_a_slow_full_rate_runs_everything_de
 
 def test_linear_decay_judges_each_step_and_turns_dense_at_the_crossover():
     config = paper_config(omission_rate=0.5, schedule="linear")
-    clock = FakeClock(lambda rate: 1.0 if rate == 0 else 1.3 - rate)  # as fast as dense at r = 0.3
+    clock = FakeClock(lambda rate: 1.0 if rate == 0 else 1.17 - rate)  # as fast as dense at r = 0.17
     steps = 20
     check = CrossoverCheck(config, steps, first_step=0, clock=clock)
     rates = drive(check, clock)
     scheduled = [omission_rate_at(config, step, steps) for step in range(steps)]
-    probes = SETTLING_STEPS + TIMED_STEPS
-    first_sparse = 1 + probes
-    # slower than dense by the crossover's measure: saving under MIN_GAIN (r < 0.33: 0.5 * 12 / 19 = 0.32 at step 7)
-    first_slow = next(step for step in range(steps) if 1.3 - scheduled[step] > 1.0 - MIN_GAIN)
-    assert first_slow > first_sparse + 1  # some steps are judged faster first
+    # slower than dense by the crossover's measure: saving under MIN_GAIN (r < 0.2: 0.5 * 7 / 19 = 0.18 at step 12)
+    first_slow = next(step for step in range(steps) if 1.17 - scheduled[step] > 1.0 - MIN_GAIN)
+    assert first_slow == 12
+    # settling 1-2, a timed probe on 3 for steps 4-7, another on 8 (3 is too old by then) for steps 9-12
+    assert check.probe_steps == [1, 2, 3, 8] and REFERENCE_STEPS == 4
+    sparse = [step for step in range(1, first_slow + 1) if step not in check.probe_steps]
     assert rates == pytest.approx(
-        [scheduled[0]] + [0.0] * probes + scheduled[first_sparse : first_slow + 1] + [0.0] * (steps - 1 - first_slow)
+        [scheduled[s] if s in sparse or s == 0 else 0.0 for s in range(first_slow + 1)] + [0.0] * (steps - 13)
     )
     assert check.crossover_rate == pytest.approx(scheduled[first_slow])
-    assert [verdict.steps for verdict in check.verdicts] == [(step,) for step in range(first_sparse, first_slow + 1)]
+    assert [(verdict.steps, verdict.dense_steps) for verdict in check.verdicts] == [
+        ((step,), (3,) if step < 8 else (8,)) for step in sparse
+    ]
 
 
 def test_times_compare_per_token_position():
@@ -217,7 +256,7 @@ def test_a_rate_within_the_noise_of_dense_runs_dense():
     check = CrossoverCheck(paper_config(omission_rate=0.5), STEPS, first_step=0, clock=clock)
     rates = drive(check, clock)
     assert not check.verdicts[0].faster and check.crossover_rate == 0.5
-    assert rates[1 + SETTLING_STEPS + TIMED_STEPS + TIMED_STEPS :] == [0.0] * (STEPS - 7)
+    assert rates == [0.5] + [0.0] * 3 + [0.5, 0.0, 0.5] + [0.0] * (STEPS - 7)
 
 
 def test_a_resumed_process_never_times_its_first_step_and_keeps_a_known_crossover():
