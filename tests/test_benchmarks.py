@@ -1,6 +1,7 @@
 """``benchmarks/speed.py`` runs end to end in its seconds-long ``--tiny`` mode, writes its JSON, markdown and plot,
-re-renders a saved report and writes ``--profile`` operator tables (timings not checked: they are the benchmark's job, not a test's). Its ideal FLOPs
-ratio comes from ``peft_sat.flops`` (``tests/test_flops.py``)."""
+re-renders a saved report and writes ``--profile`` operator tables; ``benchmarks/step_phases.py`` times the phases of
+both arms (timings not checked: they are the benchmark's job, not a test's). Its ideal FLOPs ratio comes from
+``peft_sat.flops`` (``tests/test_flops.py``)."""
 
 from __future__ import annotations
 
@@ -66,6 +67,18 @@ def test_speed_profile_writes_an_operator_table_per_arm(tmp_path):
     dense, sat = text.split("## ")[1:]
     assert "aten::mm" in dense and "aten::mm" in sat
     assert "RowsFromValue" in sat and "RowsFromValue" not in dense  # the default sparse backward ran in the SAT arm
+
+
+def test_step_phases_times_each_phase_of_both_arms():
+    command = [sys.executable, str(BENCHMARKS / "step_phases.py"), "--tiny", "--rounds", "1", "--rate", "0.5"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    dense = next(line for line in lines if line.startswith("dense: "))
+    sparse = next(line for line in lines if line.startswith("r = 0.5: "))
+    for row in (dense, sparse):
+        assert all(name in row for name in ("forward_ms", "backward_ms", "optimizer_ms", "step_ms", "page_faults"))
+    assert any(line.startswith("dense / SAT step time: ") for line in lines)
 
 
 def test_speed_rejects_bad_arguments():
