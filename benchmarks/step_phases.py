@@ -7,6 +7,10 @@ the process's page-fault counter (``getrusage``), so it tells whether a SAT step
 step does not.
 
     .venv/bin/python benchmarks/step_phases.py --variant full --rate 0.5 --batch 2x256 --rounds 8
+
+``--pattern`` runs another sequence per round, e.g. ``DDDSSS`` (D: a dense step, S: a SAT step, E: an evaluation,
+four no-grad forwards of a twice-larger batch in eval mode) and also reports each arm by the step before it: whether
+a dense step right after SAT steps, or any step right after an evaluation, is slower.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ def main(argv: list[str] | None = None) -> dict[float, dict[str, float]]:
     parser.add_argument("--rate", type=float, default=0.5, help="omission rate of the SAT arm")
     parser.add_argument("--batch", default="2x256", help="sequences x tokens per step")
     parser.add_argument("--rounds", type=int, default=8, help="measured rounds (one step per arm each)")
+    parser.add_argument("--pattern", default="DS", help="one round: D dense step, S SAT step, E evaluation")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cpu-allocator", default="tuned", choices=["tuned", "default"])
     parser.add_argument("--tiny", action="store_true", help="a seconds-long run on a tiny random model")
@@ -41,10 +46,23 @@ def main(argv: list[str] | None = None) -> dict[float, dict[str, float]]:
     state = peft_sat.get_sat_state(model)
     inputs = case.inputs(bench.device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6, fused=True)
-    samples: dict[float, list[tuple[float, ...]]] = {0.0: [], args.rate: []}
+    if not args.pattern or set(args.pattern) - set("DSE") or not set(args.pattern) & set("DS"):
+        parser.error(f"--pattern: letters D, S and E, at least one D or S, got {args.pattern!r}")
+    eval_inputs = {key: torch.cat([value, value]) for key, value in inputs.items()}
+    rates = {"D": 0.0, "S": args.rate}
+    samples: dict[tuple[str, str], list[tuple[float, ...]]] = {}
+    previous = ""
     for round_index in range(args.rounds + 1):  # round 0 warms up
-        for rate in samples:
-            state.set_omission_rate(rate)
+        for letter in args.pattern:
+            if letter == "E":
+                model.eval()
+                with torch.no_grad():
+                    for _ in range(4):
+                        case.loss(model, eval_inputs)
+                model.train()
+                previous = letter
+                continue
+            state.set_omission_rate(rates[letter])
             faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             start = time.perf_counter()
             loss = case.loss(model, inputs)
@@ -56,17 +74,33 @@ def main(argv: list[str] | None = None) -> dict[float, dict[str, float]]:
             end = time.perf_counter()
             faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
             if round_index:
-                samples[rate].append((forward - start, backward - forward, end - backward, end - start, faults))
+                row = (forward - start, backward - forward, end - backward, end - start, faults)
+                samples.setdefault((letter, previous), []).append(row)
+            previous = letter
     names = ("forward_ms", "backward_ms", "optimizer_ms", "step_ms", "page_faults")
-    medians = {
-        rate: {name: statistics.median(s[i] for s in rows) * (1 if i == 4 else 1e3) for i, name in enumerate(names)}
-        for rate, rows in samples.items()
-    }
+    labels = {"D": "dense", "S": f"r = {args.rate:g}", "E": "an evaluation"}
+
+    def medians_of(rows: list[tuple[float, ...]]) -> dict[str, float]:
+        return {name: statistics.median(r[i] for r in rows) * (1 if i == 4 else 1e3) for i, name in enumerate(names)}
+
     print(f"SmolLM2 {args.variant}, batch {args.batch}, {args.threads} threads, allocator {bench.cpu_allocator}")
-    for rate, row in medians.items():
-        cells = ", ".join(f"{name} {value:.0f}" for name, value in row.items())
-        print(f"{'dense' if rate == 0 else f'r = {rate:g}'}: {cells}")
-    dense, sparse = medians[0.0], medians[args.rate]
+    medians = {}
+    for letter in "DS":
+        rows = [row for (arm, _), values in samples.items() if arm == letter for row in values]
+        if rows:
+            medians[labels[letter]] = medians_of(rows)
+            print(
+                f"{labels[letter]}: "
+                + ", ".join(f"{name} {value:.0f}" for name, value in medians[labels[letter]].items())
+            )
+    if len(samples) > len(medians):  # more than one predecessor per arm: each on its own line
+        for (letter, before), rows in sorted(samples.items()):
+            row = medians_of(rows)
+            where = f"{labels[letter]} after {labels[before]} (n={len(rows)})"
+            print(f"  {where}: step_ms {row['step_ms']:.0f}, page_faults {row['page_faults']:.0f}")
+    if len(medians) < 2:
+        return medians
+    dense, sparse = medians["dense"], medians[labels["S"]]
     print(f"dense / SAT step time: {dense['step_ms'] / sparse['step_ms']:.3f}x")
     return medians
 

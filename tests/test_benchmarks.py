@@ -80,6 +80,14 @@ def test_step_phases_times_each_phase_of_both_arms():
         assert all(name in row for name in ("forward_ms", "backward_ms", "optimizer_ms", "step_ms", "page_faults"))
     assert any(line.startswith("dense / SAT step time: ") for line in lines)
 
+    # a pattern with an evaluation: each arm also by the step before it
+    result = subprocess.run([*command, "--pattern", "DDSE"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    after = sorted(line.strip().split(" (n=")[0] for line in result.stdout.splitlines() if " after " in line)
+    assert after == ["dense after an evaluation", "dense after dense", "r = 0.5 after dense"]
+    bad = subprocess.run([*command, "--pattern", "DX"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--pattern" in bad.stderr
+
 
 def test_speed_rejects_bad_arguments():
     bad_arguments = (
