@@ -1,12 +1,14 @@
-"""Where a SmolLM2 training step's time goes, without a profiler: forward, backward and optimizer wall time and the
-minor page faults of dense and SAT steps, interleaved (dense, SAT, dense, ...), medians per arm.
+"""Where a training step's time goes, without a profiler: forward, backward and optimizer wall time and the minor
+page faults of dense and SAT steps, interleaved (dense, SAT, dense, ...), medians per arm.
 
 ``torch.profiler`` (``speed.py --profile``) changes what it measures on a CPU: under it, memory-bound kernels (a
 full-size gradient's copy, the fills) took up to 30x their time in plain steps. This script reads only the clock and
 the process's page-fault counter (``getrusage``), so it tells whether a SAT step touches fresh memory that a dense
-step does not.
+step does not. The case and the SAT config come from ``speed.py``'s flags (``--cases`` takes one case here)::
 
-    .venv/bin/python benchmarks/step_phases.py --variant full --rate 0.5 --batch 2x256 --rounds 8
+    .venv/bin/python benchmarks/step_phases.py --variant full --rate 0.5 --rounds 8 --smollm2-batch 2x256
+    .venv/bin/python benchmarks/step_phases.py --cases 7b-layer --layer-batch 1x2048 --rate 0.25 --rounds 3 \
+        --sat '{"omit": ["mlp", "attention"], "dense_tokens": "none", "sparse_pass": "forward_backward"}'
 
 ``--pattern`` runs another sequence per round, e.g. ``DDDSSS`` (D: a dense step, S: a SAT step, E: an evaluation,
 four no-grad forwards of a twice-larger batch in eval mode) and also reports each arm by the step before it: whether
@@ -30,18 +32,16 @@ def main(argv: list[str] | None = None) -> dict[float, dict[str, float]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variant", default="full", choices=["full", "lora"])
     parser.add_argument("--rate", type=float, default=0.5, help="omission rate of the SAT arm")
-    parser.add_argument("--batch", default="2x256", help="sequences x tokens per step")
     parser.add_argument("--rounds", type=int, default=8, help="measured rounds (one step per arm each)")
     parser.add_argument("--pattern", default="DS", help="one round: D dense step, S SAT step, E evaluation")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--cpu-allocator", default="tuned", choices=["tuned", "default"])
-    parser.add_argument("--tiny", action="store_true", help="a seconds-long run on a tiny random model")
-    args = parser.parse_args(argv)
-    flags = ["--cases", "smollm2", "--smollm2-batch", args.batch, "--cpu-allocator", args.cpu_allocator]
-    bench = speed.parse_args(flags + (["--tiny"] if args.tiny else []))
+    args, speed_flags = parser.parse_known_args(argv)
+    bench = speed.parse_args(["--cases", "smollm2", *speed_flags])  # the last --cases wins
+    if len(bench.cases) != 1:
+        parser.error(f"--cases: one case, got {bench.cases}")
     speed._tune_allocator(bench)
     torch.set_num_threads(args.threads)
-    case = speed.smollm2_case(bench)
+    case = {"smollm2": speed.smollm2_case, "7b-layer": speed.layer_case}[bench.cases[0]](bench)
     model = speed.sat_model(case, args.variant, bench)
     state = peft_sat.get_sat_state(model)
     inputs = case.inputs(bench.device)
@@ -83,7 +83,11 @@ def main(argv: list[str] | None = None) -> dict[float, dict[str, float]]:
     def medians_of(rows: list[tuple[float, ...]]) -> dict[str, float]:
         return {name: statistics.median(r[i] for r in rows) * (1 if i == 4 else 1e3) for i, name in enumerate(names)}
 
-    print(f"SmolLM2 {args.variant}, batch {args.batch}, {args.threads} threads, allocator {bench.cpu_allocator}")
+    batch = bench.smollm2_batch if case.name == "smollm2" else bench.layer_batch
+    print(
+        f"{case.name} {args.variant}, batch {batch[0]} x {batch[1]}, {args.threads} threads, allocator "
+        f"{bench.cpu_allocator}, SATConfig overrides {bench.sat or 'none'}"
+    )
     medians = {}
     for letter in "DS":
         rows = [row for (arm, _), values in samples.items() if arm == letter for row in values]
