@@ -28,6 +28,9 @@ class Row:
     # the dense arm: the share of its activation memory saved inside the blocks that omit units (what a rate r can
     # remove at most: r x share); a SAT arm: its activation memory / the dense arm's. None in older reports.
     activation_share: float | None = None
+    # a SAT arm: the quartiles (first, third) of dense / SAT step time over the rounds where both arms kept a step,
+    # each dense step paired with the SAT step next to it: how far the machine moved the ratio. None in older reports.
+    ratio_quartiles: list[float] | None = None
 
 
 @dataclass
@@ -78,8 +81,8 @@ def describe(report: Report) -> list[str]:
 
 
 COLUMNS = (
-    "case", "variant", "r", "tokens/s", "ratio", "ideal", "eff", "act MB", "act share", "peak MB", "select %",
-    "others %",
+    "case", "variant", "r", "tokens/s", "ratio", "ideal", "eff", "ratio IQR", "act MB", "act share", "peak MB",
+    "select %", "others %",
 )  # fmt: skip
 
 
@@ -92,6 +95,7 @@ def _cells(row: Row) -> list[str]:
         _x(row.ratio),
         _x(row.ideal),
         _f(row.efficiency, ".2f"),
+        "-" if not row.ratio_quartiles else f"{row.ratio_quartiles[0]:.2f}-{row.ratio_quartiles[1]:.2f}x",
         f"{row.activation_mb:.1f}",
         _f(row.activation_share, ".3f"),
         _f(row.peak_mb, ".0f"),
@@ -101,7 +105,7 @@ def _cells(row: Row) -> list[str]:
 
 
 def format_table(report: Report) -> str:
-    widths = (9, 7, 5, 9, 6, 6, 5, 8, 10, 8, 8, 8)
+    widths = (9, 7, 5, 9, 6, 6, 5, 11, 8, 10, 8, 8, 8)
     header = " ".join(f"{c:<{w}}" if i < 2 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(COLUMNS, widths)))
     lines = [*describe(report), header, "-" * len(header)]
     for row in report.rows:

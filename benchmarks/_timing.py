@@ -106,6 +106,7 @@ class Sample:
     seconds: float
     select_share: float  # share of the step spent in scoring + selection
     foreign_load: float  # share of the CPUs other processes used during the step (0 where unknown)
+    round_index: int = 0  # the round it ran in: samples of one round ran next to each other
 
 
 def interleave(
@@ -143,7 +144,7 @@ def interleave(
                 start = load.sample()
                 seconds = steps[name]()
                 foreign = load.share(start, load.sample())
-                samples[name].append(Sample(seconds, timer.seconds / seconds, foreign or 0.0))
+                samples[name].append(Sample(seconds, timer.seconds / seconds, foreign or 0.0, round_index))
     # The clean samples; when too few, the least disturbed ones (reports show how disturbed they were).
     kept = {
         name: sorted(values, key=lambda s: s.foreign_load)[: max(measured, clean(name))]

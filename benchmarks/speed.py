@@ -23,6 +23,8 @@ Columns:
     ratio        SAT tokens/s / dense tokens/s (measured speed-up)
     ideal        dense / SAT matmul FLOPs (``peft_sat.flops``): the speed-up at 100% efficiency
     eff          ratio / ideal
+    ratio IQR    first to third quartile of dense / SAT step time over the rounds, each SAT step paired with the
+                 dense step of its round: the spread the machine put around the ratio
     act MB       activation memory: bytes autograd saves for backward in one forward (every device)
     act share    dense arm: the share of its activation memory saved inside the blocks that omit units (a rate r
                  can remove at most r x that share); SAT arm: its activation memory / the dense arm's
@@ -376,6 +378,7 @@ def measure(case: Case, variant: str, args: argparse.Namespace) -> list[Row]:
         kept = samples[str(rate)]
         seconds = statistics.median(s.seconds for s in kept)
         ratio = dense_seconds / seconds if rate else None
+        quartiles = _paired_quartiles(samples["0.0"], kept) if rate else None
         ideal = _ideal(case, variant, rate, config, dense_fraction) if rate else None
         rows.append(
             Row(
@@ -392,9 +395,21 @@ def measure(case: Case, variant: str, args: argparse.Namespace) -> list[Row]:
                 select_share=statistics.median(s.select_share for s in kept) if rate else None,
                 foreign_load=statistics.median(s.foreign_load for s in kept),
                 step_ms_all=[round(1e3 * s.seconds, 1) for s in kept],
+                ratio_quartiles=quartiles,
             )
         )
     return rows
+
+
+def _paired_quartiles(dense: list[_timing.Sample], sparse: list[_timing.Sample]) -> list[float] | None:
+    """First and third quartiles of dense / SAT step time over the rounds where both arms kept a step (steps of one
+    round ran next to each other, so the machine's drift between rounds cancels); None under two pairs."""
+    dense_by_round = {s.round_index: s.seconds for s in dense}
+    ratios = [dense_by_round[s.round_index] / s.seconds for s in sparse if s.round_index in dense_by_round]
+    if len(ratios) < 2:
+        return None
+    first, _, third = statistics.quantiles(ratios, n=4, method="inclusive")
+    return [first, third]
 
 
 def profile(args: argparse.Namespace) -> str:

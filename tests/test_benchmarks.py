@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 SPEED = BENCHMARKS / "speed.py"
 
@@ -34,8 +36,10 @@ def test_speed_tiny_covers_every_case_variant_and_rate(tmp_path):
         if row["rate"]:
             assert 1.0 < row["ideal"] and row["efficiency"] == row["ratio"] / row["ideal"]
             assert 0.0 < row["select_share"] < 1.0  # the scoring timer saw the SAT blocks
+            first, third = row["ratio_quartiles"]  # --tiny: 2 steps per arm, paired by round
+            assert 0.0 < first <= third
         else:
-            assert row["ratio"] is None and row["select_share"] is None
+            assert row["ratio"] is None and row["select_share"] is None and row["ratio_quartiles"] is None
     # more omitted units -> a larger ideal speed-up, per case and variant
     for case, variant, _ in expected:
         ideals = [
@@ -87,6 +91,21 @@ def test_step_phases_times_each_phase_of_both_arms():
     assert after == ["dense after an evaluation", "dense after dense", "r = 0.5 after dense"]
     bad = subprocess.run([*command, "--pattern", "DX"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "--pattern" in bad.stderr
+
+
+def test_paired_quartiles_pair_each_sat_step_with_the_dense_step_of_its_round():
+    sys.path.insert(0, str(BENCHMARKS))
+    import _timing
+    import speed
+
+    def samples(seconds_by_round: dict[int, float]) -> list:
+        return [_timing.Sample(seconds, 0.0, 0.0, round_index) for round_index, seconds in seconds_by_round.items()]
+
+    dense = samples({0: 2.0, 1: 4.0, 2: 2.0, 3: 6.0})
+    sparse = samples({3: 3.0, 2: 2.0, 1: 2.0, 0: 1.0, 7: 9.0})  # kept in another order; round 7 has no dense step
+    # ratios by round 2, 2, 1, 2: quartiles (inclusive) 1.75 and 2; unpaired, sorted times would give others
+    assert speed._paired_quartiles(dense, sparse) == pytest.approx([1.75, 2.0])
+    assert speed._paired_quartiles(dense, samples({0: 1.0})) is None
 
 
 def test_speed_rejects_bad_arguments():
