@@ -10,9 +10,9 @@ step trains at least as well as a sparse one.
 Which steps are timed depends only on the step number and the verdicts so far, so every rank times the same steps:
 
 - never the first step of a process: it carries one-time costs (allocation, first kernel launches, compilation);
-- never the first ``SETTLING_STEPS`` dense steps after it: the first dense steps of a process are slow for reasons of
-  their own (on a CPU: heap growth and page faults for the larger dense buffers; measured 1.4-2x a settled dense step
-  in ``make sft`` / ``make cpt``). While they are due, a step that would be timed sparse runs dense instead;
+- never the first ``SETTLING_STEPS`` dense steps after it: the first dense steps of a training run are slow for
+  reasons of their own (on a CPU, 1.4-2x a settled dense step in ``make sft`` / ``make cpt``, though not in a plain
+  loop of the same steps). While they are due, a step that would be timed sparse runs dense instead;
 - each rate above the crossover: its first ``TIMED_STEPS`` steps, or fewer when its stage ends sooner (a linear
   decay judges each step's rate on that step alone);
 - the dense steps it is compared with, *next to its own*: a rate is judged only against dense steps timed at most
@@ -33,7 +33,8 @@ measurable (a ``make cpt`` run judged r = 1/6 faster at 2% below its dense refer
 ran the same batches faster). Anything closer runs dense.
 
 The probes cost dense steps in place of sparse ones: with the default ladder, two settling steps and two probes per
-judged rate at most (fewer where a judged rate's probes are recent enough for the next rate).
+judged rate at most (fewer where a judged rate's probes are recent enough for the next rate); with a linear decay,
+one probe every ``REFERENCE_STEPS + 1`` steps until the crossover is found.
 
 Example:
     >>> check = CrossoverCheck(SATConfig(omission_rate=0.5), total_steps=100, first_step=0)  # doctest: +SKIP
