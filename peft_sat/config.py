@@ -278,9 +278,10 @@ class SATConfig(PeftConfig):
                 "With `SATCallback`: time real training steps and run dense every step whose omission rate is at or "
                 "below the crossover, the highest rate whose sparse steps were not faster than dense steps on this "
                 "model and batch shape (at small micro-batches the fixed costs of a sparse step can outweigh what it "
-                "saves). Needs dense reference steps: the schedule's dense warm-up, else two steps early in training "
-                "run dense. Logged as `sat/crossover_rate`; see `peft_sat.crossover`. False: follow the schedule "
-                "exactly (rates independent of timing noise)."
+                "saves). Each rate is compared with dense steps timed next to its own: a few steps that would be "
+                "timed sparse run dense instead (about two per rate, and two at the start). Logged as "
+                "`sat/crossover_rate`; see `peft_sat.crossover`. False: follow the schedule exactly (rates "
+                "independent of timing noise)."
             )
         },
     )
