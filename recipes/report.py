@@ -160,6 +160,8 @@ def compare_arms(sat: Arm, dense: Arm, flops_saved_estimate: float | None) -> di
         **paired,
         "steady_machine": steady_machine(paired["step_time_ratio_by_rate"]),
         "dense_step_time_s": dense_time_saved(dense.recorder.steps)["step_time_dense_s"],
+        # the dense arm's own steps, as `steps` holds the SAT arm's: which steps of which arm were slow
+        "dense_steps": dense.recorder.steps,
         "dense_train_loss": dense.train_loss,
         "dense_log_history": dense.log_history,
     }

@@ -232,6 +232,9 @@ def test_compare_dense_trains_both_arms_on_the_same_batches(tiny_model_dir, chat
     assert (dense_dir / "adapter_model.safetensors").is_file() and (tmp_path / PLOT_FILE).is_file()
     compare = json.loads((tmp_path / METRICS_FILE).read_text())["compare_dense"]
     assert compare["steps"] == {"sat": 6, "dense": 6}
+    sat_steps = json.loads((tmp_path / METRICS_FILE).read_text())["steps"]
+    assert [r["step"] for r in compare["dense_steps"]] == [r["step"] for r in sat_steps]
+    assert all(r["omission_rate"] == 0.0 and r["seconds"] > 0 for r in compare["dense_steps"])
     # LoRA starts from B = 0 with the same seed: both arms evaluate the same model at step 0.
     assert compare["eval_loss_before"]["sat"] == pytest.approx(compare["eval_loss_before"]["dense"])
     sat_seconds, dense_seconds = compare["train_seconds"]["sat"], compare["train_seconds"]["dense"]
