@@ -73,14 +73,15 @@ class SATCallback(TrainerCallback):
 
     The rate of optimizer step ``s`` (``state.global_step`` before it) is ``omission_rate_at(config, s, max_steps)``,
     set in ``on_step_begin``: all micro-batches of a gradient-accumulation window share it. With
-    ``config.dense_when_slower`` (the default), ``peft_sat.crossover.CrossoverCheck`` runs dense the steps whose rate
-    is at or below the crossover, the highest rate measured not faster than dense steps next to its own, and a few
-    dense probe steps to measure them; ``crossover`` reports what it measured and decided. Evaluation and generation inside training
-    are dense because SAT blocks are sparse only in training mode. The rate is a pure function of ``global_step`` and
-    the crossover, so ``resume_from_checkpoint`` continues the schedule where it stopped. The FLOPs counter and the
-    crossover are read back from the checkpoint's log history (its entry at the resumed step; else the counter is
-    rebuilt from the schedule and the crossover measured again), so the callback needs no checkpointed state of its
-    own (no ``ExportableState``, hence it works with the default ``restore_callback_states_from_checkpoint=False``).
+    ``config.dense_when_slower`` (the default), ``peft_sat.crossover.CrossoverCheck`` runs dense the steps whose rate is
+    at or below the crossover, the highest rate measured not faster than dense steps next to its own, and a few dense
+    probe steps to measure them; ``crossover`` reports what it measured and decided. Evaluation and generation inside
+    training are dense because SAT blocks are sparse only in training mode. The rate is a pure function of
+    ``global_step`` and the crossover, so ``resume_from_checkpoint`` continues the schedule where it stopped. The FLOPs
+    counter and the crossover are read back from the checkpoint's log history (its entry at the resumed step; else the
+    counter is rebuilt from the schedule and the crossover measured again), so the callback needs no checkpointed state
+    of its own (no ``ExportableState``, hence it works with the default
+    ``restore_callback_states_from_checkpoint=False``).
 
     Raises (at ``on_train_begin``, before any step):
         ValueError: the schedule does not fit ``max_steps``; no config and no SAT on the model; the model's SAT has a
