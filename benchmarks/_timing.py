@@ -92,7 +92,9 @@ class ForeignLoad:
         if start is None or end is None:
             return None
         foreign = (end[0] - start[0]) - (end[1] - start[1])
-        return max(0.0, foreign / (self.ticks_per_second * (end[2] - start[2]) * self.cpus))
+        # The counters tick in 1/ticks_per_second units, so over a step of a few ticks the quotient can fall
+        # outside [0, 1]; other processes cannot use more than all the CPUs.
+        return min(1.0, max(0.0, foreign / (self.ticks_per_second * (end[2] - start[2]) * self.cpus)))
 
 
 def allowed_foreign_load(max_foreign_load: float) -> float:

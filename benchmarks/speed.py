@@ -24,7 +24,7 @@ Columns:
     ideal        dense / SAT matmul FLOPs (``peft_sat.flops``): the speed-up at 100% efficiency
     eff          ratio / ideal
     ratio IQR    first to third quartile of dense / SAT step time over the rounds, each SAT step paired with the
-                 dense step of its round: the spread the machine put around the ratio
+                 dense step of its round (or the nearest kept one): the spread the machine put around the ratio
     act MB       activation memory: bytes autograd saves for backward in one forward (every device)
     act share    dense arm: the share of its activation memory saved inside the blocks that omit units (a rate r
                  can remove at most r x that share); SAT arm: its activation memory / the dense arm's
@@ -402,12 +402,17 @@ def measure(case: Case, variant: str, args: argparse.Namespace) -> list[Row]:
 
 
 def _paired_quartiles(dense: list[_timing.Sample], sparse: list[_timing.Sample]) -> list[float] | None:
-    """First and third quartiles of dense / SAT step time over the rounds where both arms kept a step (steps of one
-    round ran next to each other, so the machine's drift between rounds cancels); None under two pairs."""
+    """First and third quartiles of dense / SAT step time, each SAT step paired with the dense step of its own round,
+    or of the nearest round where a disturbed dense step was dropped (steps of one round ran next to each other, so
+    the machine's drift between rounds cancels); None under two SAT steps."""
     dense_by_round = {s.round_index: s.seconds for s in dense}
-    ratios = [dense_by_round[s.round_index] / s.seconds for s in sparse if s.round_index in dense_by_round]
-    if len(ratios) < 2:
+    if len(sparse) < 2 or not dense_by_round:
         return None
+
+    def nearest(round_index: int) -> int:
+        return min(dense_by_round, key=lambda r: (abs(r - round_index), r))
+
+    ratios = [dense_by_round[nearest(s.round_index)] / s.seconds for s in sparse]
     first, _, third = statistics.quantiles(ratios, n=4, method="inclusive")
     return [first, third]
 

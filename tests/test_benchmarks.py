@@ -102,10 +102,25 @@ def test_paired_quartiles_pair_each_sat_step_with_the_dense_step_of_its_round():
         return [_timing.Sample(seconds, 0.0, 0.0, round_index) for round_index, seconds in seconds_by_round.items()]
 
     dense = samples({0: 2.0, 1: 4.0, 2: 2.0, 3: 6.0})
-    sparse = samples({3: 3.0, 2: 2.0, 1: 2.0, 0: 1.0, 7: 9.0})  # kept in another order; round 7 has no dense step
+    sparse = samples({3: 3.0, 2: 2.0, 1: 2.0, 0: 1.0})  # kept in another order
     # ratios by round 2, 2, 1, 2: quartiles (inclusive) 1.75 and 2; unpaired, sorted times would give others
     assert speed._paired_quartiles(dense, sparse) == pytest.approx([1.75, 2.0])
+    # a SAT step whose round lost its dense step (too disturbed) pairs with the nearest round's: 7 with 3 (6 / 9)
+    assert speed._paired_quartiles(dense, sparse + samples({7: 9.0})) == pytest.approx([1.0, 2.0])
+    # rounds 5 and 9 share no round with dense; each takes its nearest (3 -> 6 / 3, 3 -> 6 / 6)
+    assert speed._paired_quartiles(dense, samples({5: 3.0, 9: 6.0})) == pytest.approx([1.25, 1.75])
     assert speed._paired_quartiles(dense, samples({0: 1.0})) is None
+
+
+def test_foreign_load_share_stays_within_all_the_cpus():
+    sys.path.insert(0, str(BENCHMARKS))
+    import _timing
+
+    load = _timing.ForeignLoad()
+    # 10 foreign ticks in 1 ms: tick-counter rounding, not more than all the CPUs busy
+    assert load.share((0, 0, 0.0), (10, 0, 0.001)) == 1.0
+    assert load.share((0, 5, 0.0), (3, 5, 1.0)) == pytest.approx(3 / (load.ticks_per_second * load.cpus))
+    assert load.share((5, 0, 0.0), (0, 0, 1.0)) == 0.0
 
 
 def test_speed_rejects_bad_arguments():
