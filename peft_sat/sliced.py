@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .ops import gather_linear, gather_linear_rows
+from .scatter import place
 
 _warned: set[str] = set()
 
@@ -180,7 +181,7 @@ def _dense_fallback(
     if by_rows:
         return module(x).index_select(-1, index)
     full = x.new_zeros(*x.shape[:-1], _in_features(module))
-    result = module(full.index_copy(-1, index, x))
+    result = module(place([(index, x)], full.shape[-1], dim=-1))
     return result if add_bias else result - module(full)  # module(0): the biases alone
 
 

@@ -34,6 +34,7 @@ from torch import nn
 
 from .ops import gather_linear
 from .ops_backward import cols_to_value, rows_from_value, weight_grad_from_value
+from .scatter import place
 from .sliced import _is_bnb_4bit, _is_lora, _is_plain_linear
 
 KeptRows = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (index, total value) -> (..., k) with gradient
@@ -88,7 +89,7 @@ def cols_output(module: nn.Module, h: torch.Tensor, kept_h: torch.Tensor, index:
     _warn_fallback(f"{type(module).__name__} has no kernel")
     with torch.no_grad():
         value = module(h)
-    scattered = kept_h.new_zeros(h.shape).index_copy(-1, index, kept_h)
+    scattered = place([(index, kept_h)], h.shape[-1], dim=-1)
     part = module(scattered)  # the gradient of the kept columns; omitted columns see zeros
     return value + (part - part.detach())
 

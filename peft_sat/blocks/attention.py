@@ -21,9 +21,10 @@ import torch
 from torch import nn
 
 from .. import importance
+from ..scatter import add_at
 from ..sliced import base_weight, linear_cols, linear_rows, linear_rows_fused, project_base
 from ..sliced_backward import cols_output, rows_forward, weight_grad_forward
-from .base import SATBlockMixin, omitted_units, rows_split
+from .base import SATBlockMixin, assemble_rows, omitted_units, rows_split
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,7 @@ class SATAttentionMixin(SATBlockMixin):
             return output, weights
         # Dense tokens run the whole block: they add the omitted heads, whose keys and values are every position's.
         extra, _ = self._sat_attend(hidden_states, sel.omitted, rows=rows, add_bias=False, **attend)  # (n, H)
-        flat = output.reshape(-1, output.shape[-1]).index_add(0, rows, extra.to(output.dtype))
+        flat = add_at(output.reshape(-1, output.shape[-1]), rows, extra)
         return flat.view_as(output), weights
 
     def _sat_attend(
@@ -230,7 +231,10 @@ class SATAttentionMixin(SATBlockMixin):
         projections train, and take no gradient themselves (no query or output graph, no input gradient)."""
         flat = hidden_states.reshape(-1, hidden_states.shape[-1])
         context = omitted_units(rows, flat.shape[0])
-        cut = flat.detach().index_copy(0, rows, flat.index_select(0, rows))  # keys / values: weights train only
+        # keys / values: their weights train, the context rows of the input take no gradient
+        cut = assemble_rows(
+            flat.shape[0], rows, flat.index_select(0, rows), context, flat.detach().index_select(0, context)
+        )
         qkv = self._sat_cut_qkv(flat, cut, rows, context)
         shape = hidden_states.shape[:-1]
         attn_output, attn_weights = self._sat_core(

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from .. import importance
+from ..scatter import place
 from ..selection import num_kept, select_units
 from ..state import SATState, sum_across_ranks
 
@@ -124,8 +125,7 @@ def rows_split(function: Callable[[torch.Tensor], torch.Tensor], flat: torch.Ten
 
 
 def assemble_rows(num_rows: int, rows, dense: torch.Tensor, context, rest: torch.Tensor) -> torch.Tensor:
-    """(num_rows, out) with ``dense`` at ``rows`` and ``rest`` at ``context``, written in place into one new buffer
-    (out-of-place copies would move the whole tensor twice: 100 MB per step for a 49k-token vocabulary's logits)."""
-    out = dense.new_empty(num_rows, dense.shape[-1])
-    out.index_copy_(0, context, rest.to(dense.dtype))
-    return out.index_copy_(0, rows, dense)
+    """(num_rows, out) with ``dense`` at ``rows`` and ``rest`` at ``context``, written into one new buffer
+    (out-of-place copies would move the whole tensor twice: 100 MB per step for a 49k-token vocabulary's logits);
+    backward keeps only the indices (``peft_sat.scatter``)."""
+    return place([(context, rest), (rows, dense)], num_rows)
