@@ -184,3 +184,35 @@ def test_stacked_rows_equal_separate_projections(regather, biases, trainable, mo
         if weight.requires_grad:
             omitted = torch.ones(weight.shape[0], dtype=torch.bool).index_fill_(0, index, False)
             assert torch.count_nonzero(weight.grad[omitted]) == 0
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("weight_grad", [True, False])
+def test_linear_token_rows_equals_a_graph_on_those_rows_only(bias, weight_grad):
+    """One matmul over every row; value, dL/dx, dL/dW and dL/db as a split where only ``rows`` have a graph."""
+    torch.manual_seed(0)
+    x = torch.randn(7, 5, requires_grad=True)
+    weight = torch.randn(4, 5, requires_grad=weight_grad)
+    b = torch.randn(4, requires_grad=True) if bias else None
+    rows = torch.tensor([0, 3, 4])
+    others = torch.tensor([1, 2, 5, 6])
+    upstream = torch.randn(7, 4)
+
+    y = peft_sat.ops.linear_token_rows(x, weight, b, rows)
+    with torch.no_grad():
+        rest = F.linear(x.index_select(0, others), weight, b)
+    graph = F.linear(x.index_select(0, rows), weight, b)
+    reference = torch.zeros(7, 4).index_copy(0, others, rest).index_copy(0, rows, graph)
+    torch.testing.assert_close(y, reference, rtol=0, atol=1e-6)
+    params = [t for t in (x, weight, b) if t is not None and t.requires_grad]
+    grads = torch.autograd.grad((y * upstream).sum(), params)
+    expected = torch.autograd.grad((reference * upstream).sum(), params)
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert grads[0].index_select(0, others).eq(0).all()  # the other rows take no gradient
+
+
+def test_linear_token_rows_without_a_graph_is_plain_linear():
+    x, weight = torch.randn(3, 2), torch.randn(4, 2)
+    y = peft_sat.ops.linear_token_rows(x, weight, None, torch.tensor([1]))
+    assert y.grad_fn is None and torch.equal(y, F.linear(x, weight))

@@ -24,7 +24,8 @@ from .. import importance
 from ..scatter import add_at
 from ..sliced import base_weight, linear_cols, linear_rows, linear_rows_fused, project_base
 from ..sliced_backward import cols_output, rows_forward, weight_grad_forward
-from .base import SATBlockMixin, assemble_rows, omitted_units, rows_split
+from ..token_rows import project_rows
+from .base import SATBlockMixin, assemble_rows, omitted_units
 
 
 @dataclass(frozen=True)
@@ -240,12 +241,12 @@ class SATAttentionMixin(SATBlockMixin):
         attn_output, attn_weights = self._sat_core(
             tuple(t.view(*shape, -1) for t in qkv), None, position_embeddings, attention_mask, kwargs
         )
-        output = rows_split(self.o_proj, attn_output.reshape(-1, attn_output.shape[-1]), rows, context)
+        output = project_rows(self.o_proj, attn_output.reshape(-1, attn_output.shape[-1]), rows, context)
         return output.view(*shape, -1), attn_weights
 
     def _sat_cut_qkv(self, flat, cut, rows, context) -> tuple[torch.Tensor, ...]:
         """Flat (N, heads * d) query (a graph on the dense rows only), key and value (of the cut input)."""
-        return rows_split(self.q_proj, flat, rows, context), self.k_proj(cut), self.v_proj(cut)
+        return project_rows(self.q_proj, flat, rows, context), self.k_proj(cut), self.v_proj(cut)
 
     def _sat_qkv_forward(self, x: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], KeptHeads]:
         """The query, key and value of EVERY head, flat (B, T, heads * d), as the module's own projections compute

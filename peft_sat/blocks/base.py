@@ -115,15 +115,6 @@ def omitted_units(kept: torch.Tensor, num_units: int) -> torch.Tensor:
     return mask.nonzero().squeeze(1)
 
 
-def rows_split(function: Callable[[torch.Tensor], torch.Tensor], flat: torch.Tensor, rows, context) -> torch.Tensor:
-    """``function(flat)`` for (N, in) rows, with a graph on ``rows`` only: the ``context`` rows run without one
-    (their output takes no gradient). Returns (N, out)."""
-    dense = function(flat.index_select(0, rows))
-    with torch.no_grad():
-        rest = function(flat.index_select(0, context))
-    return assemble_rows(flat.shape[0], rows, dense, context, rest)
-
-
 def assemble_rows(num_rows: int, rows, dense: torch.Tensor, context, rest: torch.Tensor) -> torch.Tensor:
     """(num_rows, out) with ``dense`` at ``rows`` and ``rest`` at ``context``, written into one new buffer
     (out-of-place copies would move the whole tensor twice: 100 MB per step for a 49k-token vocabulary's logits);

@@ -12,14 +12,17 @@ import sys
 import torch
 from torch import nn
 
+from ..ops import linear_token_rows
 from ..state import SATState
-from .base import omitted_units, rows_split
+from ..token_rows import split_rows
+from .base import omitted_units
 
 
 class SATLMHeadMixin:
     """An LM head whose context rows (positions whose next-token label is ignored) run without a graph."""
 
     sat_state: SATState
+    _sat_original_class: type  # the head's class before SAT re-classed it
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         state = self.sat_state
@@ -31,7 +34,10 @@ class SATLMHeadMixin:
         if rows is None:
             return super().forward(hidden_states)
         flat = hidden_states.reshape(-1, hidden_states.shape[-1])
-        logits = rows_split(super().forward, flat, rows, omitted_units(rows, flat.shape[0]))
+        if self._sat_original_class is nn.Linear:  # one matmul over every row, a graph on the dense rows
+            logits = linear_token_rows(flat, self.weight, self.bias, rows)
+        else:
+            logits = split_rows(super().forward, flat, rows, omitted_units(rows, flat.shape[0]))
         return logits.view(*hidden_states.shape[:-1], -1)
 
 

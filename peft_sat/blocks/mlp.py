@@ -20,7 +20,8 @@ import torch
 from .. import importance
 from ..sliced import base_layer, base_weight, linear_cols, linear_rows, linear_rows_fused, project_base
 from ..sliced_backward import cols_output, rows_forward, weight_grad_forward
-from .base import SATBlockMixin, assemble_rows, omitted_units, rows_split
+from ..token_rows import split_rows
+from .base import SATBlockMixin, assemble_rows, omitted_units
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ class SATMLPMixin(SATBlockMixin):
         flat = x.reshape(-1, x.shape[-1])
         context = omitted_units(rows, flat.shape[0])  # positions outside the dense rows (padding included)
         if forward_only:  # nothing needs their gradient: the attention blocks cut it
-            return rows_split(super().forward, flat, rows, context).view_as(x)
+            return split_rows(super().forward, flat, rows, context).view_as(x)
         dense_y = super().forward(flat.index_select(0, rows))
         token_mask = self.sat_state.token_mask
         context_mask = token_mask.reshape(-1).index_select(0, context) if token_mask is not None else None

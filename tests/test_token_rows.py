@@ -1,0 +1,59 @@
+"""``peft_sat.token_rows.project_rows``: one pass over every row with a graph on the dense rows gives the value and
+gradients of a split (the rows with a graph, the others without), for plain, LoRA and other layers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+from peft_sat import token_rows
+from peft_sat.token_rows import project_rows, split_rows
+
+ROWS, CONTEXT = torch.tensor([0, 2, 3, 6]), torch.tensor([1, 4, 5])
+
+
+class Projection(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(6, 5)
+
+
+def _layer(kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    if kind == "plain":
+        return Projection().proj
+    if kind == "variant":  # DoRA: not a layer project_rows reproduces, so it splits
+        config = LoraConfig(r=2, target_modules=["proj"], init_lora_weights=False, use_dora=True)
+    else:
+        config = LoraConfig(r=2, lora_alpha=4, target_modules=["proj"], init_lora_weights=False, lora_bias=True)
+    return get_peft_model(Projection(), config).base_model.model.proj
+
+
+@pytest.mark.parametrize("kind", ["plain", "lora", "variant"])
+def test_project_rows_equals_a_split_in_value_and_gradients(kind, monkeypatch):
+    layer = _layer(kind)
+    calls = []
+    monkeypatch.setattr(token_rows, "split_rows", lambda *args: calls.append(1) or split_rows(*args))
+    if kind == "plain":
+        layer.weight.requires_grad_(True)
+    x = torch.randn(7, 6, requires_grad=True)
+    upstream = torch.randn(7, 5)
+    params = [x, *(p for p in layer.parameters() if p.requires_grad)]
+
+    y = project_rows(layer, x, ROWS, CONTEXT)
+    assert len(calls) == (kind == "variant"), "plain and LoRA layers run one pass over every row"
+    reference = split_rows(layer, x, ROWS, CONTEXT)
+    torch.testing.assert_close(y, reference, rtol=0, atol=1e-6)
+    torch.testing.assert_close(y, layer(x), rtol=0, atol=1e-6)  # the dense value
+    grads = torch.autograd.grad((y * upstream).sum(), params)
+    expected = torch.autograd.grad((reference * upstream).sum(), params)
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert grads[0].index_select(0, CONTEXT).eq(0).all() and grads[0].index_select(0, ROWS).ne(0).any()
+
+
+def test_split_rows_puts_each_row_back_in_place():
+    y = split_rows(lambda t: t * 2, torch.arange(7.0).unsqueeze(1).requires_grad_(), ROWS, CONTEXT)
+    assert torch.equal(y.squeeze(1), torch.arange(7.0) * 2)
