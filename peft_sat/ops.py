@@ -12,6 +12,8 @@ And for token rows ``rows`` (n,) of a flat (N, in) input::
 
     linear_token_rows(x, W, b, rows)               (N, in) -> (N, out)  y = x W^T + b for every row; the gradient
                                                    flows through the rows ``rows`` only (the others act as constants)
+    linear_of_value(x, W, b, y)                    returns y, computed beforehand; backward of x W^T + b
+    rows_into(y, rows, g)                          returns y (N, out); backward hands grad[rows] to g (n, out)
 
 The kernels of ``SATConfig.sparse_pass="backward"`` (a dense forward, a backward through the kept units) live in
 ``peft_sat.ops_backward``.
@@ -75,8 +77,8 @@ def transient(shape: Sequence[int], like: torch.Tensor, dtype: torch.dtype | Non
     gathered weights and weight-gradient parts below are written and read once per call, and fresh memory for them
     would be page-faulted in again every time (the allocator returns big blocks to the OS when they are freed).
     Elsewhere (and under ``torch.compile``) it is a fresh tensor: accelerator allocators cache blocks themselves.
-    The buffer holds at most the largest kept weight of one call (e.g. gate and up at r = 0.25); it is never saved
-    for backward nor returned.
+    The buffer holds the largest request: a kept weight of one call (e.g. gate and up at r = 0.25) or the dense
+    rows' gradient of an LM head (``linear_token_rows``); it is never saved for backward nor returned.
     """
     dtype = dtype or like.dtype
     if like.device.type != "cpu" or torch.compiler.is_compiling():
@@ -302,12 +304,87 @@ def gather_linear(
     return _GatherLinearCols.apply(x, weight, bias, index)
 
 
+class _LinearOfValue(torch.autograd.Function):
+    """``value`` (computed beforehand) with the gradient of ``scale * F.linear(x, W, b)`` added to its own."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, value, scale):
+        need_x, need_w = ctx.needs_input_grad[:2]
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.scale = scale
+        ctx.save_for_backward(x if need_w else None, weight if need_x else None)
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b, need_value = ctx.needs_input_grad[:4]
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        grad_x = grad_w = grad_b = None
+        if need_x:
+            grad_x = _scaled(grad.matmul(weight.to(grad.dtype)), ctx.scale).to(x_dtype)
+        grad_2d = grad.reshape(-1, grad.shape[-1])
+        if need_w:
+            x_2d = x.reshape(-1, x.shape[-1]).to(grad_2d.dtype)
+            grad_w = _scaled(grad_2d.t().matmul(x_2d), ctx.scale).to(w_dtype)
+        if need_b:
+            grad_b = _scaled(grad_2d.sum(0), ctx.scale).to(b_dtype)
+        return grad_x, grad_w, grad_b, grad if need_value else None, None
+
+
+class _RowsInto(torch.autograd.Function):
+    """``value`` (N, out); backward hands its gradient's rows ``rows`` to ``graph`` (n, out)."""
+
+    @staticmethod
+    def forward(ctx, value, rows, graph):
+        ctx.save_for_backward(rows)
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (rows,) = ctx.saved_tensors
+        return None, None, grad.index_select(0, rows)
+
+
+def _scaled(tensor: torch.Tensor, scale: float) -> torch.Tensor:
+    return tensor if scale == 1.0 else tensor * scale
+
+
+def linear_of_value(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, value: torch.Tensor, scale: float = 1.0
+) -> torch.Tensor:
+    """``value``, whose backward also runs that of ``scale * F.linear(x, weight, bias)``; saves ``x`` (for dL/dW).
+
+    ``value`` holds that product computed beforehand (e.g. without a graph), possibly plus other terms; its own
+    graph, if any, gets the gradient unchanged, so calls chain (a LoRA layer: B's backward on the adapter's rank-r
+    input, then the base's). Where only the gradient matters, ``value`` may be a zero-stride placeholder
+    (``rows_placeholder``).
+    """
+    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        return value
+    return _LinearOfValue.apply(x, weight, bias, value, scale)
+
+
+def rows_into(value: torch.Tensor, rows: torch.Tensor, graph: torch.Tensor) -> torch.Tensor:
+    """``value`` (N, out), computed beforehand; its gradient's rows ``rows`` flow into ``graph`` (n, out), whose
+    value is not used (``rows_placeholder``), and the other rows take none."""
+    if not torch.is_grad_enabled() or not graph.requires_grad:
+        return value
+    return _RowsInto.apply(value, rows, graph)
+
+
+def rows_placeholder(value: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """A zero-stride (n, out) tensor of ``value``'s dtype: what ``linear_of_value`` chains on when only the
+    gradient of the rows ``rows`` matters (no memory)."""
+    return value.new_zeros(()).expand(rows.numel(), value.shape[-1])
+
+
 class _LinearTokenRows(torch.autograd.Function):
     """``F.linear(x, W, b)`` over every row, differentiable at the rows ``rows`` only."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, rows):
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_x, need_w = ctx.needs_input_grad[:2]
         ctx.num_rows = x.shape[0]
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         # Saved: the rows' inputs (what a graph on those rows alone saves) and W for dL/dx.
@@ -319,15 +396,17 @@ class _LinearTokenRows(torch.autograd.Function):
         x_rows, weight, rows = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         x_dtype, w_dtype, b_dtype = ctx.dtypes
-        grad_rows = grad_out.index_select(0, rows)  # (n, out)
+        # The rows' gradient, in the reused buffer: for an LM head it is logits-sized, and fresh memory for it
+        # would be page-faulted in at every step.
+        grad = torch.index_select(grad_out, 0, rows, out=transient((rows.numel(), grad_out.shape[1]), grad_out))
         grad_x = grad_w = grad_b = None
         if need_x:
             grad_x = grad_out.new_zeros(ctx.num_rows, weight.shape[1], dtype=x_dtype)
-            grad_x.index_copy_(0, rows, grad_rows.matmul(weight.to(grad_rows.dtype)).to(x_dtype))
+            grad_x.index_copy_(0, rows, grad.matmul(weight.to(grad.dtype)).to(x_dtype))
         if need_w:
-            grad_w = grad_rows.t().matmul(x_rows.to(grad_rows.dtype)).to(w_dtype)
+            grad_w = grad.t().matmul(x_rows.to(grad.dtype)).to(w_dtype)
         if need_b:
-            grad_b = grad_rows.sum(0).to(b_dtype)
+            grad_b = grad.sum(0).to(b_dtype)
         return grad_x, grad_w, grad_b, None
 
 

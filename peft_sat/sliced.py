@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops import gather_linear, gather_linear_rows
+from .ops import _scaled, gather_linear, gather_linear_rows
 from .scatter import place
 
 _warned: set[str] = set()
@@ -162,10 +162,6 @@ def _lora(
             delta = F.linear(_scaled(low_rank, inner_scale), lora_b.weight, b_bias)  # (..., out)
         result = result + _scaled(delta, outer_scale)
     return result.to(result_dtype)
-
-
-def _scaled(tensor: torch.Tensor, scale: float) -> torch.Tensor:
-    return tensor if scale == 1.0 else tensor * scale
 
 
 def _dense_fallback(

@@ -1,25 +1,39 @@
 """Projections over every token row with a gradient through the dense rows only (``SATConfig.context_tokens=
 "forward_only"``: the context rows' outputs take no gradient).
 
-For a flat input x (N, in), dense rows D and the other (context) rows C::
+For a flat input x (N, in), dense rows D (n of them) and the other (context) rows C::
 
-    project_rows(module, x, D, C)    module(x) for every row, differentiable at the rows D only
+    project_rows(module, x, D, C)            module(x) (N, out), differentiable at the rows D only
+    value, value_D = rows_value(module, x, x_D, D)
+                                             value = module(x) (N, out) without a graph, and value_D = value[D]
+                                             with the backward of module(x_D) (x_D = x[D], with its graph)
+    rows_output(module, h, h_D, D)           module(h) (N, out) whose backward runs through h_D = h[D] only
 
-Plain ``nn.Linear`` layers and PEFT LoRA layers over them run ONE matmul per weight over all N rows
-(``peft_sat.ops.linear_token_rows``), with the value the dense forward computes. Anything else (4-bit bases, LoRA
-variants, unknown layers) runs a split: ``module(x[D])`` with a graph, ``module(x[C])`` without, written back into one
-tensor. A split reads every weight twice and writes its outputs twice, forward work the dense step does not do.
+Plain ``nn.Linear`` layers and PEFT LoRA layers over them run ONE matmul per weight over all N rows (the value the
+dense forward computes, bit for bit), and the backward of the rows D (``peft_sat.ops.linear_of_value``). The last
+two let a block compute its dense values once and build the graph of the rows D on tensors of n rows, as the MLP
+does. Anything else (4-bit bases, LoRA variants, unknown layers) runs a split: ``module(x[D])`` with a graph,
+``module(x[C])`` without, written back into one tensor; a split reads every weight twice and writes its outputs
+twice, forward work the dense step does not do.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .ops import linear_token_rows
+from .ops import linear_of_value, linear_token_rows, rows_into, rows_placeholder
 from .scatter import place
 from .sliced import _is_lora, _is_plain_linear
 from .sliced_backward import _plain_lora
+
+
+def supports_rows(module: nn.Module) -> bool:
+    """Whether ``module`` runs one pass over every row here (plain ``nn.Linear``, plain LoRA over one)."""
+    if _is_plain_linear(module):
+        return True
+    return _is_lora(module) and _plain_lora(module) is not None and _is_plain_linear(module.base_layer)
 
 
 def project_rows(module: nn.Module, x: torch.Tensor, rows: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -27,9 +41,34 @@ def project_rows(module: nn.Module, x: torch.Tensor, rows: torch.Tensor, context
     the others)."""
     if _is_plain_linear(module):
         return linear_token_rows(x, module.weight, module.bias, rows)
-    if _is_lora(module) and _plain_lora(module) is not None and _is_plain_linear(module.base_layer):
-        return _lora_rows(module, x, rows)
+    if supports_rows(module):
+        value, branches = _lora_value(module, x)
+        graph = _lora_graph(module, x.index_select(0, rows), rows_placeholder(value, rows), branches, rows)
+        return rows_into(value, rows, graph)
     return split_rows(module, x, rows, context)
+
+
+def rows_value(module: nn.Module, x: torch.Tensor, x_rows: torch.Tensor, rows: torch.Tensor):
+    """``(module(x), value_rows)``: the value (N, out) without a graph, and its rows ``rows`` (n, out) with the
+    backward of ``module(x_rows)``. ``module`` must be ``supports_rows``."""
+    if _is_plain_linear(module):
+        with torch.no_grad():
+            value = F.linear(x, module.weight, module.bias)
+        return value, linear_of_value(x_rows, module.weight, module.bias, value.index_select(0, rows))
+    value, branches = _lora_value(module, x)
+    return value, _lora_graph(module, x_rows, value.index_select(0, rows), branches, rows)
+
+
+def rows_output(module: nn.Module, h: torch.Tensor, h_rows: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``module(h)`` (N, out), computed over every row, whose backward runs through ``h_rows`` = ``h[rows]`` only.
+    ``module`` must be ``supports_rows``."""
+    if _is_plain_linear(module):
+        with torch.no_grad():
+            value = F.linear(h, module.weight, module.bias)
+        graph = linear_of_value(h_rows, module.weight, module.bias, rows_placeholder(value, rows))
+        return rows_into(value, rows, graph)
+    value, branches = _lora_value(module, h)
+    return rows_into(value, rows, _lora_graph(module, h_rows, rows_placeholder(value, rows), branches, rows))
 
 
 def split_rows(function, x: torch.Tensor, rows: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -41,15 +80,36 @@ def split_rows(function, x: torch.Tensor, rows: torch.Tensor, context: torch.Ten
     return place([(context, rest), (rows, dense)], x.shape[0])
 
 
-def _lora_rows(module: nn.Module, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """PEFT's LoRA forward in its order (base, then each adapter's ``B(A(dropout(x))) * scaling`` added, cast back
-    to the base output's dtype), each matmul over every row and differentiable at ``rows`` only."""
+def _lora_value(module: nn.Module, x: torch.Tensor):
+    """PEFT's LoRA forward without a graph, in its order (base, then each adapter's ``B(A(dropout(x))) * scaling``
+    added, cast back to the base output's dtype), and per adapter what the rows' graph needs: its dropout mask
+    (None without dropout), A, B and the scaling."""
     base = module.base_layer
-    result = linear_token_rows(x, base.weight, base.bias, rows)
-    result_dtype = result.dtype
-    for adapter in _plain_lora(module):
-        lora_a, lora_b = module.lora_A[adapter], module.lora_B[adapter]
-        x_cast = module._cast_input_dtype(x, lora_a.weight.dtype)
-        low_rank = linear_token_rows(module.lora_dropout[adapter](x_cast), lora_a.weight, None, rows)
-        result = result + linear_token_rows(low_rank, lora_b.weight, lora_b.bias, rows) * module.scaling[adapter]
-    return result.to(result_dtype)
+    branches = []
+    with torch.no_grad():
+        result = F.linear(x, base.weight, base.bias)
+        result_dtype = result.dtype
+        for adapter in _plain_lora(module):
+            lora_a, lora_b = module.lora_A[adapter], module.lora_B[adapter]
+            x_cast = module._cast_input_dtype(x, lora_a.weight.dtype)
+            dropout = module.lora_dropout[adapter]
+            mask = None
+            if isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0:
+                mask = dropout(torch.ones_like(x_cast))  # 0 or 1 / (1 - p): one draw for the value and the graph
+                x_cast = x_cast * mask
+            result = result + lora_b(lora_a(x_cast)) * module.scaling[adapter]
+            branches.append((mask, lora_a, lora_b, module.scaling[adapter]))
+    return result.to(result_dtype), branches
+
+
+def _lora_graph(module, x_rows, value_rows, branches, rows) -> torch.Tensor:
+    """``value_rows`` (n, out) with the backward of the LoRA layer on ``x_rows``: each adapter's B on
+    ``A(dropout(x_rows))`` (the only product recomputed: rank r), then the base's."""
+    output = value_rows
+    for dropout_mask, lora_a, lora_b, scaling in branches:
+        x_cast = module._cast_input_dtype(x_rows, lora_a.weight.dtype)
+        dropped = x_cast if dropout_mask is None else x_cast * dropout_mask.index_select(0, rows)
+        low_rank = lora_a(dropped)  # (n, r), with its graph (A trains)
+        output = linear_of_value(low_rank, lora_b.weight, lora_b.bias, output, scaling)
+    base = module.base_layer
+    return linear_of_value(x_rows, base.weight, base.bias, output)

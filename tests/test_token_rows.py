@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
@@ -57,3 +58,45 @@ def test_project_rows_equals_a_split_in_value_and_gradients(kind, monkeypatch):
 def test_split_rows_puts_each_row_back_in_place():
     y = split_rows(lambda t: t * 2, torch.arange(7.0).unsqueeze(1).requires_grad_(), ROWS, CONTEXT)
     assert torch.equal(y.squeeze(1), torch.arange(7.0) * 2)
+
+
+class TinyMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = nn.Linear(6, 8), nn.Linear(6, 8), nn.Linear(8, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+@pytest.mark.parametrize("kind", ["plain", "lora", "lora+dropout"])
+def test_rows_value_and_rows_output_give_the_dense_value_and_the_rows_gradient(kind):
+    """The MLP pattern: dense values once over every row, the graph of the dense rows on their n rows. The reference
+    is the module's own forward (same dropout draw) with the upstream gradient zero outside the dense rows."""
+    torch.manual_seed(0)
+    mlp = TinyMLP()
+    if kind != "plain":
+        dropout = 0.5 if kind == "lora+dropout" else 0.0
+        config = LoraConfig(r=2, lora_alpha=4, target_modules=["gate_proj", "up_proj", "down_proj"],
+                            init_lora_weights=False, lora_dropout=dropout)  # fmt: skip
+        mlp = get_peft_model(mlp, config).base_model.model
+    x = torch.randn(7, 6, requires_grad=True)
+    upstream = torch.randn(7, 6)
+    params = [x, *(p for p in mlp.parameters() if p.requires_grad)]
+
+    torch.manual_seed(1)
+    x_rows = x.index_select(0, ROWS)
+    gate, gate_rows = token_rows.rows_value(mlp.gate_proj, x, x_rows, ROWS)
+    up, up_rows = token_rows.rows_value(mlp.up_proj, x, x_rows, ROWS)
+    with torch.no_grad():
+        hidden = F.silu(gate) * up
+    y = token_rows.rows_output(mlp.down_proj, hidden, F.silu(gate_rows) * up_rows, ROWS)
+    grads = torch.autograd.grad((y * upstream).sum(), params)
+
+    torch.manual_seed(1)
+    reference = mlp(x)
+    only_rows = torch.zeros(7, 1).index_fill(0, ROWS, 1.0)
+    expected = torch.autograd.grad((reference * upstream * only_rows).sum(), params)
+    assert torch.equal(y, reference), "the value is the module's own forward"
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)

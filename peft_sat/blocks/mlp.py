@@ -20,7 +20,7 @@ import torch
 from .. import importance
 from ..sliced import base_layer, base_weight, linear_cols, linear_rows, linear_rows_fused, project_base
 from ..sliced_backward import cols_output, rows_forward, weight_grad_forward
-from ..token_rows import split_rows
+from ..token_rows import rows_output, rows_value, split_rows, supports_rows
 from .base import SATBlockMixin, assemble_rows, omitted_units
 
 
@@ -46,12 +46,29 @@ class SATMLPMixin(SATBlockMixin):
         flat = x.reshape(-1, x.shape[-1])
         context = omitted_units(rows, flat.shape[0])  # positions outside the dense rows (padding included)
         if forward_only:  # nothing needs their gradient: the attention blocks cut it
-            return split_rows(super().forward, flat, rows, context).view_as(x)
+            return self._sat_dense_rows_forward(flat, rows, context).view_as(x)
         dense_y = super().forward(flat.index_select(0, rows))
         token_mask = self.sat_state.token_mask
         context_mask = token_mask.reshape(-1).index_select(0, context) if token_mask is not None else None
         context_y = self._sat_sparse_tokens(flat.index_select(0, context), context_mask)
         return assemble_rows(flat.shape[0], rows, dense_y, context, context_y).view_as(x)
+
+    def _sat_dense_rows_forward(self, flat: torch.Tensor, rows: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """The whole block on every row (N, H), differentiable at the dense ``rows`` only: each projection runs once
+        over all rows (the dense values, bit for bit), and the rows' graph is built on tensors of their n rows::
+
+            value  = down(act(gate x) * up x)                          every row, no graph
+            graph  : down's backward through h_D = act(gate_D) * up_D,  gate_D / up_D = rows D of the values above
+        """
+        projections = (self.gate_proj, self.up_proj, self.down_proj)
+        if not all(supports_rows(p) for p in projections):  # e.g. 4-bit bases: a split (dense rows, then the rest)
+            return split_rows(super().forward, flat, rows, context)
+        x_rows = flat.index_select(0, rows)
+        gate, gate_rows = rows_value(self.gate_proj, flat, x_rows, rows)
+        up, up_rows = rows_value(self.up_proj, flat, x_rows, rows)
+        with torch.no_grad():
+            hidden = self._sat_hidden(gate, up)
+        return rows_output(self.down_proj, hidden, self._sat_hidden(gate_rows, up_rows), rows)
 
     def _sat_sparse_tokens(self, x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
         """The sub-network step of ``sparse_pass`` on the tokens of ``x`` (``token_mask``: their real tokens)."""
@@ -148,6 +165,9 @@ class SATFusedMLPMixin(SATMLPMixin):
     @classmethod
     def sat_num_channels(cls, module) -> int:
         return base_layer(module.gate_up_proj).out_features // 2
+
+    def _sat_dense_rows_forward(self, flat: torch.Tensor, rows: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return split_rows(super(SATMLPMixin, self).forward, flat, rows, context)  # the module's own forward
 
     @property
     def _sat_activation(self) -> Callable[[torch.Tensor], torch.Tensor]:
