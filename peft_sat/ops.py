@@ -416,7 +416,9 @@ def linear_token_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 
     Why not the two matmuls of a split (``rows`` with a graph, the others without): each reads the whole weight,
     and both partial outputs are written again into the result, forward work a dense step does not do (for an LM
-    head, 49k x 576 on SmolLM2, that is two extra logits-sized writes per step).
+    head, 49k x 576 on SmolLM2, that is two extra logits-sized writes per step). The same math as ``rows_into`` over
+    ``linear_of_value``, in one node, so that the rows' gradient can live in the reused ``transient`` buffer (it is
+    read before the node returns): the LM head's, logits-sized.
 
     Example:
         >>> w = torch.ones(2, 3, requires_grad=True)

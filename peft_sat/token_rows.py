@@ -10,8 +10,8 @@ For a flat input x (N, in), dense rows D (n of them) and the other (context) row
     rows_output(module, h, h_D, D)           module(h) (N, out) whose backward runs through h_D = h[D] only
 
 Plain ``nn.Linear`` layers and PEFT LoRA layers over them run ONE matmul per weight over all N rows (the value the
-dense forward computes, bit for bit), and the backward of the rows D (``peft_sat.ops.linear_of_value``). The last
-two let a block compute its dense values once and build the graph of the rows D on tensors of n rows, as the MLP
+dense forward computes, bit for bit), and the backward of the rows D (``peft_sat.ops.linear_of_value``, handed the
+rows' gradient by ``peft_sat.ops.rows_into``). The last two let a block compute its dense values once and build the graph of the rows D on tensors of n rows, as the MLP
 does. Anything else (4-bit bases, LoRA variants, unknown layers) runs a split: ``module(x[D])`` with a graph,
 ``module(x[C])`` without, written back into one tensor; a split reads every weight twice and writes its outputs
 twice, forward work the dense step does not do.
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops import linear_of_value, linear_token_rows, rows_into, rows_placeholder
+from .ops import linear_of_value, rows_into, rows_placeholder
 from .scatter import place
 from .sliced import _is_lora, _is_plain_linear
 from .sliced_backward import _plain_lora
@@ -39,36 +39,23 @@ def supports_rows(module: nn.Module) -> bool:
 def project_rows(module: nn.Module, x: torch.Tensor, rows: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
     """``module(x)`` (N, out) for a flat x (N, in), with a graph on the dense ``rows`` only (the ``context`` rows are
     the others)."""
-    if _is_plain_linear(module):
-        return linear_token_rows(x, module.weight, module.bias, rows)
     if supports_rows(module):
-        value, branches = _lora_value(module, x)
-        graph = _lora_graph(module, x.index_select(0, rows), rows_placeholder(value, rows), branches, rows)
-        return rows_into(value, rows, graph)
+        return rows_output(module, x, x.index_select(0, rows), rows)
     return split_rows(module, x, rows, context)
 
 
 def rows_value(module: nn.Module, x: torch.Tensor, x_rows: torch.Tensor, rows: torch.Tensor):
     """``(module(x), value_rows)``: the value (N, out) without a graph, and its rows ``rows`` (n, out) with the
     backward of ``module(x_rows)``. ``module`` must be ``supports_rows``."""
-    if _is_plain_linear(module):
-        with torch.no_grad():
-            value = F.linear(x, module.weight, module.bias)
-        return value, linear_of_value(x_rows, module.weight, module.bias, value.index_select(0, rows))
-    value, branches = _lora_value(module, x)
-    return value, _lora_graph(module, x_rows, value.index_select(0, rows), branches, rows)
+    value, branches = _value(module, x)
+    return value, _graph(module, x_rows, value.index_select(0, rows), branches, rows)
 
 
 def rows_output(module: nn.Module, h: torch.Tensor, h_rows: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """``module(h)`` (N, out), computed over every row, whose backward runs through ``h_rows`` = ``h[rows]`` only.
     ``module`` must be ``supports_rows``."""
-    if _is_plain_linear(module):
-        with torch.no_grad():
-            value = F.linear(h, module.weight, module.bias)
-        graph = linear_of_value(h_rows, module.weight, module.bias, rows_placeholder(value, rows))
-        return rows_into(value, rows, graph)
-    value, branches = _lora_value(module, h)
-    return rows_into(value, rows, _lora_graph(module, h_rows, rows_placeholder(value, rows), branches, rows))
+    value, branches = _value(module, h)
+    return rows_into(value, rows, _graph(module, h_rows, rows_placeholder(value, rows), branches, rows))
 
 
 def split_rows(function, x: torch.Tensor, rows: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -80,16 +67,20 @@ def split_rows(function, x: torch.Tensor, rows: torch.Tensor, context: torch.Ten
     return place([(context, rest), (rows, dense)], x.shape[0])
 
 
-def _lora_value(module: nn.Module, x: torch.Tensor):
-    """PEFT's LoRA forward without a graph, in its order (base, then each adapter's ``B(A(dropout(x))) * scaling``
-    added, cast back to the base output's dtype), and per adapter what the rows' graph needs: its dropout mask
-    (None without dropout), A, B and the scaling."""
-    base = module.base_layer
+def _base(module: nn.Module) -> nn.Linear:
+    return module if _is_plain_linear(module) else module.base_layer
+
+
+def _value(module: nn.Module, x: torch.Tensor):
+    """The module's forward without a graph, and per LoRA adapter what the rows' graph needs: its dropout mask (None
+    without dropout), A, B and the scaling (none for a plain layer). A LoRA layer runs PEFT's order: base, then each
+    adapter's ``B(A(dropout(x))) * scaling`` added, cast back to the base output's dtype."""
+    base = _base(module)
     branches = []
     with torch.no_grad():
         result = F.linear(x, base.weight, base.bias)
         result_dtype = result.dtype
-        for adapter in _plain_lora(module):
+        for adapter in [] if base is module else _plain_lora(module):
             lora_a, lora_b = module.lora_A[adapter], module.lora_B[adapter]
             x_cast = module._cast_input_dtype(x, lora_a.weight.dtype)
             dropout = module.lora_dropout[adapter]
@@ -102,8 +93,8 @@ def _lora_value(module: nn.Module, x: torch.Tensor):
     return result.to(result_dtype), branches
 
 
-def _lora_graph(module, x_rows, value_rows, branches, rows) -> torch.Tensor:
-    """``value_rows`` (n, out) with the backward of the LoRA layer on ``x_rows``: each adapter's B on
+def _graph(module, x_rows, value_rows, branches, rows) -> torch.Tensor:
+    """``value_rows`` (n, out) with the backward of the module on ``x_rows``: each LoRA adapter's B on
     ``A(dropout(x_rows))`` (the only product recomputed: rank r), then the base's."""
     output = value_rows
     for dropout_mask, lora_a, lora_b, scaling in branches:
@@ -111,5 +102,5 @@ def _lora_graph(module, x_rows, value_rows, branches, rows) -> torch.Tensor:
         dropped = x_cast if dropout_mask is None else x_cast * dropout_mask.index_select(0, rows)
         low_rank = lora_a(dropped)  # (n, r), with its graph (A trains)
         output = linear_of_value(low_rank, lora_b.weight, lora_b.bias, output, scaling)
-    base = module.base_layer
+    base = _base(module)
     return linear_of_value(x_rows, base.weight, base.bias, output)
