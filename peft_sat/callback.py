@@ -181,6 +181,7 @@ class SATCallback(TrainerCallback):
         if sat_state is not None:
             sat_state.in_training_step = True  # every rank runs this step: a shared selection may all-reduce in it
             sat_state.dense_fractions.clear()
+            sat_state.head_split_forwards = 0
             sat_state.step_positions = 0
             if self.crossover_check is not None:
                 rate = self.crossover_check.begin_step(state.global_step)  # may start its clock
@@ -199,9 +200,10 @@ class SATCallback(TrainerCallback):
         sat_state.in_training_step = False
         fractions = sat_state.dense_fractions
         self.dense_token_fraction = sum(fractions) / len(fractions) if fractions else 0.0
+        head_share = min(1.0, sat_state.head_split_forwards / len(fractions)) if fractions else 0.0
         if self.flops is not None and state.global_step > self.steps_counted:
             self.dense_steps_saved += self.flops.step_saving(
-                sat_state.config, self.current_rate(), self.dense_token_fraction
+                sat_state.config, self.current_rate(), self.dense_token_fraction, head_share
             )
             self.steps_counted = state.global_step
 

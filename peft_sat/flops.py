@@ -18,7 +18,9 @@ dense tokens, a share f, run everything, the others a share 1 - f)::
 
 With ``context_tokens="forward_only"`` a split batch's context tokens run every unit forward and no backward: the
 MLP, the query / output projections and the LM head save their whole backward on the share 1 - f, key / value
-projections their input gradient (their weights still learn from the dense tokens' attention).
+projections their input gradient (their weights still learn from the dense tokens' attention). The LM head saves
+only in the forwards that call it: a loss that reads its weight itself (TRL's fused LM head in ``SFTTrainer``) runs
+its backward on every row.
 
 Not counted: embeddings (a gather), norms, activations, 4-bit dequantization, the optimizer, the importance scores.
 ``training_flops`` also counts the attention core (Q K^T and A V, causal: T / 2 keys per query on average, backward
@@ -303,14 +305,17 @@ class SATFlopsEstimator:
         sparse_pass: str = "forward_backward",
         dense_fraction: float = 0.0,
         context_forward_only: bool = False,
+        head_share: float = 1.0,
     ) -> float:
         """Estimated fraction of one dense training step's FLOPs saved by a step at omission rate ``rate``, with
         ``dense_fraction`` of the token positions dense (0: no split) and, when split, the context tokens running
-        forward only (``context_forward_only``) or on the sub-network."""
+        forward only (``context_forward_only``) or on the sub-network. ``head_share``: the share of the step's
+        forwards whose LM head ran through SAT's head (``SATState.head_split_forwards``); a loss that reads the
+        head's weight itself runs the head's backward on every row, so its forwards save nothing there."""
         if rate <= 0 or not self.dense_cost:
             return 0.0
         if context_forward_only and dense_fraction > 0:
-            saved = sum(cut[1] + cut[2] for _, _, cut, _ in self.blocks) + self.head_backward
+            saved = sum(cut[1] + cut[2] for _, _, cut, _ in self.blocks) + self.head_backward * head_share
             return saved * (1.0 - dense_fraction) / self.dense_cost
         sliced = SlicedShare.of(sparse_pass, dense_fraction)
         shares = (sliced.forward, sliced.input_grad, sliced.weight_grad)
@@ -321,10 +326,12 @@ class SATFlopsEstimator:
         )
         return saved / self.dense_cost
 
-    def step_saving(self, config, rate: float, dense_fraction: float = 0.0) -> float:
+    def step_saving(self, config, rate: float, dense_fraction: float = 0.0, head_share: float = 1.0) -> float:
         """``saved_fraction`` of a step at ``rate`` under ``config``'s ``sparse_pass`` and ``context_tokens``."""
         forward_only = config.context_tokens == "forward_only" and self.sat_state.context_forward_only
-        return self.saved_fraction(rate, config.sparse_pass, dense_fraction, context_forward_only=forward_only)
+        return self.saved_fraction(
+            rate, config.sparse_pass, dense_fraction, context_forward_only=forward_only, head_share=head_share
+        )
 
 
 def _sum_costs(costs: dict, module: nn.Module, names: tuple[str, ...]) -> tuple[float, float, float]:

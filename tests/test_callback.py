@@ -205,6 +205,41 @@ def test_sft_trainer_with_lora_and_sat_callback(tmp_path):
     assert all(torch.equal(frozen[name], params[name]) for name in frozen)
 
 
+def test_sft_estimate_leaves_out_the_head_that_trls_fused_loss_runs(tmp_path):
+    """SFTTrainer computes its loss with TRL's fused LM head, which reads the head's weight and runs every row: the
+    logged estimate counts the context rows' saving in the blocks only (``SATState.head_split_forwards``)."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from peft_sat.flops import SATFlopsEstimator
+
+    words = text_dataset(num_rows=32, words=6)["text"]
+    data = Dataset.from_dict({"prompt": words[:16], "completion": words[16:]})
+    config = SATConfig(**CONFIG)  # defaults: dense loss tokens, context rows forward only
+    trainer = SFTTrainer(
+        model=tiny_llama(),
+        args=training_args(tmp_path, cls=SFTConfig, max_length=32),
+        train_dataset=data,
+        processing_class=tiny_tokenizer(),
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
+        callbacks=[SATCallback(config)],
+    )
+    trainer.train()
+
+    logs = train_logs(trainer.state.log_history)
+    estimator = SATFlopsEstimator(trainer.model, get_sat_state(trainer.model))
+    assert estimator.head_backward > 0 and all(0 < e["sat/dense_token_fraction"] < 1 for e in logs[:2])
+
+    def saved(head_share: float) -> float:
+        return sum(
+            estimator.step_saving(config, e["sat/omission_rate"], e["sat/dense_token_fraction"], head_share)
+            for e in logs
+        )
+
+    assert saved(0.0) < saved(1.0)
+    assert logs[-1]["sat/dense_steps_saved"] == pytest.approx(saved(0.0), rel=1e-5)
+
+
 # ---- set-ups that must fail before the first step --------------------------------------------------------------
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 from peft import LoraConfig, get_peft_model
-from sat_testing import paper_config, tiny_llama
+from sat_testing import batch, paper_config, tiny_llama
 
 import peft_sat
 from peft_sat import get_sat_state
@@ -95,3 +95,27 @@ def test_estimate_of_a_real_model_matches_the_formula():
     assert _estimator(lora).dense_cost == 4 * macs
     assert _estimator(lora).saved_fraction(0.5) == pytest.approx(layers * mlp * 0.5 / macs)
     assert _estimator(lora).saved_fraction(0.5, "backward") == pytest.approx(layers * mlp * 0.5 / macs / 2)
+
+
+def test_a_loss_that_bypasses_the_head_saves_nothing_in_it():
+    """TRL's fused LM head reads ``lm_head.weight`` itself and runs every row forward and backward: SAT's head never
+    runs, so the estimate must not count the head's backward as saved on the context rows."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    base = tiny_llama()
+    add_fused_lm_head(base)
+    model = peft_sat.apply_sat(base, peft_sat.SATConfig(omission_rate=0.5, train_base=True))
+    state, estimator = get_sat_state(model), _estimator(model)
+    inputs = batch(prompt=8)
+    model.train()
+    model(**inputs)  # the model's own head: SAT's
+    assert state.head_split_forwards == 1
+    model(**inputs, fused_lm_head=True)
+    assert state.head_split_forwards == 1  # unchanged: the fused head bypassed SAT's
+    f = state.dense_fractions[-1]
+    assert 0 < f < 1 and estimator.head_backward > 0
+    through, bypassed = (
+        estimator.saved_fraction(0.5, dense_fraction=f, context_forward_only=True, head_share=share)
+        for share in (1.0, 0.0)
+    )
+    assert through - bypassed == pytest.approx(estimator.head_backward * (1 - f) / estimator.dense_cost)

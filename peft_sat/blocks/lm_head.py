@@ -33,6 +33,7 @@ class SATLMHeadMixin:
         rows = state.dense_rows(hidden_states.shape[:-1])
         if rows is None:
             return super().forward(hidden_states)
+        state.head_split_forwards += 1
         flat = hidden_states.reshape(-1, hidden_states.shape[-1])
         if self._sat_original_class is nn.Linear:  # one matmul over every row, a graph on the dense rows
             logits = linear_token_rows(flat, self.weight, self.bias, rows)
