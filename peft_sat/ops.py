@@ -13,7 +13,8 @@ And for token rows ``rows`` (n,) of a flat (N, in) input::
     linear_token_rows(x, W, b, rows)               (N, in) -> (N, out)  y = x W^T + b for every row; the gradient
                                                    flows through the rows ``rows`` only (the others act as constants)
     linear_of_value(x, W, b, y)                    returns y, computed beforehand; backward of x W^T + b
-    rows_into(y, rows, g)                          returns y (N, out); backward hands grad[rows] to g (n, out)
+    rows_into(y, rows, g, [rows_2, g_2, ...])      returns y (N, out); backward hands grad[rows] to g (n, out),
+                                                   grad[rows_2] to g_2, ...
 
 The kernels of ``SATConfig.sparse_pass="backward"`` (a dense forward, a backward through the kept units) live in
 ``peft_sat.ops_backward``.
@@ -333,17 +334,19 @@ class _LinearOfValue(torch.autograd.Function):
 
 
 class _RowsInto(torch.autograd.Function):
-    """``value`` (N, out); backward hands its gradient's rows ``rows`` to ``graph`` (n, out)."""
+    """``value`` (N, out); backward hands its gradient's rows ``rows_i`` to ``graph_i`` (n_i, out), for each pair."""
 
     @staticmethod
-    def forward(ctx, value, rows, graph):
-        ctx.save_for_backward(rows)
+    def forward(ctx, value, *pairs):
+        ctx.save_for_backward(*pairs[::2])
         return value.view_as(value)
 
     @staticmethod
     def backward(ctx, grad):
-        (rows,) = ctx.saved_tensors
-        return None, None, grad.index_select(0, rows)
+        grads = [None]
+        for rows, needs in zip(ctx.saved_tensors, ctx.needs_input_grad[2::2], strict=True):
+            grads += [None, grad.index_select(0, rows) if needs else None]
+        return tuple(grads)
 
 
 def _scaled(tensor: torch.Tensor, scale: float) -> torch.Tensor:
@@ -365,12 +368,14 @@ def linear_of_value(
     return _LinearOfValue.apply(x, weight, bias, value, scale)
 
 
-def rows_into(value: torch.Tensor, rows: torch.Tensor, graph: torch.Tensor) -> torch.Tensor:
+def rows_into(value: torch.Tensor, rows: torch.Tensor, graph: torch.Tensor, *more: torch.Tensor) -> torch.Tensor:
     """``value`` (N, out), computed beforehand; its gradient's rows ``rows`` flow into ``graph`` (n, out), whose
-    value is not used (``rows_placeholder``), and the other rows take none."""
-    if not torch.is_grad_enabled() or not graph.requires_grad:
+    value is not used (``rows_placeholder``), and the other rows take none. ``more``: further disjoint
+    ``rows_2, graph_2, ...`` pairs, fed the same way."""
+    pairs = (rows, graph, *more)
+    if not torch.is_grad_enabled() or not any(g.requires_grad for g in pairs[1::2]):
         return value
-    return _RowsInto.apply(value, rows, graph)
+    return _RowsInto.apply(value, *pairs)
 
 
 def rows_placeholder(value: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

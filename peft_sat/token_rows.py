@@ -8,13 +8,19 @@ For a flat input x (N, in), dense rows D (n of them) and the other (context) row
                                              value = module(x) (N, out) without a graph, and value_D = value[D]
                                              with the backward of module(x_D) (x_D = x[D], with its graph)
     rows_output(module, h, h_D, D)           module(h) (N, out) whose backward runs through h_D = h[D] only
+    project_all_rows(module, x, x_D, x_C, D, C)
+                                             module(x) (N, out), every row differentiable: the weights learn from
+                                             every row, the input takes its gradient at the rows D only (keys and
+                                             values: the context rows' keys train, their hidden states do not)
 
 Plain ``nn.Linear`` layers and PEFT LoRA layers over them run ONE matmul per weight over all N rows (the value the
 dense forward computes, bit for bit), and the backward of the rows D (``peft_sat.ops.linear_of_value``, handed the
-rows' gradient by ``peft_sat.ops.rows_into``). The last two let a block compute its dense values once and build the graph of the rows D on tensors of n rows, as the MLP
-does. Anything else (4-bit bases, LoRA variants, unknown layers) runs a split: ``module(x[D])`` with a graph,
-``module(x[C])`` without, written back into one tensor; a split reads every weight twice and writes its outputs
-twice, forward work the dense step does not do.
+rows' gradient by ``peft_sat.ops.rows_into``); ``project_all_rows`` adds a second graph on the context rows, with
+their inputs as constants, that trains the weights only. ``rows_value`` and ``rows_output`` let a block compute its
+dense values once and build the graph of the rows D on tensors of n rows, as the MLP does. Anything else (4-bit
+bases, LoRA variants, unknown layers) runs a split: ``module(x[D])`` with a graph, ``module(x[C])`` without,
+written back into one tensor; a split reads every weight twice and writes its outputs twice, forward work the dense
+step does not do.
 """
 
 from __future__ import annotations
@@ -36,11 +42,13 @@ def supports_rows(module: nn.Module) -> bool:
     return _is_lora(module) and _plain_lora(module) is not None and _is_plain_linear(module.base_layer)
 
 
-def project_rows(module: nn.Module, x: torch.Tensor, rows: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+def project_rows(
+    module: nn.Module, x: torch.Tensor, rows: torch.Tensor, context: torch.Tensor, x_rows: torch.Tensor | None = None
+) -> torch.Tensor:
     """``module(x)`` (N, out) for a flat x (N, in), with a graph on the dense ``rows`` only (the ``context`` rows are
-    the others)."""
+    the others); ``x_rows``: ``x[rows]`` when the caller has it."""
     if supports_rows(module):
-        return rows_output(module, x, x.index_select(0, rows), rows)
+        return rows_output(module, x, x.index_select(0, rows) if x_rows is None else x_rows, rows)
     return split_rows(module, x, rows, context)
 
 
@@ -56,6 +64,25 @@ def rows_output(module: nn.Module, h: torch.Tensor, h_rows: torch.Tensor, rows: 
     ``module`` must be ``supports_rows``."""
     value, branches = _value(module, h)
     return rows_into(value, rows, _graph(module, h_rows, rows_placeholder(value, rows), branches, rows))
+
+
+def project_all_rows(
+    module: nn.Module, x: torch.Tensor, x_rows: torch.Tensor, x_context: torch.Tensor, rows: torch.Tensor, context
+) -> torch.Tensor:
+    """``module(x)`` (N, out) for a flat x (N, in) whose weights get the gradient of every row and whose input gets
+    it at the dense ``rows`` only (through ``x_rows`` = ``x[rows]``; ``x_context`` = ``x[context]`` detached): the
+    input gradient of the ``context`` rows is never computed. Modules other than ``supports_rows`` run on the two
+    parts put back together."""
+    if not supports_rows(module):
+        return module(place([(context, x_context), (rows, x_rows)], x.shape[0]))
+    value, branches = _value(module, x)
+    return rows_into(
+        value,
+        rows,
+        _graph(module, x_rows, rows_placeholder(value, rows), branches, rows),
+        context,
+        _graph(module, x_context, rows_placeholder(value, context), branches, context),
+    )
 
 
 def split_rows(function, x: torch.Tensor, rows: torch.Tensor, context: torch.Tensor) -> torch.Tensor:

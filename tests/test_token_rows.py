@@ -100,3 +100,32 @@ def test_rows_value_and_rows_output_give_the_dense_value_and_the_rows_gradient(k
     assert torch.equal(y, reference), "the value is the module's own forward"
     for got, want in zip(grads, expected, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["plain", "lora", "lora+dropout", "variant"])
+def test_project_all_rows_trains_the_weights_on_every_row_and_the_input_on_the_dense_rows(kind):
+    """Keys and values of context tokens: the reference is the module on an input whose context rows are detached,
+    with the module's own dropout draw."""
+    layer = _layer("plain" if kind == "plain" else "variant" if kind == "variant" else "lora")
+    if kind == "plain":
+        layer.weight.requires_grad_(True)
+    if kind == "lora+dropout":
+        layer.lora_dropout["default"] = nn.Dropout(0.5)
+    x = torch.randn(7, 6, requires_grad=True)
+    upstream = torch.randn(7, 5)
+    params = [x, *(p for p in layer.parameters() if p.requires_grad)]
+
+    torch.manual_seed(1)
+    x_rows, x_context = x.index_select(0, ROWS), x.detach().index_select(0, CONTEXT)
+    y = token_rows.project_all_rows(layer, x, x_rows, x_context, ROWS, CONTEXT)
+    grads = torch.autograd.grad((y * upstream).sum(), params)
+
+    torch.manual_seed(1)
+    cut = torch.where(torch.zeros(7, 1, dtype=torch.bool).index_fill(0, ROWS, True), x, x.detach())
+    reference = layer(cut)
+    expected = torch.autograd.grad((reference * upstream).sum(), params)
+    torch.testing.assert_close(y, reference, rtol=0, atol=1e-6)
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert grads[0].index_select(0, CONTEXT).eq(0).all() and grads[0].index_select(0, ROWS).ne(0).all()
+    assert all(g.ne(0).any() for g in grads[1:]), "every trainable weight learns"

@@ -24,8 +24,8 @@ from .. import importance
 from ..scatter import add_at
 from ..sliced import base_weight, linear_cols, linear_rows, linear_rows_fused, project_base
 from ..sliced_backward import cols_output, rows_forward, weight_grad_forward
-from ..token_rows import project_rows
-from .base import SATBlockMixin, assemble_rows, omitted_units
+from ..token_rows import project_all_rows, project_rows
+from .base import SATBlockMixin, omitted_units
 
 
 @dataclass(frozen=True)
@@ -232,11 +232,7 @@ class SATAttentionMixin(SATBlockMixin):
         projections train, and take no gradient themselves (no query or output graph, no input gradient)."""
         flat = hidden_states.reshape(-1, hidden_states.shape[-1])
         context = omitted_units(rows, flat.shape[0])
-        # keys / values: their weights train, the context rows of the input take no gradient
-        cut = assemble_rows(
-            flat.shape[0], rows, flat.index_select(0, rows), context, flat.detach().index_select(0, context)
-        )
-        qkv = self._sat_cut_qkv(flat, cut, rows, context)
+        qkv = self._sat_cut_qkv(flat, rows, context)
         shape = hidden_states.shape[:-1]
         attn_output, attn_weights = self._sat_core(
             tuple(t.view(*shape, -1) for t in qkv), None, position_embeddings, attention_mask, kwargs
@@ -244,9 +240,15 @@ class SATAttentionMixin(SATBlockMixin):
         output = project_rows(self.o_proj, attn_output.reshape(-1, attn_output.shape[-1]), rows, context)
         return output.view(*shape, -1), attn_weights
 
-    def _sat_cut_qkv(self, flat, cut, rows, context) -> tuple[torch.Tensor, ...]:
-        """Flat (N, heads * d) query (a graph on the dense rows only), key and value (of the cut input)."""
-        return project_rows(self.q_proj, flat, rows, context), self.k_proj(cut), self.v_proj(cut)
+    def _sat_cut_qkv(self, flat, rows, context) -> tuple[torch.Tensor, ...]:
+        """Flat (N, heads * d) query (a graph on the dense rows only), key and value (their weights learn from every
+        row, their input gradient reaches the dense rows only)."""
+        x_rows, x_context = flat.index_select(0, rows), flat.detach().index_select(0, context)  # saved once, shared
+        return (
+            project_rows(self.q_proj, flat, rows, context, x_rows),
+            project_all_rows(self.k_proj, flat, x_rows, x_context, rows, context),
+            project_all_rows(self.v_proj, flat, x_rows, x_context, rows, context),
+        )
 
     def _sat_qkv_forward(self, x: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], KeptHeads]:
         """The query, key and value of EVERY head, flat (B, T, heads * d), as the module's own projections compute
@@ -343,10 +345,13 @@ class SATFusedAttentionMixin(SATAttentionMixin):
         kept_kv = sel.kv_rows.numel()
         return linear_rows(self.qkv_proj, x, rows).split([sel.q_rows.numel(), kept_kv, kept_kv], dim=-1)
 
-    def _sat_cut_qkv(self, flat, cut, rows, context) -> tuple[torch.Tensor, ...]:
+    def _sat_cut_qkv(self, flat, rows, context) -> tuple[torch.Tensor, ...]:
         num_heads, num_kv_heads, head_dim = self._sat_shape
         q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
-        return self.qkv_proj(cut).split([q_size, kv_size, kv_size], dim=-1)  # one projection: one input
+        # one projection: the query's context rows train it too (their output takes no gradient: zero terms)
+        x_rows, x_context = flat.index_select(0, rows), flat.detach().index_select(0, context)
+        qkv = project_all_rows(self.qkv_proj, flat, x_rows, x_context, rows, context)
+        return qkv.split([q_size, kv_size, kv_size], dim=-1)
 
     def _sat_qkv_forward(self, x: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], KeptHeads]:
         num_heads, num_kv_heads, head_dim = self._sat_shape
