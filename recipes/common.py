@@ -74,6 +74,30 @@ def use_all_cpu_cores() -> None:
         torch.set_num_threads(cores)
 
 
+def score_labelled_positions_only() -> None:
+    """Make TRL's fused LM head (the loss of ``SFTTrainer``) score only the positions that carry a label on a CPU, as
+    it does on CUDA.
+
+    Why: where Triton is missing, TRL scores every position, so that compilers such as Neuron's see one tile shape
+    per batch size. In eager mode on a CPU that computes the log-probabilities of every prompt token and throws them
+    away: three (positions x hidden x vocabulary) matmuls per step, in the dense baseline and under SAT alike, a
+    large share of a step at SFT batches whose prompts carry no loss (docs/results.md, "Whole runs against dense").
+    TRL reads the choice from ``trl.trainer.utils._use_triton`` at each call; the kernels keep their own copy of
+    that function, so they still run as torch operations. A TRL without that function is left as it is.
+    """
+    from trl.trainer import utils as trl_utils
+
+    choose = getattr(trl_utils, "_use_triton", None)
+    if choose is None or getattr(choose, "_labelled_only", False):
+        return
+
+    def labelled_only(device: torch.device) -> bool:
+        return device.type == "cpu" or choose(device)
+
+    labelled_only._labelled_only = True  # type: ignore[attr-defined]
+    trl_utils._use_triton = labelled_only
+
+
 def tune_cpu_allocator(script_args: Any, training_args: Any) -> bool:
     """``peft_sat.cpu_allocator.tune_cpu_allocator`` on a CPU run unless ``--tune_cpu_allocator false``; True when
     applied (recorded in ``metrics.json``: step times depend on it)."""

@@ -65,6 +65,7 @@ def main(script_args: Any, training_args: Any, model_args: Any, sat_args: Any) -
     """
     wall_start = time.perf_counter()
     common.use_all_cpu_cores()
+    common.score_labelled_positions_only()
     allocator_tuned = common.tune_cpu_allocator(script_args, training_args)
 
     # Check everything before training: one RecipeError lists every problem.

@@ -56,7 +56,9 @@ DEFAULTS: dict[str, Any] = {
     "use_peft": True,
     "lora_r": 16,
     "lora_alpha": 32,
-    "lora_dropout": 0.05,
+    # PEFT's default. Dropout draws a random mask per input element of every LoRA layer (seven per decoder layer):
+    # on a CPU, at these batches, that is a large share of the step (docs/results.md, "Whole runs against dense").
+    "lora_dropout": 0.0,
     "lora_target_modules": ["all-linear"],
     "eval_samples": 32,
 }
@@ -70,6 +72,7 @@ def main(script_args: Any, training_args: Any, model_args: Any, sat_args: Any) -
     """
     wall_start = time.perf_counter()
     common.use_all_cpu_cores()
+    common.score_labelled_positions_only()
     allocator_tuned = common.tune_cpu_allocator(script_args, training_args)
 
     # Check everything before training: one RecipeError lists every problem.

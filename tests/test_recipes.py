@@ -29,6 +29,14 @@ RECIPE_YAMLS = sorted((ROOT / "recipes").glob("*/config_*.yaml"))
 ACCELERATE_YAMLS = sorted((ROOT / "recipes" / "accelerate_configs").glob("*.yaml"))
 
 
+@pytest.fixture(autouse=True)
+def restore_trl_scoring(monkeypatch):
+    """The recipes make TRL's fused LM head score labelled positions only (process-wide): undone after each test."""
+    from trl.trainer import utils as trl_utils
+
+    monkeypatch.setattr(trl_utils, "_use_triton", trl_utils._use_triton)
+
+
 def parse(recipe: str, *args: str):
     return RECIPES[recipe].make_parser().parse_args_and_config(list(args))
 
@@ -114,6 +122,41 @@ def test_embedded_defaults_and_overrides():
 
 
 # ---- data and report helpers -----------------------------------------------------------------------------------
+
+
+def test_trl_fused_head_scores_only_labelled_positions_on_cpu(monkeypatch):
+    """``common.score_labelled_positions_only``: the same loss and gradients, from the labelled positions alone."""
+    from sat_testing import batch, tiny_llama
+    from trl.trainer import utils as trl_utils
+
+    from recipes import common
+
+    model = tiny_llama()
+    trl_utils.add_fused_lm_head(model)
+    inputs = batch(prompt=8)
+    scored, apply = [], trl_utils._ChunkedLogProbFunction.apply
+    monkeypatch.setattr(
+        trl_utils._ChunkedLogProbFunction,
+        "apply",
+        lambda hidden, *args: scored.append(len(hidden)) or apply(hidden, *args),
+    )
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = model(**inputs, fused_lm_head=True).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    every = loss_and_grads()
+    common.score_labelled_positions_only()
+    common.score_labelled_positions_only()  # idempotent: one wrapper
+    labelled = loss_and_grads()
+    rows, labels = inputs["input_ids"].shape, inputs["labels"][:, 1:]
+    assert scored == [rows[0] * (rows[1] - 1), int(labels.ne(-100).sum())]
+    torch.testing.assert_close(labelled[0], every[0])
+    for got, want in zip(labelled[1], every[1], strict=True):
+        torch.testing.assert_close(got, want)
+    assert not trl_utils._use_triton(torch.device("meta")), "other devices keep TRL's choice"
 
 
 def test_fitting_prefix_keeps_whole_exchanges():
