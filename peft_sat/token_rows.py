@@ -100,8 +100,9 @@ def _base(module: nn.Module) -> nn.Linear:
 
 def _value(module: nn.Module, x: torch.Tensor):
     """The module's forward without a graph, and per LoRA adapter what the rows' graph needs: its dropout mask (None
-    without dropout), A, B and the scaling (none for a plain layer). A LoRA layer runs PEFT's order: base, then each
-    adapter's ``B(A(dropout(x))) * scaling`` added, cast back to the base output's dtype."""
+    without dropout), its rank-r value ``A(dropout(x))`` (N, r), A, B and the scaling (none for a plain layer). A
+    LoRA layer runs PEFT's order: base, then each adapter's ``B(A(dropout(x))) * scaling`` added, cast back to the
+    base output's dtype."""
     base = _base(module)
     branches = []
     with torch.no_grad():
@@ -115,19 +116,20 @@ def _value(module: nn.Module, x: torch.Tensor):
             if isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0:
                 mask = dropout(torch.ones_like(x_cast))  # 0 or 1 / (1 - p): one draw for the value and the graph
                 x_cast = x_cast * mask
-            result = result + lora_b(lora_a(x_cast)) * module.scaling[adapter]
-            branches.append((mask, lora_a, lora_b, module.scaling[adapter]))
+            low_rank = lora_a(x_cast)
+            result = result + lora_b(low_rank) * module.scaling[adapter]
+            branches.append((mask, low_rank, lora_a, lora_b, module.scaling[adapter]))
     return result.to(result_dtype), branches
 
 
 def _graph(module, x_rows, value_rows, branches, rows) -> torch.Tensor:
     """``value_rows`` (n, out) with the backward of the module on ``x_rows``: each LoRA adapter's B on
-    ``A(dropout(x_rows))`` (the only product recomputed: rank r), then the base's."""
+    ``A(dropout(x_rows))`` (its rows of the rank-r value, nothing recomputed), then the base's."""
     output = value_rows
-    for dropout_mask, lora_a, lora_b, scaling in branches:
+    for dropout_mask, low_rank, lora_a, lora_b, scaling in branches:
         x_cast = module._cast_input_dtype(x_rows, lora_a.weight.dtype)
         dropped = x_cast if dropout_mask is None else x_cast * dropout_mask.index_select(0, rows)
-        low_rank = lora_a(dropped)  # (n, r), with its graph (A trains)
-        output = linear_of_value(low_rank, lora_b.weight, lora_b.bias, output, scaling)
+        low_rank_rows = linear_of_value(dropped, lora_a.weight, lora_a.bias, low_rank.index_select(0, rows))
+        output = linear_of_value(low_rank_rows, lora_b.weight, lora_b.bias, output, scaling)
     base = _base(module)
     return linear_of_value(x_rows, base.weight, base.bias, output)
