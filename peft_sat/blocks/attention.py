@@ -232,7 +232,9 @@ class SATAttentionMixin(SATBlockMixin):
         projections train, and take no gradient themselves (no query or output graph, no input gradient)."""
         flat = hidden_states.reshape(-1, hidden_states.shape[-1])
         context = omitted_units(rows, flat.shape[0])
-        qkv = self._sat_cut_qkv(flat, rows, context)
+        # the dense rows with their graph, the context rows as constants: saved once, shared by the projections
+        x_rows, x_context = flat.index_select(0, rows), flat.detach().index_select(0, context)
+        qkv = self._sat_cut_qkv(flat, x_rows, x_context, rows, context)
         shape = hidden_states.shape[:-1]
         attn_output, attn_weights = self._sat_core(
             tuple(t.view(*shape, -1) for t in qkv), None, position_embeddings, attention_mask, kwargs
@@ -240,10 +242,9 @@ class SATAttentionMixin(SATBlockMixin):
         output = project_rows(self.o_proj, attn_output.reshape(-1, attn_output.shape[-1]), rows, context)
         return output.view(*shape, -1), attn_weights
 
-    def _sat_cut_qkv(self, flat, rows, context) -> tuple[torch.Tensor, ...]:
+    def _sat_cut_qkv(self, flat, x_rows, x_context, rows, context) -> tuple[torch.Tensor, ...]:
         """Flat (N, heads * d) query (a graph on the dense rows only), key and value (their weights learn from every
         row, their input gradient reaches the dense rows only)."""
-        x_rows, x_context = flat.index_select(0, rows), flat.detach().index_select(0, context)  # saved once, shared
         return (
             project_rows(self.q_proj, flat, rows, context, x_rows),
             project_all_rows(self.k_proj, flat, x_rows, x_context, rows, context),
@@ -345,11 +346,10 @@ class SATFusedAttentionMixin(SATAttentionMixin):
         kept_kv = sel.kv_rows.numel()
         return linear_rows(self.qkv_proj, x, rows).split([sel.q_rows.numel(), kept_kv, kept_kv], dim=-1)
 
-    def _sat_cut_qkv(self, flat, rows, context) -> tuple[torch.Tensor, ...]:
+    def _sat_cut_qkv(self, flat, x_rows, x_context, rows, context) -> tuple[torch.Tensor, ...]:
         num_heads, num_kv_heads, head_dim = self._sat_shape
         q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
         # one projection: the query's context rows train it too (their output takes no gradient: zero terms)
-        x_rows, x_context = flat.index_select(0, rows), flat.detach().index_select(0, context)
         qkv = project_all_rows(self.qkv_proj, flat, x_rows, x_context, rows, context)
         return qkv.split([q_size, kv_size, kv_size], dim=-1)
 
