@@ -21,10 +21,10 @@ import torch
 from torch import nn
 
 from .. import importance
-from ..scatter import add_at
+from ..scatter import add_at, place
 from ..sliced import base_weight, linear_cols, linear_rows, linear_rows_fused, project_base
 from ..sliced_backward import cols_output, rows_forward, weight_grad_forward
-from ..token_rows import project_all_rows, project_rows
+from ..token_rows import project_all_rows, project_rows, supports_rows
 from .base import SATBlockMixin, omitted_units
 
 
@@ -245,11 +245,12 @@ class SATAttentionMixin(SATBlockMixin):
     def _sat_cut_qkv(self, flat, x_rows, x_context, rows, context) -> tuple[torch.Tensor, ...]:
         """Flat (N, heads * d) query (a graph on the dense rows only), key and value (their weights learn from every
         row, their input gradient reaches the dense rows only)."""
-        return (
-            project_rows(self.q_proj, flat, rows, context, x_rows),
-            project_all_rows(self.k_proj, flat, x_rows, x_context, rows, context),
-            project_all_rows(self.v_proj, flat, x_rows, x_context, rows, context),
-        )
+        query = project_rows(self.q_proj, flat, rows, context, x_rows)
+        kv = (self.k_proj, self.v_proj)
+        if not all(supports_rows(p) for p in kv):  # 4-bit bases, LoRA variants: one input copy serves both
+            cut = place([(context, x_context), (rows, x_rows)], flat.shape[0])
+            return query, self.k_proj(cut), self.v_proj(cut)
+        return query, *(project_all_rows(p, flat, x_rows, x_context, rows, context) for p in kv)
 
     def _sat_qkv_forward(self, x: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], KeptHeads]:
         """The query, key and value of EVERY head, flat (B, T, heads * d), as the module's own projections compute
