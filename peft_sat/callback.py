@@ -195,10 +195,13 @@ class SATCallback(TrainerCallback):
         sat_state = self.sat_state
         if sat_state is None:
             return
-        if self.crossover_check is not None:
-            self.crossover_check.end_step(sat_state.step_positions)  # every rank: it reduces timings over ranks
-        sat_state.in_training_step = False
         fractions = sat_state.dense_fractions
+        if self.crossover_check is not None:
+            # A step whose every forward split with context rows forward only omits no unit: any rate computes it.
+            same_at_every_rate = sat_state.context_forward_only and bool(fractions) and all(f > 0 for f in fractions)
+            # every rank: it reduces timings over ranks
+            self.crossover_check.end_step(sat_state.step_positions, same_at_every_rate=same_at_every_rate)
+        sat_state.in_training_step = False
         self.dense_token_fraction = sum(fractions) / len(fractions) if fractions else 0.0
         head_share = min(1.0, sat_state.head_split_forwards / len(fractions)) if fractions else 0.0
         if self.flops is not None and state.global_step > self.steps_counted:

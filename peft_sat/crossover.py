@@ -36,6 +36,13 @@ The probes cost dense steps in place of sparse ones: with the default ladder, tw
 judged rate at most (fewer where a judged rate's probes are recent enough for the next rate); with a linear decay,
 one probe every ``REFERENCE_STEPS + 1`` steps until the crossover is found.
 
+One verdict serves every rate when the rate does not change what a step computes. A batch split by
+``dense_tokens`` with ``context_tokens="forward_only"`` runs the whole block on its dense rows and the dense
+forward on the others: no unit is omitted, and the rate only switches the split on. When every training forward of
+a judged rate's timed steps split, on every rank, its verdict is the verdict of every later rate too, and those
+rates need no probes of their own (a 30-step ``make sft`` runs 21 of its 25 scheduled sparse steps sparse, not 18).
+That assumes the run's later batches split as well, as prompt / completion data does throughout.
+
 Example:
     >>> check = CrossoverCheck(SATConfig(omission_rate=0.5), total_steps=100, first_step=0)  # doctest: +SKIP
     >>> rate = check.begin_step(step)  # the rate to run; starts the clock when the step is timed
@@ -46,7 +53,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -96,6 +103,7 @@ class Timing:
     step: int
     seconds: float
     positions: int  # token positions of the step's micro-batches; 0 when unknown
+    same_at_every_rate: bool = False  # every rank's forwards split with context rows forward only
 
     @property
     def per_position(self) -> float:
@@ -114,6 +122,7 @@ class Verdict:
     dense_seconds: float
     positions: int
     faster: bool
+    shared_with: str = ""  # the stage whose measured verdict this rate took (its steps compute the same); "": its own
 
     def describe(self) -> str:
         comparison = "faster" if self.faster else "not faster"
@@ -142,7 +151,8 @@ class CrossoverCheck:
         first_step: the first step this process runs (``global_step`` at train begin: > 0 when resuming); not timed.
         clock: seconds, read at the start and end of each timed step; ``synchronized_clock`` by default. Tests inject
             a fake one.
-        reduce: combines a step's ``[seconds, positions]`` over ranks; ``max_over_ranks`` by default.
+        reduce: combines a step's ``[seconds, positions, varies]`` over ranks (``varies``: 1.0 unless the step
+            computed the same at every rate); ``max_over_ranks`` by default.
         crossover_rate: a crossover found before (a resumed run's), 0.0: none yet.
         dense_fallback_steps: steps the schedule made sparse that ran dense before (a resumed run's).
 
@@ -172,6 +182,7 @@ class CrossoverCheck:
         self.verdicts: list[Verdict] = []
         self.dense_stages: list[DenseStage] = []
         self._pending: dict[float, list[Timing]] = {}  # timings of rates not judged yet
+        self._shared: Verdict | None = None  # a verdict measured on steps that compute the same at every rate
         self._judged: set[float] = set()
         self._settling_left = SETTLING_STEPS  # untimed dense steps still due before any dense step is timed
         self._step: int | None = None
@@ -184,6 +195,8 @@ class CrossoverCheck:
         """The omission rate to run optimizer step ``step`` at; starts the clock when the step is timed."""
         scheduled = omission_rate_at(self.config, step, self.total_steps)
         warm = step > self.first_step
+        if self._shared is not None and scheduled > self.crossover_rate and scheduled not in self._judged:
+            self._take_shared_verdict(step, scheduled)
         rate, timed, probe = scheduled, None, False
         if scheduled != 0.0 and scheduled <= self.crossover_rate:
             rate = 0.0
@@ -221,15 +234,20 @@ class CrossoverCheck:
         rates = (omission_rate_at(self.config, s, self.total_steps) for s in following)
         return any(r > self.crossover_rate and r not in self._judged for r in rates)
 
-    def end_step(self, positions: int) -> Verdict | None:
-        """Stop the clock of a timed step (``positions``: its token positions on this rank); the ``Verdict`` when
-        this step decided a rate, else None. Every rank reduces the timing of the same steps."""
+    def end_step(self, positions: int, same_at_every_rate: bool = False) -> Verdict | None:
+        """Stop the clock of a timed step; the ``Verdict`` when this step decided a rate, else None.
+
+        ``positions``: the step's token positions on this rank; ``same_at_every_rate``: every training forward of
+        the step on this rank split with context rows forward only (see the module docstring). Every rank reduces
+        the timing of the same steps.
+        """
         rate, step = self._timed_rate, self._step
         self._timed_rate = None
         if rate is None or step is None:
             return None
-        seconds, reduced_positions = self.reduce([self.clock() - self._start, float(positions)])
-        timing = Timing(step, seconds, int(reduced_positions))
+        varies = 0.0 if same_at_every_rate else 1.0  # max over ranks: one rank whose step varied decides
+        seconds, reduced_positions, varied = self.reduce([self.clock() - self._start, float(positions), varies])
+        timing = Timing(step, seconds, int(reduced_positions), same_at_every_rate=varied == 0.0)
         if rate == 0.0:
             self.dense_timings.append(timing)
             return None
@@ -261,6 +279,8 @@ class CrossoverCheck:
         )
         self.verdicts.append(verdict)
         self._judged.add(rate)
+        if all(t.same_at_every_rate for t in timings):
+            self._shared = verdict
         if verdict.faster:
             logger.info(f"SAT: {verdict.stage} (r={rate:.3g}) stays sparse: {verdict.describe()}.")
         else:
@@ -271,6 +291,21 @@ class CrossoverCheck:
                 "follows the schedule instead)."
             )
         return verdict
+
+    def _take_shared_verdict(self, step: int, rate: float) -> None:
+        """Judge ``rate`` by the verdict of a rate whose steps computed the same at every rate: no steps timed."""
+        shared = self._shared
+        assert shared is not None
+        stage = stage_at(self.config, step, self.total_steps).name
+        verdict = replace(shared, rate=rate, stage=stage, shared_with=shared.shared_with or shared.stage)
+        self.verdicts.append(verdict)
+        self._judged.add(rate)
+        why = f"its steps compute what the {verdict.shared_with}'s did (split batches, context rows forward only)"
+        if verdict.faster:
+            logger.info(f"SAT: {stage} (r={rate:.3g}) stays sparse untimed: {why}, {verdict.describe()}.")
+        else:
+            self.crossover_rate = max(self.crossover_rate, rate)
+            logger.warning(f"SAT: {stage} (r={rate:.3g}) runs dense untimed: {why}, {verdict.describe()}.")
 
     def _count_dense_stage(self, step: int, rate: float) -> None:
         name = stage_at(self.config, step, self.total_steps).name
@@ -286,7 +321,9 @@ class CrossoverCheck:
         parts = [f"dense probe steps {self.probe_steps}"] if self.probe_steps else []
         verdicts = {verdict.stage: verdict for verdict in self.verdicts}
         for verdict in self.verdicts:
-            if verdict.faster:
+            if verdict.faster and verdict.shared_with:
+                parts.append(f"{verdict.stage} (r={verdict.rate:.3g}) ran sparse: as the {verdict.shared_with}")
+            elif verdict.faster:
                 parts.append(f"{verdict.stage} (r={verdict.rate:.3g}) ran sparse: {verdict.describe()}")
             elif not any(stage.stage == verdict.stage for stage in self.dense_stages):
                 parts.append(f"{verdict.stage} (r={verdict.rate:.3g}) was {verdict.describe()}")

@@ -13,7 +13,7 @@ import torch
 from sat_testing import SAT_KEYS, lm_dataset, paper_config, tiny_llama, train_logs, training_args
 from transformers import Trainer
 
-from peft_sat import SATCallback, omission_rate_at
+from peft_sat import SATCallback, SATConfig, omission_rate_at
 from peft_sat.crossover import (
     MIN_GAIN,
     REFERENCE_STEPS,
@@ -58,25 +58,35 @@ class FakeClock:
         self.now += self.seconds(rate)
 
 
-def drive(check: CrossoverCheck, clock: FakeClock, positions: Callable[[float], int] = lambda rate: 32) -> list[float]:
-    """Run every step of ``check``'s run from its first step; the rates that ran."""
+def drive(
+    check: CrossoverCheck,
+    clock: FakeClock,
+    positions: Callable[[float], int] = lambda rate: 32,
+    split: bool = False,
+) -> list[float]:
+    """Run every step of ``check``'s run from its first step; the rates that ran. ``split``: every sparse step's
+    batches split with context rows forward only (it computes the same at every rate)."""
     rates = []
     for step in range(check.first_step, check.total_steps):
         rate = check.begin_step(step)
         clock.run(rate)
-        check.end_step(positions(rate))
+        check.end_step(positions(rate), same_at_every_rate=split and rate > 0)
         rates.append(rate)
     return rates
 
 
-def crossover_trainer(output_dir, clock: FakeClock, **arg_overrides) -> tuple[Trainer, SATCallback]:
+def crossover_trainer(
+    output_dir, clock: FakeClock, config: SATConfig | None = None, dataset=None, **arg_overrides
+) -> tuple[Trainer, SATCallback]:
     """A Trainer of ``LONG_STEPS`` whose SATCallback reads ``clock``; each model forward advances it by its rate's
-    step time."""
+    step time. ``config``: the paper's at r = 0.5 unless given; ``dataset``: ``lm_dataset()`` unless given."""
     model = tiny_llama()
-    callback = SATCallback(paper_config(omission_rate=0.5, importance="uniform"), clock=clock)
+    config = config or paper_config(omission_rate=0.5, importance="uniform")
+    callback = SATCallback(config, clock=clock)
     model.register_forward_hook(lambda module, args, output: clock.run(callback.current_rate()))
     args = training_args(output_dir, max_steps=LONG_STEPS, **arg_overrides)
-    return Trainer(model=model, args=args, train_dataset=lm_dataset(), callbacks=[callback]), callback
+    train = dataset if dataset is not None else lm_dataset()
+    return Trainer(model=model, args=args, train_dataset=train, callbacks=[callback]), callback
 
 
 # ---- in a Trainer ------------------------------------------------------------------------------------------------
@@ -121,6 +131,35 @@ def test_rung_below_the_crossover_runs_dense_and_the_logs_say_so(tmp_path, caplo
     summary = "rung 2 of 3 (r=0.167) ran dense from step 18: not faster than dense (1.2 s vs 1 s per step of 32"
     assert any(decision in record.message and record.levelno == logging.WARNING for record in caplog.records)
     assert any(summary in record.message for record in caplog.records)
+
+
+def test_split_batches_take_one_verdict_for_every_rate(tmp_path, caplog):
+    """Prompt / completion batches under the defaults split (context rows forward only): no unit is omitted and a
+    step computes the same at every rate, so the full-rate stage's verdict serves the rungs without probes."""
+    caplog.set_level(logging.INFO, logger="peft_sat")
+    rows = lm_dataset()
+    prompt_masked = [[-100] * 8 + labels[8:] for labels in rows["labels"]]  # loss on the last half of each row
+    dataset = rows.remove_columns("labels").add_column("labels", prompt_masked)
+    clock = FakeClock({0.0: 1.0, 0.5: 0.7, 0.333: 0.7, 0.167: 0.7})  # split steps: the same time at every rate
+    trainer, callback = crossover_trainer(
+        tmp_path, clock, config=SATConfig(omission_rate=0.5, importance="uniform"), dataset=dataset
+    )
+    trainer.train()
+
+    logs = train_logs(trainer.state.log_history)
+    assert all(0 < entry["sat/dense_token_fraction"] < 1 for entry in logs if entry["sat/omission_rate"] > 0)
+    report = callback.crossover
+    assert report["probe_steps"] == [1, 2, 3, 5]  # the full-rate stage's only; EXPECTED probes 12 and 14 as well
+    scheduled = [omission_rate_at(callback.sat_state.config, step, LONG_STEPS) for step in range(LONG_STEPS)]
+    ran = [entry["sat/omission_rate"] for entry in logs]
+    assert ran == pytest.approx([0.0 if step in (1, 2, 3, 5) else scheduled[step] for step in range(LONG_STEPS)])
+    assert [(v["stage"], v["steps"], v["shared_with"], v["faster"]) for v in report["verdicts"]] == [
+        ("full-rate stage", [4, 6], "", True),
+        ("rung 1 of 3", [4, 6], "full-rate stage", True),
+        ("rung 2 of 3", [4, 6], "full-rate stage", True),
+    ]
+    assert "rung 2 of 3 (r=0.167) ran sparse: as the full-rate stage" in report["summary"]
+    assert any("rung 1 of 3 (r=0.333) stays sparse untimed" in record.message for record in caplog.records)
 
 
 def test_resume_keeps_the_crossover_and_the_flops_count(tmp_path):
@@ -240,6 +279,24 @@ def test_linear_decay_judges_each_step_and_turns_dense_at_the_crossover():
     ]
 
 
+def test_a_linear_decay_of_split_steps_is_judged_once():
+    """A linear decay judges every step's rate, with a dense probe every ``REFERENCE_STEPS + 1`` steps; split steps
+    compute the same at every rate, so the first verdict serves every later rate and the probes stop."""
+    config = paper_config(omission_rate=0.5, schedule="linear")
+    clock = FakeClock(lambda rate: 1.0 if rate == 0 else 0.7)
+    steps = 20
+    check = CrossoverCheck(config, steps, first_step=0, clock=clock)
+    rates = drive(check, clock, split=True)
+    scheduled = [omission_rate_at(config, step, steps) for step in range(steps)]
+    assert check.probe_steps == [1, 2, 3] and [t.step for t in check.dense_timings] == [3]
+    assert rates == pytest.approx([0.0 if step in (1, 2, 3) else scheduled[step] for step in range(steps)])
+    measured, *taken = check.verdicts
+    assert measured.steps == (4,) and measured.faster and not measured.shared_with
+    assert [verdict.rate for verdict in taken] == pytest.approx([r for r in scheduled[5:] if r > 0])
+    assert all(verdict.shared_with == "linear decay" and verdict.steps == (4,) for verdict in taken)
+    assert check.crossover_rate == 0.0 and check.dense_fallback_steps == 3
+
+
 def test_times_compare_per_token_position():
     """Short dense probe batches, long sparse ones: slower per step, faster per token position."""
     clock = FakeClock({0.0: 1.0, 0.5: 1.5, 0.333: 1.5, 0.167: 1.5})
@@ -319,6 +376,35 @@ def test_ranks_with_different_timings_run_the_same_rates():
     fake = FakeAllReduce(2)
     reduced = run_ranks(fake.rank)
     assert reduced[0] == reduced[1] == alone[1]  # the slowest rank decides
+
+
+def test_a_rank_whose_step_did_not_split_keeps_each_rate_measured():
+    """The verdict serves every rate only when the timed steps split on every rank: here rank 1's did not."""
+    config = paper_config(omission_rate=0.5)
+    clock = FakeClock({0.0: 1.0, 0.5: 0.6, 0.333: 0.6, 0.167: 0.6})
+    alone = CrossoverCheck(config, LONG_STEPS, first_step=0, clock=clock)
+    drive(alone, clock, split=True)
+    assert alone.probe_steps == [1, 2, 3, 5]
+
+    fake, checks, errors = FakeAllReduce(2), [], []
+
+    def rank(index: int) -> None:
+        try:
+            clock = FakeClock({0.0: 1.0, 0.5: 0.6, 0.333: 0.6, 0.167: 0.6})
+            check = CrossoverCheck(config, LONG_STEPS, first_step=0, clock=clock, reduce=fake.rank(index))
+            checks.append(check)
+            drive(check, clock, split=index == 0)
+        except BaseException as error:  # surfaced below: a thread's exception would pass silently
+            errors.append(error)
+
+    threads = [threading.Thread(target=rank, args=(index,)) for index in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    assert checks[0].probe_steps == checks[1].probe_steps == [1, 2, 3, 5, 12, 14]
+    assert not any(verdict.shared_with for check in checks for verdict in check.verdicts)
 
 
 def test_max_over_ranks_is_the_identity_on_one_process(tmp_path):
