@@ -13,6 +13,7 @@ And for token rows ``rows`` (n,) of a flat (N, in) input::
     linear_token_rows(x, W, b, rows)               (N, in) -> (N, out)  y = x W^T + b for every row; the gradient
                                                    flows through the rows ``rows`` only (the others act as constants)
     linear_of_value(x, W, b, y)                    returns y, computed beforehand; backward of x W^T + b
+    lora_of_value(x, W, b, A, B, x A^T, y, s)      returns y; backward of x W^T + b + s (x A^T) B^T
     rows_into(y, rows, g, [rows_2, g_2, ...])      returns y (N, out); backward hands grad[rows] to g (n, out),
                                                    grad[rows_2] to g_2, ...
 
@@ -333,6 +334,43 @@ class _LinearOfValue(torch.autograd.Function):
         return grad_x, grad_w, grad_b, grad if need_value else None, None
 
 
+class _LoraOfValue(torch.autograd.Function):
+    """``value`` with the gradient of a LoRA layer ``x W^T + b + scale * (x A^T) B^T`` added to its own, its rank-r
+    value ``low_rank`` = ``x A^T`` computed beforehand: one autograd node instead of three ``_LinearOfValue``s."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, low_rank, value, scale):
+        need_x, need_w, _, need_a, need_b = ctx.needs_input_grad[:5]
+        ctx.scale = scale
+        ctx.save_for_backward(
+            x if need_w or need_a else None,
+            weight if need_x else None,
+            lora_a if need_x else None,
+            lora_b if need_x or need_a else None,
+            low_rank if need_b else None,
+        )
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, lora_a, lora_b, low_rank = ctx.saved_tensors
+        need_x, need_w, need_bias, need_a, need_b, _, need_value = ctx.needs_input_grad[:7]
+        grad_x = grad_w = grad_bias = grad_a = grad_b = None
+        # The same products, in the same order, as the chain base <- A <- B of `_LinearOfValue`s: bit for bit.
+        grad_low_rank = _scaled(grad.matmul(lora_b), ctx.scale) if need_x or need_a else None
+        if need_b:
+            grad_b = _scaled(grad.t().matmul(low_rank), ctx.scale)
+        if need_a:
+            grad_a = grad_low_rank.t().matmul(x)
+        if need_x:
+            grad_x = grad.matmul(weight) + grad_low_rank.matmul(lora_a)
+        if need_w:
+            grad_w = grad.t().matmul(x)
+        if need_bias:
+            grad_bias = grad.sum(0)
+        return grad_x, grad_w, grad_bias, grad_a, grad_b, None, grad if need_value else None, None
+
+
 class _RowsInto(torch.autograd.Function):
     """``value`` (N, out); backward hands its gradient's rows ``rows_i`` to ``graph_i`` (n_i, out), for each pair."""
 
@@ -366,6 +404,30 @@ def linear_of_value(
     if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (x, weight, bias)):
         return value
     return _LinearOfValue.apply(x, weight, bias, value, scale)
+
+
+def lora_of_value(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    low_rank: torch.Tensor,
+    value: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """``value``, whose backward also runs that of a LoRA layer on 2-D ``x`` (n, in): base ``W``, ``b``, adapter
+    ``A`` (r, in), ``B`` (out, r) without biases, ``scale``, and ``low_rank`` = ``x A^T`` (n, r) from the forward::
+
+        dL/dB = scale g^T (x A^T)    dL/dA = (scale g B)^T x    dL/dx = g W + (scale g B) A    (g = dL/dvalue)
+
+    The same gradients as ``linear_of_value`` chained over A, B and the base, with one autograd node. Every
+    tensor in one dtype (the caller checks).
+    """
+    tensors = (x, weight, bias, lora_a, lora_b)
+    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors):
+        return value
+    return _LoraOfValue.apply(x, weight, bias, lora_a, lora_b, low_rank, value, scale)
 
 
 def rows_into(value: torch.Tensor, rows: torch.Tensor, graph: torch.Tensor, *more: torch.Tensor) -> torch.Tensor:

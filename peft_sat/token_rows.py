@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops import linear_of_value, rows_into, rows_placeholder
+from .ops import linear_of_value, lora_of_value, rows_into, rows_placeholder
 from .scatter import place
 from .sliced import _is_lora, _is_plain_linear
 from .sliced_backward import _plain_lora
@@ -124,12 +124,22 @@ def _value(module: nn.Module, x: torch.Tensor):
 
 def _graph(module, x_rows, value_rows, branches, rows) -> torch.Tensor:
     """``value_rows`` (n, out) with the backward of the module on ``x_rows``: each LoRA adapter's B on
-    ``A(dropout(x_rows))`` (its rows of the rank-r value, nothing recomputed), then the base's."""
+    ``A(dropout(x_rows))`` (its rows of the rank-r value, nothing recomputed), then the base's. One adapter without
+    dropout or biases, in the base's dtype (PEFT's defaults), is one autograd node (``lora_of_value``): the chain
+    of three costs as much in per-node overhead as the small rank-r products themselves, on every projection."""
+    base = _base(module)
+    if len(branches) == 1:
+        dropout_mask, low_rank, lora_a, lora_b, scaling = branches[0]
+        dtypes = {x_rows.dtype, base.weight.dtype, lora_a.weight.dtype, lora_b.weight.dtype}
+        if dropout_mask is None and lora_a.bias is None and lora_b.bias is None and len(dtypes) == 1:
+            low_rank_rows = low_rank.index_select(0, rows)
+            return lora_of_value(
+                x_rows, base.weight, base.bias, lora_a.weight, lora_b.weight, low_rank_rows, value_rows, scaling
+            )
     output = value_rows
     for dropout_mask, low_rank, lora_a, lora_b, scaling in branches:
         x_cast = module._cast_input_dtype(x_rows, lora_a.weight.dtype)
         dropped = x_cast if dropout_mask is None else x_cast * dropout_mask.index_select(0, rows)
         low_rank_rows = linear_of_value(dropped, lora_a.weight, lora_a.bias, low_rank.index_select(0, rows))
         output = linear_of_value(low_rank_rows, lora_b.weight, lora_b.bias, output, scaling)
-    base = _base(module)
     return linear_of_value(x_rows, base.weight, base.bias, output)

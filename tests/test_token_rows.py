@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from peft_sat import token_rows
+from peft_sat import ops, token_rows
 from peft_sat.token_rows import project_rows, split_rows
 
 ROWS, CONTEXT = torch.tensor([0, 2, 3, 6]), torch.tensor([1, 4, 5])
@@ -27,12 +27,14 @@ def _layer(kind: str) -> nn.Module:
         return Projection().proj
     if kind == "variant":  # DoRA: not a layer project_rows reproduces, so it splits
         config = LoraConfig(r=2, target_modules=["proj"], init_lora_weights=False, use_dora=True)
-    else:
-        config = LoraConfig(r=2, lora_alpha=4, target_modules=["proj"], init_lora_weights=False, lora_bias=True)
+    else:  # "lora": PEFT's defaults (one autograd node per projection), "lora+bias": a chain of three
+        config = LoraConfig(
+            r=2, lora_alpha=4, target_modules=["proj"], init_lora_weights=False, lora_bias=kind == "lora+bias"
+        )
     return get_peft_model(Projection(), config).base_model.model.proj
 
 
-@pytest.mark.parametrize("kind", ["plain", "lora", "variant"])
+@pytest.mark.parametrize("kind", ["plain", "lora", "lora+bias", "variant"])
 def test_project_rows_equals_a_split_in_value_and_gradients(kind, monkeypatch):
     layer = _layer(kind)
     calls = []
@@ -45,6 +47,7 @@ def test_project_rows_equals_a_split_in_value_and_gradients(kind, monkeypatch):
 
     y = project_rows(layer, x, ROWS, CONTEXT)
     assert len(calls) == (kind == "variant"), "plain and LoRA layers run one pass over every row"
+    assert ("_LoraOfValueBackward" in _node_names(y)) == (kind == "lora"), "PEFT's defaults: one node"
     reference = split_rows(layer, x, ROWS, CONTEXT)
     torch.testing.assert_close(y, reference, rtol=0, atol=1e-6)
     torch.testing.assert_close(y, layer(x), rtol=0, atol=1e-6)  # the dense value
@@ -53,6 +56,45 @@ def test_project_rows_equals_a_split_in_value_and_gradients(kind, monkeypatch):
     for got, want in zip(grads, expected, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
     assert grads[0].index_select(0, CONTEXT).eq(0).all() and grads[0].index_select(0, ROWS).ne(0).any()
+
+
+def _node_names(tensor: torch.Tensor) -> set[str]:
+    """The type names of every autograd node behind ``tensor``."""
+    seen, todo = {}, [tensor.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and id(node) not in seen:
+            seen[id(node)] = type(node).__name__
+            todo.extend(next_node for next_node, _ in node.next_functions)
+    return set(seen.values())
+
+
+@pytest.mark.parametrize("base_trains", [False, True])
+def test_one_lora_node_gives_the_chains_gradients_bit_for_bit(base_trains):
+    """``lora_of_value`` (one autograd node) against ``linear_of_value`` chained over A, B and the base."""
+    layer = _layer("lora")
+    layer.base_layer.weight.requires_grad_(base_trains)
+    base, lora_a, lora_b = layer.base_layer, layer.lora_A["default"], layer.lora_B["default"]
+    scaling = layer.scaling["default"]
+    x = torch.randn(4, 6, requires_grad=True)
+    with torch.no_grad():
+        low_rank = lora_a(x)
+        value = layer(x)
+    upstream = torch.randn(4, 5)
+    params = [x, base.weight, base.bias, lora_a.weight, lora_b.weight]
+    params = [p for p in params if p.requires_grad]
+
+    fused = ops.lora_of_value(x, base.weight, base.bias, lora_a.weight, lora_b.weight, low_rank, value, scaling)
+    assert type(fused.grad_fn).__name__ == "_LoraOfValueBackward" and fused.grad_fn.next_functions
+    chain = ops.linear_of_value(ops.linear_of_value(x, lora_a.weight, None, low_rank), lora_b.weight, None, value, 2.0)
+    chain = ops.linear_of_value(x, base.weight, base.bias, chain)
+    assert scaling == 2.0 and torch.equal(fused, chain) and torch.equal(fused, value)
+    for got, want in zip(
+        torch.autograd.grad((fused * upstream).sum(), params),
+        torch.autograd.grad((chain * upstream).sum(), params),
+        strict=True,
+    ):
+        assert torch.equal(got, want)
 
 
 def test_split_rows_puts_each_row_back_in_place():
