@@ -198,7 +198,7 @@ def test_linear_token_rows_equals_a_graph_on_those_rows_only(bias, weight_grad):
     others = torch.tensor([1, 2, 5, 6])
     upstream = torch.randn(7, 4)
 
-    y = peft_sat.ops.linear_token_rows(x, weight, b, rows)
+    y = peft_sat.ops_rows.linear_token_rows(x, weight, b, rows)
     with torch.no_grad():
         rest = F.linear(x.index_select(0, others), weight, b)
     graph = F.linear(x.index_select(0, rows), weight, b)
@@ -214,5 +214,5 @@ def test_linear_token_rows_equals_a_graph_on_those_rows_only(bias, weight_grad):
 
 def test_linear_token_rows_without_a_graph_is_plain_linear():
     x, weight = torch.randn(3, 2), torch.randn(4, 2)
-    y = peft_sat.ops.linear_token_rows(x, weight, None, torch.tensor([1]))
+    y = peft_sat.ops_rows.linear_token_rows(x, weight, None, torch.tensor([1]))
     assert y.grad_fn is None and torch.equal(y, F.linear(x, weight))

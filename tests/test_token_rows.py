@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from peft_sat import ops, token_rows
+from peft_sat import ops_rows, token_rows
 from peft_sat.token_rows import project_rows, split_rows
 
 ROWS, CONTEXT = torch.tensor([0, 2, 3, 6]), torch.tensor([1, 4, 5])
@@ -84,10 +84,12 @@ def test_one_lora_node_gives_the_chains_gradients_bit_for_bit(base_trains):
     params = [x, base.weight, base.bias, lora_a.weight, lora_b.weight]
     params = [p for p in params if p.requires_grad]
 
-    fused = ops.lora_of_value(x, base.weight, base.bias, lora_a.weight, lora_b.weight, low_rank, value, scaling)
+    fused = ops_rows.lora_of_value(x, base.weight, base.bias, lora_a.weight, lora_b.weight, low_rank, value, scaling)
     assert type(fused.grad_fn).__name__ == "_LoraOfValueBackward" and fused.grad_fn.next_functions
-    chain = ops.linear_of_value(ops.linear_of_value(x, lora_a.weight, None, low_rank), lora_b.weight, None, value, 2.0)
-    chain = ops.linear_of_value(x, base.weight, base.bias, chain)
+    chain = ops_rows.linear_of_value(
+        ops_rows.linear_of_value(x, lora_a.weight, None, low_rank), lora_b.weight, None, value, 2.0
+    )
+    chain = ops_rows.linear_of_value(x, base.weight, base.bias, chain)
     assert scaling == 2.0 and torch.equal(fused, chain) and torch.equal(fused, value)
     for got, want in zip(
         torch.autograd.grad((fused * upstream).sum(), params),

@@ -12,7 +12,7 @@ import sys
 import torch
 from torch import nn
 
-from ..ops import linear_token_rows
+from ..ops_rows import linear_token_rows
 from ..state import SATState
 from ..token_rows import split_rows
 from .base import omitted_units

@@ -1,0 +1,210 @@
+"""Autograd kernels for token rows: a value computed over every row of a flat (N, in) input, a gradient through the
+rows ``rows`` (n,) only (pure tensor code, no model imports; ``SATConfig.context_tokens="forward_only"``)::
+
+    linear_token_rows(x, W, b, rows)               (N, in) -> (N, out)  y = x W^T + b for every row; the gradient
+                                                   flows through the rows ``rows`` only (the others act as constants)
+    linear_of_value(x, W, b, y)                    returns y, computed beforehand; backward of x W^T + b
+    lora_of_value(x, W, b, A, B, x A^T, y, s)      returns y; backward of x W^T + b + s (x A^T) B^T
+    rows_into(y, rows, g, [rows_2, g_2, ...])      returns y (N, out); backward hands grad[rows] to g (n, out),
+                                                   grad[rows_2] to g_2, ...
+    rows_placeholder(y, rows)                      a zero-stride (n, out) stand-in for a value only the gradient
+                                                   of which matters
+
+``peft_sat.token_rows`` builds the projections of a split block from them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .ops import _scaled, transient
+
+
+class _LinearOfValue(torch.autograd.Function):
+    """``value`` (computed beforehand) with the gradient of ``scale * F.linear(x, W, b)`` added to its own."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, value, scale):
+        need_x, need_w = ctx.needs_input_grad[:2]
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.scale = scale
+        ctx.save_for_backward(x if need_w else None, weight if need_x else None)
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b, need_value = ctx.needs_input_grad[:4]
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        grad_x = grad_w = grad_b = None
+        if need_x:
+            grad_x = _scaled(grad.matmul(weight.to(grad.dtype)), ctx.scale).to(x_dtype)
+        grad_2d = grad.reshape(-1, grad.shape[-1])
+        if need_w:
+            x_2d = x.reshape(-1, x.shape[-1]).to(grad_2d.dtype)
+            grad_w = _scaled(grad_2d.t().matmul(x_2d), ctx.scale).to(w_dtype)
+        if need_b:
+            grad_b = _scaled(grad_2d.sum(0), ctx.scale).to(b_dtype)
+        return grad_x, grad_w, grad_b, grad if need_value else None, None
+
+
+class _LoraOfValue(torch.autograd.Function):
+    """``value`` with the gradient of a LoRA layer ``x W^T + b + scale * (x A^T) B^T`` added to its own, its rank-r
+    value ``low_rank`` = ``x A^T`` computed beforehand: one autograd node instead of three ``_LinearOfValue``s."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, low_rank, value, scale):
+        need_x, need_w, _, need_a, need_b = ctx.needs_input_grad[:5]
+        ctx.scale = scale
+        ctx.save_for_backward(
+            x if need_w or need_a else None,
+            weight if need_x else None,
+            lora_a if need_x else None,
+            lora_b if need_x or need_a else None,
+            low_rank if need_b else None,
+        )
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, lora_a, lora_b, low_rank = ctx.saved_tensors
+        need_x, need_w, need_bias, need_a, need_b, _, need_value = ctx.needs_input_grad[:7]
+        grad_x = grad_w = grad_bias = grad_a = grad_b = None
+        # The same products, in the same order, as the chain base <- A <- B of `_LinearOfValue`s: bit for bit.
+        grad_low_rank = _scaled(grad.matmul(lora_b), ctx.scale) if need_x or need_a else None
+        if need_b:
+            grad_b = _scaled(grad.t().matmul(low_rank), ctx.scale)
+        if need_a:
+            grad_a = grad_low_rank.t().matmul(x)
+        if need_x:
+            grad_x = grad.matmul(weight) + grad_low_rank.matmul(lora_a)
+        if need_w:
+            grad_w = grad.t().matmul(x)
+        if need_bias:
+            grad_bias = grad.sum(0)
+        return grad_x, grad_w, grad_bias, grad_a, grad_b, None, grad if need_value else None, None
+
+
+class _RowsInto(torch.autograd.Function):
+    """``value`` (N, out); backward hands its gradient's rows ``rows_i`` to ``graph_i`` (n_i, out), for each pair."""
+
+    @staticmethod
+    def forward(ctx, value, *pairs):
+        ctx.save_for_backward(*pairs[::2])
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grads = [None]
+        for rows, needs in zip(ctx.saved_tensors, ctx.needs_input_grad[2::2], strict=True):
+            grads += [None, grad.index_select(0, rows) if needs else None]
+        return tuple(grads)
+
+
+def linear_of_value(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, value: torch.Tensor, scale: float = 1.0
+) -> torch.Tensor:
+    """``value``, whose backward also runs that of ``scale * F.linear(x, weight, bias)``; saves ``x`` (for dL/dW).
+
+    ``value`` holds that product computed beforehand (e.g. without a graph), possibly plus other terms; its own
+    graph, if any, gets the gradient unchanged, so calls chain (a LoRA layer: B's backward on the adapter's rank-r
+    input, then the base's). Where only the gradient matters, ``value`` may be a zero-stride placeholder
+    (``rows_placeholder``).
+    """
+    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        return value
+    return _LinearOfValue.apply(x, weight, bias, value, scale)
+
+
+def lora_of_value(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    low_rank: torch.Tensor,
+    value: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """``value``, whose backward also runs that of a LoRA layer on 2-D ``x`` (n, in): base ``W``, ``b``, adapter
+    ``A`` (r, in), ``B`` (out, r) without biases, ``scale``, and ``low_rank`` = ``x A^T`` (n, r) from the forward::
+
+        dL/dB = scale g^T (x A^T)    dL/dA = (scale g B)^T x    dL/dx = g W + (scale g B) A    (g = dL/dvalue)
+
+    The same gradients as ``linear_of_value`` chained over A, B and the base, with one autograd node. Every
+    tensor in one dtype (the caller checks).
+    """
+    tensors = (x, weight, bias, lora_a, lora_b)
+    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors):
+        return value
+    return _LoraOfValue.apply(x, weight, bias, lora_a, lora_b, low_rank, value, scale)
+
+
+def rows_into(value: torch.Tensor, rows: torch.Tensor, graph: torch.Tensor, *more: torch.Tensor) -> torch.Tensor:
+    """``value`` (N, out), computed beforehand; its gradient's rows ``rows`` flow into ``graph`` (n, out), whose
+    value is not used (``rows_placeholder``), and the other rows take none. ``more``: further disjoint
+    ``rows_2, graph_2, ...`` pairs, fed the same way."""
+    pairs = (rows, graph, *more)
+    if not torch.is_grad_enabled() or not any(g.requires_grad for g in pairs[1::2]):
+        return value
+    return _RowsInto.apply(value, *pairs)
+
+
+def rows_placeholder(value: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """A zero-stride (n, out) tensor of ``value``'s dtype: what ``linear_of_value`` chains on when only the
+    gradient of the rows ``rows`` matters (no memory)."""
+    return value.new_zeros(()).expand(rows.numel(), value.shape[-1])
+
+
+class _LinearTokenRows(torch.autograd.Function):
+    """``F.linear(x, W, b)`` over every row, differentiable at the rows ``rows`` only."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, rows):
+        need_x, need_w = ctx.needs_input_grad[:2]
+        ctx.num_rows = x.shape[0]
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        # Saved: the rows' inputs (what a graph on those rows alone saves) and W for dL/dx.
+        ctx.save_for_backward(x.index_select(0, rows) if need_w else None, weight if need_x else None, rows)
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x_rows, weight, rows = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        # The rows' gradient, in the reused buffer: for an LM head it is logits-sized, and fresh memory for it
+        # would be page-faulted in at every step.
+        grad = torch.index_select(grad_out, 0, rows, out=transient((rows.numel(), grad_out.shape[1]), grad_out))
+        grad_x = grad_w = grad_b = None
+        if need_x:
+            grad_x = grad_out.new_zeros(ctx.num_rows, weight.shape[1], dtype=x_dtype)
+            grad_x.index_copy_(0, rows, grad.matmul(weight.to(grad.dtype)).to(x_dtype))
+        if need_w:
+            grad_w = grad.t().matmul(x_rows.to(grad.dtype)).to(w_dtype)
+        if need_b:
+            grad_b = grad.sum(0).to(b_dtype)
+        return grad_x, grad_w, grad_b, None
+
+
+def linear_token_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: torch.Tensor):
+    """``F.linear(x, weight, bias)`` for every row of ``x`` (N, in), as ONE matmul, with a gradient through the rows
+    ``rows`` only: the other rows' outputs act as constants, as if computed without a graph.
+
+    Why not the two matmuls of a split (``rows`` with a graph, the others without): each reads the whole weight,
+    and both partial outputs are written again into the result, forward work a dense step does not do (for an LM
+    head, 49k x 576 on SmolLM2, that is two extra logits-sized writes per step). The same math as ``rows_into`` over
+    ``linear_of_value``, in one node, so that the rows' gradient can live in the reused ``transient`` buffer (it is
+    read before the node returns): the LM head's, logits-sized.
+
+    Example:
+        >>> w = torch.ones(2, 3, requires_grad=True)
+        >>> linear_token_rows(torch.ones(4, 3), w, None, torch.tensor([1, 3])).sum().backward()
+        >>> w.grad  # two rows took part
+        tensor([[2., 2., 2.],
+                [2., 2., 2.]])
+    """
+    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (x, weight, bias)):
+        return F.linear(x, weight, bias)
+    return _LinearTokenRows.apply(x, weight, bias, rows)
