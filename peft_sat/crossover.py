@@ -39,9 +39,10 @@ one probe every ``REFERENCE_STEPS + 1`` steps until the crossover is found.
 One verdict serves every rate when the rate does not change what a step computes. A batch split by
 ``dense_tokens`` with ``context_tokens="forward_only"`` runs the whole block on its dense rows and the dense
 forward on the others: no unit is omitted, and the rate only switches the split on. When every training forward of
-a judged rate's timed steps split, on every rank, its verdict is the verdict of every later rate too, and those
-rates need no probes of their own (a 30-step ``make sft`` runs 21 of its 25 scheduled sparse steps sparse, not 18).
-That assumes the run's later batches split as well, as prompt / completion data does throughout.
+a judged rate's timed steps split, on every rank, and the rate was faster, every later rate runs sparse untimed,
+with no probes of its own (a 30-step ``make sft`` runs 21 of its 25 scheduled sparse steps sparse, not 18); when
+it was not, every lower rate is at or below the crossover anyway. That assumes the run's later batches split as
+well, as prompt / completion data does throughout.
 
 Example:
     >>> check = CrossoverCheck(SATConfig(omission_rate=0.5), total_steps=100, first_step=0)  # doctest: +SKIP
@@ -182,7 +183,7 @@ class CrossoverCheck:
         self.verdicts: list[Verdict] = []
         self.dense_stages: list[DenseStage] = []
         self._pending: dict[float, list[Timing]] = {}  # timings of rates not judged yet
-        self._shared: Verdict | None = None  # a verdict measured on steps that compute the same at every rate
+        self._shared: Verdict | None = None  # "faster", measured on steps that compute the same at every rate
         self._judged: set[float] = set()
         self._settling_left = SETTLING_STEPS  # untimed dense steps still due before any dense step is timed
         self._step: int | None = None
@@ -279,8 +280,8 @@ class CrossoverCheck:
         )
         self.verdicts.append(verdict)
         self._judged.add(rate)
-        if all(t.same_at_every_rate for t in timings):
-            self._shared = verdict
+        if verdict.faster and all(t.same_at_every_rate for t in timings):
+            self._shared = verdict  # a slower one needs no sharing: every lower rate is at or below the crossover
         if verdict.faster:
             logger.info(f"SAT: {verdict.stage} (r={rate:.3g}) stays sparse: {verdict.describe()}.")
         else:
@@ -293,7 +294,8 @@ class CrossoverCheck:
         return verdict
 
     def _take_shared_verdict(self, step: int, rate: float) -> None:
-        """Judge ``rate`` by the verdict of a rate whose steps computed the same at every rate: no steps timed."""
+        """Judge ``rate`` faster by the verdict of a rate whose steps computed the same at every rate: no steps
+        timed."""
         shared = self._shared
         assert shared is not None
         stage = stage_at(self.config, step, self.total_steps).name
@@ -301,11 +303,7 @@ class CrossoverCheck:
         self.verdicts.append(verdict)
         self._judged.add(rate)
         why = f"its steps compute what the {verdict.shared_with}'s did (split batches, context rows forward only)"
-        if verdict.faster:
-            logger.info(f"SAT: {stage} (r={rate:.3g}) stays sparse untimed: {why}, {verdict.describe()}.")
-        else:
-            self.crossover_rate = max(self.crossover_rate, rate)
-            logger.warning(f"SAT: {stage} (r={rate:.3g}) runs dense untimed: {why}, {verdict.describe()}.")
+        logger.info(f"SAT: {stage} (r={rate:.3g}) stays sparse untimed: {why}, {verdict.describe()}.")
 
     def _count_dense_stage(self, step: int, rate: float) -> None:
         name = stage_at(self.config, step, self.total_steps).name
@@ -321,7 +319,7 @@ class CrossoverCheck:
         parts = [f"dense probe steps {self.probe_steps}"] if self.probe_steps else []
         verdicts = {verdict.stage: verdict for verdict in self.verdicts}
         for verdict in self.verdicts:
-            if verdict.faster and verdict.shared_with:
+            if verdict.shared_with:
                 parts.append(f"{verdict.stage} (r={verdict.rate:.3g}) ran sparse: as the {verdict.shared_with}")
             elif verdict.faster:
                 parts.append(f"{verdict.stage} (r={verdict.rate:.3g}) ran sparse: {verdict.describe()}")

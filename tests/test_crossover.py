@@ -297,6 +297,14 @@ def test_a_linear_decay_of_split_steps_is_judged_once():
     assert check.crossover_rate == 0.0 and check.dense_fallback_steps == 3
 
 
+def test_a_slow_split_verdict_turns_the_lower_rates_dense_as_before():
+    clock = FakeClock({0.0: 1.0, 0.5: 1.1, 0.333: 1.1, 0.167: 1.1})
+    check = CrossoverCheck(paper_config(omission_rate=0.5), STEPS, first_step=0, clock=clock)
+    rates = drive(check, clock, split=True)
+    assert rates == [0.5] + [0.0] * 3 + [0.5, 0.0, 0.5] + [0.0] * (STEPS - 7)
+    assert check.crossover_rate == 0.5 and [v.shared_with for v in check.verdicts] == [""]
+
+
 def test_times_compare_per_token_position():
     """Short dense probe batches, long sparse ones: slower per step, faster per token position."""
     clock = FakeClock({0.0: 1.0, 0.5: 1.5, 0.333: 1.5, 0.167: 1.5})
