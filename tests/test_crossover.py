@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -354,30 +355,38 @@ class FakeAllReduce:
         return reduce
 
 
+def on_ranks(play_rank: Callable[[int], Any], world_size: int = 2) -> list[Any]:
+    """``play_rank(rank)`` for every rank, each in a thread of its own; the results by rank. A thread's exception
+    fails the test here instead of passing silently."""
+    results: list[Any] = [None] * world_size
+    errors: list[BaseException] = []
+
+    def run(index: int) -> None:
+        try:
+            results[index] = play_rank(index)
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(world_size)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    return results
+
+
 def test_ranks_with_different_timings_run_the_same_rates():
     # Rank 0 finds 1/3 faster than dense, rank 1 (slower at low rates, e.g. longer batches) does not.
     timings = [{0.0: 1.0, 0.5: 0.6, 0.333: 0.8, 0.167: 0.9}, {0.0: 1.0, 0.5: 0.7, 0.333: 1.1, 0.167: 1.2}]
     config = paper_config(omission_rate=0.5)
 
     def run_ranks(reduce_for: Callable[[int], Callable[[list[float]], list[float]]]) -> list[list[float]]:
-        results: list[list[float]] = [[], []]
-        errors: list[BaseException] = []
+        def play(index: int) -> list[float]:
+            clock = FakeClock(timings[index])
+            return drive(CrossoverCheck(config, STEPS, first_step=0, clock=clock, reduce=reduce_for(index)), clock)
 
-        def rank(index: int) -> None:
-            try:
-                clock = FakeClock(timings[index])
-                check = CrossoverCheck(config, STEPS, first_step=0, clock=clock, reduce=reduce_for(index))
-                results[index] = drive(check, clock)
-            except BaseException as error:  # surfaced below: a thread's exception would pass silently
-                errors.append(error)
-
-        threads = [threading.Thread(target=rank, args=(index,)) for index in range(2)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        assert not errors, errors
-        return results
+        return on_ranks(play)
 
     alone = run_ranks(lambda index: lambda values: values)
     assert alone[0] != alone[1], "without the reduction the ranks would disagree (the test would prove nothing)"
@@ -389,28 +398,21 @@ def test_ranks_with_different_timings_run_the_same_rates():
 def test_a_rank_whose_step_did_not_split_keeps_each_rate_measured():
     """The verdict serves every rate only when the timed steps split on every rank: here rank 1's did not."""
     config = paper_config(omission_rate=0.5)
-    clock = FakeClock({0.0: 1.0, 0.5: 0.6, 0.333: 0.6, 0.167: 0.6})
+    seconds = {0.0: 1.0, 0.5: 0.6, 0.333: 0.6, 0.167: 0.6}
+    clock = FakeClock(seconds)
     alone = CrossoverCheck(config, LONG_STEPS, first_step=0, clock=clock)
     drive(alone, clock, split=True)
     assert alone.probe_steps == [1, 2, 3, 5]
 
-    fake, checks, errors = FakeAllReduce(2), [], []
+    fake = FakeAllReduce(2)
 
-    def rank(index: int) -> None:
-        try:
-            clock = FakeClock({0.0: 1.0, 0.5: 0.6, 0.333: 0.6, 0.167: 0.6})
-            check = CrossoverCheck(config, LONG_STEPS, first_step=0, clock=clock, reduce=fake.rank(index))
-            checks.append(check)
-            drive(check, clock, split=index == 0)
-        except BaseException as error:  # surfaced below: a thread's exception would pass silently
-            errors.append(error)
+    def play(index: int) -> CrossoverCheck:
+        clock = FakeClock(seconds)
+        check = CrossoverCheck(config, LONG_STEPS, first_step=0, clock=clock, reduce=fake.rank(index))
+        drive(check, clock, split=index == 0)
+        return check
 
-    threads = [threading.Thread(target=rank, args=(index,)) for index in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not errors, errors
+    checks = on_ranks(play)
     assert checks[0].probe_steps == checks[1].probe_steps == [1, 2, 3, 5, 12, 14]
     assert not any(verdict.shared_with for check in checks for verdict in check.verdicts)
 
