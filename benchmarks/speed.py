@@ -12,10 +12,12 @@ over a bitsandbytes nf4 4-bit base).
 Method. Per case and variant ONE model is built and SAT applied; its arms are dense (omission rate 0: every SAT
 block runs the original transformers forward) and each rate of ``--rates``; ``--sat`` sets any other ``SATConfig``
 field (``sparse_pass``, ``dense_tokens``, ``context_tokens``, ...), and the ideal ratio follows it, with the share
-of dense positions the batch got (``--loss-tokens``) when the config splits it. One round runs one step per arm, on the
-same batch, in an order rotated every round; warm-up rounds are discarded; per arm the median of ``--steps``
-measured steps is reported (steps during which other processes used the CPUs are redone, see ``_timing.py``). A
-step is forward + backward + ``AdamW.step()`` (fused) + ``zero_grad()``; on CUDA under bf16 autocast (fp32 master
+of dense positions the batch got (``--loss-tokens``) when the config splits it. With ``--loss-tokens`` below 1 the
+loss is scored on the labelled positions only (``labelled_positions_loss``), as TRL's ``SFTTrainer`` does in the
+recipes; transformers' default loss runs a log-softmax over every position's logits, prompts included, in both
+arms. One round runs one step per arm, on the same batch, in an order rotated every round; warm-up rounds are
+discarded; per arm the median of ``--steps`` measured steps is reported (steps during which other processes used
+the CPUs are redone, see ``_timing.py``). A step is forward + backward + ``AdamW.step()`` (fused) + ``zero_grad()``; on CUDA under bf16 autocast (fp32 master
 weights, the transformers Trainer's ``bf16=True``), on CPU in fp32.
 
 Columns:
@@ -59,6 +61,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -212,9 +215,13 @@ def smollm2_case(args: argparse.Namespace) -> Case:
         if path is None:
             torch.manual_seed(0)
             model = LlamaForCausalLM(config)
-            return _quantized(model, args) if quantized else model
-        kwargs = _quantization_kwargs(args) if quantized else {"dtype": torch.float32}
-        return AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", **kwargs)
+            model = _quantized(model, args) if quantized else model
+        else:
+            kwargs = _quantization_kwargs(args) if quantized else {"dtype": torch.float32}
+            model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", **kwargs)
+        if args.loss_tokens < 1.0:
+            model.loss_function = labelled_positions_loss  # transformers' hook for a model's own loss
+        return model
 
     labels = ids.clone()
     labels[:, : seq - max(1, round(args.loss_tokens * seq))] = -100  # a prompt: no loss on the first positions
@@ -226,6 +233,17 @@ def smollm2_case(args: argparse.Namespace) -> Case:
         inputs=lambda device: {"input_ids": ids.to(device), "labels": labels.to(device)},
         loss=lambda model, inputs: model(**inputs, use_cache=False).loss,
     )
+
+
+def labelled_positions_loss(logits, labels, vocab_size: int, ignore_index: int = -100, shift_labels=None, **kwargs):
+    """transformers' causal-LM loss (mean over the positions whose next token carries a label) computed on those
+    positions only: the same terms, without a log-softmax over the prompt positions' logits."""
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    targets = shift_labels.reshape(-1).to(logits.device)
+    kept = (targets != ignore_index).nonzero().squeeze(1)
+    scored = logits.reshape(-1, vocab_size).index_select(0, kept).float()
+    return F.cross_entropy(scored, targets.index_select(0, kept))
 
 
 def layer_case(args: argparse.Namespace) -> Case:

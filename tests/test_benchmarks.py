@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 SPEED = BENCHMARKS / "speed.py"
@@ -134,3 +135,23 @@ def test_speed_rejects_bad_arguments():
     for bad in bad_arguments:
         result = subprocess.run([sys.executable, str(SPEED), *bad], capture_output=True, text=True, timeout=120)
         assert result.returncode == 2 and bad[0] in result.stderr, result.stderr[-2000:]
+
+
+def test_labelled_positions_loss_is_transformers_causal_lm_loss():
+    """The same loss and logits gradient as transformers' default, scored on the labelled positions only."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    sys.path.insert(0, str(BENCHMARKS))
+    import speed
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 7, 11, generator=generator, requires_grad=True)
+    labels = torch.randint(0, 11, (2, 7), generator=generator)
+    labels[:, :3] = -100  # a prompt
+    labels[1, 5] = -100
+    ours = speed.labelled_positions_loss(logits, labels, vocab_size=11)
+    theirs = ForCausalLMLoss(logits, labels, vocab_size=11)
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        torch.autograd.grad(ours, logits)[0], torch.autograd.grad(theirs, logits)[0], rtol=1e-6, atol=1e-9
+    )
