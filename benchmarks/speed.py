@@ -235,15 +235,20 @@ def smollm2_case(args: argparse.Namespace) -> Case:
     )
 
 
-def labelled_positions_loss(logits, labels, vocab_size: int, ignore_index: int = -100, shift_labels=None, **kwargs):
-    """transformers' causal-LM loss (mean over the positions whose next token carries a label) computed on those
-    positions only: the same terms, without a log-softmax over the prompt positions' logits."""
+def labelled_positions_loss(
+    logits, labels, vocab_size: int, num_items_in_batch=None, ignore_index: int = -100, shift_labels=None, **kwargs
+):
+    """transformers' causal-LM loss (mean over the positions whose next token carries a label, or their sum over
+    ``num_items_in_batch``) computed on those positions only: the same terms, without a log-softmax over the prompt
+    positions' logits."""
     if shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     targets = shift_labels.reshape(-1).to(logits.device)
     kept = (targets != ignore_index).nonzero().squeeze(1)
     scored = logits.reshape(-1, vocab_size).index_select(0, kept).float()
-    return F.cross_entropy(scored, targets.index_select(0, kept))
+    if num_items_in_batch is None:
+        return F.cross_entropy(scored, targets.index_select(0, kept))
+    return F.cross_entropy(scored, targets.index_select(0, kept), reduction="sum") / num_items_in_batch
 
 
 def layer_case(args: argparse.Namespace) -> Case:

@@ -155,3 +155,10 @@ def test_labelled_positions_loss_is_transformers_causal_lm_loss():
     torch.testing.assert_close(
         torch.autograd.grad(ours, logits)[0], torch.autograd.grad(theirs, logits)[0], rtol=1e-6, atol=1e-9
     )
+    items = torch.tensor(20)  # gradient accumulation: the sum over this micro-batch / the items of the whole batch
+    torch.testing.assert_close(
+        speed.labelled_positions_loss(logits, labels, 11, num_items_in_batch=items),
+        ForCausalLMLoss(logits, labels, vocab_size=11, num_items_in_batch=items),
+        rtol=1e-6,
+        atol=0,
+    )
