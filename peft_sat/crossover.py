@@ -123,7 +123,7 @@ class Verdict:
     dense_seconds: float
     positions: int
     faster: bool
-    shared_with: str = ""  # the stage whose measured verdict this rate took (its steps compute the same); "": its own
+    shared_with: str = ""  # the stage whose verdict this rate took (its steps compute the same); "": its own
 
     def describe(self) -> str:
         comparison = "faster" if self.faster else "not faster"

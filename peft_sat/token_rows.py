@@ -14,13 +14,13 @@ For a flat input x (N, in), dense rows D (n of them) and the other (context) row
                                              values: the context rows' keys train, their hidden states do not)
 
 Plain ``nn.Linear`` layers and PEFT LoRA layers over them run ONE matmul per weight over all N rows (the value the
-dense forward computes, bit for bit), and the backward of the rows D (``peft_sat.ops_rows.linear_of_value``, handed the
-rows' gradient by ``peft_sat.ops_rows.rows_into``); ``project_all_rows`` adds a second graph on the context rows, with
-their inputs as constants, that trains the weights only. ``rows_value`` and ``rows_output`` let a block compute its
-dense values once and build the graph of the rows D on tensors of n rows, as the MLP does. Anything else (4-bit
-bases, LoRA variants, unknown layers) runs a split: ``module(x[D])`` with a graph, ``module(x[C])`` without,
-written back into one tensor; a split reads every weight twice and writes its outputs twice, forward work the dense
-step does not do.
+dense forward computes, bit for bit), and the backward of the rows D (``peft_sat.ops_rows.linear_of_value`` or, for
+a LoRA layer, ``lora_of_value``, handed the rows' gradient by ``peft_sat.ops_rows.rows_into``); ``project_all_rows``
+adds a second graph on the context rows, with their inputs as constants, that trains the weights only.
+``rows_value`` and ``rows_output`` let a block compute its dense values once and build the graph of the rows D on
+tensors of n rows, as the MLP does. Anything else (4-bit bases, LoRA variants, unknown layers) runs a split:
+``module(x[D])`` with a graph, ``module(x[C])`` without, written back into one tensor; a split reads every weight
+twice and writes its outputs twice, forward work the dense step does not do.
 """
 
 from __future__ import annotations
