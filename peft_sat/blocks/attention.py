@@ -18,9 +18,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import importance
+from ..query_rows import QueryRows
 from ..scatter import add_at, place
 from ..sliced import base_weight, linear_cols, linear_rows, linear_rows_fused, project_base
 from ..sliced_backward import cols_output, rows_forward, weight_grad_forward
@@ -129,10 +131,15 @@ class SATAttentionMixin(SATBlockMixin):
         rows: torch.Tensor | None = None,
         add_bias: bool = True,
     ) -> tuple[torch.Tensor, Any]:
-        """Attention of the heads in ``sel`` for every query, through the o-projection at ``rows`` (flat token
-        positions; None: every token)."""
+        """Attention of the heads in ``sel`` through the o-projection, for every query or, with ``rows`` (flat token
+        positions), for those only: (N or n, hidden)."""
         qkv = self._sat_qkv(hidden_states, sel)
-        attn_output, attn_weights = self._sat_core(qkv, sel.kv_for_q, position_embeddings, attention_mask, kwargs)
+        queries = None if rows is None else self._sat_query_rows(rows, hidden_states.shape[:2])
+        attend = (position_embeddings, attention_mask, kwargs)
+        attn_output, attn_weights = self._sat_core(qkv, sel.kv_for_q, *attend, queries=queries)  # (B, T or L, kq*d)
+        if queries is not None:  # the o-projection on every slot (a view of the kernel's output), then the rows'
+            slots = attn_output.reshape(-1, attn_output.shape[-1])
+            return queries.dense(linear_cols(self.o_proj, slots, sel.q_rows, add_bias=add_bias)), attn_weights
         if rows is not None:
             attn_output = attn_output.reshape(-1, attn_output.shape[-1]).index_select(0, rows)  # (n, kq * d)
         return linear_cols(self.o_proj, attn_output, sel.q_rows, add_bias=add_bias), attn_weights
@@ -189,11 +196,29 @@ class SATAttentionMixin(SATBlockMixin):
         query, key = linear_rows_fused((self.q_proj, self.k_proj), x, (sel.q_rows, sel.kv_rows))
         return query, key, linear_rows(self.v_proj, x, sel.kv_rows)
 
+    def _sat_query_rows(self, rows: torch.Tensor, grid: torch.Size) -> QueryRows | None:
+        """The query slots of the dense ``rows`` (made once per forward, with the rows), or None where the kernel
+        takes no per-query mask rows (flash, flex and hub kernels): every query runs."""
+        if self.config._attn_implementation not in ("sdpa", "eager"):
+            return None
+        cache = self.sat_state.batch.dense_rows_cache
+        key = ("query_rows", tuple(grid))
+        if key not in cache or cache[key].rows is not rows:
+            cache[key] = QueryRows.of(rows, *grid)
+        return cache[key]
+
     def _sat_core(
-        self, qkv: tuple[torch.Tensor, ...], kv_for_q, position_embeddings, attention_mask, kwargs: dict
+        self,
+        qkv: tuple[torch.Tensor, ...],
+        kv_for_q,
+        position_embeddings,
+        attention_mask,
+        kwargs: dict,
+        queries: QueryRows | None = None,
     ) -> tuple[torch.Tensor, Any]:
         """The module's attention on flat (B, T, heads * d) query, key and value: per-head norms, rotary embedding,
-        the attention kernel; returns (B, T, heads * d) and the kernel's weights."""
+        the attention kernel; returns (B, T, heads * d) and the kernel's weights. With ``queries``, the queries of
+        its slots only, (B, L, heads * d), each with its own mask row."""
         input_shape = qkv[0].shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         query, key, value = (t.view(hidden_shape) for t in qkv)  # (B, T, heads, d)
@@ -203,6 +228,9 @@ class SATAttentionMixin(SATBlockMixin):
 
         cos, sin = position_embeddings
         query, key = self._sat_apply_rotary(query, key, cos, sin)
+        if queries is not None:
+            query = queries.queries(query)  # (B, heads, L, d)
+            input_shape = (input_shape[0], queries.slots)
 
         module: Any = self
         if kv_for_q is not None:
@@ -214,7 +242,8 @@ class SATAttentionMixin(SATBlockMixin):
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, self._sat_eager_attention)
         if hasattr(self, "attn_logit_softcapping"):  # Gemma2
             kwargs["softcap"] = self.attn_logit_softcapping
-        attn_output, attn_weights = attention(
+        kernel = attention if queries is None else self._sat_slots_kernel(attention, queries)
+        attn_output, attn_weights = kernel(
             module,
             query,
             key,
@@ -226,6 +255,27 @@ class SATAttentionMixin(SATBlockMixin):
             **kwargs,
         )
         return attn_output.reshape(*input_shape, -1).contiguous(), attn_weights  # (B, T, heads * d)
+
+    def _sat_slots_kernel(self, attention: Callable, queries: QueryRows) -> Callable:
+        """``attention`` for the (B, heads, L, d) queries of ``queries``' slots against every key, each query with
+        its own mask row (``QueryRows.mask``)."""
+        sdpa = self.config._attn_implementation == "sdpa"
+
+        def kernel(module, query, key, value, attention_mask, dropout, scaling, **kwargs):
+            if sdpa and query.device.type == "cpu" and kwargs.get("softcap") is None:
+                # torch's own call: given a mask, transformers' SDPA wrapper repeats K / V per query head, and the
+                # kernel saves the copies; torch's CPU kernel takes the mask with `enable_gqa` and saves them as
+                # they are. The additive mask is made once for every layer (a bool one is converted and saved anew).
+                mask = queries.mask(attention_mask, key.shape[-2], causal_if_none=True, dtype=query.dtype)
+                groups = module.num_key_value_groups
+                output = F.scaled_dot_product_attention(
+                    query, key, value, mask, dropout, scale=scaling, enable_gqa=groups > 1
+                )
+                return output.transpose(1, 2), None  # (B, L, heads, d), as transformers' kernels return it
+            mask = queries.mask(attention_mask, key.shape[-2], causal_if_none=sdpa)
+            return attention(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
+
+        return kernel
 
     def _sat_context_cut(self, hidden_states, rows, position_embeddings, attention_mask, kwargs) -> tuple:
         """``context_tokens="forward_only"``: every head, forward; the context rows give keys and values whose

@@ -1,0 +1,74 @@
+"""``peft_sat.query_rows``: with dense tokens, the omitted heads attend at the dense rows' queries only, and compute
+there what the attention over every query computes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from sat_testing import assert_matches_masked_reference, batch, build_stack, paper_config
+
+import peft_sat
+from peft_sat.query_rows import QueryRows
+
+
+def test_slots_of_uneven_sequences():
+    rows = torch.tensor([1, 2, 3, 14])  # (3, 5) grid: sequence 0 holds three dense rows, 1 none, 2 one
+    slots = QueryRows.of(rows, batch=3, seq=5)
+    assert slots.positions.tolist() == [[1, 2, 3], [4, 4, 4], [4, 4, 4]]  # padding repeats the last row, or T - 1
+    assert slots.gather.tolist() == [1, 2, 3, 9, 9, 9, 14, 14, 14]
+    assert slots.valid.tolist() == [0, 1, 2, 6]
+    even = QueryRows.of(torch.tensor([1, 2, 6, 7]), batch=2, seq=4)
+    assert even.valid is None and even.positions.tolist() == [[1, 2], [2, 3]]
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["causal", "padding-mask"])
+def test_slot_attention_equals_the_full_attention_at_the_rows(padded):
+    """Output and q / k / v gradients of the slots' attention (torch's CPU kernel, grouped K / V, additive mask
+    rows) equal those of the attention over every query, at the rows; padding slots add nothing."""
+    batch_size, heads, kv_heads, seq, dim = 4, 4, 2, 9, 8
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(batch_size, n, seq, dim, generator=generator) for n in (heads, kv_heads, kv_heads))
+    rows = torch.tensor([3, 4, 6, 13, 24, 25, 26])  # three rows in sequence 0, one in 1, three in 2, none in 3
+    mask = None  # transformers passes none for causal SDPA without padding
+    if padded:  # right padding on sequence 0, as transformers' SDPA bool mask (True: attend)
+        positions = torch.arange(seq)
+        real = torch.ones(batch_size, seq, dtype=torch.bool)
+        real[0, 7:] = False
+        mask = (positions[None, :] <= positions[:, None])[None, None] & real[:, None, None, :]
+    upstream = torch.randn(rows.numel(), heads * dim, generator=generator)
+
+    def every_query(q, k, v):
+        k, v = k.repeat_interleave(heads // kv_heads, 1), v.repeat_interleave(heads // kv_heads, 1)
+        output = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        return output.transpose(1, 2).reshape(batch_size * seq, heads * dim).index_select(0, rows)
+
+    def slots_only(q, k, v):
+        slots = QueryRows.of(rows, batch_size, seq)
+        slot_mask = slots.mask(mask, seq, causal_if_none=True, dtype=q.dtype)
+        output = F.scaled_dot_product_attention(slots.queries(q), k, v, attn_mask=slot_mask, enable_gqa=True)
+        return slots.dense(output.transpose(1, 2).reshape(-1, heads * dim))
+
+    results = []
+    for attend in (every_query, slots_only):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        output = attend(*leaves)
+        (output * upstream).sum().backward()
+        results.append([output, *(t.grad for t in leaves)])
+    for name, ours, reference in zip(("output", "dq", "dk", "dv"), *reversed(results), strict=True):
+        torch.testing.assert_close(ours, reference, rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("stack", ["full", "lora"])
+def test_a_sequence_without_dense_rows_trains_as_the_masked_reference(stack, attn):
+    """A batch whose second sequence carries no loss: its query slots only repeat a row, and the step still equals
+    the masked dense reference; the omitted heads ran on the slots."""
+    config = paper_config(omission_rate=0.5, dense_tokens="loss")
+    models = build_stack(stack, "llama", attn, config)
+    inputs = batch(prompt=8)
+    inputs["labels"][1] = -100
+    assert_matches_masked_reference(models.sat, models.reference, inputs)
+    cache = peft_sat.get_sat_state(models.sat).batch.dense_rows_cache
+    slots = [value for key, value in cache.items() if key[0] == "query_rows"]
+    assert len(slots) == 1 and slots[0].positions.shape[0] == 2 and slots[0].valid is not None
