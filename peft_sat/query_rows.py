@@ -14,8 +14,14 @@ The L queries attend to all T keys with their own rows of the mask: the model's 
 repeats a real query of its sequence, with a mask row the dense forward computes too, and its output is dropped:
 it adds nothing to any gradient.
 
-Why: the dense rows see every head, so the omitted heads' attention runs for them; over every query it would also
-save the omitted heads' queries and outputs at the context rows, which no gradient needs.
+Two uses:
+
+- ``SATConfig.context_tokens="sparse"``: the dense rows see every head, so the omitted heads' attention runs for them
+  (``QueryRows.queries``, ``QueryRows.mask``); over every query it would also save the omitted heads' queries and
+  outputs at the context rows, which no gradient needs.
+- ``"forward_only"``: every query's attention runs, but only the dense rows' outputs take a gradient
+  (``attention_grad_at_slots``): the backward runs for the slots' queries only, where the kernel's own backward
+  would run for every query, the context rows' with a zero output gradient.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ class QueryRows:
     positions: torch.Tensor  # (B, L) position of each slot
     gather: torch.Tensor  # (B * L,) flat row of each slot
     valid: torch.Tensor | None  # (n,) the slots of ``rows``; None: every slot is one
+    padding: torch.Tensor | None  # (B * L,) bool, True at the padding slots; None: none
     _masks: dict = field(default_factory=dict, compare=False, repr=False)  # made by `mask`, per forward
 
     @classmethod
@@ -53,18 +60,45 @@ class QueryRows:
         positions = last[:, None].expand(batch, slots).clone()
         positions[sequence, slot] = rows % seq
         offsets = torch.arange(batch, device=rows.device)[:, None] * seq
-        valid = None if rows.numel() == batch * slots else sequence * slots + slot
-        return cls(rows=rows, positions=positions, gather=(positions + offsets).reshape(-1), valid=valid)
+        valid, padding = None, None
+        if rows.numel() < batch * slots:
+            valid = sequence * slots + slot
+            padding = torch.ones(batch * slots, dtype=torch.bool, device=rows.device).index_fill_(0, valid, False)
+        gather = (positions + offsets).reshape(-1)
+        return cls(rows=rows, positions=positions, gather=gather, valid=valid, padding=padding)
 
     @property
     def slots(self) -> int:
         return self.positions.shape[1]
 
-    def queries(self, query: torch.Tensor) -> torch.Tensor:
-        """(B, heads, T, d) -> (B, heads, L, d): the queries of the slots (a copy; saves only the indices)."""
+    def queries(self, query: torch.Tensor, zero_padding: bool = False) -> torch.Tensor:
+        """(B, heads, T, d) -> (B, heads, L, d): the queries of the slots (a copy; saves only the indices), the
+        padding slots' zeroed if ``zero_padding``."""
         batch, heads, seq, dim = query.shape
         flat = query.transpose(1, 2).reshape(batch * seq, heads, dim)
-        return flat.index_select(0, self.gather).view(batch, self.slots, heads, dim).transpose(1, 2)
+        slots = flat.index_select(0, self.gather)
+        if zero_padding and self.padding is not None:
+            slots = slots.masked_fill(self.padding[:, None, None], 0)
+        return slots.view(batch, self.slots, heads, dim).transpose(1, 2)
+
+    def scatter(self, per_slot: torch.Tensor, seq: int) -> torch.Tensor:
+        """(B, heads, L, d) -> (B, heads, T, d): the slots' values at their rows, zeros elsewhere."""
+        batch, heads, _, dim = per_slot.shape
+        flat = per_slot.new_zeros(batch * seq, heads, dim)
+        flat.index_copy_(0, self.rows, self.dense(per_slot.transpose(1, 2).reshape(-1, heads, dim)))
+        return flat.view(batch, seq, heads, dim).transpose(1, 2)
+
+    def additive(self, attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+        """The model's whole mask as an additive ``dtype`` mask (0 where a query attends, -inf elsewhere), made once
+        per forward; None stays None."""
+        if attention_mask is None or attention_mask.dtype == dtype:
+            return attention_mask
+        key = ("additive", id(attention_mask), dtype)
+        cached = self._masks.get(key)
+        if cached is None or cached[0] is not attention_mask:
+            cached = (attention_mask, _additive(attention_mask, dtype))
+            self._masks[key] = cached
+        return cached[1]
 
     def mask(
         self,
@@ -93,13 +127,72 @@ class QueryRows:
         else:
             expanded = attention_mask.expand(self.positions.shape[0], -1, -1, -1)
             rows = torch.take_along_dim(expanded, self.positions[:, None, :, None], dim=2)
-        if dtype is not None and rows.dtype == torch.bool:
-            rows = torch.zeros(rows.shape, dtype=dtype, device=rows.device).masked_fill_(~rows, float("-inf"))
-        elif dtype is not None:
-            rows = rows.to(dtype)
+        if dtype is not None:
+            rows = _additive(rows, dtype)
         self._masks[key] = (attention_mask, rows)
         return rows
 
     def dense(self, per_slot: torch.Tensor) -> torch.Tensor:
         """(B * L, ...) values of the slots -> (n, ...) values of ``rows``, in their order."""
         return per_slot if self.valid is None else per_slot.index_select(0, self.valid)
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A bool mask (True: attend) or an additive one as an additive ``dtype`` mask."""
+    if mask.dtype != torch.bool:
+        return mask.to(dtype)
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
+class _AttentionGradAtSlots(torch.autograd.Function):
+    """Every query's attention (torch's CPU flash kernel); backward for the slots' queries only."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, mask, slots: QueryRows, slot_mask, scale):
+        output, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, 0.0, mask is None, attn_mask=mask, scale=scale
+        )
+        ctx.slots, ctx.scale, ctx.seq = slots, scale, query.shape[-2]
+        # saved: the slots' queries, outputs and log-sum-exps only (L of T rows), keys and values whole
+        slot_logsumexp = slots.queries(logsumexp.unsqueeze(-1)).squeeze(-1)
+        ctx.save_for_backward(slots.queries(query), key, value, slots.queries(output), slot_logsumexp, slot_mask)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad):
+        query, key, value, output, logsumexp, slot_mask = ctx.saved_tensors
+        slots: QueryRows = ctx.slots
+        grad_query, grad_key, grad_value = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            slots.queries(grad, zero_padding=True),  # a padding slot repeats a row: it must add nothing
+            query,
+            key,
+            value,
+            output,
+            logsumexp,
+            0.0,
+            False,
+            attn_mask=slot_mask,
+            scale=ctx.scale,
+        )
+        return slots.scatter(grad_query, ctx.seq), grad_key, grad_value, None, None, None, None
+
+
+def attention_grad_at_slots(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    slots: QueryRows,
+    scale: float | None,
+) -> torch.Tensor:
+    """Causal attention of every query, (B, heads, T, d), whose backward runs for the queries of ``slots`` only.
+
+    Exact where the other queries' outputs take no gradient (the context rows of ``context_tokens="forward_only"``):
+    with dO_i = 0 a query adds dS_ij = P_ij (dO_i . V_j - dO_i . O_i) = 0 to every key and value gradient, so the
+    kernel's backward over those queries computes zeros. A CPU tensor op, without dropout; keys and values may have
+    fewer heads than queries (grouped). ``attention_mask``: the model's (B, 1, T, T) mask (bool or additive) or None
+    for causal attention.
+    """
+    mask = slots.additive(attention_mask, query.dtype)
+    slot_mask = slots.mask(attention_mask, key.shape[-2], causal_if_none=True, dtype=query.dtype)
+    return _AttentionGradAtSlots.apply(query, key, value, mask, slots, slot_mask, scale)

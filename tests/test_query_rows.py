@@ -1,5 +1,6 @@
 """``peft_sat.query_rows``: with dense tokens, the omitted heads attend at the dense rows' queries only, and compute
-there what the attention over every query computes."""
+there what the attention over every query computes; with context rows forward only, the attention's backward runs
+for the dense rows' queries only, with the gradients of the whole backward."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 from sat_testing import assert_matches_masked_reference, batch, build_stack, paper_config
 
 import peft_sat
-from peft_sat.query_rows import QueryRows
+from peft_sat.query_rows import QueryRows, attention_grad_at_slots
 
 
 def test_slots_of_uneven_sequences():
@@ -57,6 +58,51 @@ def test_slot_attention_equals_the_full_attention_at_the_rows(padded):
         results.append([output, *(t.grad for t in leaves)])
     for name, ours, reference in zip(("output", "dq", "dk", "dv"), *reversed(results), strict=True):
         torch.testing.assert_close(ours, reference, rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["causal", "padding-mask"])
+def test_attention_with_a_backward_at_the_slots_equals_the_whole_attention(padded):
+    """``attention_grad_at_slots``: the forward of every query, bit for bit, and where only the rows' outputs take a
+    gradient, the same q / k / v gradients as the kernel's backward over every query; it saves less."""
+    batch_size, heads, kv_heads, seq, dim = 4, 6, 2, 9, 8
+    generator = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(batch_size, n, seq, dim, generator=generator) for n in (heads, kv_heads, kv_heads))
+    rows = torch.tensor([3, 4, 6, 13, 24, 25, 26])  # uneven: padding slots in sequences 1 and 3
+    mask = None
+    if padded:  # right padding on sequence 0
+        positions = torch.arange(seq)
+        real = torch.ones(batch_size, seq, dtype=torch.bool)
+        real[0, 7:] = False
+        mask = (positions[None, :] <= positions[:, None])[None, None] & real[:, None, None, :]
+    upstream = torch.zeros(batch_size * seq, heads, dim)
+    upstream.index_copy_(0, rows, torch.randn(rows.numel(), heads, dim, generator=generator))
+    upstream = upstream.view(batch_size, seq, heads, dim).transpose(1, 2)  # zero at every other row
+    slots = QueryRows.of(rows, batch_size, seq)
+
+    def whole(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+
+    def at_slots(q, k, v):
+        return attention_grad_at_slots(q, k, v, mask, slots, None)
+
+    results, saved = [], []
+    for attend in (whole, at_slots):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        storages: dict[int, int] = {}
+
+        def pack(tensor, storages=storages):
+            storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            output = attend(*leaves)
+        (output * upstream).sum().backward()
+        results.append([output, *(t.grad for t in leaves)])
+        saved.append(sum(storages.values()))
+    assert torch.equal(results[1][0], results[0][0]), "the forward must be the kernel's own"
+    for name, ours, reference in zip(("dq", "dk", "dv"), results[1][1:], results[0][1:], strict=True):
+        torch.testing.assert_close(ours, reference, rtol=0, atol=1e-6, msg=name)
+    assert saved[1] < saved[0], f"saved {saved[1]} bytes, the whole attention {saved[0]}"
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import importance
-from ..query_rows import QueryRows
+from ..query_rows import QueryRows, attention_grad_at_slots
 from ..scatter import add_at, place
 from ..sliced import base_weight, linear_cols, linear_rows, linear_rows_fused, project_base
 from ..sliced_backward import cols_output, rows_forward, weight_grad_forward
@@ -215,10 +215,12 @@ class SATAttentionMixin(SATBlockMixin):
         attention_mask,
         kwargs: dict,
         queries: QueryRows | None = None,
+        grad_at: QueryRows | None = None,
     ) -> tuple[torch.Tensor, Any]:
         """The module's attention on flat (B, T, heads * d) query, key and value: per-head norms, rotary embedding,
         the attention kernel; returns (B, T, heads * d) and the kernel's weights. With ``queries``, the queries of
-        its slots only, (B, L, heads * d), each with its own mask row."""
+        its slots only, (B, L, heads * d), each with its own mask row; with ``grad_at``, every query, with a
+        backward for its slots' queries only (``attention_grad_at_slots``: the others' outputs take no gradient)."""
         input_shape = qkv[0].shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         query, key, value = (t.view(hidden_shape) for t in qkv)  # (B, T, heads, d)
@@ -242,6 +244,9 @@ class SATAttentionMixin(SATBlockMixin):
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, self._sat_eager_attention)
         if hasattr(self, "attn_logit_softcapping"):  # Gemma2
             kwargs["softcap"] = self.attn_logit_softcapping
+        if grad_at is not None:
+            output = attention_grad_at_slots(query, key, value, attention_mask, grad_at, self.scaling)
+            return output.transpose(1, 2).reshape(*input_shape, -1), None
         kernel = attention if queries is None else self._sat_slots_kernel(attention, queries)
         attn_output, attn_weights = kernel(
             module,
@@ -262,7 +267,7 @@ class SATAttentionMixin(SATBlockMixin):
         sdpa = self.config._attn_implementation == "sdpa"
 
         def kernel(module, query, key, value, attention_mask, dropout, scaling, **kwargs):
-            if sdpa and query.device.type == "cpu" and kwargs.get("softcap") is None:
+            if self._sat_cpu_sdpa(query.device):
                 # torch's own call: given a mask, transformers' SDPA wrapper repeats K / V per query head, and the
                 # kernel saves the copies; torch's CPU kernel takes the mask with `enable_gqa` and saves them as
                 # they are. The additive mask is made once for every layer (a bool one is converted and saved anew).
@@ -277,6 +282,14 @@ class SATAttentionMixin(SATBlockMixin):
 
         return kernel
 
+    def _sat_cpu_sdpa(self, device: torch.device) -> bool:
+        """Whether this attention runs transformers' SDPA on a CPU, where SAT may call torch's kernel itself; not with
+        softcapping, which SDPA lacks (transformers' wrapper raises)."""
+        implementation = self.config._attn_implementation
+        return (
+            implementation == "sdpa" and device.type == "cpu" and getattr(self, "attn_logit_softcapping", None) is None
+        )
+
     def _sat_context_cut(self, hidden_states, rows, position_embeddings, attention_mask, kwargs) -> tuple:
         """``context_tokens="forward_only"``: every head, forward; the context rows give keys and values whose
         projections train, and take no gradient themselves (no query or output graph, no input gradient)."""
@@ -286,8 +299,12 @@ class SATAttentionMixin(SATBlockMixin):
         x_rows, x_context = flat.index_select(0, rows), flat.detach().index_select(0, context)
         qkv = self._sat_cut_qkv(flat, x_rows, x_context, rows, context)
         shape = hidden_states.shape[:-1]
+        # On a CPU the attention's backward runs for the dense rows' queries only (without dropout, whose draws a
+        # backward of its own could not repeat); the context rows' outputs take no gradient.
+        dropout = self.training and self.attention_dropout > 0
+        grad_at = self._sat_query_rows(rows, shape) if self._sat_cpu_sdpa(flat.device) and not dropout else None
         attn_output, attn_weights = self._sat_core(
-            tuple(t.view(*shape, -1) for t in qkv), None, position_embeddings, attention_mask, kwargs
+            tuple(t.view(*shape, -1) for t in qkv), None, position_embeddings, attention_mask, kwargs, grad_at=grad_at
         )
         output = project_rows(self.o_proj, attn_output.reshape(-1, attn_output.shape[-1]), rows, context)
         return output.view(*shape, -1), attn_weights
