@@ -56,7 +56,8 @@ class QueryRows:
         slots = int(counts.max()) if rows.numel() else 0
         first = torch.cumsum(counts, 0) - counts  # index in ``rows`` of each sequence's first dense row
         slot = torch.arange(rows.numel(), device=rows.device) - first[sequence]
-        last = torch.where(counts > 0, rows.index_select(0, (first + counts - 1).clamp(min=0)) % seq, seq - 1)
+        ends = rows.index_select(0, (first + counts - 1).clamp(min=0)) if rows.numel() else counts
+        last = torch.where(counts > 0, ends % seq, seq - 1)
         positions = last[:, None].expand(batch, slots).clone()
         positions[sequence, slot] = rows % seq
         offsets = torch.arange(batch, device=rows.device)[:, None] * seq

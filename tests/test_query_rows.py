@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from sat_testing import assert_matches_masked_reference, batch, build_stack, paper_config
+from sat_testing import assert_matches_masked_reference, batch, build_stack, paper_config, sat_model
 
 import peft_sat
 from peft_sat.query_rows import QueryRows, attention_grad_at_slots
@@ -118,3 +118,25 @@ def test_a_sequence_without_dense_rows_trains_as_the_masked_reference(stack, att
     cache = peft_sat.get_sat_state(models.sat).batch.dense_rows_cache
     slots = [value for key, value in cache.items() if key[0] == "query_rows"]
     assert len(slots) == 1 and slots[0].positions.shape[0] == 2 and slots[0].valid is not None
+
+
+@pytest.mark.parametrize("context_tokens", ["forward_only", "sparse"])
+def test_a_batch_without_loss_positions_splits_with_no_dense_rows(context_tokens):
+    """A micro-batch whose labels are all -100 (a completion truncated away) splits with no dense rows: the step
+    runs; with context rows forward only nothing takes a gradient."""
+    config = peft_sat.SATConfig(omission_rate=0.5, dense_tokens="auto", context_tokens=context_tokens)
+    if context_tokens == "sparse":  # the paper's units and passes: the omitted heads' query slots
+        config = paper_config(omission_rate=0.5, dense_tokens="auto")
+    model = sat_model("lora", config).train()
+    inputs = batch(prompt=8)
+    inputs["labels"][:] = -100
+    output = model(**inputs)
+    rows = peft_sat.get_sat_state(model).dense_rows(inputs["labels"].shape)
+    assert rows is not None and rows.numel() == 0
+    output.logits.float().square().mean().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+    assert all(torch.isfinite(g).all() for g in grads)
+    if context_tokens == "forward_only":
+        assert all(torch.count_nonzero(g) == 0 for g in grads)
+    else:
+        assert any(torch.count_nonzero(g) > 0 for g in grads)

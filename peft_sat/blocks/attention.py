@@ -198,8 +198,8 @@ class SATAttentionMixin(SATBlockMixin):
 
     def _sat_query_rows(self, rows: torch.Tensor, grid: torch.Size) -> QueryRows | None:
         """The query slots of the dense ``rows`` (made once per forward, with the rows), or None where the kernel
-        takes no per-query mask rows (flash, flex and hub kernels): every query runs."""
-        if self.config._attn_implementation not in ("sdpa", "eager"):
+        takes no per-query mask rows (flash, flex and hub kernels) or there are no rows: every query runs."""
+        if self.config._attn_implementation not in ("sdpa", "eager") or rows.numel() == 0:
             return None
         cache = self.sat_state.batch.dense_rows_cache
         key = ("query_rows", tuple(grid))
