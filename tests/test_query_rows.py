@@ -4,10 +4,23 @@ for the dense rows' queries only, with the gradients of the whole backward."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
-from sat_testing import assert_matches_masked_reference, batch, build_stack, paper_config, sat_model
+from sat_testing import (
+    assert_matches_masked_reference,
+    batch,
+    build_stack,
+    context_cut,
+    gradients,
+    masked,
+    paper_config,
+    sat_model,
+    train_step,
+    unit_masks,
+)
 
 import peft_sat
 from peft_sat.query_rows import QueryRows, attention_grad_at_slots
@@ -140,3 +153,35 @@ def test_a_batch_without_loss_positions_splits_with_no_dense_rows(context_tokens
         assert all(torch.count_nonzero(g) == 0 for g in grads)
     else:
         assert any(torch.count_nonzero(g) > 0 for g in grads)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("context_tokens", ["forward_only", "sparse"])
+def test_packed_sequences_train_as_the_reference(context_tokens, attn):
+    """TRL's padding-free batches: two prompt / completion pairs packed in each row (``position_ids`` restart at 0).
+    Each dense row's query keeps its own sequence's mask row (transformers' block-causal mask, gathered), so the
+    step equals the reference's."""
+    config = peft_sat.SATConfig(omission_rate=0.5, dense_tokens="auto", context_tokens=context_tokens)
+    if context_tokens == "sparse":
+        config = paper_config(omission_rate=0.5, dense_tokens="auto")
+    models = build_stack("lora", "llama", attn, config)
+    generator = torch.Generator().manual_seed(3)
+    input_ids = torch.randint(0, 64, (2, 20), generator=generator)
+    position_ids = torch.cat([torch.arange(12), torch.arange(8)]).expand(2, -1)
+    labels = input_ids.clone()
+    labels[:, :5] = -100  # the first pair's prompt
+    labels[:, 12:15] = -100  # the second pair's prompt (its first token is a sequence start)
+    # no cache, as in training: transformers then builds its block-causal mask from the position ids
+    inputs = {"input_ids": input_ids, "position_ids": position_ids, "labels": labels, "use_cache": False}
+    sat_loss = train_step(models.sat, inputs)
+    rows = peft_sat.get_sat_state(models.sat).dense_rows(labels.shape)
+    assert rows is not None and 0 < rows.numel() < labels.numel()
+    cut = context_tokens == "forward_only"
+    masks = {} if cut else unit_masks(models.sat)
+    with masked(models.reference, masks), context_cut(models.reference, rows) if cut else contextlib.nullcontext():
+        reference_loss = train_step(models.reference, inputs)
+    torch.testing.assert_close(sat_loss, reference_loss, rtol=0, atol=1e-5)
+    sat_grads, reference_grads = gradients(models.sat), gradients(models.reference)
+    assert sat_grads.keys() == reference_grads.keys() and sat_grads
+    for name, grad in reference_grads.items():
+        torch.testing.assert_close(sat_grads[name], grad, rtol=0, atol=1e-5, msg=name)
