@@ -194,6 +194,10 @@ def attention_grad_at_slots(
     fewer heads than queries (grouped). ``attention_mask``: the model's (B, 1, T, T) mask (bool or additive) or None
     for causal attention.
     """
+    device = query.device.type
+    if torch.is_autocast_enabled(device):  # as SDPA under autocast: the kernel runs in the autocast dtype
+        dtype = torch.get_autocast_dtype(device)
+        query, key, value = (t.to(dtype) for t in (query, key, value))
     mask = slots.additive(attention_mask, query.dtype)
     slot_mask = slots.mask(attention_mask, key.shape[-2], causal_if_none=True, dtype=query.dtype)
     return _AttentionGradAtSlots.apply(query, key, value, mask, slots, slot_mask, scale)

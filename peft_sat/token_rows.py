@@ -130,7 +130,8 @@ def _graph(module, x_rows, value_rows, branches, rows) -> torch.Tensor:
     base = _base(module)
     if len(branches) == 1:
         dropout_mask, low_rank, lora_a, lora_b, scaling = branches[0]
-        dtypes = {x_rows.dtype, base.weight.dtype, lora_a.weight.dtype, lora_b.weight.dtype}
+        # the value's dtype too: under autocast it is the compute dtype, not the weights' (the chain casts)
+        dtypes = {x_rows.dtype, base.weight.dtype, lora_a.weight.dtype, lora_b.weight.dtype, value_rows.dtype}
         if dropout_mask is None and lora_a.bias is None and lora_b.bias is None and len(dtypes) == 1:
             low_rank_rows = low_rank.index_select(0, rows)
             return lora_of_value(

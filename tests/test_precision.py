@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
-from sat_testing import batch, build_stack, gradients, masked, paper_config, unit_masks
+from sat_testing import batch, build_stack, context_cut, gradients, masked, paper_config, unit_masks
+
+import peft_sat
 
 
 @pytest.mark.parametrize("stack", ["full", "lora"])
@@ -26,17 +30,32 @@ def test_gradient_accumulation_over_micro_batches_with_different_sub_networks(st
         torch.testing.assert_close(gradients(models.sat)[name], grad, rtol=0, atol=1e-5, msg=name)
 
 
+SPLITS = {
+    "no-split": {},
+    "context-forward-only": dict(dense_tokens="auto", context_tokens="forward_only", sparse_pass="weight_grad"),
+    "token-split": dict(dense_tokens="loss"),
+}
+
+
+@pytest.mark.parametrize("split", SPLITS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("stack", ["full", "lora"])
-def test_autocast(stack, dtype):
-    models = build_stack(stack, "llama", "sdpa", paper_config(omission_rate=0.5))
-    inputs = batch()
+def test_autocast(stack, dtype, split):
+    """Under autocast (fp32 weights, 16-bit compute), with and without a token split: the masked reference."""
+    config = paper_config(omission_rate=0.5, **SPLITS[split])
+    models = build_stack(stack, "llama", "sdpa", config)
+    inputs = batch(prompt=8 if SPLITS[split] else 0)
     with torch.autocast("cpu", dtype=dtype):
         sat_loss = models.sat(**inputs).loss
     sat_loss.backward()
-    with masked(models.reference, unit_masks(models.sat)), torch.autocast("cpu", dtype=dtype):
-        reference_loss = models.reference(**inputs).loss
-    reference_loss.backward()
+    rows = peft_sat.get_sat_state(models.sat).dense_rows(inputs["labels"].shape)
+    assert (rows is not None) == bool(SPLITS[split])
+    cut = config.context_tokens == "forward_only" and rows is not None
+    masks = {} if cut else unit_masks(models.sat)
+    with masked(models.reference, masks), context_cut(models.reference, rows) if cut else contextlib.nullcontext():
+        with torch.autocast("cpu", dtype=dtype):
+            reference_loss = models.reference(**inputs).loss
+        reference_loss.backward()
     # Sliced and masked matmuls round differently in 16 bits: compare at that precision.
     torch.testing.assert_close(sat_loss, reference_loss, rtol=1e-2, atol=1e-2)
     sat_grads, reference_grads = gradients(models.sat), gradients(models.reference)
