@@ -1,5 +1,5 @@
-"""Attention at some query positions only: the dense rows of a split batch (``SATConfig.dense_tokens``), where the
-omitted heads run. Pure tensor code, no model imports.
+"""Attention at the dense rows' queries: the token positions of a split batch that run the whole block
+(``SATConfig.dense_tokens``). Pure tensor code, no model imports.
 
 For flat dense rows D (n,) of a (B, T) batch, sequence b holds n_b of them; with L = max_b n_b::
 
