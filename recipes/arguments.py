@@ -70,6 +70,16 @@ class RecipeArguments(ScriptArguments):
             )
         },
     )
+    dense_first: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "With `compare_dense`: train the dense baseline first, then SAT. The second arm runs in a process the "
+                "first one warmed, and on a shared machine the load moves between the arms: an A/B run both ways "
+                "tells those apart from SAT's own costs."
+            )
+        },
+    )
 
 
 def _sat_argument_fields() -> tuple[list[tuple[str, Any, Any]], set[str]]:

@@ -197,6 +197,35 @@ def end_run() -> None:
     PartialState().destroy_process_group()
 
 
+def train_arms(
+    recipe: str,
+    model_path: str,
+    tokenizer: Any,
+    train: Dataset,
+    held_out: Dataset,
+    training_args: Any,
+    model_args: Any,
+    sat_config: SATConfig | None,
+    script_args: Any,
+) -> tuple[Arm, Arm | None]:
+    """``(the run's arm, the dense baseline or None)``: ``train_arm`` once, or with ``--compare_dense`` both arms from
+    the same start, SAT first unless ``--dense_first``.
+
+    Why the order can be swapped: the arm that trains second runs in a process and on caches the first one warmed,
+    and on a shared machine the load moves between the arms; running the A/B both ways separates those from SAT's
+    own costs.
+    """
+    data = (recipe, model_path, tokenizer, train, held_out)
+    if not script_args.compare_dense:
+        return train_arm(*data, training_args, model_args, sat_config), None
+    dense_args = dense_arm_args(training_args)
+    if script_args.dense_first:
+        dense = train_arm(*data, dense_args, model_args, None)
+        return train_arm(*data, training_args, model_args, sat_config), dense
+    arm = train_arm(*data, training_args, model_args, sat_config)
+    return arm, train_arm(*data, dense_args, model_args, None)
+
+
 def dense_arm_args(training_args: Any) -> Any:
     """The SAT arm's training arguments for the dense baseline of ``--compare_dense``: its own output folder."""
     args = copy.copy(training_args)

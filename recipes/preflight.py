@@ -153,6 +153,8 @@ def _check_arguments(
         problems.append(f"`max_length` sets the packed block size and must be >= 2, got {training_args.max_length!r}.")
     if script_args.compare_dense and not sat_args.use_sat:
         problems.append("`compare_dense` compares SAT with dense training; it needs `use_sat: true`.")
+    if script_args.dense_first and not script_args.compare_dense:
+        problems.append("`dense_first` orders the arms of `compare_dense`; it needs `compare_dense: true`.")
     if script_args.compare_dense and training_args.resume_from_checkpoint is not None:
         problems.append(
             "`compare_dense` needs both arms to train from the same start; it cannot resume a checkpoint "

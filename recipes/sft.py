@@ -84,12 +84,10 @@ def main(script_args: Any, training_args: Any, model_args: Any, sat_args: Any) -
     preflight.check_datasets(train, tokenizer, sat_config, training_args, problems)
     preflight.raise_problems(RECIPE, problems)
 
-    # Train (SAT, or dense with `--use_sat false`); the A/B trains the dense baseline from the same start after it.
-    arm = common.train_arm(RECIPE, model_path, tokenizer, train, held_out, training_args, model_args, sat_config)
-    dense = None
-    if script_args.compare_dense:
-        dense_args = common.dense_arm_args(training_args)
-        dense = common.train_arm(RECIPE, model_path, tokenizer, train, held_out, dense_args, model_args, None)
+    # Train (SAT, or dense with `--use_sat false`); the A/B trains the dense baseline from the same start too.
+    arm, dense = common.train_arms(
+        RECIPE, model_path, tokenizer, train, held_out, training_args, model_args, sat_config, script_args
+    )
 
     # Report: metrics.json, the plot, the summary.
     dataset = script_args.dataset_name or BUILTIN_DATA

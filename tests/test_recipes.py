@@ -292,6 +292,29 @@ def test_compare_dense_trains_both_arms_on_the_same_batches(tiny_model_dir, chat
     assert all("sat/omission_rate" not in entry for entry in compare["dense_log_history"])  # the dense arm is dense
 
 
+def test_dense_first_trains_the_dense_arm_before_sat(tiny_model_dir, text_file, tmp_path, monkeypatch):
+    """``--dense_first``: the same A/B with the arms' order swapped; without ``--compare_dense`` it is an error."""
+    from transformers import Trainer
+
+    order: list[str] = []
+    train = Trainer.train
+
+    def recording_train(self, *args, **kwargs):
+        order.append(self.args.output_dir)
+        return train(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "train", recording_train)
+    args = tiny_args("cpt", tiny_model_dir, text_file, tmp_path, "--compare_dense", "true", "--dense_first", "true")
+    metrics = cpt.main(*args)
+    assert order == [str(tmp_path / "dense"), str(tmp_path)]
+    compare = metrics["compare_dense"]
+    assert compare["steps"] == {"sat": 6, "dense": 6}
+    assert all("sat/omission_rate" not in entry for entry in compare["dense_log_history"])  # the dense arm is dense
+    assert any("sat/omission_rate" in entry for entry in metrics["log_history"])
+    with pytest.raises(RecipeError, match="`dense_first` orders the arms of `compare_dense`"):
+        cpt.main(*tiny_args("cpt", tiny_model_dir, text_file, tmp_path, "--dense_first", "true"))
+
+
 def test_plot_failure_still_writes_metrics_and_summary(tiny_model_dir, text_file, tmp_path, monkeypatch, capsys):
     from recipes import plots
 
