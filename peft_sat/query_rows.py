@@ -40,7 +40,7 @@ class QueryRows:
     gather: torch.Tensor  # (B * L,) flat row of each slot
     valid: torch.Tensor | None  # (n,) the slots of ``rows``; None: every slot is one
     padding: torch.Tensor | None  # (B * L,) bool, True at the padding slots; None: none
-    _masks: dict = field(default_factory=dict, compare=False, repr=False)  # made by `mask`, per forward
+    _masks: dict = field(default_factory=dict, compare=False, repr=False)  # made by `mask` / `additive`
 
     @classmethod
     def of(cls, rows: torch.Tensor, batch: int, seq: int) -> QueryRows:
@@ -95,11 +95,7 @@ class QueryRows:
         if attention_mask is None or attention_mask.dtype == dtype:
             return attention_mask
         key = ("additive", id(attention_mask), dtype)
-        cached = self._masks.get(key)
-        if cached is None or cached[0] is not attention_mask:
-            cached = (attention_mask, _additive(attention_mask, dtype))
-            self._masks[key] = cached
-        return cached[1]
+        return self._once(key, attention_mask, lambda: _additive(attention_mask, dtype))
 
     def mask(
         self,
@@ -116,22 +112,29 @@ class QueryRows:
         Made once per mask and forward, for every layer: torch's CPU attention turns a bool mask into an additive
         one and saves it, so a mask per layer would be saved once per layer.
         """
-        key = (None if attention_mask is None else id(attention_mask), num_keys, causal_if_none, dtype)
+        if attention_mask is None and not causal_if_none:
+            return None
+
+        def make() -> torch.Tensor:
+            if attention_mask is None:
+                keys = torch.arange(num_keys, device=self.positions.device)
+                rows = (keys <= self.positions[..., None])[:, None]
+            else:
+                expanded = attention_mask.expand(self.positions.shape[0], -1, -1, -1)
+                rows = torch.take_along_dim(expanded, self.positions[:, None, :, None], dim=2)
+            return rows if dtype is None else _additive(rows, dtype)
+
+        key = ("rows", None if attention_mask is None else id(attention_mask), num_keys, dtype)
+        return self._once(key, attention_mask, make)
+
+    def _once(self, key: tuple, attention_mask: torch.Tensor | None, make) -> torch.Tensor:
+        """``make()``, kept for this forward under ``key`` (a key holding ``id(attention_mask)`` is checked against
+        the mask itself: an id can be reused once its tensor is freed)."""
         cached = self._masks.get(key)
-        if cached is not None and cached[0] is attention_mask:
-            return cached[1]
-        if attention_mask is None:
-            if not causal_if_none:
-                return None
-            keys = torch.arange(num_keys, device=self.positions.device)
-            rows = (keys <= self.positions[..., None])[:, None]
-        else:
-            expanded = attention_mask.expand(self.positions.shape[0], -1, -1, -1)
-            rows = torch.take_along_dim(expanded, self.positions[:, None, :, None], dim=2)
-        if dtype is not None:
-            rows = _additive(rows, dtype)
-        self._masks[key] = (attention_mask, rows)
-        return rows
+        if cached is None or cached[0] is not attention_mask:
+            cached = (attention_mask, make())
+            self._masks[key] = cached
+        return cached[1]
 
     def dense(self, per_slot: torch.Tensor) -> torch.Tensor:
         """(B * L, ...) values of the slots -> (n, ...) values of ``rows``, in their order."""

@@ -10,12 +10,17 @@ share of the token positions that omit units (the others run the whole block).
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
-import torch
 from sat_testing import batch, sat_model
 
 import peft_sat
 from peft_sat.blocks.base import SATBlockMixin
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from _timing import activation_bytes  # noqa: E402  (the measure `benchmarks/speed.py` reports as "act MB")
 
 SPLIT_MODES = {
     "defaults": {},  # dense loss tokens, sparse backward, context tokens forward only
@@ -26,50 +31,24 @@ SPLIT_MODES = {
 }
 
 
-def saved_bytes(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[int, int]:
-    """Bytes of the tensors autograd saves for backward in one training forward (parameters excluded, each storage
-    once), and the part of them first saved inside a block that omits units."""
-    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    blocks = [m for m in model.modules() if isinstance(m, SATBlockMixin) and m.sat_omits_units]
-    storages: dict[int, tuple[int, bool]] = {}
-    depth = [0]
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in parameters and storage.data_ptr() not in storages:
-            storages[storage.data_ptr()] = (storage.nbytes(), depth[0] > 0)
-        return tensor
-
-    def enter(*_):
-        depth[0] += 1
-
-    def leave(*_):
-        depth[0] -= 1
-
-    hooks = [h for b in blocks for h in (b.register_forward_pre_hook(enter), b.register_forward_hook(leave))]
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            loss = model(**inputs).loss
-        del loss
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return sum(n for n, _ in storages.values()), sum(n for n, inside in storages.values() if inside)
-
-
 @pytest.mark.parametrize("stack", ["full", "lora"])
 @pytest.mark.parametrize("mode", SPLIT_MODES)
 def test_a_split_sparse_step_saves_within_the_activation_bound(mode, stack):
     model = sat_model(stack, peft_sat.SATConfig(**SPLIT_MODES[mode])).train()
     state = peft_sat.get_sat_state(model)
     inputs = batch(prompt=8, seq_len=32)  # context tokens, then tokens that carry loss
+    blocks = [m for m in model.modules() if isinstance(m, SATBlockMixin) and m.sat_omits_units]
+
+    def saved_bytes() -> tuple[int, int]:
+        return activation_bytes(model, lambda: model(**inputs).loss, blocks)
+
     state.set_omission_rate(0.0)
-    dense, inside = saved_bytes(model, inputs)
+    dense, inside = saved_bytes()
     rows = state.dense_rows(inputs["labels"].shape)
     assert rows is not None and 0 < rows.numel() < inputs["labels"].numel(), "the batch must be split"
     context = 1 - rows.numel() / inputs["labels"].numel()
     for rate in (0.25, 0.5, 0.75):
         state.set_omission_rate(rate)
-        sparse, _ = saved_bytes(model, inputs)
+        sparse, _ = saved_bytes()
         bound = dense * (1 - rate * inside / dense * context) + 0.05 * dense
         assert sparse < min(dense, bound), f"{mode} / {stack} at r = {rate}: {sparse} bytes, dense {dense}"
