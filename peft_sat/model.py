@@ -20,6 +20,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import logging
 
+from . import norm_input
 from .blocks import (
     DEFAULT_TARGET_MODULES,
     SATBlockMixin,
@@ -106,6 +107,7 @@ class SATModel(BaseTuner):
         _convert_for_the_cut(model, config, self.sat_state, self._sat_blocks)
         _convert_lm_head_if_cut(model, config, self.sat_state)
         _warn_if_attention_keeps_everything(self._sat_blocks, config)
+        self.sat_state.hooks.extend(norm_input.attach_norm_hooks(model, self._sat_blocks, self.sat_state))
         self.sat_state.register_zero3_parameters(model)  # already partitioned (deepspeed.zero.Init)
         self.sat_switch = SATSwitch(self.sat_state, adapter_name)  # for PeftModel.disable_adapter()
 
@@ -184,6 +186,7 @@ def apply_sat(model: nn.Module, config: SATConfig | Mapping[str, Any]) -> nn.Mod
     _convert_for_the_cut(base, config, state, blocks)
     _convert_lm_head_if_cut(base, config, state)
     _warn_if_attention_keeps_everything(blocks, config)
+    state.hooks.extend(norm_input.attach_norm_hooks(base, blocks, state))
     state.register_zero3_parameters(base)  # already partitioned (deepspeed.zero.Init, or after deepspeed.initialize)
     if config.train_base is not None:
         _set_base_trainable(base, config.train_base)

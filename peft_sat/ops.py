@@ -48,6 +48,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from .norm_input import load_input, save_input
+
 # Devices where backward re-gathers the kept weight from W instead of keeping the gathered copy from forward: all of
 # them. Keeping it costs memory: every layer's copy lives from forward to backward (half the model's weights at
 # r = 0.5, e.g. ~6.5 GB for a 7B model in bf16), more than the activations a sparse step saves. Re-gathering costs one
@@ -105,10 +107,11 @@ class _GatherLinearRows(torch.autograd.Function):
         ctx.weight_dtypes = [w.dtype for w in weights]
         ctx.bias_dtypes = [None if b is None else b.dtype for b in biases]
         ctx.x_dtype = x.dtype
-        # Saved: x for the weight gradients (the dense step saves it too) and W itself for dL/dx, re-gathered in
-        # backward; the gathered copy only where a device opts out of REGATHER_DEVICES.
+        # Saved: x for the weight gradients (the dense step saves it too; a norm's input when x is recomputable,
+        # `peft_sat.norm_input`) and W itself for dL/dx, re-gathered in backward; the gathered copy only where a
+        # device opts out of REGATHER_DEVICES.
         for_x = (weights if ctx.regather else (stacked,)) if need_x else ()
-        ctx.save_for_backward(x if any(need_weights) else None, *indices, *for_x)
+        ctx.save_for_backward(save_input(ctx, x) if any(need_weights) else None, *indices, *for_x)
         ctx.need = (need_x, need_weights, need_biases)
         return F.linear(x, stacked, _stack_biases(biases, indices, ctx.sizes, stacked))
 
@@ -116,7 +119,7 @@ class _GatherLinearRows(torch.autograd.Function):
     def backward(ctx, grad_out):
         count, sizes = ctx.count, ctx.sizes
         saved = ctx.saved_tensors
-        x, indices, for_x = saved[0], saved[1 : 1 + count], saved[1 + count :]
+        x, indices, for_x = load_input(ctx, saved[0]), saved[1 : 1 + count], saved[1 + count :]
         need_x, need_weights, need_biases = ctx.need
         grad_x = None
         if need_x:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .norm_input import load_input, save_input
 from .ops import _gather_cols, _padded_product, _product, _scatter_cols, _source_map, _stack_rows
 
 
@@ -34,12 +35,13 @@ class _RowsFromValue(torch.autograd.Function):
         need_x, need_w = ctx.needs_input_grad[:2]
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.out_features = weight.shape[0]
-        ctx.save_for_backward(x if need_w else None, weight if need_x else None, index)
+        ctx.save_for_backward(save_input(ctx, x) if need_w else None, weight if need_x else None, index)
         return value.index_select(-1, index)
 
     @staticmethod
     def backward(ctx, grad_kept):
         x, weight, index = ctx.saved_tensors
+        x = load_input(ctx, x)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         x_dtype, w_dtype, b_dtype = ctx.dtypes
         grad_2d = grad_kept.reshape(-1, index.numel())  # (N, k)
@@ -118,12 +120,13 @@ class _WeightGradRows(torch.autograd.Function):
         need_x, need_w = ctx.needs_input_grad[:2]
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.out_features = weight.shape[0]
-        ctx.save_for_backward(x if need_w else None, weight if need_x else None, index)
+        ctx.save_for_backward(save_input(ctx, x) if need_w else None, weight if need_x else None, index)
         return value.view_as(value)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, index = ctx.saved_tensors
+        x = load_input(ctx, x)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         x_dtype, w_dtype, b_dtype = ctx.dtypes
         grad_x = grad_w = grad_b = None

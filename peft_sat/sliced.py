@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import norm_input
 from .ops import _scaled, gather_linear, gather_linear_rows
 from .scatter import place
 
@@ -154,7 +155,7 @@ def _lora(
         inner_scale, outer_scale = (scaling, 1.0) if b_bias is None else (1.0, scaling)
         if by_rows:
             # y[..., rows] += s * B[rows] A drop(x): A sees the full input, B only its kept rows.
-            low_rank = _scaled(lora_a(dropout(x_cast)), inner_scale)  # (..., r)
+            low_rank = _scaled(norm_input.linear(lora_a, dropout(x_cast)), inner_scale)  # (..., r)
             delta = gather_linear(low_rank, lora_b.weight, lora_b.bias, index, by_rows=True)  # (..., k)
         else:
             # y += s * B A[:, cols] drop(h): the input exists on the kept columns only.

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import norm_input
 from .ops import gather_linear
 from .ops_backward import cols_to_value, rows_from_value, weight_grad_from_value
 from .scatter import place
@@ -127,7 +128,7 @@ def _lora_rows_forward(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor
         scaling = module.scaling[adapter]
         convert = not four_bit or not torch.is_autocast_enabled()
         x_cast = module._cast_input_dtype(x, lora_a.weight.dtype) if convert else x
-        low_rank = lora_a(module.lora_dropout[adapter](x_cast))  # (..., r), with its graph (A trains)
+        low_rank = norm_input.linear(lora_a, module.lora_dropout[adapter](x_cast))  # (..., r), A trains
         with torch.no_grad():
             delta = lora_b(low_rank) * scaling
             value = value + (delta.to(result_dtype) if four_bit and convert else delta)
@@ -214,7 +215,7 @@ def weight_grad_forward(module: nn.Module, x: torch.Tensor, by_rows: bool) -> tu
         for adapter in _plain_lora(module):
             lora_a, lora_b = module.lora_A[adapter], module.lora_B[adapter]
             x_cast = module._cast_input_dtype(x, lora_a.weight.dtype)
-            low_rank = lora_a(module.lora_dropout[adapter](x_cast))  # (..., r), one dropout draw for both phases
+            low_rank = norm_input.linear(lora_a, module.lora_dropout[adapter](x_cast))  # one dropout draw
             with torch.no_grad():
                 value = value + lora_b(low_rank) * module.scaling[adapter]
             branches.append((low_rank, lora_b, module.scaling[adapter]))

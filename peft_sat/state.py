@@ -70,6 +70,8 @@ class SATState:
     # current training step; ``SATCallback`` resets it at each step and times steps per position.
     step_positions: int = 0
     hooks: list[Any] = field(default_factory=list, repr=False)
+    # The latest norm call of a training forward (``peft_sat.norm_input``): a block reading its output saves its input
+    last_norm_call: Any = field(default=None, repr=False)
     # (block, parameter) pairs registered with DeepSpeed ZeRO-3 (``peft_sat.zero3``); empty outside ZeRO-3
     zero3_registrations: list[Any] = field(default_factory=list, repr=False)
     warned: set[str] = field(default_factory=set, repr=False)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import importance
+from .. import importance, norm_input
 from ..query_rows import QueryRows, attention_grad_at_slots
 from ..scatter import add_at, place
 from ..sliced import base_weight, linear_cols, linear_rows, linear_rows_fused, project_base
@@ -96,6 +96,10 @@ class SATAttentionMixin(SATBlockMixin):
         dense = dict(position_embeddings=position_embeddings, attention_mask=attention_mask, cache=cache, **kwargs)
         if not self.sat_is_sparse():
             return super().forward(hidden_states, **dense)
+        with norm_input.recomputable(hidden_states, self.sat_state):  # saved as the norm's input (`norm_input`)
+            return self._sat_forward(hidden_states, position_embeddings, attention_mask, dense, kwargs)
+
+    def _sat_forward(self, hidden_states, position_embeddings, attention_mask, dense: dict, kwargs: dict):
         rows = self.sat_dense_rows(hidden_states)  # (n,) dense token positions, or None
         config = self.sat_state.config
         if rows is not None and self.sat_state.context_forward_only:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import importance
+from .. import importance, norm_input
 from ..sliced import base_layer, base_weight, linear_cols, linear_rows, linear_rows_fused, project_base
 from ..sliced_backward import cols_output, rows_forward, weight_grad_forward
 from ..token_rows import rows_output, rows_value, split_rows, supports_rows
@@ -36,6 +36,10 @@ class SATMLPMixin(SATBlockMixin):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.sat_is_sparse():
             return super().forward(x)
+        with norm_input.recomputable(x, self.sat_state):  # x = norm(h): saved as h (`peft_sat.norm_input`)
+            return self._sat_forward(x)
+
+    def _sat_forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = self.sat_dense_rows(x)  # (n,) dense token positions, or None: every token is a sparse token
         forward_only = self.sat_state.context_forward_only
         if rows is None or (not self.sat_omits_units and not forward_only):

@@ -1,0 +1,188 @@
+"""A sparse block saves the norm's input it reads, not its own input: ``x = norm(h)`` is recomputed in backward.
+
+In a pre-norm decoder layer a block reads ``x = norm(h)``. Dense backward keeps both: the norm's backward keeps
+its float32 input ``h``, and the projections reading ``x`` keep ``x`` for their weight gradients. A sparse block
+still needs all of ``x`` (the kept units' gradient ``dL/dW_K = g_K^T x`` reads every input column), so at any rate
+``x`` is a fixed part of what the block saves: the part of activation memory that does not fall with the rate.
+
+Here the projections of a sparse block save ``h`` instead (the norm's graph already holds it: no new bytes) and
+recompute ``x = norm(h)`` once per block in backward, the norm's own forward under the forward's autocast
+state (the same operations on the same input: the same bits). That is an elementwise pass over the block's input,
+small against the block's products, for one input-sized tensor less per block.
+
+Applies where it is free and safe:
+
+- ``x`` is the output of the latest call of a norm of the block's decoder layer (``attach_norm_hooks``) and the
+  very tensor the projection receives (a view or a slice of it is saved as it is);
+- ``h`` is float32 and requires a gradient: a norm keeps its float32 input (a 16-bit input is upcast first, and the
+  norm keeps the upcast copy, which the block cannot reach: holding ``h`` would cost what ``x`` costs);
+- not while ``torch.compile`` traces, nor under DeepSpeed ZeRO-3 (the norm's weight is gathered only inside the
+  norm's own hooks).
+
+Projections opt in through ``save_input`` / ``load_input`` (``peft_sat.ops`` and ``peft_sat.ops_backward``) and
+``linear`` (LoRA's ``A``, whose graph would otherwise save ``x``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class NormCall:
+    """The latest norm call of a training forward: its output and input (weak: recording keeps nothing alive)."""
+
+    norm: nn.Module
+    output: weakref.ref
+    input: weakref.ref
+
+
+class NormInput:
+    """A block input ``x = norm(h)`` to save as ``h``; recomputed once in backward for every projection saving it."""
+
+    def __init__(self, norm: nn.Module, x: torch.Tensor, h: torch.Tensor) -> None:
+        self.norm = norm
+        self.x = weakref.ref(x)
+        self.h = h  # dropped when the block's forward ends: from then on only the projections' graphs hold it
+        self.layout = (x.shape, x.stride(), x.dtype)
+        device = h.device.type
+        self.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
+        self.users = 0  # projections that saved h and have not run their backward yet
+        self._value: torch.Tensor | None = None
+
+    def recompute(self, h: torch.Tensor) -> torch.Tensor:
+        """``norm(h)``, computed by the first projection's backward and released after the last one's."""
+        value = self._value
+        if value is None:
+            device, dtype, enabled = self.autocast
+            with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
+                value = self.norm(h)
+            if (value.shape, value.stride(), value.dtype) != self.layout:
+                raise RuntimeError(
+                    f"peft_sat: recomputing {type(self.norm).__name__} in backward gave {tuple(value.shape)} "
+                    f"{value.dtype}, its forward gave {tuple(self.layout[0])} {self.layout[2]}: the norm changed "
+                    "between forward and backward."
+                )
+            self._value = value
+        self.users -= 1
+        if self.users <= 0:
+            self._value = None
+        return value
+
+
+class _Active(threading.local):
+    source: NormInput | None = None
+
+
+_ACTIVE = _Active()
+
+
+def attach_norm_hooks(model: nn.Module, blocks: list[nn.Module], state: Any) -> list[Any]:
+    """Record every call of the norms that sit next to a SAT block in its decoder layer (``RMSNorm`` /
+    ``LayerNorm`` children of the block's parent); returns the hook handles."""
+    blocks_by_id = {id(block) for block in blocks}
+    handles, seen = [], set()
+    for parent in model.modules():
+        children = list(parent.children())
+        if not any(id(child) in blocks_by_id for child in children):
+            continue
+        for child in children:
+            if id(child) not in seen and type(child).__name__.endswith(("RMSNorm", "LayerNorm")):
+                seen.add(id(child))
+                handles.append(child.register_forward_hook(_NormRecorder(state)))
+    return handles
+
+
+class _NormRecorder:
+    """Forward hook of a norm: remember its latest training call, for the block it feeds."""
+
+    def __init__(self, state: Any) -> None:
+        self.state = state
+
+    def __call__(self, module: nn.Module, args: tuple, output: Any) -> None:
+        state = self.state
+        if not (module.training and torch.is_grad_enabled() and state.enabled and state.omission_rate > 0.0):
+            return
+        if torch.compiler.is_compiling() or state.zero3_registrations:
+            return
+        if args and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor):
+            state.last_norm_call = NormCall(module, weakref.ref(output), weakref.ref(args[0]))
+
+
+@contextlib.contextmanager
+def recomputable(x: torch.Tensor, state: Any) -> Iterator[None]:
+    """While a sparse block's forward runs: projections reading ``x`` save the norm's input (see the module
+    docstring) when ``x`` is the latest norm call's output and that norm keeps its input."""
+    call = getattr(state, "last_norm_call", None)
+    h = call.input() if call is not None and call.output() is x else None
+    if h is None or h.dtype != torch.float32 or not h.requires_grad or torch.compiler.is_compiling():
+        yield
+        return
+    previous, _ACTIVE.source = _ACTIVE.source, NormInput(call.norm, x, h)
+    try:
+        yield
+    finally:
+        _ACTIVE.source.h = None
+        _ACTIVE.source = previous
+
+
+def save_input(ctx: Any, x: torch.Tensor | None) -> torch.Tensor | None:
+    """What a projection's ``forward`` passes to ``save_for_backward`` for its input ``x``: ``h`` when ``x`` is the
+    active block's recomputable input, else ``x``. Pair with ``load_input`` in backward."""
+    source = _ACTIVE.source
+    if x is None or source is None or source.x() is not x or source.h is None:
+        ctx.norm_input = None
+        return x
+    ctx.norm_input = source
+    source.users += 1
+    return source.h
+
+
+def load_input(ctx: Any, saved: torch.Tensor | None) -> torch.Tensor | None:
+    """The projection's input in backward, from what ``save_input`` saved."""
+    source = getattr(ctx, "norm_input", None)
+    if saved is None or source is None:
+        return saved
+    ctx.norm_input = None
+    return source.recompute(saved)
+
+
+class _Linear(torch.autograd.Function):
+    """``F.linear(x, W)``, saving what ``save_input`` says; gradients as autograd's for ``F.linear``."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(save_input(ctx, x) if weight.requires_grad else None, weight)
+        ctx.x_dtype = x.dtype
+        return F.linear(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        saved, weight = ctx.saved_tensors
+        x = load_input(ctx, saved)
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out.matmul(weight.to(grad_out.dtype)).to(ctx.x_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
+            grad_w = grad_2d.t().mm(x.reshape(-1, x.shape[-1]).to(grad_2d.dtype)).to(weight.dtype)
+        return grad_x, grad_w
+
+
+def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` for a bias-free ``nn.Linear`` (LoRA's ``A``), saving ``h`` instead of ``x`` where
+    ``save_input`` would; anything else is called as it is."""
+    source = _ACTIVE.source
+    plain = type(layer) is nn.Linear and layer.bias is None
+    if source is None or source.x() is not x or not plain or not torch.is_grad_enabled():
+        return layer(x)
+    return _Linear.apply(x, layer.weight)

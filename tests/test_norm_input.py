@@ -1,0 +1,135 @@
+"""A sparse block's projections save the norm's input h instead of the block's input x = norm(h), and recompute x in
+backward (``peft_sat.norm_input``): the same step bit for bit, one input-sized tensor less per sparse block."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from sat_testing import PAPER_MODES, batch, build_stack, gradients, train_step
+
+import peft_sat
+from peft_sat import norm_input
+from peft_sat.blocks.base import SATBlockMixin
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from _timing import activation_bytes  # noqa: E402
+
+MODES = {
+    "paper": PAPER_MODES,
+    "sparse-backward": dict(PAPER_MODES, sparse_pass="backward"),
+    "weight-grad": dict(PAPER_MODES, sparse_pass="weight_grad"),
+}
+
+
+@contextlib.contextmanager
+def _saving_x(monkeypatch):
+    """The blocks save x itself (the path without recomputation), for the comparison."""
+    with monkeypatch.context() as patch:
+        patch.setattr(norm_input, "recomputable", lambda x, state: contextlib.nullcontext())
+        yield
+
+
+def _recomputations(monkeypatch) -> list[int]:
+    calls, recompute = [], norm_input.NormInput.recompute
+
+    def counted(self, h):
+        calls.append(1)
+        return recompute(self, h)
+
+    monkeypatch.setattr(norm_input.NormInput, "recompute", counted)
+    return calls
+
+
+def _sparse_blocks(model) -> list[SATBlockMixin]:
+    return [m for m in model.modules() if isinstance(m, SATBlockMixin) and m.sat_omits_units]
+
+
+# Left out: Phi3 under LoRA (`lora_config()` targets no fused projection, whose frozen base then saves no x) and
+# "weight_grad" on 4-bit bases (their LoRA layers run their own forward, which saves x).
+STACKS = [
+    ("full", "llama"),
+    ("full", "gemma"),
+    ("full", "phi3"),
+    ("lora", "llama"),
+    ("lora", "gemma"),
+    ("qlora", "llama"),
+]
+CASES = [(mode, *stack) for mode in MODES for stack in STACKS if (mode, stack[0]) != ("weight-grad", "qlora")]
+
+
+@pytest.mark.parametrize("mode, stack, family", CASES)
+def test_recomputing_the_block_input_gives_the_same_step(mode, stack, family, monkeypatch, tmp_path):
+    def step(model) -> tuple[torch.Tensor, dict]:
+        return train_step(model, inputs), gradients(model)
+
+    config = dict(omission_rate=0.5, **MODES[mode])
+    models = [  # identical
+        build_stack(stack, family, "sdpa", peft_sat.SATConfig(**config), tmp_path / str(i)).sat for i in range(2)
+    ]
+    inputs = batch()
+    calls = _recomputations(monkeypatch)
+    loss, grads = step(models[0])
+    assert calls, "no block recomputed its input"
+    with _saving_x(monkeypatch):
+        reference_loss, reference = step(models[1])
+    assert torch.equal(loss, reference_loss)
+    assert grads.keys() == reference.keys() and grads
+    for name, grad in reference.items():
+        assert torch.equal(grads[name], grad), name
+
+
+@pytest.mark.parametrize("stack", ["full", "lora"])
+@pytest.mark.parametrize("mode", ["paper", "sparse-backward"])
+def test_each_sparse_block_saves_one_input_less(mode, stack, monkeypatch):
+    model = build_stack(stack, "llama", "sdpa", peft_sat.SATConfig(omission_rate=0.5, **MODES[mode])).sat
+    inputs = batch()
+    blocks = _sparse_blocks(model)
+    recomputed, _ = activation_bytes(model, lambda: model(**inputs).loss, blocks)
+    with _saving_x(monkeypatch):
+        saved_x, _ = activation_bytes(model, lambda: model(**inputs).loss, blocks)
+    hidden = model.get_base_model().config.hidden_size
+    x_bytes = inputs["input_ids"].numel() * hidden * 4
+    # Under LoRA the first layer's norm reads the frozen embeddings, keeps nothing, and its attention saves x.
+    swapped = len(blocks) - (stack == "lora")
+    assert saved_x - recomputed == swapped * x_bytes
+
+
+def test_a_16_bit_norm_input_is_saved_as_before(monkeypatch):
+    """A norm keeps an fp32 copy of a 16-bit input, not the input: holding h would cost what x costs."""
+    model = build_stack("full", "llama", "sdpa", peft_sat.SATConfig(omission_rate=0.5, **PAPER_MODES)).sat
+    model.to(torch.bfloat16)
+    inputs = batch()
+    blocks = _sparse_blocks(model)
+    calls = _recomputations(monkeypatch)
+    recomputed, _ = activation_bytes(model, lambda: model(**inputs).loss, blocks)
+    with _saving_x(monkeypatch):
+        saved_x, _ = activation_bytes(model, lambda: model(**inputs).loss, blocks)
+    train_step(model, inputs)
+    assert recomputed == saved_x and not calls
+
+
+def test_gradient_checkpointing_recomputes_the_same_step(monkeypatch):
+    config = peft_sat.SATConfig(omission_rate=0.5, **PAPER_MODES)
+    reference, model = [build_stack("full", "llama", "sdpa", config).sat for _ in range(2)]  # identical
+    inputs = batch()
+    with _saving_x(monkeypatch):
+        loss = train_step(reference, inputs)
+    grads = gradients(reference)
+    model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    calls = _recomputations(monkeypatch)
+    assert torch.equal(train_step(model, inputs), loss)
+    assert calls
+    for name, grad in gradients(model).items():
+        assert torch.equal(grad, grads[name]), name
+
+
+def test_norm_hooks_come_and_go_with_sat():
+    model = build_stack("full", "llama", "sdpa", peft_sat.SATConfig(**PAPER_MODES)).sat
+    norms = [m for name, m in model.named_modules() if name.endswith(("input_layernorm", "post_attention_layernorm"))]
+    assert norms and all(len(norm._forward_hooks) == 1 for norm in norms)
+    peft_sat.remove_sat(model)
+    assert all(not norm._forward_hooks for norm in norms)
