@@ -13,7 +13,8 @@ small against the block's products, for one input-sized tensor less per block.
 Applies where it is free and safe:
 
 - ``x`` is the output of the latest call of a norm of the block's decoder layer (``attach_norm_hooks``) and the
-  very tensor the projection receives (a view or a slice of it is saved as it is);
+  very tensor the projection receives, unchanged in place since the norm (a view or a slice of it, or a changed
+  ``x``, is saved as it is);
 - ``h`` is float32 and requires a gradient: a norm keeps its float32 input (a 16-bit input is upcast first, and the
   norm keeps the upcast copy, which the block cannot reach: holding ``h`` would cost what ``x`` costs);
 - not while ``torch.compile`` traces, nor under DeepSpeed ZeRO-3 (the norm's weight is gathered only inside the
@@ -44,16 +45,18 @@ class NormCall:
     norm: nn.Module
     output: weakref.ref
     input: weakref.ref
+    version: int  # the output's version counter: an in-place change after the norm makes norm(h) differ from it
 
 
 class NormInput:
     """A block input ``x = norm(h)`` to save as ``h``; recomputed once in backward for every projection saving it."""
 
-    def __init__(self, norm: nn.Module, x: torch.Tensor, h: torch.Tensor) -> None:
-        self.norm = norm
+    def __init__(self, call: NormCall, x: torch.Tensor, h: torch.Tensor) -> None:
+        self.norm = call.norm
         self.x = weakref.ref(x)
         self.h = h  # dropped when the block's forward ends: from then on only the projections' graphs hold it
         self.layout = (x.shape, x.stride(), x.dtype)
+        self.version = call.version  # x as the norm returned it; changed in place since, norm(h) no longer gives it
         device = h.device.type
         self.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
         self.users = 0  # projections that saved h and have not run their backward yet
@@ -115,7 +118,7 @@ class _NormRecorder:
         if torch.compiler.is_compiling() or state.zero3_registrations:
             return
         if args and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor):
-            state.last_norm_call = NormCall(module, weakref.ref(output), weakref.ref(args[0]))
+            state.last_norm_call = NormCall(module, weakref.ref(output), weakref.ref(args[0]), output._version)
 
 
 @contextlib.contextmanager
@@ -127,7 +130,7 @@ def recomputable(x: torch.Tensor, state: Any) -> Iterator[None]:
     if h is None or h.dtype != torch.float32 or not h.requires_grad or torch.compiler.is_compiling():
         yield
         return
-    previous, _ACTIVE.source = _ACTIVE.source, NormInput(call.norm, x, h)
+    previous, _ACTIVE.source = _ACTIVE.source, NormInput(call, x, h)
     try:
         yield
     finally:
@@ -135,14 +138,20 @@ def recomputable(x: torch.Tensor, state: Any) -> Iterator[None]:
         _ACTIVE.source = previous
 
 
+def _source_of(x: torch.Tensor | None) -> NormInput | None:
+    """The active block's ``NormInput`` when ``x`` is its input, unchanged since the norm and during its forward."""
+    source = _ACTIVE.source
+    if x is None or source is None or source.h is None or source.x() is not x or x._version != source.version:
+        return None
+    return source
+
+
 def save_input(ctx: Any, x: torch.Tensor | None) -> torch.Tensor | None:
     """What a projection's ``forward`` passes to ``save_for_backward`` for its input ``x``: ``h`` when ``x`` is the
     active block's recomputable input, else ``x``. Pair with ``load_input`` in backward."""
-    source = _ACTIVE.source
-    if x is None or source is None or source.x() is not x or source.h is None:
-        ctx.norm_input = None
+    ctx.norm_input = source = _source_of(x)
+    if source is None:
         return x
-    ctx.norm_input = source
     source.users += 1
     return source.h
 
@@ -181,8 +190,7 @@ class _Linear(torch.autograd.Function):
 def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``layer(x)`` for a bias-free ``nn.Linear`` (LoRA's ``A``), saving ``h`` instead of ``x`` where
     ``save_input`` would; anything else is called as it is."""
-    source = _ACTIVE.source
     plain = type(layer) is nn.Linear and layer.bias is None
-    if source is None or source.x() is not x or not plain or not torch.is_grad_enabled():
+    if not plain or not torch.is_grad_enabled() or _source_of(x) is None:
         return layer(x)
     return _Linear.apply(x, layer.weight)

@@ -133,3 +133,23 @@ def test_norm_hooks_come_and_go_with_sat():
     assert norms and all(len(norm._forward_hooks) == 1 for norm in norms)
     peft_sat.remove_sat(model)
     assert all(not norm._forward_hooks for norm in norms)
+
+
+def test_a_block_input_changed_in_place_is_saved_as_it_is(monkeypatch):
+    """norm(h) would no longer give x: the projections save x itself."""
+    model = build_stack("full", "llama", "sdpa", peft_sat.SATConfig(omission_rate=0.5, **PAPER_MODES)).sat
+
+    def double_the_input(module, args, kwargs) -> None:
+        (args[0] if args else kwargs["hidden_states"]).mul_(2.0)
+
+    blocks = _sparse_blocks(model)
+    handles = [block.register_forward_pre_hook(double_the_input, with_kwargs=True) for block in blocks]
+    calls = _recomputations(monkeypatch)
+    inputs = batch()
+    changed, _ = activation_bytes(model, lambda: model(**inputs).loss, blocks)
+    with _saving_x(monkeypatch):
+        saved_x, _ = activation_bytes(model, lambda: model(**inputs).loss, blocks)
+    train_step(model, inputs)
+    for handle in handles:
+        handle.remove()
+    assert changed == saved_x and not calls
