@@ -193,6 +193,11 @@ def sat_blocks(model: nn.Module) -> list[tuple[str, SATBlockMixin]]:
     return [(name, m) for name, m in inner(model).named_modules() if isinstance(m, SATBlockMixin)]
 
 
+def omitting_blocks(model: nn.Module) -> list[SATBlockMixin]:
+    """The SAT blocks that omit units (not those converted only to cut the context tokens' gradient)."""
+    return [m for m in model.modules() if isinstance(m, SATBlockMixin) and m.sat_omits_units]
+
+
 @dataclass
 class UnitMask:
     """What a SAT block's last step did with its units, per token row (shapes (units,) when every token was treated

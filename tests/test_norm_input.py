@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from sat_testing import PAPER_MODES, batch, build_stack, gradients, train_step
+from sat_testing import PAPER_MODES, batch, build_stack, gradients, omitting_blocks, train_step
 
 import peft_sat
 from peft_sat import norm_input
-from peft_sat.blocks.base import SATBlockMixin
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from _timing import activation_bytes  # noqa: E402
@@ -42,10 +41,6 @@ def _recomputations(monkeypatch) -> list[int]:
 
     monkeypatch.setattr(norm_input.NormInput, "recompute", counted)
     return calls
-
-
-def _sparse_blocks(model) -> list[SATBlockMixin]:
-    return [m for m in model.modules() if isinstance(m, SATBlockMixin) and m.sat_omits_units]
 
 
 # Left out: Phi3 under LoRA (`lora_config()` targets no fused projection, whose frozen base then saves no x) and
@@ -87,7 +82,7 @@ def test_recomputing_the_block_input_gives_the_same_step(mode, stack, family, mo
 def test_each_sparse_block_saves_one_input_less(mode, stack, monkeypatch):
     model = build_stack(stack, "llama", "sdpa", peft_sat.SATConfig(omission_rate=0.5, **MODES[mode])).sat
     inputs = batch()
-    blocks = _sparse_blocks(model)
+    blocks = omitting_blocks(model)
     recomputed, _ = activation_bytes(model, lambda: model(**inputs).loss, blocks)
     with _saving_x(monkeypatch):
         saved_x, _ = activation_bytes(model, lambda: model(**inputs).loss, blocks)
@@ -103,7 +98,7 @@ def test_a_16_bit_norm_input_is_saved_as_before(monkeypatch):
     model = build_stack("full", "llama", "sdpa", peft_sat.SATConfig(omission_rate=0.5, **PAPER_MODES)).sat
     model.to(torch.bfloat16)
     inputs = batch()
-    blocks = _sparse_blocks(model)
+    blocks = omitting_blocks(model)
     calls = _recomputations(monkeypatch)
     recomputed, _ = activation_bytes(model, lambda: model(**inputs).loss, blocks)
     with _saving_x(monkeypatch):
@@ -142,7 +137,7 @@ def test_a_block_input_changed_in_place_is_saved_as_it_is(monkeypatch):
     def double_the_input(module, args, kwargs) -> None:
         (args[0] if args else kwargs["hidden_states"]).mul_(2.0)
 
-    blocks = _sparse_blocks(model)
+    blocks = omitting_blocks(model)
     handles = [block.register_forward_pre_hook(double_the_input, with_kwargs=True) for block in blocks]
     calls = _recomputations(monkeypatch)
     inputs = batch()
