@@ -14,7 +14,9 @@ Which steps are timed depends only on the step number and the verdicts so far, s
   reasons of their own (on a CPU, 1.4-2x a settled dense step in ``make sft`` / ``make cpt``, though not in a plain
   loop of the same steps). While they are due, a step that would be timed sparse runs dense instead;
 - each rate above the crossover: its first ``TIMED_STEPS`` steps, or fewer when its stage ends sooner (a linear
-  decay judges each step's rate on that step alone);
+  decay judges each step's rate on that step alone). When those leave the rate within ``MIN_GAIN`` of dense either
+  way (too close to call), more of its steps are timed, with a probe each, up to ``MAX_TIMED_STEPS`` while its stage
+  has room for them;
 - the dense steps it is compared with, *next to its own*: a rate is judged only against dense steps timed at most
   ``REFERENCE_STEPS`` steps before its first timed step or among its timed steps. Where there are too few, *dense
   probes* (steps that would be timed sparse, run dense instead) alternate with the rate's timed steps: dense, sparse,
@@ -30,11 +32,15 @@ all ranks reach the same verdicts and run the same rate, as a shared selection (
 needs. A rate is faster when its time per position is at least ``MIN_GAIN`` below the dense one: step times on a
 shared CPU wander by a few percent, and a rung that saves less than that buys its loss of quality with nothing
 measurable (a ``make cpt`` run judged r = 1/6 faster at 2% below its dense reference, and the A/B's dense arm then
-ran the same batches faster). Anything closer runs dense.
+ran the same batches faster). Anything closer runs dense. Two steps a side cannot tell a real gain of 10% from none
+on a noisy CPU, where one step can take 15% longer than the next for reasons of its own: a ``make cpt`` run judged
+its full rate, whose steps ran 0.86x the dense arm's on the same batches, at 3.30 s against 3.35 s and ran every rate
+dense. Hence the extra steps for a verdict too close to call: each side's best of four is far less likely to be an
+outlier than its best of two.
 
 The probes cost dense steps in place of sparse ones: with the default ladder, two settling steps and two probes per
-judged rate at most (fewer where a judged rate's probes are recent enough for the next rate); with a linear decay,
-one probe every ``REFERENCE_STEPS + 1`` steps until the crossover is found.
+judged rate, four when too close to call (fewer where a judged rate's probes are recent enough for the next rate);
+with a linear decay, one probe every ``REFERENCE_STEPS + 1`` steps until the crossover is found.
 
 One verdict serves every rate when the rate does not change what a step computes. A batch split by
 ``dense_tokens`` with ``context_tokens="forward_only"`` runs the whole block on its dense rows and the dense
@@ -67,6 +73,8 @@ logger = logging.get_logger(__name__)
 
 # Timed steps per rate and for the dense reference: one step alone (a short batch, a recompilation) cannot decide.
 TIMED_STEPS = 2
+# Timed steps per rate at most, when the first TIMED_STEPS leave it within MIN_GAIN of dense either way.
+MAX_TIMED_STEPS = 4
 # Untimed dense steps of a process before any dense step is timed (see the module docstring).
 SETTLING_STEPS = 2
 # How many steps before a rate's first timed step a dense timing may be taken to count as that rate's reference.
@@ -207,7 +215,7 @@ class CrossoverCheck:
             pending = self._pending.get(scheduled, [])
             first_timed = pending[0].step if pending else step
             reference = self._reference(first_timed)
-            if self._settling_left > 0 or len(reference) < min(TIMED_STEPS, len(pending) + 1):
+            if self._settling_left > 0 or len(reference) < len(pending) + 1:
                 rate, probe = 0.0, True
                 self.probe_steps.append(step)
             else:
@@ -254,12 +262,22 @@ class CrossoverCheck:
             return None
         timings = self._pending.setdefault(rate, [])
         timings.append(timing)
-        last_of_stage = (
-            step + 1 >= self.total_steps or omission_rate_at(self.config, step + 1, self.total_steps) != rate
-        )
-        if len(timings) < TIMED_STEPS and not last_of_stage:
+        if len(timings) < TIMED_STEPS and self._rate_continues(step, rate, 1):
             return None
+        if self._too_close_to_call(timings) and len(timings) < MAX_TIMED_STEPS and self._rate_continues(step, rate, 2):
+            return None  # a probe on the next step, this rate's next timed step on the one after
         return self._judge(rate, self._pending.pop(rate))
+
+    def _rate_continues(self, step: int, rate: float, steps: int) -> bool:
+        """Whether step ``step + steps`` is still scheduled at ``rate`` (a ladder's stages have distinct rates)."""
+        later = step + steps
+        return later < self.total_steps and omission_rate_at(self.config, later, self.total_steps) == rate
+
+    def _too_close_to_call(self, timings: list[Timing]) -> bool:
+        """Whether the best of ``timings`` is within ``MIN_GAIN`` of its dense reference either way."""
+        dense = min(t.per_position for t in self._reference(timings[0].step))
+        best = min(t.per_position for t in timings)
+        return abs(best - dense) < MIN_GAIN * dense
 
     # ---- verdicts --------------------------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from transformers import Trainer
 
 from peft_sat import SATCallback, SATConfig, omission_rate_at
 from peft_sat.crossover import (
+    MAX_TIMED_STEPS,
     MIN_GAIN,
     REFERENCE_STEPS,
     SETTLING_STEPS,
@@ -323,6 +324,40 @@ def test_a_rate_within_the_noise_of_dense_runs_dense():
     rates = drive(check, clock)
     assert not check.verdicts[0].faster and check.crossover_rate == 0.5
     assert rates == [0.5] + [0.0] * 3 + [0.5, 0.0, 0.5] + [0.0] * (STEPS - 7)
+
+
+def test_a_rate_too_close_to_call_is_timed_on_more_steps_before_it_runs_dense():
+    """1% faster than dense after two timed steps: within ``MIN_GAIN`` either way, so the full rate is timed on two
+    more steps, each after a probe, before its verdict (not faster); the steps after it run dense. With 16 steps the
+    stage has no room for them and the verdict comes after two (the test above)."""
+    clock = FakeClock({0.0: 1.0, 0.5: 0.99, 0.333: 0.5, 0.167: 0.5})
+    check = CrossoverCheck(paper_config(omission_rate=0.5), LONG_STEPS, first_step=0, clock=clock)
+    rates = drive(check, clock)
+    assert MAX_TIMED_STEPS == 4 and check.probe_steps == [1, 2, 3, 5, 7, 9]
+    assert rates == [0.5] + [0.0] * 3 + [0.5, 0.0] * 4 + [0.0] * (LONG_STEPS - 12)
+    (verdict,) = check.verdicts
+    assert verdict.steps == (4, 6, 8, 10) and verdict.dense_steps == (3, 5, 7, 9) and not verdict.faster
+    assert check.crossover_rate == 0.5 and check.dense_stages[0].first_step == 11
+
+
+def test_two_slow_timed_steps_do_not_cost_a_rate_that_is_faster():
+    """The full rate's first two timed steps are outliers (as slow as dense); the third shows its real time, 0.7 of
+    dense, and it stays sparse: the run loses two probes, not the whole schedule's saving."""
+    runs = []
+
+    def seconds(rate: float) -> float:
+        if rate == 0.0:
+            return 1.0
+        runs.append(rate)
+        return 1.0 if len(runs) in (2, 3) else 0.7  # sparse runs: step 0 (untimed), then the timed steps 4 and 6
+
+    clock = FakeClock(seconds)
+    check = CrossoverCheck(paper_config(omission_rate=0.5), LONG_STEPS, first_step=0, clock=clock)
+    rates = drive(check, clock)
+    first = check.verdicts[0]
+    assert first.steps == (4, 6, 8) and first.dense_steps == (3, 5, 7) and first.faster
+    assert first.seconds == pytest.approx(0.7) and check.probe_steps[:6] == [1, 2, 3, 5, 7, 12]
+    assert rates[8:12] == [0.5] * 4 and check.crossover_rate == 0.0
 
 
 def test_a_resumed_process_never_times_its_first_step_and_keeps_a_known_crossover():
