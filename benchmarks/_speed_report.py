@@ -66,6 +66,8 @@ def describe(report: Report) -> list[str]:
         omit += f"; loss on the last {s['loss_tokens']:.0%} of each sequence"
     if s.get("cpu_allocator") == "tuned":  # older reports: glibc's defaults
         omit += "; CPU allocator keeps freed memory (peft_sat.cpu_allocator)"
+    elif s.get("cpu_allocator") == "heap":
+        omit += "; CPU allocator keeps freed memory, blocks above 32 MiB from the heap too (peft_sat.cpu_allocator)"
     lines = [
         f"SAT speed benchmark: {s['machine']}; {s['device']}, {s['precision']}, {s['threads']} threads, torch "
         f"{s['torch']}; {s['head_granularity']} heads, maxip + top-k{tokens}{omit}; median of {s['steps']} interleaved steps per "

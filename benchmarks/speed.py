@@ -118,9 +118,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--cpu-allocator",
         default="tuned",
-        choices=["tuned", "default"],
-        help="CPU: 'tuned' keeps freed memory between steps (peft_sat.cpu_allocator, as the recipes do); 'default': "
-        "glibc's thresholds",
+        choices=["tuned", "heap", "default"],
+        help="CPU: 'tuned' keeps freed memory between steps (peft_sat.cpu_allocator, as the recipes do); 'heap': "
+        "blocks above 32 MiB too (large_blocks_from_heap); 'default': glibc's thresholds",
     )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--tiny", action="store_true", help="a seconds-long run on tiny random models (smoke test)")
@@ -340,9 +340,11 @@ def _ideal(case: Case, variant: str, rate: float, config: peft_sat.SATConfig, de
 
 
 def _tune_allocator(args: argparse.Namespace) -> None:
-    """``--cpu-allocator tuned`` on a CPU; records in ``args`` whether it applied (the report says so)."""
-    tuned = args.device.type == "cpu" and args.cpu_allocator == "tuned"
-    args.cpu_allocator = "tuned" if tuned and peft_sat.cpu_allocator.tune_cpu_allocator() else "default"
+    """``--cpu-allocator tuned`` or ``heap`` on a CPU; records in ``args`` whether it applied (the report says so)."""
+    tuned = args.device.type == "cpu" and args.cpu_allocator in ("tuned", "heap")
+    heap = args.cpu_allocator == "heap"
+    applied = tuned and peft_sat.cpu_allocator.tune_cpu_allocator(large_blocks_from_heap=heap)
+    args.cpu_allocator = args.cpu_allocator if applied else "default"
 
 
 def _autocast(args: argparse.Namespace) -> torch.autocast:

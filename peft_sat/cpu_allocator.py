@@ -11,6 +11,12 @@ and its training time by about a sixth, for dense and SAT runs alike.
 to 2 GiB), the same trade PyTorch's CUDA caching allocator makes on a GPU: the process keeps its peak resident size
 between steps. Process-wide and glibc-only; a no-op (``False``) elsewhere. ``release_free_memory`` hands the kept
 memory back (``malloc_trim``), e.g. before measuring how much a step raises the peak resident size.
+
+Blocks above 32 MiB are still mapped and unmapped every time: glibc allows no higher mmap threshold. At a
+7B-shaped layer's 2048 tokens every hidden-state tensor is one (2048 x 4096 float32 = 32 MiB), and a SmolLM2 step's
+logits are another. ``large_blocks_from_heap=True`` takes them from the heap as well (``M_MMAP_MAX = 0``: no mmap at
+all), at the price of a larger resident size (a freed large block in the middle of the heap is reused piecemeal).
+``benchmarks/speed.py --cpu-allocator heap`` measures it.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import sys
 # mallopt(3) parameters (glibc's malloc.h)
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
+M_MMAP_MAX = -4
 MMAP_THRESHOLD = 32 << 20  # glibc's maximum on 64-bit: larger blocks (e.g. a 100 MB logits tensor) are still mapped
 TRIM_THRESHOLD = (2 << 30) - 1  # mallopt takes an int
 
@@ -36,14 +43,18 @@ def _glibc() -> ctypes.CDLL | None:
     return libc if hasattr(libc, "mallopt") and hasattr(libc, "gnu_get_libc_version") else None  # not musl
 
 
-def tune_cpu_allocator() -> bool:
-    """Fix glibc's mmap and trim thresholds for training (see the module docstring); True when applied."""
+def tune_cpu_allocator(large_blocks_from_heap: bool = False) -> bool:
+    """Fix glibc's mmap and trim thresholds for training (see the module docstring); True when applied.
+
+    ``large_blocks_from_heap``: no block is mapped for itself, however large (``M_MMAP_MAX = 0``).
+    """
     libc = _glibc()
     if libc is None:
         return False
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
-        libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
-    )
+    settings = [(M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD)]
+    if large_blocks_from_heap:
+        settings.append((M_MMAP_MAX, 0))
+    return all(bool(libc.mallopt(parameter, value)) for parameter, value in settings)
 
 
 def release_free_memory() -> bool:

@@ -59,6 +59,17 @@ class RecipeArguments(ScriptArguments):
             )
         },
     )
+    cpu_allocator_large_blocks_from_heap: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "With `tune_cpu_allocator`: blocks above 32 MiB (glibc's highest mmap threshold) come from the heap "
+                "too, so no step faults them in again. Faster steps, a larger peak resident size (the heap "
+                "fragments): on a 7B-shaped layer SAT steps gained the most (`benchmarks/speed.py --cpu-allocator "
+                "heap`)."
+            )
+        },
+    )
     compare_dense: bool = field(
         default=False,
         metadata={

@@ -99,10 +99,12 @@ def score_labelled_positions_only() -> None:
 
 
 def tune_cpu_allocator(script_args: Any, training_args: Any) -> bool:
-    """``peft_sat.cpu_allocator.tune_cpu_allocator`` on a CPU run unless ``--tune_cpu_allocator false``; True when
-    applied (recorded in ``metrics.json``: step times depend on it)."""
+    """``peft_sat.cpu_allocator.tune_cpu_allocator`` on a CPU run unless ``--tune_cpu_allocator false`` (with
+    ``--cpu_allocator_large_blocks_from_heap``: ``large_blocks_from_heap``); True when applied (recorded in
+    ``metrics.json``: step times depend on it)."""
     on_cpu = training_args.use_cpu or not torch.cuda.is_available()
-    return bool(script_args.tune_cpu_allocator and on_cpu and cpu_allocator.tune_cpu_allocator())
+    heap = script_args.cpu_allocator_large_blocks_from_heap
+    return bool(script_args.tune_cpu_allocator and on_cpu and cpu_allocator.tune_cpu_allocator(heap))
 
 
 def load_model(model_path: str, model_args: Any, training_args: Any) -> Any:

@@ -84,7 +84,8 @@ def main(script_args: Any, training_args: Any, model_args: Any, sat_args: Any) -
 
     # Report: metrics.json, the plot, the summary.
     dataset = script_args.dataset_name or BUILTIN_DATA
-    metrics = report.run_metrics(RECIPE, dataset, "blocks", model_args, arm, dense, wall_start, allocator_tuned)
+    heap = script_args.cpu_allocator_large_blocks_from_heap
+    metrics = report.run_metrics(RECIPE, dataset, "blocks", model_args, arm, dense, wall_start, allocator_tuned, heap)
     report.write_report(metrics, arm, dense)
     common.end_run()
     return metrics

@@ -1,5 +1,6 @@
 """``peft_sat.cpu_allocator``: after ``tune_cpu_allocator`` freed tensor memory stays in the process (the next step
-reuses it instead of faulting fresh pages in), and ``release_free_memory`` hands it back. Run in a fresh interpreter:
+reuses it instead of faulting fresh pages in), above 32 MiB only with ``large_blocks_from_heap``, and
+``release_free_memory`` hands it back. Run in a fresh interpreter:
 the setting is process-wide."""
 
 from __future__ import annotations
@@ -34,6 +35,13 @@ SCRIPT = textwrap.dedent(
     assert cpu_allocator.tune_cpu_allocator()
     grown, kept = freed_and_kept(24)  # tuned: served from the heap, and the freed memory stays resident
     assert grown > 20 and kept > 20, (grown, kept)
+    cpu_allocator.release_free_memory()  # else the heap's free top could be grown to serve the next block
+    grown, kept = freed_and_kept(48)  # above glibc's highest mmap threshold: still mapped and unmapped
+    assert grown > 44 and kept < 2, (grown, kept)
+    assert cpu_allocator.tune_cpu_allocator(large_blocks_from_heap=True)
+    cpu_allocator.release_free_memory()
+    grown, kept = freed_and_kept(48)  # now from the heap as well
+    assert grown > 44 and kept > 44, (grown, kept)
     before = resident_mb()
     assert cpu_allocator.release_free_memory()
     assert resident_mb() < before - 20

@@ -229,6 +229,7 @@ def test_sft_end_to_end(variant, tiny_model_dir, chat_file, tmp_path):
     assert metrics["compare_dense"] is None
     assert saved["crossover"] == {"dense_when_slower": False}  # TINY_RECIPE_ARGS switch the crossover check off
     assert saved["cpu_allocator_tuned"] is sys.platform.startswith("linux")  # a CPU run keeps freed memory
+    assert saved["cpu_allocator_large_blocks_from_heap"] is False  # opt-in
 
 
 def test_cpt_end_to_end_full(tiny_model_dir, text_file, tmp_path):
@@ -254,6 +255,18 @@ def test_dense_baseline(tiny_model_dir, text_file, tmp_path):
     assert not metrics["sat"] and metrics["schedule"] == "dense" and not metrics["cpu_allocator_tuned"]
     assert all("sat/omission_rate" not in entry for entry in metrics["log_history"])
     assert metrics["step_time_dense_s"] is not None
+
+
+def test_large_blocks_from_heap_reaches_the_allocator_and_metrics(tiny_model_dir, text_file, tmp_path, monkeypatch):
+    """The flag's effect on glibc is tested in a fresh interpreter (test_cpu_allocator.py); here only that the recipe
+    passes it on and records it, without changing this process's allocator."""
+    from peft_sat import cpu_allocator
+
+    calls = []
+    monkeypatch.setattr(cpu_allocator, "tune_cpu_allocator", lambda heap=False: calls.append(heap) or True)
+    args = ("--use_sat", "false", "--cpu_allocator_large_blocks_from_heap", "true")
+    metrics = cpt.main(*tiny_args("cpt", tiny_model_dir, text_file, tmp_path, *args))
+    assert calls == [True] and metrics["cpu_allocator_tuned"] and metrics["cpu_allocator_large_blocks_from_heap"]
 
 
 def test_compare_dense_trains_both_arms_on_the_same_batches(tiny_model_dir, chat_file, tmp_path, monkeypatch):
