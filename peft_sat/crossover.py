@@ -38,6 +38,12 @@ its full rate, whose steps ran 0.86x the dense arm's on the same batches, at 3.3
 dense. Hence the extra steps for a verdict too close to call: each side's best of four is far less likely to be an
 outlier than its best of two.
 
+A rate's timed steps run at its rate whatever its verdict, so a rung slower than dense costs its timed steps. The
+time a rate saves grows with the rate (the FLOPs it omits) less a fixed cost per step, so where two higher rates of
+the run were judged on their own timed steps, the line through their gains predicts the next one: a rate predicted
+to save less than ``MIN_GAIN`` runs dense untimed, with every lower rate (a ``make cpt`` run measured 10.7% at
+r = 1/2 and 4.2% at r = 1/3, then timed r = 1/6 at 1.10-1.14x the dense arm's steps; the line predicts -2.3%).
+
 The probes cost dense steps in place of sparse ones: with the default ladder, two settling steps and two probes per
 judged rate, four when too close to call (fewer where a judged rate's probes are recent enough for the next rate);
 with a linear decay, one probe every ``REFERENCE_STEPS + 1`` steps until the crossover is found.
@@ -132,9 +138,20 @@ class Verdict:
     positions: int
     faster: bool
     shared_with: str = ""  # the stage whose verdict this rate took (its steps compute the same); "": its own
+    predicted_from: tuple[str, ...] = ()  # the stages whose gains predicted this one (no steps timed); (): measured
+
+    @property
+    def gain(self) -> float:
+        """The share of the dense time per position this rate saved (negative: slower)."""
+        return 1.0 - self.seconds / self.dense_seconds
 
     def describe(self) -> str:
         comparison = "faster" if self.faster else "not faster"
+        if self.predicted_from:
+            sources = " and ".join(self.predicted_from)
+            return (
+                f"predicted {comparison} than dense ({self.gain:.1%} saved, on the line through the {sources}'s gains)"
+            )
         return (
             f"{comparison} than dense ({self.seconds:.3g} s vs {self.dense_seconds:.3g} s per step of "
             f"{self.positions} token positions)"
@@ -206,6 +223,8 @@ class CrossoverCheck:
         warm = step > self.first_step
         if self._shared is not None and scheduled > self.crossover_rate and scheduled not in self._judged:
             self._take_shared_verdict(step, scheduled)
+        if scheduled > self.crossover_rate and scheduled not in self._judged and not self._pending.get(scheduled):
+            self._predict(step, scheduled)
         rate, timed, probe = scheduled, None, False
         if scheduled != 0.0 and scheduled <= self.crossover_rate:
             rate = 0.0
@@ -311,6 +330,41 @@ class CrossoverCheck:
             )
         return verdict
 
+    def _predict(self, step: int, rate: float) -> None:
+        """Judge ``rate`` by the line through the gains of the two nearest higher rates judged on their own
+        ``TIMED_STEPS`` or more steps, when it predicts less than ``MIN_GAIN``: no steps timed. Single-step verdicts
+        (a linear decay's) are too noisy to extrapolate from."""
+        measured = [v for v in self.verdicts if v.rate > rate and not v.shared_with and len(v.steps) >= TIMED_STEPS]
+        if len(measured) < 2:
+            return
+        near, far = sorted(measured, key=lambda v: v.rate)[:2]
+        if far.rate == near.rate:
+            return
+        slope = (far.gain - near.gain) / (far.rate - near.rate)
+        gain = near.gain + slope * (rate - near.rate)
+        if gain >= MIN_GAIN:
+            return
+        stage = stage_at(self.config, step, self.total_steps).name
+        dense = near.dense_seconds
+        verdict = Verdict(
+            rate=rate,
+            stage=stage,
+            steps=(),
+            dense_steps=(),
+            seconds=dense * (1.0 - gain),
+            dense_seconds=dense,
+            positions=near.positions,
+            faster=False,
+            predicted_from=(far.stage, near.stage),
+        )
+        self.verdicts.append(verdict)
+        self._judged.add(rate)
+        self.crossover_rate = max(self.crossover_rate, rate)
+        logger.warning(
+            f"SAT: {stage} (r={rate:.3g}) was {verdict.describe()}; steps at rates <= {self.crossover_rate:.3g} run "
+            f"dense from step {step} on (`dense_when_slower=False` follows the schedule instead)."
+        )
+
     def _take_shared_verdict(self, step: int, rate: float) -> None:
         """Judge ``rate`` faster by the verdict of a rate whose steps computed the same at every rate: no steps
         timed."""
@@ -364,7 +418,12 @@ class CrossoverCheck:
             "dense_reference": None if dense is None else asdict(dense),
             "dense_steps_timed": [t.step for t in self.dense_timings],
             "verdicts": [
-                {**asdict(verdict), "steps": list(verdict.steps), "dense_steps": list(verdict.dense_steps)}
+                {
+                    **asdict(verdict),
+                    "steps": list(verdict.steps),
+                    "dense_steps": list(verdict.dense_steps),
+                    "predicted_from": list(verdict.predicted_from),
+                }
                 for verdict in self.verdicts
             ],
             "stages_run_dense": [asdict(stage) for stage in self.dense_stages],

@@ -27,8 +27,9 @@ from peft_sat.crossover import (
 
 STEPS = 16  # the default ladder at r = 0.5: steps 0-7 at 0.5, 8-10 at 1/3, 11-13 at 1/6, 14-15 dense
 LONG_STEPS = 24  # steps 0-11 at 0.5, 12-15 at 1/3, 16-19 at 1/6, 20-23 dense: a judged rung has steps left
-# Seconds per step by rate: 0.5 and 1/3 beat dense, 1/6 does not (its fixed costs outweigh what it saves).
-SECONDS = {0.0: 1.0, 0.5: 0.6, 0.333: 0.8, 0.167: 1.2}
+# Seconds per step by rate: 0.5 and 1/3 beat dense, 1/6 does not (its fixed costs outweigh what it saves), though
+# the line through the higher rates' gains predicts it faster (so its steps are timed).
+SECONDS = {0.0: 1.0, 0.5: 0.6, 0.333: 0.7, 0.167: 1.2}
 # What runs in LONG_STEPS: step 0 as scheduled (never timed); dense probes 1-2 (settling, untimed), 3 and 5
 # alternating with 0.5 on 4 and 6 (judged faster); probes 12 and 14 alternating with 1/3 on 13 and 15 (faster); 1/6
 # on 16-17, judged slower against the probes 12 and 14 (recent enough), so 18-19 run dense.
@@ -224,7 +225,7 @@ def test_a_rung_is_judged_against_dense_steps_next_to_it_not_the_first_ones():
     def seconds(rate: float) -> float:
         runs.append(rate)
         drift = 1.3 if len(runs) <= 10 else 1.0
-        return drift * {0.0: 1.0, 0.5: 0.6, 0.333: 0.8, 0.167: 1.1}[round(rate, 3)]
+        return drift * {0.0: 1.0, 0.5: 0.6, 0.333: 0.7, 0.167: 1.1}[round(rate, 3)]
 
     clock = FakeClock(seconds)
     check = CrossoverCheck(paper_config(omission_rate=0.5), LONG_STEPS, first_step=0, clock=clock)
@@ -360,6 +361,37 @@ def test_two_slow_timed_steps_do_not_cost_a_rate_that_is_faster():
     assert rates[8:12] == [0.5] * 4 and check.crossover_rate == 0.0
 
 
+def test_a_rung_the_higher_rates_predict_slower_runs_dense_untimed(caplog):
+    """0.5 saves 15%, 1/3 5%: the line through them predicts -5% at 1/6, so its rung runs dense without timing a
+    step at its rate (it would have been 0.9 here: the prediction, not the clock, decides)."""
+    caplog.set_level(logging.WARNING, logger="peft_sat")
+    clock = FakeClock({0.0: 1.0, 0.5: 0.85, 0.333: 0.95, 0.167: 0.9})
+    check = CrossoverCheck(paper_config(omission_rate=0.5), LONG_STEPS, first_step=0, clock=clock)
+    rates = drive(check, clock)
+    assert rates[12:] == [0.0, 1 / 3, 0.0, 1 / 3] + [0.0] * 8  # rung 2 (steps 16-19) never runs at 1/6
+    *measured, predicted = check.verdicts
+    assert [v.rate for v in measured] == pytest.approx([0.5, 1 / 3]) and all(v.faster for v in measured)
+    assert predicted.rate == pytest.approx(1 / 6) and not predicted.faster and predicted.steps == ()
+    assert predicted.gain == pytest.approx(0.05 - (0.15 - 0.05) / (0.5 - 1 / 3) * (1 / 3 - 1 / 6))
+    assert predicted.predicted_from == ("full-rate stage", "rung 1 of 3")
+    assert check.crossover_rate == pytest.approx(1 / 6) and check.dense_stages[0].first_step == 16
+    assert "rung 2 of 3 (r=0.167) ran dense from step 16: predicted not faster than dense (-5.0% saved" in (
+        check.describe()
+    )
+    assert check.to_dict()["verdicts"][-1]["predicted_from"] == ["full-rate stage", "rung 1 of 3"]
+    assert any("predicted not faster" in record.message for record in caplog.records)
+
+
+def test_a_rung_the_higher_rates_predict_faster_is_timed_as_before():
+    """15% and 10% put 1/6 at 5% on the line: above ``MIN_GAIN``, so its steps are timed and they decide."""
+    clock = FakeClock({0.0: 1.0, 0.5: 0.85, 0.333: 0.9, 0.167: 0.96})
+    check = CrossoverCheck(paper_config(omission_rate=0.5), LONG_STEPS, first_step=0, clock=clock)
+    drive(check, clock)
+    last = check.verdicts[-1]
+    assert last.rate == pytest.approx(1 / 6) and last.steps == (16, 17) and last.faster
+    assert not any(v.predicted_from for v in check.verdicts)
+
+
 def test_a_resumed_process_never_times_its_first_step_and_keeps_a_known_crossover():
     config = paper_config(omission_rate=0.5)
     clock = FakeClock()
@@ -413,7 +445,7 @@ def on_ranks(play_rank: Callable[[int], Any], world_size: int = 2) -> list[Any]:
 
 def test_ranks_with_different_timings_run_the_same_rates():
     # Rank 0 finds 1/3 faster than dense, rank 1 (slower at low rates, e.g. longer batches) does not.
-    timings = [{0.0: 1.0, 0.5: 0.6, 0.333: 0.8, 0.167: 0.9}, {0.0: 1.0, 0.5: 0.7, 0.333: 1.1, 0.167: 1.2}]
+    timings = [{0.0: 1.0, 0.5: 0.6, 0.333: 0.7, 0.167: 0.9}, {0.0: 1.0, 0.5: 0.7, 0.333: 1.1, 0.167: 1.2}]
     config = paper_config(omission_rate=0.5)
 
     def run_ranks(reduce_for: Callable[[int], Callable[[list[float]], list[float]]]) -> list[list[float]]:
