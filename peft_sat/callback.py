@@ -40,11 +40,12 @@ from transformers.utils import logging
 
 from .blocks import SATBlockMixin
 from .config import SATConfig
-from .crossover import CrossoverCheck, synchronized_clock
+from .crossover import CrossoverCheck
 from .flops import SATFlopsEstimator
 from .model import apply_sat, get_sat_state, remove_sat
 from .schedules import describe_schedule, omission_rate_at, validate_schedule
 from .state import SATState
+from .step_timing import synchronized_clock
 
 logger = logging.get_logger(__name__)
 

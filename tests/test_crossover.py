@@ -22,8 +22,8 @@ from peft_sat.crossover import (
     SETTLING_STEPS,
     TIMED_STEPS,
     CrossoverCheck,
-    max_over_ranks,
 )
+from peft_sat.step_timing import max_over_ranks
 
 STEPS = 16  # the default ladder at r = 0.5: steps 0-7 at 0.5, 8-10 at 1/3, 11-13 at 1/6, 14-15 dense
 LONG_STEPS = 24  # steps 0-11 at 0.5, 12-15 at 1/3, 16-19 at 1/6, 20-23 dense: a judged rung has steps left
