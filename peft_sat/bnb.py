@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from bitsandbytes.functional import QuantState
 from torch import nn
 
+from .ops import select_last
+
 __all__ = [
     "dequantize_weight",
     "disable_cpu_inference_repack",
@@ -117,7 +119,7 @@ class _Rows4bitFromValue(torch.autograd.Function):
     def forward(ctx, x, bias, packed, state, index, value):
         ctx.save_for_backward(packed, index)
         ctx.state, ctx.x_dtype = state, x.dtype
-        return value.index_select(-1, index)
+        return select_last(value, index)
 
     @staticmethod
     def backward(ctx, grad_kept):

@@ -87,6 +87,16 @@ def transient(shape: Sequence[int], like: torch.Tensor, dtype: torch.dtype | Non
     return buffer[:numel].view(shape)
 
 
+def select_last(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``tensor[..., index]`` (same values as ``index_select(-1, index)``), gathered along the second dimension of
+    the (N, last) view: on a CPU, ``index_select`` along the last dimension of a (4, 128, 1536) tensor took about
+    twice as long as along the second of its (512, 1536) view."""
+    if tensor.dim() <= 2:
+        return tensor.index_select(-1, index)
+    kept = tensor.reshape(-1, tensor.shape[-1]).index_select(1, index)
+    return kept.view(*tensor.shape[:-1], index.numel())
+
+
 class _GatherLinearRows(torch.autograd.Function):
     """``F.linear`` with the stacked rows ``[W_1[i_1]; ...; W_n[i_n]]``; inputs flattened as
     ``(x, n, W_1..W_n, b_1..b_n, i_1..i_n)`` so that autograd sees every weight and bias."""

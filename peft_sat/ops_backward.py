@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .norm_input import load_input, save_input
-from .ops import _gather_cols, _padded_product, _product, _scatter_cols, _source_map, _stack_rows
+from .ops import _gather_cols, _padded_product, _product, _scatter_cols, _source_map, _stack_rows, select_last
 
 
 class _RowsFromValue(torch.autograd.Function):
@@ -36,7 +36,7 @@ class _RowsFromValue(torch.autograd.Function):
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.out_features = weight.shape[0]
         ctx.save_for_backward(save_input(ctx, x) if need_w else None, weight if need_x else None, index)
-        return value.index_select(-1, index)
+        return select_last(value, index)
 
     @staticmethod
     def backward(ctx, grad_kept):
@@ -66,7 +66,7 @@ def rows_from_value(
     """``value[..., index]`` (k,) of ``value = F.linear(x, W, b)`` computed beforehand, with the gradient of the kept
     rows: (..., out) -> (..., k). Saves ``x`` (for dL/dW) and nothing of the kept width."""
     if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (x, weight, bias)):
-        return value.index_select(-1, index)
+        return select_last(value, index)
     return _RowsFromValue.apply(x, weight, bias, index, value)
 
 
@@ -133,7 +133,7 @@ class _WeightGradRows(torch.autograd.Function):
         if need_x:
             grad_x = grad_out.matmul(weight.to(grad_out.dtype)).to(x_dtype)  # every unit's input gradient
         if need_w or need_b:
-            kept_grad = grad_out.index_select(-1, index).reshape(-1, index.numel())  # (N, k)
+            kept_grad = select_last(grad_out, index).reshape(-1, index.numel())  # (N, k)
             source = _source_map(index, ctx.out_features, 0, index.numel())
         if need_w:
             x_2d = x.reshape(-1, x.shape[-1]).to(kept_grad.dtype)
@@ -153,7 +153,7 @@ class _WeightGradCols(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[:2]
         ctx.dtypes = (h.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.in_features = weight.shape[1]
-        ctx.save_for_backward(h.index_select(-1, index) if need_w else None, weight if need_h else None, index)
+        ctx.save_for_backward(select_last(h, index) if need_w else None, weight if need_h else None, index)
         return value.view_as(value)
 
     @staticmethod

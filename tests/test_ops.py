@@ -216,3 +216,21 @@ def test_linear_token_rows_without_a_graph_is_plain_linear():
     x, weight = torch.randn(3, 2), torch.randn(4, 2)
     y = peft_sat.ops_rows.linear_token_rows(x, weight, None, torch.tensor([1]))
     assert y.grad_fn is None and torch.equal(y, F.linear(x, weight))
+
+
+@pytest.mark.parametrize("shape", [(6,), (5, 6), (2, 3, 6), (2, 2, 3, 6)])
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_select_last_is_index_select_on_the_last_dimension(shape, contiguous):
+    from peft_sat.ops import select_last
+
+    base = torch.randn(*shape[:-1], shape[-1] * 2, requires_grad=True)
+    tensor = base[..., : shape[-1]].contiguous() if contiguous else base[..., ::2]  # a copy, or a strided view
+    assert tensor.is_contiguous() == contiguous
+    index = torch.tensor([4, 0, 2])
+    expected = tensor.index_select(-1, index)
+    kept = select_last(tensor, index)
+    assert torch.equal(kept, expected) and kept.shape == expected.shape
+    grad = torch.randn_like(expected)
+    (got,) = torch.autograd.grad(kept, base, grad)
+    (want,) = torch.autograd.grad(expected, base, grad)
+    assert torch.equal(got, want)
