@@ -155,6 +155,11 @@ def _check_arguments(
         problems.append("`compare_dense` compares SAT with dense training; it needs `use_sat: true`.")
     if script_args.dense_first and not script_args.compare_dense:
         problems.append("`dense_first` orders the arms of `compare_dense`; it needs `compare_dense: true`.")
+    if script_args.cpu_allocator_large_blocks_from_heap and not script_args.tune_cpu_allocator:
+        problems.append(
+            "`cpu_allocator_large_blocks_from_heap` extends the CPU allocator's tuning; it needs "
+            "`tune_cpu_allocator: true`."
+        )
     if script_args.compare_dense and training_args.resume_from_checkpoint is not None:
         problems.append(
             "`compare_dense` needs both arms to train from the same start; it cannot resume a checkpoint "

@@ -267,6 +267,9 @@ def test_large_blocks_from_heap_reaches_the_allocator_and_metrics(tiny_model_dir
     args = ("--use_sat", "false", "--cpu_allocator_large_blocks_from_heap", "true")
     metrics = cpt.main(*tiny_args("cpt", tiny_model_dir, text_file, tmp_path, *args))
     assert calls == [True] and metrics["cpu_allocator_tuned"] and metrics["cpu_allocator_large_blocks_from_heap"]
+    untuned = (*args, "--tune_cpu_allocator", "false")  # the flag alone would do nothing: an error, not a no-op
+    with pytest.raises(RecipeError, match="`cpu_allocator_large_blocks_from_heap` extends"):
+        cpt.main(*tiny_args("cpt", tiny_model_dir, text_file, tmp_path, *untuned))
 
 
 def test_compare_dense_trains_both_arms_on_the_same_batches(tiny_model_dir, chat_file, tmp_path, monkeypatch):
