@@ -235,20 +235,25 @@ class CrossoverCheck:
             positions=dense.positions,
             faster=best.per_position <= (1.0 - MIN_GAIN) * dense.per_position,
         )
-        self.verdicts.append(verdict)
-        self._judged.add(rate)
         if verdict.faster and all(t.same_at_every_rate for t in timings):
             self._shared = verdict  # a slower one needs no sharing: every lower rate is at or below the crossover
-        if verdict.faster:
-            logger.info(f"SAT: {verdict.stage} (r={rate:.3g}) stays sparse: {verdict.describe()}.")
-        else:
-            self.crossover_rate = max(self.crossover_rate, rate)
-            logger.warning(
-                f"SAT: {verdict.stage} (r={rate:.3g}) was {verdict.describe()}; steps at rates <= "
-                f"{self.crossover_rate:.3g} run dense from step {timings[-1].step + 1} on (`dense_when_slower=False` "
-                "follows the schedule instead)."
-            )
+        self._record(verdict, dense_from=timings[-1].step + 1)
         return verdict
+
+    def _record(self, verdict: Verdict, dense_from: int) -> None:
+        """Keep a verdict of the rate's own (measured or predicted); a slower one raises the crossover to its rate
+        from step ``dense_from`` on."""
+        self.verdicts.append(verdict)
+        self._judged.add(verdict.rate)
+        if verdict.faster:
+            logger.info(f"SAT: {verdict.stage} (r={verdict.rate:.3g}) stays sparse: {verdict.describe()}.")
+            return
+        self.crossover_rate = max(self.crossover_rate, verdict.rate)
+        logger.warning(
+            f"SAT: {verdict.stage} (r={verdict.rate:.3g}) was {verdict.describe()}; steps at rates <= "
+            f"{self.crossover_rate:.3g} run dense from step {dense_from} on (`dense_when_slower=False` follows the "
+            "schedule instead)."
+        )
 
     def _predict(self, step: int, rate: float) -> None:
         """Judge ``rate`` by the line through the gains of the two nearest higher rates judged on their own
@@ -264,26 +269,18 @@ class CrossoverCheck:
         gain = near.gain + slope * (rate - near.rate)
         if gain >= MIN_GAIN:
             return
-        stage = stage_at(self.config, step, self.total_steps).name
-        dense = near.dense_seconds
         verdict = Verdict(
             rate=rate,
-            stage=stage,
+            stage=stage_at(self.config, step, self.total_steps).name,
             steps=(),
             dense_steps=(),
-            seconds=dense * (1.0 - gain),
-            dense_seconds=dense,
+            seconds=near.dense_seconds * (1.0 - gain),
+            dense_seconds=near.dense_seconds,
             positions=near.positions,
             faster=False,
             predicted_from=(far.stage, near.stage),
         )
-        self.verdicts.append(verdict)
-        self._judged.add(rate)
-        self.crossover_rate = max(self.crossover_rate, rate)
-        logger.warning(
-            f"SAT: {stage} (r={rate:.3g}) was {verdict.describe()}; steps at rates <= {self.crossover_rate:.3g} run "
-            f"dense from step {step} on (`dense_when_slower=False` follows the schedule instead)."
-        )
+        self._record(verdict, dense_from=step)
 
     def _take_shared_verdict(self, step: int, rate: float) -> None:
         """Judge ``rate`` faster by the verdict of a rate whose steps computed the same at every rate: no steps
