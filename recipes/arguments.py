@@ -70,6 +70,18 @@ class RecipeArguments(ScriptArguments):
             )
         },
     )
+    cpu_lm_head_saves_gradient: bool = field(
+        default=True,
+        metadata={
+            "help": (
+                "On a CPU run, TRL's fused LM head (the loss of `SFTTrainer`) computes the logits once and keeps "
+                "their gradient (positions x vocabulary, float32) from the forward to the backward, instead of "
+                "computing them again in the backward (`recipes/cpu_lm_head.py`): the same loss and gradients, about "
+                "half the head's time, at 4 bytes per position and word of memory until the backward. False: TRL's "
+                "own path."
+            )
+        },
+    )
     compare_dense: bool = field(
         default=False,
         metadata={

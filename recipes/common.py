@@ -24,6 +24,7 @@ from trl import SFTTrainer, get_peft_config, get_quantization_config
 from peft_sat import SATCallback, SATConfig, cpu_allocator
 from peft_sat.bnb import disable_cpu_inference_repack
 
+from . import cpu_lm_head
 from .measure import RunRecorder, final_eval_point
 from .preflight import RecipeError
 
@@ -74,37 +75,28 @@ def use_all_cpu_cores() -> None:
         torch.set_num_threads(cores)
 
 
-def score_labelled_positions_only() -> None:
-    """Make TRL's fused LM head (the loss of ``SFTTrainer``) score only the positions that carry a label on a CPU, as
-    it does on CUDA.
+def tune_for_cpu(script_args: Any, training_args: Any) -> dict[str, bool]:
+    """Apply the recipes' CPU settings; returns them as ``metrics.json`` records them (step times depend on them).
 
-    Why: where Triton is missing, TRL scores every position, so that compilers such as Neuron's see one tile shape
-    per batch size. In eager mode on a CPU that computes the log-probabilities of every prompt token and throws them
-    away: three (positions x hidden x vocabulary) matmuls per step, in the dense baseline and under SAT alike, a
-    large share of a step at SFT batches whose prompts carry no loss (docs/results.md, "Whole runs against dense").
-    TRL reads the choice from ``trl.trainer.utils._use_triton`` at each call; the kernels keep their own copy of
-    that function, so they still run as torch operations. A TRL without that function is left as it is.
+    - TRL's fused LM head scores the labelled positions only (``cpu_lm_head.score_labelled_positions_only``;
+      no effect off a CPU);
+    - ``peft_sat.cpu_allocator.tune_cpu_allocator`` unless ``--tune_cpu_allocator false`` (with
+      ``--cpu_allocator_large_blocks_from_heap``: ``large_blocks_from_heap``);
+    - TRL's fused LM head keeps its logits' gradient from the forward unless ``--cpu_lm_head_saves_gradient false``
+      (``cpu_lm_head.save_logits_gradient_on_cpu``).
     """
-    from trl.trainer import utils as trl_utils
-
-    choose = getattr(trl_utils, "_use_triton", None)
-    if choose is None or getattr(choose, "_labelled_only", False):
-        return
-
-    def labelled_only(device: torch.device) -> bool:
-        return device.type == "cpu" or choose(device)
-
-    labelled_only._labelled_only = True  # type: ignore[attr-defined]
-    trl_utils._use_triton = labelled_only
-
-
-def tune_cpu_allocator(script_args: Any, training_args: Any) -> bool:
-    """``peft_sat.cpu_allocator.tune_cpu_allocator`` on a CPU run unless ``--tune_cpu_allocator false`` (with
-    ``--cpu_allocator_large_blocks_from_heap``: ``large_blocks_from_heap``); True when applied (recorded in
-    ``metrics.json``: step times depend on it)."""
+    cpu_lm_head.score_labelled_positions_only()
     on_cpu = training_args.use_cpu or not torch.cuda.is_available()
     heap = script_args.cpu_allocator_large_blocks_from_heap
-    return bool(script_args.tune_cpu_allocator and on_cpu and cpu_allocator.tune_cpu_allocator(heap))
+    tuned = bool(script_args.tune_cpu_allocator and on_cpu and cpu_allocator.tune_cpu_allocator(heap))
+    saves_gradient = bool(script_args.cpu_lm_head_saves_gradient and on_cpu)
+    if saves_gradient:
+        cpu_lm_head.save_logits_gradient_on_cpu()
+    return {
+        "cpu_allocator_tuned": tuned,
+        "cpu_allocator_large_blocks_from_heap": tuned and heap,
+        "cpu_lm_head_saves_gradient": saves_gradient,
+    }
 
 
 def load_model(model_path: str, model_args: Any, training_args: Any) -> Any:

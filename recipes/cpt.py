@@ -65,8 +65,7 @@ def main(script_args: Any, training_args: Any, model_args: Any, sat_args: Any) -
     """
     wall_start = time.perf_counter()
     common.use_all_cpu_cores()
-    common.score_labelled_positions_only()
-    allocator_tuned = common.tune_cpu_allocator(script_args, training_args)
+    cpu_settings = common.tune_for_cpu(script_args, training_args)
 
     # Check everything before training: one RecipeError lists every problem.
     problems: list[str] = []
@@ -84,8 +83,7 @@ def main(script_args: Any, training_args: Any, model_args: Any, sat_args: Any) -
 
     # Report: metrics.json, the plot, the summary.
     dataset = script_args.dataset_name or BUILTIN_DATA
-    heap = script_args.cpu_allocator_large_blocks_from_heap
-    metrics = report.run_metrics(RECIPE, dataset, "blocks", model_args, arm, dense, wall_start, allocator_tuned, heap)
+    metrics = report.run_metrics(RECIPE, dataset, "blocks", model_args, arm, dense, wall_start, cpu_settings)
     report.write_report(metrics, arm, dense)
     common.end_run()
     return metrics

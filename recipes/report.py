@@ -215,12 +215,10 @@ def run_metrics(
     arm: Arm,
     dense: Arm | None,
     wall_start: float,
-    cpu_allocator_tuned: bool = False,
-    large_blocks_from_heap: bool = False,
+    cpu_settings: dict[str, bool] | None = None,
 ) -> dict[str, Any]:
     """Everything ``metrics.json`` holds about a run (and its dense arm with ``--compare_dense``);
-    ``cpu_allocator_tuned``: whether the run kept freed memory (``peft_sat.cpu_allocator``), which step times
-    depend on; ``large_blocks_from_heap``: blocks above 32 MiB too."""
+    ``cpu_settings``: what ``common.tune_for_cpu`` applied, which step times depend on."""
     last = {key: value for entry in arm.log_history for key, value in entry.items()}  # latest value of every key
     tokens = int(last.get("num_tokens", 0))
     runtime = arm.recorder.train_seconds
@@ -251,8 +249,7 @@ def run_metrics(
         # what the training clock spent outside the timed steps: data loading, logging, callbacks between steps
         "time_between_steps_s": runtime - sum(record["seconds"] for record in arm.recorder.steps),
         "wall_time_s": time.perf_counter() - wall_start,
-        "cpu_allocator_tuned": cpu_allocator_tuned,
-        "cpu_allocator_large_blocks_from_heap": cpu_allocator_tuned and large_blocks_from_heap,
+        **(cpu_settings or {}),
         "train_tokens": tokens,
         "tokens_per_s": tokens / runtime if runtime else None,
         "omission_rate_final": last.get("sat/omission_rate", 0.0),

@@ -31,10 +31,12 @@ ACCELERATE_YAMLS = sorted((ROOT / "recipes" / "accelerate_configs").glob("*.yaml
 
 @pytest.fixture(autouse=True)
 def restore_trl_scoring(monkeypatch):
-    """The recipes make TRL's fused LM head score labelled positions only (process-wide): undone after each test."""
+    """The recipes change TRL's fused LM head on a CPU (process-wide, `recipes/cpu_lm_head.py`): undone after each
+    test."""
     from trl.trainer import utils as trl_utils
 
     monkeypatch.setattr(trl_utils, "_use_triton", trl_utils._use_triton)
+    monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", trl_utils._ChunkedLogProbFunction)
 
 
 def parse(recipe: str, *args: str):
@@ -124,41 +126,6 @@ def test_embedded_defaults_and_overrides():
 # ---- data and report helpers -----------------------------------------------------------------------------------
 
 
-def test_trl_fused_head_scores_only_labelled_positions_on_cpu(monkeypatch):
-    """``common.score_labelled_positions_only``: the same loss and gradients, from the labelled positions alone."""
-    from sat_testing import batch, tiny_llama
-    from trl.trainer import utils as trl_utils
-
-    from recipes import common
-
-    model = tiny_llama()
-    trl_utils.add_fused_lm_head(model)
-    inputs = batch(prompt=8)
-    scored, apply = [], trl_utils._ChunkedLogProbFunction.apply
-    monkeypatch.setattr(
-        trl_utils._ChunkedLogProbFunction,
-        "apply",
-        lambda hidden, *args: scored.append(len(hidden)) or apply(hidden, *args),
-    )
-
-    def loss_and_grads():
-        model.zero_grad()
-        loss = model(**inputs, fused_lm_head=True).loss
-        loss.backward()
-        return loss.detach(), [p.grad.clone() for p in model.parameters()]
-
-    every = loss_and_grads()
-    common.score_labelled_positions_only()
-    common.score_labelled_positions_only()  # idempotent: one wrapper
-    labelled = loss_and_grads()
-    rows, labels = inputs["input_ids"].shape, inputs["labels"][:, 1:]
-    assert scored == [rows[0] * (rows[1] - 1), int(labels.ne(-100).sum())]
-    torch.testing.assert_close(labelled[0], every[0])
-    for got, want in zip(labelled[1], every[1], strict=True):
-        torch.testing.assert_close(got, want)
-    assert not trl_utils._use_triton(torch.device("meta")), "other devices keep TRL's choice"
-
-
 def test_fitting_prefix_keeps_whole_exchanges():
     messages = [
         {"role": "user", "content": "a" * 10},
@@ -230,6 +197,7 @@ def test_sft_end_to_end(variant, tiny_model_dir, chat_file, tmp_path):
     assert saved["crossover"] == {"dense_when_slower": False}  # TINY_RECIPE_ARGS switch the crossover check off
     assert saved["cpu_allocator_tuned"] is sys.platform.startswith("linux")  # a CPU run keeps freed memory
     assert saved["cpu_allocator_large_blocks_from_heap"] is False  # opt-in
+    assert saved["cpu_lm_head_saves_gradient"] is True
 
 
 def test_cpt_end_to_end_full(tiny_model_dir, text_file, tmp_path):
@@ -249,10 +217,10 @@ def test_cpt_end_to_end_full(tiny_model_dir, text_file, tmp_path):
 
 
 def test_dense_baseline(tiny_model_dir, text_file, tmp_path):
-    metrics = cpt.main(
-        *tiny_args("cpt", tiny_model_dir, text_file, tmp_path, "--use_sat", "false", "--tune_cpu_allocator", "false")
-    )
+    cpu_off = ("--tune_cpu_allocator", "false", "--cpu_lm_head_saves_gradient", "false")
+    metrics = cpt.main(*tiny_args("cpt", tiny_model_dir, text_file, tmp_path, "--use_sat", "false", *cpu_off))
     assert not metrics["sat"] and metrics["schedule"] == "dense" and not metrics["cpu_allocator_tuned"]
+    assert not metrics["cpu_lm_head_saves_gradient"]
     assert all("sat/omission_rate" not in entry for entry in metrics["log_history"])
     assert metrics["step_time_dense_s"] is not None
 
