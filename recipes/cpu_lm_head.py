@@ -3,9 +3,9 @@
 ``SFTTrainer`` computes its loss with TRL's fused LM head (``trl.trainer.utils.add_fused_lm_head``): the per-token
 log-probabilities of ``z = h W^T`` (N positions x V words), folded tile by tile so that the logits never exist whole.
 Its backward computes the logits a second time. On a GPU that buys memory with a cheap matmul. On a CPU (no Triton)
-the torch fallback of its kernels also makes a dozen passes over every tile in each direction: for SmolLM2-135M at
-4 x 128 tokens the head took 1.4-1.7 s of forward plus backward against 0.75-0.9 s for the function below, in the
-dense baseline and under SAT alike, where the whole step takes about 3.3 s.
+the torch fallback of its kernels also makes a dozen passes over every tile in each direction: at SmolLM2-135M's head
+and 4 x 128 tokens TRL's function took 1.3 s of forward plus backward against 0.63 s for the function below, and a
+whole dense step 3.33 s against 2.91 s (``benchmarks/lm_head.py``), in the dense baseline and under SAT alike.
 
 ``LogProbWithSavedGradient`` computes the logits once and turns them, in place, into what the backward needs::
 

@@ -200,7 +200,11 @@ def test_sft_end_to_end(variant, tiny_model_dir, chat_file, tmp_path):
     assert saved["cpu_lm_head_saves_gradient"] is True
 
 
-def test_cpt_end_to_end_full(tiny_model_dir, text_file, tmp_path):
+def test_cpt_end_to_end_full(tiny_model_dir, text_file, tmp_path, monkeypatch):
+    from recipes.cpu_lm_head import LogProbWithSavedGradient
+
+    heads, apply = [], LogProbWithSavedGradient.apply
+    monkeypatch.setattr(LogProbWithSavedGradient, "apply", lambda *args: heads.append(args[-1]) or apply(*args))
     metrics = cpt.main(
         *tiny_args(
             "cpt", tiny_model_dir, text_file, tmp_path, "--sat_ladder_rungs", "1", "--sat_dense_when_slower", "true"
@@ -214,6 +218,7 @@ def test_cpt_end_to_end_full(tiny_model_dir, text_file, tmp_path):
     assert metrics["train_tokens"] == 6 * 2 * 16  # full packed blocks, no padding
     assert [record["tokens"] for record in metrics["steps"]] == [2 * 16] * 6  # token positions each step ran
     assert metrics["eval_loss_after"] < metrics["eval_loss_before"]  # lr 1e-3 on repeated text: it learns
+    assert heads.count(True) == 6 and False in heads  # each step's loss kept its gradient; evaluations did not
 
 
 def test_dense_baseline(tiny_model_dir, text_file, tmp_path):
