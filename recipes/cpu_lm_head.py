@@ -126,15 +126,13 @@ class LogProbWithSavedGradient(torch.autograd.Function):
         target_z = z.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         peak = z.amax(-1)
         shifted = z.sub_(peak.unsqueeze(-1))  # z - max: exp cannot overflow
-        want_entropy = "entropy" in outputs
-        e = shifted.exp() if want_entropy else shifted.exp_()
+        e, e_dot_shifted = _exp_in_place(shifted, with_dot="entropy" in outputs)
         sum_e = e.sum(-1)
         log_sum_e = sum_e.log()
         log_z = peak + log_sum_e
         entropy = None
-        if want_entropy:  # H = log sum e - sum(e (z - max)) / sum e
-            entropy = log_sum_e - _row_dot(e, shifted) / sum_e
-        del shifted
+        if e_dot_shifted is not None:  # H = log sum e - sum(e (z - max)) / sum e
+            entropy = log_sum_e - e_dot_shifted / sum_e
         log_sum_sq = _row_dot(e, e).log() - 2 * log_sum_e if "log_sum_sq_probs" in outputs else None
         if keep_gradient:
             grad_tile = e.div_(sum_e.unsqueeze(-1))  # p, in place
@@ -180,6 +178,20 @@ def _logits(
     if inv_temperature != 1.0:
         z.mul_(inv_temperature)
     return z
+
+
+def _exp_in_place(shifted: torch.Tensor, with_dot: bool, rows: int = 32) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``e = exp(shifted)`` written over ``shifted`` (N, V), and with ``with_dot`` also ``sum_v e shifted`` per row,
+    ``rows`` at a time: a second (N, V) buffer would be fresh memory faulted in on every step."""
+    if not with_dot:
+        return shifted.exp_(), None
+    dot = shifted.new_empty(shifted.shape[0])
+    for start in range(0, shifted.shape[0], rows):
+        block = shifted[start : start + rows]
+        e = block.exp()
+        dot[start : start + rows] = _row_dot(e, block)
+        block.copy_(e)
+    return shifted, dot
 
 
 def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
