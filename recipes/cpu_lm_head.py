@@ -4,8 +4,8 @@
 log-probabilities of ``z = h W^T`` (N positions x V words), folded tile by tile so that the logits never exist whole.
 Its backward computes the logits a second time. On a GPU that buys memory with a cheap matmul. On a CPU (no Triton)
 the torch fallback of its kernels also makes a dozen passes over every tile in each direction: at SmolLM2-135M's head
-and 4 x 128 tokens TRL's function took 1.3 s of forward plus backward against 0.63 s for the function below, and a
-whole dense step 3.33 s against 2.91 s (``benchmarks/lm_head.py``), in the dense baseline and under SAT alike.
+and 4 x 128 tokens TRL's function took 1.3 s of forward plus backward against 0.63-0.67 s for the function below,
+and a whole dense step 0.83-0.88x the time (``benchmarks/lm_head.py``), in the dense baseline and under SAT alike.
 
 ``LogProbWithSavedGradient`` computes the logits once and turns them, in place, into what the backward needs::
 
