@@ -52,6 +52,14 @@ def leaves(n=37, hidden_size=16, vocab=300, bias=False):
     return hidden, weight, torch.randn(vocab, requires_grad=True) if bias else None, torch.randint(0, vocab, (n,))
 
 
+def fused_loss_and_grads(model, inputs):
+    """TRL's fused loss of ``model`` on ``inputs`` and every parameter's gradient."""
+    model.zero_grad()
+    loss = model(**inputs, fused_lm_head=True).loss
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+
 @pytest.mark.parametrize(
     "bias, logit_scale, temperature, entropy_grad",
     [(False, 1.0, 1.0, False), (True, 0.5, 0.7, False), (True, 1.3, 1.0, True), (False, 1.0, 2.0, True)],
@@ -124,21 +132,15 @@ def test_fused_head_of_a_model_is_routed_and_exact():
     trl_utils.add_fused_lm_head(model)
     inputs = batch(prompt=8)
 
-    def loss_and_grads():
-        model.zero_grad()
-        loss = model(**inputs, fused_lm_head=True).loss
-        loss.backward()
-        return loss.detach(), [p.grad.clone() for p in model.parameters()]
-
-    trl = loss_and_grads()
+    trl = fused_loss_and_grads(model, inputs)
     for _ in range(2):
         cpu_lm_head.save_logits_gradient_on_cpu()
     assert isinstance(trl_utils._ChunkedLogProbFunction, _SavedGradientOnCPU)
     assert trl_utils._ChunkedLogProbFunction.chunked is ChunkedLogProbFunction
-    kept = loss_and_grads()
+    kept = fused_loss_and_grads(model, inputs)
     for _ in range(2):
         cpu_lm_head.score_labelled_positions_only()
-    labelled = loss_and_grads()
+    labelled = fused_loss_and_grads(model, inputs)
     for got in (kept, labelled):
         torch.testing.assert_close(got[0], trl[0])
         for grad, want in zip(got[1], trl[1], strict=True):
@@ -158,15 +160,9 @@ def test_trl_scores_only_labelled_positions_on_cpu(monkeypatch):
         lambda hidden, *args: scored.append(len(hidden)) or apply(hidden, *args),
     )
 
-    def loss_and_grads():
-        model.zero_grad()
-        loss = model(**inputs, fused_lm_head=True).loss
-        loss.backward()
-        return loss.detach(), [p.grad.clone() for p in model.parameters()]
-
-    every = loss_and_grads()
+    every = fused_loss_and_grads(model, inputs)
     cpu_lm_head.score_labelled_positions_only()
-    labelled = loss_and_grads()
+    labelled = fused_loss_and_grads(model, inputs)
     rows, labels = inputs["input_ids"].shape, inputs["labels"][:, 1:]
     assert scored == [rows[0] * (rows[1] - 1), int(labels.ne(-100).sum())]
     torch.testing.assert_close(labelled[0], every[0])
