@@ -36,6 +36,7 @@ from typing import Any
 
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_callback import ExportableState
 from transformers.utils import logging
 
 from .blocks import SATBlockMixin
@@ -61,7 +62,7 @@ SCHEDULE_FIELDS = (
 )
 
 
-class SATCallback(TrainerCallback):
+class SATCallback(TrainerCallback, ExportableState):
     """Apply or drive SAT in a Trainer: the rate follows the config's schedule, one value per optimizer step.
 
     Args:
@@ -79,10 +80,11 @@ class SATCallback(TrainerCallback):
     probe steps to measure them; ``crossover`` reports what it measured and decided. Evaluation and generation inside
     training are dense because SAT blocks are sparse only in training mode. The rate is a pure function of
     ``global_step`` and the crossover, so ``resume_from_checkpoint`` continues the schedule where it stopped. The FLOPs
-    counter and the crossover are read back from the checkpoint's log history (its entry at the resumed step; else the
-    counter is rebuilt from the schedule and the crossover measured again), so the callback needs no checkpointed state
-    of its own (no ``ExportableState``, hence it works with the default
-    ``restore_callback_states_from_checkpoint=False``).
+    counter and the crossover rate are read back from the checkpoint's log history (its entry at the resumed step;
+    else the counter is rebuilt from the schedule). The crossover check's timings and verdicts travel in the
+    checkpoint's ``trainer_state.json`` (``ExportableState``: ``TrainerState.stateful_callbacks``, read back here
+    whatever ``restore_callback_states_from_checkpoint`` says), so a resumed run judges no rate twice; a checkpoint
+    without them (an older one) only keeps the crossover rate, and rates above it are timed again.
 
     Raises (at ``on_train_begin``, before any step):
         ValueError: the schedule does not fit ``max_steps``; no config and no SAT on the model; the model's SAT has a
@@ -111,6 +113,16 @@ class SATCallback(TrainerCallback):
         self._training = False
         self._evaluating = False  # between the first prediction step of an evaluation and its on_evaluate
         self._warned_fallback = False
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps of this callback (``ExportableState``): the crossover check's timings and
+        verdicts; ``args`` rebuild the callback where the Trainer restores callback states."""
+        config = None if self.config is None else self.config.to_dict()
+        check = self.crossover_check
+        return {
+            "args": {"config": config},
+            "attributes": {} if check is None else {"crossover_state": check.state_dict()},
+        }
 
     # ---- events --------------------------------------------------------------------------------------------
 
@@ -162,6 +174,9 @@ class SATCallback(TrainerCallback):
                 crossover_rate=logged.get("sat/crossover_rate", 0.0),
                 dense_fallback_steps=logged.get("sat/crossover_dense_steps", 0),
             )
+            stored = _stored_crossover(state) if done else None
+            if stored is not None:
+                self.crossover_check.load_state_dict(stored)
         sat_state.set_omission_rate(omission_rate_at(config, done, state.max_steps))
         self._training = True
         self._trainer = _calling_trainer()
@@ -304,6 +319,13 @@ def _check_same_schedule(given: SATConfig, existing: SATConfig) -> None:
             f"The model already carries SAT with a different schedule than SATCallback's config ({details}). Pass "
             "`SATCallback()` to follow the model's config, or `remove_sat(model)` first to apply the callback's."
         )
+
+
+def _stored_crossover(state: TrainerState) -> dict[str, Any] | None:
+    """The crossover check's ``state_dict`` in a resumed run's ``TrainerState`` (saved by ``SATCallback.state``)."""
+    stored = (state.stateful_callbacks or {}).get(SATCallback.__name__)
+    stored = stored[0] if isinstance(stored, list) and stored else stored
+    return stored.get("attributes", {}).get("crossover_state") if isinstance(stored, dict) else None
 
 
 def _logged_at(state: TrainerState, step: int) -> dict[str, Any]:

@@ -4,6 +4,7 @@ sparse; the logs, the log line, the FLOPs estimate and a resumed run say so; ran
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections.abc import Callable
@@ -171,7 +172,7 @@ def test_resume_keeps_the_crossover_and_the_flops_count(tmp_path):
     reference = train_logs(full.state.log_history)
 
     # Resumed after the verdict on 1/6: step 18 is the first step of the new process (never timed), and runs dense
-    # because the crossover comes back from the checkpoint's log history.
+    # because the crossover comes back from the checkpoint.
     resumed, callback = crossover_trainer(tmp_path / "resumed", FakeClock())
     resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-18"))
     continued = train_logs(resumed.state.log_history)[-6:]
@@ -179,7 +180,49 @@ def test_resume_keeps_the_crossover_and_the_flops_count(tmp_path):
     assert [entry["step"] for entry in continued] == list(range(19, 25))
     for mine, theirs in zip(continued, reference[18:]):
         assert {key: mine[key] for key in SAT_KEYS} == pytest.approx({key: theirs[key] for key in SAT_KEYS})
-    assert continued[0]["sat/omission_rate"] == 0.0 and callback.crossover["probe_steps"] == []
+    assert continued[0]["sat/omission_rate"] == 0.0
+    assert callback.crossover["probe_steps"] == [1, 2, 3, 5, 12, 14]  # the run's record, from before the checkpoint
+    assert [v["stage"] for v in callback.crossover["verdicts"]] == ["full-rate stage", "rung 1 of 3", "rung 2 of 3"]
+
+
+@pytest.mark.parametrize("stored", [True, False])
+def test_resume_judges_no_rate_twice(tmp_path, stored):
+    """Resumed inside the full-rate stage after its verdict: the checkpoint's timings and verdicts come back, so its
+    steps run sparse as in the uninterrupted run. A checkpoint without them (an older peft_sat) keeps only the
+    crossover rate: the stage is judged again, on dense probes in place of sparse steps."""
+    full, _ = crossover_trainer(tmp_path / "run", FakeClock(), save_strategy="steps", save_steps=8)
+    full.train()
+    checkpoint = tmp_path / "run" / "checkpoint-8"
+    if not stored:
+        state_file = checkpoint / "trainer_state.json"
+        trainer_state = json.loads(state_file.read_text())
+        del trainer_state["stateful_callbacks"]["SATCallback"]
+        state_file.write_text(json.dumps(trainer_state))
+
+    resumed, callback = crossover_trainer(tmp_path / "resumed", FakeClock())
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    ran = [entry["sat/omission_rate"] for entry in train_logs(resumed.state.log_history)[-16:]]
+
+    if stored:
+        assert ran[:4] == pytest.approx(EXPECTED[8:12])  # steps 8-11 at r = 0.5, as in the uninterrupted run
+        assert callback.crossover["verdicts"][0]["steps"] == [4, 6]  # the verdict from before the checkpoint
+    else:
+        assert ran[1:4] == [0.0, 0.0, 0.0]  # settling and probes again: the stage was judged anew
+
+
+def test_trainer_restoring_callback_states_rebuilds_the_callback(tmp_path):
+    """With ``restore_callback_states_from_checkpoint`` the Trainer replaces the callback by one built from
+    ``state()``: it trains on from the checkpoint with the same config and the restored verdicts."""
+    full, _ = crossover_trainer(tmp_path / "run", FakeClock(), save_strategy="steps", save_steps=8)
+    full.train()
+    resumed, original = crossover_trainer(
+        tmp_path / "resumed", FakeClock(), restore_callback_states_from_checkpoint=True
+    )
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-8"))
+    rebuilt = next(cb for cb in resumed.callback_handler.callbacks if isinstance(cb, SATCallback))
+    assert rebuilt is not original and rebuilt.config == original.config
+    assert rebuilt.crossover["verdicts"][0]["steps"] == [4, 6]
+    assert resumed.state.global_step == LONG_STEPS
 
 
 def test_switched_off_follows_the_schedule_and_reads_no_clock(tmp_path):
