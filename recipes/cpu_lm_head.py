@@ -24,8 +24,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-
-OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")  # TRL's optional per-token outputs, in order
+from trl.kernels.chunked_logprob import OPTIONAL_OUTPUTS, TOKEN_CHUNK_SIZE
+from trl.trainer import utils as trl_utils
 
 
 def score_labelled_positions_only() -> None:
@@ -38,8 +38,6 @@ def score_labelled_positions_only() -> None:
     TRL reads the choice from ``trl.trainer.utils._use_triton`` at each call; the kernels keep their own copy of
     that function, so they still run as torch operations. A TRL without that function is left as it is.
     """
-    from trl.trainer import utils as trl_utils
-
     choose = getattr(trl_utils, "_use_triton", None)
     if choose is None or getattr(choose, "_labelled_only", False):
         return
@@ -54,8 +52,6 @@ def score_labelled_positions_only() -> None:
 def save_logits_gradient_on_cpu() -> None:
     """Route TRL's fused LM head through ``LogProbWithSavedGradient`` where it applies (module docstring); TRL's
     function everywhere else. Idempotent; a TRL without ``_ChunkedLogProbFunction`` is left as it is."""
-    from trl.trainer import utils as trl_utils
-
     chunked = getattr(trl_utils, "_ChunkedLogProbFunction", None)
     if chunked is None or isinstance(chunked, _SavedGradientOnCPU):
         return
@@ -78,7 +74,7 @@ class _SavedGradientOnCPU:
         chunk_size: int,
         final_logit_softcapping: float | None = None,
         logit_scale: float = 1.0,
-        outputs: tuple[str, ...] = ("log_probs", *OUTPUTS),
+        outputs: tuple[str, ...] = ("log_probs", *OPTIONAL_OUTPUTS),
     ) -> tuple[torch.Tensor | None, ...]:
         if not _applies(hidden, weight, chunk_size, final_logit_softcapping):
             return self.chunked.apply(
@@ -93,8 +89,6 @@ class _SavedGradientOnCPU:
 def _applies(
     hidden: torch.Tensor, weight: torch.Tensor, chunk_size: int, final_logit_softcapping: float | None
 ) -> bool:
-    from trl.kernels.chunked_logprob import TOKEN_CHUNK_SIZE
-
     return (
         hidden.device.type == "cpu"
         and final_logit_softcapping is None  # its gradient would need the logits kept as well
@@ -105,8 +99,8 @@ def _applies(
 
 
 class LogProbWithSavedGradient(torch.autograd.Function):
-    """Per-token ``log p_t`` of ``z = (h W^T + b) * logit_scale * inv_temperature`` (N, V), with TRL's optional
-    outputs (``OUTPUTS``; None where not requested), keeping ``G = softmax(z) - onehot(t)`` for the backward when
+    """Per-token ``log p_t`` of ``z = (h W^T + b) * logit_scale * inv_temperature`` (N, V), with TRL's
+    ``OPTIONAL_OUTPUTS`` (None where not requested), keeping ``G = softmax(z) - onehot(t)`` for the backward when
     ``keep_gradient`` (False: no gradient wanted, e.g. evaluation)::
 
         entropy          H = logsumexp(z) - sum_v p_v z_v

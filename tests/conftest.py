@@ -40,3 +40,13 @@ def text_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "corpus.txt"
     path.write_text("\n".join(sentence(i, 12) for i in range(60)))
     return path
+
+
+@pytest.fixture
+def restore_trl_lm_head(monkeypatch):
+    """The recipes change TRL's fused LM head on a CPU process-wide (`recipes/cpu_lm_head.py`): undone after the
+    test."""
+    from trl.trainer import utils as trl_utils
+
+    monkeypatch.setattr(trl_utils, "_use_triton", trl_utils._use_triton)
+    monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", trl_utils._ChunkedLogProbFunction)

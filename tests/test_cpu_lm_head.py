@@ -11,21 +11,18 @@ from types import SimpleNamespace
 import pytest
 import torch
 from sat_testing import batch, tiny_llama
-from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+from trl.kernels.chunked_logprob import OPTIONAL_OUTPUTS, ChunkedLogProbFunction
 from trl.trainer import utils as trl_utils
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `recipes` is a folder of scripts
 
 from recipes import common, cpu_lm_head  # noqa: E402
-from recipes.cpu_lm_head import OUTPUTS, LogProbWithSavedGradient, _SavedGradientOnCPU  # noqa: E402
+from recipes.cpu_lm_head import LogProbWithSavedGradient, _SavedGradientOnCPU  # noqa: E402
 
-ALL_OUTPUTS = ("log_probs", *OUTPUTS)
+ALL_OUTPUTS = ("log_probs", *OPTIONAL_OUTPUTS)
 
 
-@pytest.fixture(autouse=True)
-def restore_trl(monkeypatch):
-    monkeypatch.setattr(trl_utils, "_use_triton", trl_utils._use_triton)
-    monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", trl_utils._ChunkedLogProbFunction)
+pytestmark = pytest.mark.usefixtures("restore_trl_lm_head")
 
 
 def reference(hidden, weight, bias, targets, logit_scale, temperature):

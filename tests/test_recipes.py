@@ -29,14 +29,7 @@ RECIPE_YAMLS = sorted((ROOT / "recipes").glob("*/config_*.yaml"))
 ACCELERATE_YAMLS = sorted((ROOT / "recipes" / "accelerate_configs").glob("*.yaml"))
 
 
-@pytest.fixture(autouse=True)
-def restore_trl_scoring(monkeypatch):
-    """The recipes change TRL's fused LM head on a CPU (process-wide, `recipes/cpu_lm_head.py`): undone after each
-    test."""
-    from trl.trainer import utils as trl_utils
-
-    monkeypatch.setattr(trl_utils, "_use_triton", trl_utils._use_triton)
-    monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", trl_utils._ChunkedLogProbFunction)
+pytestmark = pytest.mark.usefixtures("restore_trl_lm_head")
 
 
 def parse(recipe: str, *args: str):
