@@ -103,6 +103,17 @@ class RecipeArguments(ScriptArguments):
             )
         },
     )
+    interleave_arms: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "With `compare_dense`: train both arms at once, one optimizer step each in turn (SAT's step 1, "
+                "dense's step 1, ...; dense first with `dense_first`), each arm's clock counting its own turns only. "
+                "Every pair of steps meets the same machine load: on a shared machine, an A/B run one arm after the "
+                "other measures the load's drift as well. One process only; both models stay in memory."
+            )
+        },
+    )
 
 
 def _sat_argument_fields() -> tuple[list[tuple[str, Any, Any]], set[str]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import gc
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from trl import SFTTrainer, get_peft_config, get_quantization_config
 from peft_sat import SATCallback, SATConfig, cpu_allocator
 from peft_sat.bnb import disable_cpu_inference_repack
 
-from . import cpu_lm_head
+from . import cpu_lm_head, turns
 from .measure import RunRecorder, final_eval_point
 from .preflight import RecipeError
 
@@ -47,6 +48,7 @@ class Arm:
     launch: dict[str, Any]  # distributed_type, num_processes, zero_stage
     is_main_process: bool
     crossover: dict[str, Any] | None = None  # `SATCallback.crossover`: rungs measured not faster than dense ran dense
+    interleaved: bool = False  # trained in turns with the other arm of the A/B (`--interleave_arms`)
 
     @property
     def label(self) -> str:
@@ -128,16 +130,18 @@ def train_arm(
     training_args: Any,
     model_args: Any,
     sat_config: SATConfig | None,
+    between_steps: Callable[[], float] | None = None,
 ) -> Arm:
     """Load, train with the held-out loss evaluated dense along the way, and save to ``training_args.output_dir``.
 
-    The held-out loss is evaluated at the start of ``train()`` (``eval_on_start``: under DeepSpeed a
-    ``Trainer.evaluate()`` before ``train()`` builds an inference-only engine that training cannot use), every
-    ``eval_steps`` when ``eval_strategy`` is ``"steps"``, and at the last step. The global seed is reset first, so
-    that every arm of a run starts from the same adapter initialization and sees the same data order.
+        The held-out loss is evaluated at the start of ``train()`` (``eval_on_start``: under DeepSpeed a
+        ``Trainer.evaluate()`` before ``train()`` builds an inference-only engine that training cannot use), every
+        ``eval_steps`` when ``eval_strategy`` is ``"steps"``, and at the last step. The global seed is reset first, so
+        that every arm of a run starts from the same adapter initialization and sees the same data order.
+    ``between_steps``: see ``RunRecorder`` (an interleaved A/B's turns).
 
-    Raises:
-        RecipeError: TRL's preprocessing left the training or held-out split empty.
+        Raises:
+            RecipeError: TRL's preprocessing left the training or held-out split empty.
     """
     gc.collect()  # a previous arm's model and optimizer (the A/B) must not stay in memory next to this one's
     if torch.cuda.is_available():
@@ -148,7 +152,7 @@ def train_arm(
     args.eval_on_start = True
     set_seed(args.seed)
     model = load_model(model_path, model_args, args)
-    recorder = RunRecorder()
+    recorder = RunRecorder(between_steps)
     sat_callback = SATCallback(sat_config) if sat_config is not None else None
     trainer = SFTTrainer(
         model=model,
@@ -182,6 +186,7 @@ def train_arm(
         },
         is_main_process=trainer.is_world_process_zero(),
         crossover=sat_callback.crossover if sat_callback is not None else None,
+        interleaved=between_steps is not None,
     )
     return arm  # the trainer, with the model and optimizer, is unreachable from here on
 
@@ -203,7 +208,8 @@ def train_arms(
     script_args: Any,
 ) -> tuple[Arm, Arm | None]:
     """``(the run's arm, the dense baseline or None)``: ``train_arm`` once, or with ``--compare_dense`` both arms from
-    the same start, SAT first unless ``--dense_first``.
+    the same start, SAT first unless ``--dense_first``; with ``--interleave_arms`` both at once, one optimizer step
+    each in turn (``recipes/turns.py``).
 
     Why the order can be swapped: the arm that trains second runs in a process and on caches the first one warmed,
     and on a shared machine the load moves between the arms; running the A/B both ways separates those from SAT's
@@ -213,6 +219,13 @@ def train_arms(
     if not script_args.compare_dense:
         return train_arm(*data, training_args, model_args, sat_config), None
     dense_args = dense_arm_args(training_args)
+    if script_args.interleave_arms:
+        arms = {
+            "sat": lambda between_steps: train_arm(*data, training_args, model_args, sat_config, between_steps),
+            "dense": lambda between_steps: train_arm(*data, dense_args, model_args, None, between_steps),
+        }
+        done = turns.run_in_turns(arms, order=["dense", "sat"] if script_args.dense_first else ["sat", "dense"])
+        return done["sat"], done["dense"]
     if script_args.dense_first:
         dense = train_arm(*data, dense_args, model_args, None)
         return train_arm(*data, training_args, model_args, sat_config), dense

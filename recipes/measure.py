@@ -3,12 +3,14 @@ without evaluation, and the held-out loss of every evaluation against step and t
 
 The training clock starts at ``on_train_begin`` (after the model, optimizer and data loader are built, the same work
 for both arms of an A/B) and stops at the end of the last optimizer step; the time of every evaluation inside
-``train()`` (``eval_runtime``) is taken out, so periodic held-out evaluations never count as training time.
+``train()`` (``eval_runtime``) is taken out, so periodic held-out evaluations never count as training time, and so is
+the time an arm of an interleaved A/B waits for its turn (``recipes/turns.py``).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -26,15 +28,19 @@ class RunRecorder(TrainerCallback):
     ``eval_curve``: ``{"step", "train_seconds", "eval_loss"}`` per evaluation, ``train_seconds`` the training clock at
     the end of the latest optimizer step (0 before the first).
     ``train_seconds``: the training clock at the end of the latest optimizer step.
+    ``between_steps``: called at the end of every optimizer step (after its timing is recorded); returns seconds to
+    leave off the training clock (an interleaved A/B's wait for the arm's next turn).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, between_steps: Callable[[], float] | None = None) -> None:
         self.steps: list[dict[str, float]] = []
         self.eval_curve: list[dict[str, float]] = []
         self.train_seconds = 0.0
         self._train_start: float | None = None
         self._step_start: float | None = None
         self._eval_seconds = 0.0  # evaluation time inside `train()`, taken off the training clock
+        self._between_steps = between_steps
+        self._waited_seconds = 0.0  # time spent waiting in `between_steps`, taken off the training clock
         self._step_tokens = 0
         self._hook: Any = None
 
@@ -43,7 +49,7 @@ class RunRecorder(TrainerCallback):
             self._hook = model.register_forward_pre_hook(self._count_tokens, with_kwargs=True)
         _synchronize()
         self._train_start = time.perf_counter()
-        self._eval_seconds = 0.0
+        self._eval_seconds = self._waited_seconds = 0.0
 
     def _count_tokens(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -65,7 +71,9 @@ class RunRecorder(TrainerCallback):
             {"step": state.global_step, "seconds": seconds, "omission_rate": rate, "tokens": self._step_tokens}
         )
         if self._train_start is not None:
-            self.train_seconds = now - self._train_start - self._eval_seconds
+            self.train_seconds = now - self._train_start - self._eval_seconds - self._waited_seconds
+        if self._between_steps is not None:
+            self._waited_seconds += self._between_steps()
 
     def on_train_end(self, args, state, control, **kwargs) -> None:
         self._train_start = None  # evaluations after `train()` are not inside the training clock

@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from accelerate import PartialState
 from datasets import Dataset
 from transformers import AutoConfig, AutoTokenizer
 
@@ -155,6 +156,14 @@ def _check_arguments(
         problems.append("`compare_dense` compares SAT with dense training; it needs `use_sat: true`.")
     if script_args.dense_first and not script_args.compare_dense:
         problems.append("`dense_first` orders the arms of `compare_dense`; it needs `compare_dense: true`.")
+    if script_args.interleave_arms and not script_args.compare_dense:
+        problems.append("`interleave_arms` interleaves the arms of `compare_dense`; it needs `compare_dense: true`.")
+    if script_args.interleave_arms and (PartialState().num_processes > 1 or training_args.deepspeed):
+        problems.append(
+            "`interleave_arms` trains both arms in two threads of one process: it cannot interleave the collectives "
+            "of a multi-process launch or DeepSpeed's engines; launch one process without DeepSpeed, or set "
+            "`interleave_arms: false`."
+        )
     if script_args.cpu_allocator_large_blocks_from_heap and not script_args.tune_cpu_allocator:
         problems.append(
             "`cpu_allocator_large_blocks_from_heap` extends the CPU allocator's tuning; it needs "

@@ -139,6 +139,7 @@ def compare_arms(sat: Arm, dense: Arm, flops_saved_estimate: float | None) -> di
     paired = paired_step_times(sat.recorder.steps, dense.recorder.steps)
     return {
         "dense_output_dir": dense.output_dir,
+        "interleaved_arms": sat.interleaved,  # one optimizer step of each arm in turn (`--interleave_arms`)
         "steps": {"sat": sat.global_step, "dense": dense.global_step},
         "train_seconds": {"sat": sat_seconds, "dense": dense_seconds},
         "wall_time_saved_s": saved,
@@ -341,8 +342,10 @@ def _format_comparison(c: dict[str, Any]) -> list[str]:
         if saved >= 0
         else f"SAT took {-saved:.1f} s LONGER"
     )
+    interleaved = ", the arms trained in turns step by step" if c.get("interleaved_arms") else ""
     return [
-        f"   A/B against dense training (same data order, seed and held-out set; dense arm in {c['dense_output_dir']}):",
+        f"   A/B against dense training (same data order, seed and held-out set{interleaved}; dense arm in "
+        f"{c['dense_output_dir']}):",
         f"     held-out loss at equal steps ({steps}): SAT {_num(equal_steps['sat'])} | dense {_num(equal_steps['dense'])}"
         f" ({_gap(equal_steps)})",
         f"     held-out loss at equal wall time ({equal_time['train_seconds']:.1f} s of training): SAT "

@@ -1,0 +1,151 @@
+"""Both arms of an A/B trained at once, one optimizer step each in turn (``--interleave_arms true``).
+
+Trained one after the other, the arms of an A/B meet whatever load a shared machine has in their minutes; on a
+2-core CPU two whole 6-minute CPT A/Bs of the same code measured savings 10 points apart, more than the 8% the
+schedule saves. Trained in turns (SAT's step 1, dense's step 1, SAT's step 2, ...), every pair of steps meets the
+same load, and each arm's training clock counts its own turns only.
+
+Each arm trains in a thread of its own and only the arm holding the turn runs: an arm hands the turn on at the end of
+every optimizer step (``RunRecorder.on_step_end``) and waits there for it to come back; building the model and the
+trainer, the data loading between steps and every held-out evaluation run inside a turn. Random number generators
+are process-wide: the arm handing the turn on keeps its generators' states and gets them back with its next turn, so
+each arm draws the numbers it would draw alone (its initialization, its data order).
+
+One process only: in a multi-process launch the two threads of every process would interleave the arms' collectives.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+T = TypeVar("T")
+
+
+class OtherArmFailed(RuntimeError):
+    """Raised in an arm waiting for its turn when the arm it waits for failed (its error is re-raised by
+    ``run_in_turns``)."""
+
+
+class Turns:
+    """A turn that passes between named arms in a fixed cyclic order, skipping arms that finished.
+
+    The first arm of ``order`` holds the turn at the start; ``take`` waits for it, ``hand_on`` gives it to the next
+    unfinished arm, ``finish`` leaves the order for good (handing the turn on if held), ``fail`` wakes every waiting
+    arm with ``OtherArmFailed``.
+    """
+
+    def __init__(self, order: Sequence[str]) -> None:
+        if len(set(order)) != len(order) or not order:
+            raise ValueError(f"Turns need distinct arm names, got {list(order)!r}.")
+        self.order = list(order)
+        self.holder: str | None = self.order[0]
+        self._finished: set[str] = set()
+        self._failed: str | None = None
+        self._generators: dict[str, dict[str, Any]] = {}
+        self._condition = threading.Condition()
+
+    def take(self, arm: str) -> float:
+        """Wait until ``arm`` holds the turn; restore its random generators; return the seconds waited."""
+        start = time.perf_counter()
+        with self._condition:
+            self._condition.wait_for(lambda: self.holder == arm or self._failed is not None)
+            if self._failed is not None:
+                raise OtherArmFailed(f"The {self._failed} arm failed; the {arm} arm stops.")
+            generators = self._generators.pop(arm, None)
+        if generators is not None:
+            _restore_generators(generators)
+        return time.perf_counter() - start
+
+    def hand_on(self, arm: str) -> None:
+        """``arm`` (the holder) keeps its random generators' states and gives the turn to the next unfinished arm."""
+        self._check_holder(arm)
+        self._generators[arm] = _capture_generators()
+        with self._condition:
+            self.holder = self._next_after(arm)
+            self._condition.notify_all()
+
+    def hand_on_and_take(self, arm: str) -> float:
+        """End ``arm``'s turn and wait for its next one; the seconds waited (the other arms' turns)."""
+        self.hand_on(arm)
+        return self.take(arm)
+
+    def finish(self, arm: str) -> None:
+        """``arm`` is done: it leaves the order, and the next unfinished arm takes the turn if ``arm`` held it."""
+        with self._condition:
+            self._finished.add(arm)
+            if self.holder == arm:
+                self.holder = self._next_after(arm)
+            self._condition.notify_all()
+
+    def fail(self, arm: str) -> None:
+        """``arm`` failed: every arm waiting for a turn raises ``OtherArmFailed``."""
+        with self._condition:
+            self._failed = self._failed or arm
+            self._condition.notify_all()
+
+    def _next_after(self, arm: str) -> str | None:
+        index = self.order.index(arm)
+        for offset in range(1, len(self.order) + 1):
+            candidate = self.order[(index + offset) % len(self.order)]
+            if candidate not in self._finished:
+                return candidate
+        return None
+
+    def _check_holder(self, arm: str) -> None:
+        if self.holder != arm:
+            raise RuntimeError(f"The {arm} arm hands on a turn it does not hold (the {self.holder} arm holds it).")
+
+
+def run_in_turns(arms: dict[str, Callable[[Callable[[], float]], T]], order: Sequence[str]) -> dict[str, T]:
+    """Run every ``arms[name](between_steps)`` in a thread of its own, one turn at a time, in ``order``.
+
+    ``between_steps()`` ends the arm's turn and waits for its next one; it returns the seconds waited, which the
+    arm's training clock leaves out. Returns each arm's result; re-raises the first arm's error if any failed.
+    """
+    if set(arms) != set(order):
+        raise ValueError(f"`order` {list(order)!r} must name every arm of {sorted(arms)!r} once.")
+    turns = Turns(order)
+    results: dict[str, T] = {}
+    errors: dict[str, BaseException] = {}
+
+    def run(name: str) -> None:
+        try:
+            turns.take(name)
+            results[name] = arms[name](lambda: turns.hand_on_and_take(name))
+        except BaseException as error:  # re-raised in the calling thread below
+            errors[name] = error
+            turns.fail(name)
+        finally:
+            turns.finish(name)
+
+    threads = [threading.Thread(target=run, args=(name,), name=f"arm-{name}") for name in order]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        own = [error for error in errors.values() if not isinstance(error, OtherArmFailed)]
+        raise (own or list(errors.values()))[0]
+    return results
+
+
+def _capture_generators() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_generators(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])

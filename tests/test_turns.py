@@ -1,0 +1,156 @@
+"""The interleaved A/B (``recipes/turns.py``, ``--interleave_arms true``): the turn passes in order, each arm keeps
+its own random numbers, a failure stops both arms, and the recipe's interleaved A/B trains each arm exactly as the
+A/B run one arm after the other does, with each arm's clock counting its own turns only."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from sat_testing import TINY_RECIPE_ARGS
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # `recipes` is a folder of scripts at the repository root, not an installed package
+
+from recipes import cpt, preflight, sft  # noqa: E402
+from recipes.preflight import RecipeError  # noqa: E402
+from recipes.report import METRICS_FILE, format_summary  # noqa: E402
+from recipes.turns import OtherArmFailed, Turns, run_in_turns  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("restore_trl_lm_head")
+
+
+def test_arms_run_one_step_each_in_turn_and_the_longer_one_finishes_alone():
+    events: list[str] = []
+
+    def arm(name: str, steps: int):
+        def train(between_steps):
+            for step in range(steps):
+                events.append(f"{name}{step}")
+                between_steps()
+            return name
+
+        return train
+
+    results = run_in_turns({"a": arm("a", 3), "b": arm("b", 5)}, order=["b", "a"])
+    assert results == {"a": "a", "b": "b"}
+    assert events == ["b0", "a0", "b1", "a1", "b2", "a2", "b3", "b4"]
+
+
+def test_each_arm_draws_the_random_numbers_it_would_draw_alone():
+    def draws(between_steps=None) -> list[float]:
+        torch.manual_seed(0)
+        random.seed(1)
+        out = []
+        for _ in range(4):
+            out += [torch.rand(()).item(), random.random()]
+            if between_steps is not None:
+                between_steps()
+        return out
+
+    alone = draws()
+    results = run_in_turns({"a": draws, "b": draws}, order=["a", "b"])
+    assert results["a"] == alone and results["b"] == alone
+
+
+def test_a_failing_arm_stops_the_other_and_its_error_is_raised():
+    reached: list[int] = []
+
+    def failing(between_steps):
+        between_steps()
+        raise ValueError("boom")
+
+    def waiting(between_steps):
+        for step in range(10):
+            reached.append(step)
+            between_steps()
+
+    with pytest.raises(ValueError, match="boom"):
+        run_in_turns({"fails": failing, "waits": waiting}, order=["fails", "waits"])
+    assert reached == [0]  # it waited for its second turn and stopped there
+
+
+def test_wait_is_the_other_arms_turn_and_misuse_is_refused():
+    turns = Turns(["a", "b"])
+    assert turns.take("a") < 0.1
+    waited: list[float] = []
+    other = threading.Thread(target=lambda: waited.append(turns.take("b")))
+    other.start()
+    time.sleep(0.3)
+    with pytest.raises(RuntimeError, match="does not hold"):
+        turns.hand_on("b")
+    turns.hand_on("a")
+    other.join()
+    assert waited[0] >= 0.3 and turns.holder == "b"
+    turns.fail("b")
+    with pytest.raises(OtherArmFailed):
+        turns.take("a")
+    with pytest.raises(ValueError, match="distinct"):
+        Turns(["a", "a"])
+    with pytest.raises(ValueError, match="name every arm"):
+        run_in_turns({"a": lambda between_steps: None}, order=["a", "b"])
+
+
+def _tiny_args(recipe, model_dir: Path, data: Path, out: Path, *extra: str):
+    paths = ["--model_name_or_path", str(model_dir), "--dataset_name", str(data), "--output_dir", str(out)]
+    return {"sft": sft, "cpt": cpt}[recipe].make_parser().parse_args_and_config([*paths, *TINY_RECIPE_ARGS, *extra])
+
+
+def test_interleaved_ab_trains_each_arm_as_the_sequential_ab(tiny_model_dir, chat_file, tmp_path, monkeypatch):
+    """LoRA SFT (random adapter initialization, shuffled data): the same per-step losses, held-out losses and batches
+    as the A/B run one arm after the other; the arms' steps alternate; a dense step's extra time stays off SAT's
+    clock."""
+    from trl import SFTTrainer
+
+    batches: list[tuple[str, list]] = []  # (arm, input ids) of every training micro-batch, in the order they ran
+    training_step = SFTTrainer.training_step
+
+    def recording_step(self, model, inputs, *args, **kwargs):
+        arm = "dense" if Path(self.args.output_dir).name == "dense" else "sat"
+        batches.append((arm, inputs["input_ids"].tolist()))
+        if arm == "dense" and Path(self.args.output_dir).parent.name == "interleaved":
+            time.sleep(0.5)  # a slow dense step: the SAT arm waits for it, off its clock
+        return training_step(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(SFTTrainer, "training_step", recording_step)
+    sequential = sft.main(
+        *_tiny_args("sft", tiny_model_dir, chat_file, tmp_path / "sequential", "--compare_dense", "true")
+    )
+    sequential_batches, batches[:] = list(batches), []
+    interleave = ("--compare_dense", "true", "--interleave_arms", "true")
+    interleaved = sft.main(*_tiny_args("sft", tiny_model_dir, chat_file, tmp_path / "interleaved", *interleave))
+
+    assert [arm for arm, _ in batches] == ["sat", "dense"] * 6
+    assert sorted(batches) == sorted(sequential_batches)  # the same batches in each arm
+    for run in (sequential, interleaved):
+        run["train_losses"] = [entry["loss"] for entry in run["log_history"] if "loss" in entry]
+        run["dense_losses"] = [entry["loss"] for entry in run["compare_dense"]["dense_log_history"] if "loss" in entry]
+    assert interleaved["train_losses"] == sequential["train_losses"]
+    assert interleaved["dense_losses"] == sequential["dense_losses"]
+    held_out = [[(p["step"], p["eval_loss"]) for p in run["eval_curve"]] for run in (sequential, interleaved)]
+    assert held_out[0] == held_out[1]
+    compare = json.loads((tmp_path / "interleaved" / METRICS_FILE).read_text())["compare_dense"]
+    assert compare["interleaved_arms"] is True and sequential["compare_dense"]["interleaved_arms"] is False
+    assert compare["eval_loss_at_equal_steps"] == pytest.approx(
+        sequential["compare_dense"]["eval_loss_at_equal_steps"]
+    )
+    # SAT waited through at least five 0.5 s dense steps; none of it is on its clock, all of it on dense's.
+    assert interleaved["time_between_steps_s"] < 1.0
+    assert compare["train_seconds"]["dense"] >= 3.0
+    assert "the arms trained in turns step by step" in format_summary(interleaved)
+
+
+def test_interleaving_needs_the_ab_and_one_process(tiny_model_dir, text_file, tmp_path, monkeypatch):
+    with pytest.raises(RecipeError, match="`interleave_arms` interleaves the arms of `compare_dense`"):
+        cpt.main(*_tiny_args("cpt", tiny_model_dir, text_file, tmp_path, "--interleave_arms", "true"))
+    monkeypatch.setattr(preflight, "PartialState", lambda: SimpleNamespace(num_processes=2))
+    interleave = ("--compare_dense", "true", "--interleave_arms", "true")
+    with pytest.raises(RecipeError, match="cannot interleave the collectives of a multi-process launch"):
+        cpt.main(*_tiny_args("cpt", tiny_model_dir, text_file, tmp_path, *interleave))
