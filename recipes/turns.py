@@ -9,7 +9,9 @@ Each arm trains in a thread of its own and only the arm holding the turn runs: a
 every optimizer step (``RunRecorder.on_step_end``) and waits there for it to come back; building the model and the
 trainer, the data loading between steps and every held-out evaluation run inside a turn. Random number generators
 are process-wide: the arm handing the turn on keeps its generators' states and gets them back with its next turn, so
-each arm draws the numbers it would draw alone (its initialization, its data order).
+each arm draws the numbers it would draw alone (its initialization, its data order). accelerate's ``GradientState``
+is process-wide too, shared by both trainers; the Trainer sets its ``sync_gradients`` itself at every micro-batch,
+inside the turn.
 
 One process only: in a multi-process launch the two threads of every process would interleave the arms' collectives.
 """
