@@ -109,7 +109,8 @@ def run_in_turns(arms: dict[str, Callable[[Callable[[], float]], T]], order: Seq
     """Run every ``arms[name](between_steps)`` in a thread of its own, one turn at a time, in ``order``.
 
     ``between_steps()`` ends the arm's turn and waits for its next one; it returns the seconds waited, which the
-    arm's training clock leaves out. Returns each arm's result; re-raises the first arm's error if any failed.
+    arm's training clock leaves out. Returns each arm's result; re-raises the first arm's error if any failed. An
+    interruption of the calling thread (KeyboardInterrupt) stops every arm at the end of its current turn.
     """
     if set(arms) != set(order):
         raise ValueError(f"`order` {list(order)!r} must name every arm of {sorted(arms)!r} once.")
@@ -127,11 +128,17 @@ def run_in_turns(arms: dict[str, Callable[[Callable[[], float]], T]], order: Seq
         finally:
             turns.finish(name)
 
-    threads = [threading.Thread(target=run, args=(name,), name=f"arm-{name}") for name in order]
+    # Daemon threads: an interrupted run (Ctrl-C reaches the main thread) must not wait for the arms to finish.
+    threads = [threading.Thread(target=run, args=(name,), name=f"arm-{name}", daemon=True) for name in order]
     for thread in threads:
         thread.start()
-    for thread in threads:
-        thread.join()
+    try:
+        for thread in threads:
+            while thread.is_alive():
+                thread.join(timeout=0.2)  # a blocking join would hold off a Ctrl-C that another thread received
+    except BaseException:
+        turns.fail("main")  # every arm stops at the end of its current turn
+        raise
     if errors:
         own = [error for error in errors.values() if not isinstance(error, OtherArmFailed)]
         raise (own or list(errors.values()))[0]

@@ -77,6 +77,31 @@ def test_a_failing_arm_stops_the_other_and_its_error_is_raised():
     assert reached == [0]  # it waited for its second turn and stopped there
 
 
+def test_an_interrupted_run_stops_every_arm_at_the_end_of_its_turn():
+    import _thread
+
+    steps: dict[str, int] = {"a": 0, "b": 0}
+    threads_before = set(threading.enumerate())
+
+    def arm(name: str):
+        def train(between_steps):
+            for _ in range(1000):
+                steps[name] += 1
+                if name == "a" and steps[name] == 3:
+                    _thread.interrupt_main()  # Ctrl-C: KeyboardInterrupt in the calling thread
+                time.sleep(0.01)
+                between_steps()
+
+        return train
+
+    with pytest.raises(KeyboardInterrupt):
+        run_in_turns({"a": arm("a"), "b": arm("b")}, order=["a", "b"])
+    for thread in set(threading.enumerate()) - threads_before:
+        thread.join(timeout=5)
+        assert not thread.is_alive()
+    assert steps["a"] < 100 and steps["b"] < 100  # of 1000: both stopped soon after the interruption
+
+
 def test_wait_is_the_other_arms_turn_and_misuse_is_refused():
     turns = Turns(["a", "b"])
     assert turns.take("a") < 0.1
