@@ -134,14 +134,14 @@ def train_arm(
 ) -> Arm:
     """Load, train with the held-out loss evaluated dense along the way, and save to ``training_args.output_dir``.
 
-        The held-out loss is evaluated at the start of ``train()`` (``eval_on_start``: under DeepSpeed a
-        ``Trainer.evaluate()`` before ``train()`` builds an inference-only engine that training cannot use), every
-        ``eval_steps`` when ``eval_strategy`` is ``"steps"``, and at the last step. The global seed is reset first, so
-        that every arm of a run starts from the same adapter initialization and sees the same data order.
-    ``between_steps``: see ``RunRecorder`` (an interleaved A/B's turns).
+    The held-out loss is evaluated at the start of ``train()`` (``eval_on_start``: under DeepSpeed a
+    ``Trainer.evaluate()`` before ``train()`` builds an inference-only engine that training cannot use), every
+    ``eval_steps`` when ``eval_strategy`` is ``"steps"``, and at the last step. The global seed is reset first, so
+    that every arm of a run starts from the same adapter initialization and sees the same data order.
+    ``between_steps``: see ``RunRecorder`` (the turns of an interleaved A/B, ``recipes/turns.py``).
 
-        Raises:
-            RecipeError: TRL's preprocessing left the training or held-out split empty.
+    Raises:
+        RecipeError: TRL's preprocessing left the training or held-out split empty.
     """
     gc.collect()  # a previous arm's model and optimizer (the A/B) must not stay in memory next to this one's
     if torch.cuda.is_available():
