@@ -143,11 +143,6 @@ def train_arm(
     Raises:
         RecipeError: TRL's preprocessing left the training or held-out split empty.
     """
-    gc.collect()  # a previous arm's model and optimizer (the A/B) must not stay in memory next to this one's
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    # The A/B's second arm must not reuse the pages the first one faulted in: both start from the same allocator state.
-    cpu_allocator.release_free_memory()
     args = copy.copy(training_args)
     args.eval_on_start = True
     set_seed(args.seed)
@@ -191,6 +186,16 @@ def train_arm(
     return arm  # the trainer, with the model and optimizer, is unreachable from here on
 
 
+def release_memory() -> None:
+    """Free what a finished arm left (its model and optimizer must not stay in memory next to the next arm's) and
+    hand the allocator's free pages back to the OS: the A/B's second arm must not reuse the pages the first one
+    faulted in, so that both start from the same allocator state."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    cpu_allocator.release_free_memory()
+
+
 def end_run() -> None:
     """Destroy the process group of a multi-process run, once, after every arm (what ``Trainer.end()`` does)."""
     PartialState().destroy_process_group()
@@ -216,10 +221,13 @@ def train_arms(
     own costs.
     """
     data = (recipe, model_path, tokenizer, train, held_out)
+    release_memory()
     if not script_args.compare_dense:
         return train_arm(*data, training_args, model_args, sat_config), None
     dense_args = dense_arm_args(training_args)
     if script_args.interleave_arms:
+        # Memory is released once, before both arms: released again when the second arm starts, it would take back
+        # the pages of the first arm's first step, and the first arm's next step would fault them in again.
         arms = {
             "sat": lambda between_steps: train_arm(*data, training_args, model_args, sat_config, between_steps),
             "dense": lambda between_steps: train_arm(*data, dense_args, model_args, None, between_steps),
@@ -228,8 +236,10 @@ def train_arms(
         return done["sat"], done["dense"]
     if script_args.dense_first:
         dense = train_arm(*data, dense_args, model_args, None)
+        release_memory()
         return train_arm(*data, training_args, model_args, sat_config), dense
     arm = train_arm(*data, training_args, model_args, sat_config)
+    release_memory()
     return arm, train_arm(*data, dense_args, model_args, None)
 
 

@@ -172,6 +172,33 @@ def test_interleaved_ab_trains_each_arm_as_the_sequential_ab(tiny_model_dir, cha
     assert "the arms trained in turns step by step" in format_summary(interleaved)
 
 
+@pytest.mark.parametrize("interleave", [False, True])
+def test_memory_is_released_before_each_arm_and_never_inside_a_turn(
+    interleave, tiny_model_dir, text_file, tmp_path, monkeypatch
+):
+    """Sequential: before each arm, both start from the same allocator state. In turns: once, before both; released
+    when the second arm starts, the first arm's next step would fault its pages in again."""
+    from transformers import Trainer
+
+    from recipes import common
+
+    events: list[str] = []
+    monkeypatch.setattr(common.cpu_allocator, "release_free_memory", lambda: events.append("release"))
+    train = Trainer.train
+
+    def recording_train(self, *args, **kwargs):
+        events.append("train " + Path(self.args.output_dir).name)
+        return train(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "train", recording_train)
+    ab = ("--compare_dense", "true", "--interleave_arms", str(interleave).lower())
+    cpt.main(*_tiny_args("cpt", tiny_model_dir, text_file, tmp_path / "run", *ab))
+    if interleave:
+        assert events == ["release", "train run", "train dense"]
+    else:
+        assert events == ["release", "train run", "release", "train dense"]
+
+
 def test_interleaving_needs_the_ab_and_one_process(tiny_model_dir, text_file, tmp_path, monkeypatch):
     with pytest.raises(RecipeError, match="`interleave_arms` interleaves the arms of `compare_dense`"):
         cpt.main(*_tiny_args("cpt", tiny_model_dir, text_file, tmp_path, "--interleave_arms", "true"))
