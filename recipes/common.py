@@ -159,6 +159,10 @@ def train_arm(
         callbacks=([sat_callback] if sat_callback is not None else []) + [recorder],
     )
     _check_prepared_sizes(recipe, trainer, args)
+    if between_steps is not None:
+        # In turns, both arms are built before either trains: each arm's first step then runs with both models
+        # loaded, not the second arm's alone right after its own loading (off both training clocks).
+        between_steps()
     output = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     if final_eval_point(recorder, trainer.state.global_step) is None:
         trainer.evaluate()  # `eval_strategy: no`: the held-out loss after training (eval mode: SAT blocks run dense)

@@ -6,8 +6,9 @@ schedule saves. Trained in turns (SAT's step 1, dense's step 1, SAT's step 2, ..
 same load, and each arm's training clock counts its own turns only.
 
 Each arm trains in a thread of its own and only the arm holding the turn runs: an arm hands the turn on at the end of
-every optimizer step (``RunRecorder.on_step_end``) and waits there for it to come back; building the model and the
-trainer, the data loading between steps and every held-out evaluation run inside a turn. Random number generators
+every optimizer step (``RunRecorder.on_step_end``) and waits there for it to come back; the first turns build each
+arm's model and trainer, before either trains; the data loading between steps and every held-out evaluation run
+inside a turn. Random number generators
 are process-wide: the arm handing the turn on keeps its generators' states and gets them back with its next turn, so
 each arm draws the numbers it would draw alone (its initialization, its data order). accelerate's ``GradientState``
 is process-wide too, shared by both trainers; the Trainer sets its ``sync_gradients`` itself at every micro-batch,

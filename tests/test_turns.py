@@ -173,17 +173,25 @@ def test_interleaved_ab_trains_each_arm_as_the_sequential_ab(tiny_model_dir, cha
 
 
 @pytest.mark.parametrize("interleave", [False, True])
-def test_memory_is_released_before_each_arm_and_never_inside_a_turn(
+def test_memory_release_and_model_loading_come_before_training(
     interleave, tiny_model_dir, text_file, tmp_path, monkeypatch
 ):
-    """Sequential: before each arm, both start from the same allocator state. In turns: once, before both; released
-    when the second arm starts, the first arm's next step would fault its pages in again."""
+    """Sequential: memory released before each arm, both start from the same allocator state. In turns: released
+    once, before both (released when the second arm starts, it would take back the pages of the first arm's first
+    step), and both models are loaded before either trains."""
     from transformers import Trainer
 
     from recipes import common
 
     events: list[str] = []
     monkeypatch.setattr(common.cpu_allocator, "release_free_memory", lambda: events.append("release"))
+    load_model = common.load_model
+
+    def recording_load(model_path, model_args, training_args):
+        events.append("load " + Path(training_args.output_dir).name)
+        return load_model(model_path, model_args, training_args)
+
+    monkeypatch.setattr(common, "load_model", recording_load)
     train = Trainer.train
 
     def recording_train(self, *args, **kwargs):
@@ -194,9 +202,9 @@ def test_memory_is_released_before_each_arm_and_never_inside_a_turn(
     ab = ("--compare_dense", "true", "--interleave_arms", str(interleave).lower())
     cpt.main(*_tiny_args("cpt", tiny_model_dir, text_file, tmp_path / "run", *ab))
     if interleave:
-        assert events == ["release", "train run", "train dense"]
+        assert events == ["release", "load run", "load dense", "train run", "train dense"]
     else:
-        assert events == ["release", "train run", "release", "train dense"]
+        assert events == ["release", "load run", "train run", "release", "load dense", "train dense"]
 
 
 def test_interleaving_needs_the_ab_and_one_process(tiny_model_dir, text_file, tmp_path, monkeypatch):
