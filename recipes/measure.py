@@ -18,13 +18,21 @@ from transformers import TrainerCallback
 
 from peft_sat import get_sat_state
 
+try:
+    import resource  # POSIX only
+except ImportError:  # Windows
+    resource = None  # type: ignore[assignment]
+
 
 class RunRecorder(TrainerCallback):
     """Per-step wall times and rates (``steps``) and the held-out loss of every evaluation (``eval_curve``).
 
-    ``steps``: ``{"step", "seconds", "omission_rate", "tokens"}`` per optimizer step, ``seconds`` from
-    ``on_step_begin`` to ``on_step_end`` (forward, backward, optimizer; not data loading or logging), ``tokens`` the
-    token positions its training forwards ran, padding included (what the compute scales with).
+    ``steps``: ``{"step", "seconds", "omission_rate", "tokens", "major_page_faults"}`` per optimizer step, ``seconds``
+    from ``on_step_begin`` to ``on_step_end`` (forward, backward, optimizer; not data loading or logging), ``tokens``
+    the token positions its training forwards ran, padding included (what the compute scales with),
+    ``major_page_faults`` the process's page faults that read from disk during the step: a step that runs code or
+    touches file-backed memory the kernel had reclaimed waits for the disk, which the step's time alone cannot tell
+    from a slower computation (None where ``getrusage`` is missing).
     ``eval_curve``: ``{"step", "train_seconds", "eval_loss"}`` per evaluation, ``train_seconds`` the training clock at
     the end of the latest optimizer step (0 before the first).
     ``train_seconds``: the training clock at the end of the latest optimizer step.
@@ -42,6 +50,7 @@ class RunRecorder(TrainerCallback):
         self._between_steps = between_steps
         self._waited_seconds = 0.0  # time spent waiting in `between_steps`, taken off the training clock
         self._step_tokens = 0
+        self._step_faults: int | None = None
         self._hook: Any = None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs) -> None:
@@ -59,6 +68,7 @@ class RunRecorder(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs) -> None:
         self._step_tokens = 0
         _synchronize()
+        self._step_faults = _major_page_faults()
         self._step_start = time.perf_counter()
 
     def on_step_end(self, args, state, control, model=None, **kwargs) -> None:
@@ -67,8 +77,15 @@ class RunRecorder(TrainerCallback):
         sat_state = get_sat_state(model) if model is not None else None
         rate = sat_state.omission_rate if sat_state is not None and sat_state.enabled else 0.0
         seconds = now - self._step_start if self._step_start is not None else float("nan")
+        faults = _major_page_faults()
         self.steps.append(
-            {"step": state.global_step, "seconds": seconds, "omission_rate": rate, "tokens": self._step_tokens}
+            {
+                "step": state.global_step,
+                "seconds": seconds,
+                "omission_rate": rate,
+                "tokens": self._step_tokens,
+                "major_page_faults": faults - self._step_faults if None not in (faults, self._step_faults) else None,
+            }
         )
         if self._train_start is not None:
             self.train_seconds = now - self._train_start - self._eval_seconds - self._waited_seconds
@@ -88,6 +105,11 @@ class RunRecorder(TrainerCallback):
             self._eval_seconds += metrics.get("eval_runtime", 0.0)
         point = {"step": state.global_step, "train_seconds": self.train_seconds, "eval_loss": metrics["eval_loss"]}
         self.eval_curve.append(point)
+
+
+def _major_page_faults() -> int | None:
+    """The process's major page faults so far (every thread: in an interleaved A/B only one arm runs at a time)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_majflt if resource is not None else None
 
 
 def _synchronize() -> None:

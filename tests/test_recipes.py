@@ -210,6 +210,7 @@ def test_cpt_end_to_end_full(tiny_model_dir, text_file, tmp_path, monkeypatch):
     assert _logged_rates(metrics)[-1] == 0.0
     assert metrics["train_tokens"] == 6 * 2 * 16  # full packed blocks, no padding
     assert [record["tokens"] for record in metrics["steps"]] == [2 * 16] * 6  # token positions each step ran
+    assert all(isinstance(r["major_page_faults"], int) and r["major_page_faults"] >= 0 for r in metrics["steps"])
     assert metrics["eval_loss_after"] < metrics["eval_loss_before"]  # lr 1e-3 on repeated text: it learns
     assert heads.count(True) == 6 and False in heads  # each step's loss kept its gradient; evaluations did not
 

@@ -207,6 +207,22 @@ def test_memory_release_and_model_loading_come_before_training(
         assert events == ["release", "load run", "train run", "release", "load dense", "train dense"]
 
 
+def test_each_step_records_the_major_page_faults_between_its_begin_and_end(monkeypatch):
+    from types import SimpleNamespace as Usage
+
+    from recipes import measure
+
+    counter = iter(range(0, 1000, 7))  # the process's fault count, 7 more at every reading
+    monkeypatch.setattr(measure.resource, "getrusage", lambda who: Usage(ru_majflt=next(counter)))
+    recorder = measure.RunRecorder()
+    state = SimpleNamespace(global_step=0)
+    for step in (1, 2):
+        recorder.on_step_begin(None, state, None)
+        state.global_step = step
+        recorder.on_step_end(None, state, None)
+    assert [r["major_page_faults"] for r in recorder.steps] == [7, 7]
+
+
 def test_interleaving_needs_the_ab_and_one_process(tiny_model_dir, text_file, tmp_path, monkeypatch):
     with pytest.raises(RecipeError, match="`interleave_arms` interleaves the arms of `compare_dense`"):
         cpt.main(*_tiny_args("cpt", tiny_model_dir, text_file, tmp_path, "--interleave_arms", "true"))
