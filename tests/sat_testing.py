@@ -535,6 +535,13 @@ TINY_RECIPE_ARGS = (
 TINY_RECIPE_LADDER = [0.5, 0.5, 0.5, 1 / 3, 1 / 6, 0.0]
 
 
+def tiny_recipe_args(recipe: Any, model_dir: Path, data: Path, out: Path, *extra: str) -> tuple:
+    """The parsed arguments of ``recipe`` (``recipes.sft`` or ``recipes.cpt``) for a ``TINY_RECIPE_ARGS`` run of the
+    tiny model in ``model_dir`` on ``data``, written to ``out``."""
+    paths = ["--model_name_or_path", str(model_dir), "--dataset_name", str(data), "--output_dir", str(out)]
+    return recipe.make_parser().parse_args_and_config([*paths, *TINY_RECIPE_ARGS, *extra])
+
+
 def sentence(i: int, n: int = 6) -> str:
     """The ``i``-th of a fixed sequence of ``n``-word sentences over ``CHAT_WORDS``."""
     return " ".join(CHAT_WORDS[(i * 7 + k * 3) % len(CHAT_WORDS)] for k in range(n))

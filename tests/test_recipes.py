@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from sat_testing import TINY_RECIPE_ARGS, TINY_RECIPE_LADDER, sentence
+from sat_testing import TINY_RECIPE_LADDER, sentence, tiny_recipe_args
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # `recipes` is a folder of scripts at the repository root, not an installed package
@@ -38,8 +38,7 @@ def parse(recipe: str, *args: str):
 
 def tiny_args(recipe: str, model_dir: Path, data: Path, out: Path, *extra: str):
     """Arguments for a 6-step run on the tiny model of the ``tiny_model_dir`` fixture: ``TINY_RECIPE_LADDER``."""
-    paths = ["--model_name_or_path", str(model_dir), "--dataset_name", str(data), "--output_dir", str(out)]
-    return parse(recipe, *paths, *TINY_RECIPE_ARGS, *extra)
+    return tiny_recipe_args(RECIPES[recipe], model_dir, data, out, *extra)
 
 
 # ---- configs ---------------------------------------------------------------------------------------------------

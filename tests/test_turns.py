@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from sat_testing import TINY_RECIPE_ARGS
+from sat_testing import tiny_recipe_args
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # `recipes` is a folder of scripts at the repository root, not an installed package
@@ -123,11 +123,6 @@ def test_wait_is_the_other_arms_turn_and_misuse_is_refused():
         run_in_turns({"a": lambda between_steps: None}, order=["a", "b"])
 
 
-def _tiny_args(recipe, model_dir: Path, data: Path, out: Path, *extra: str):
-    paths = ["--model_name_or_path", str(model_dir), "--dataset_name", str(data), "--output_dir", str(out)]
-    return {"sft": sft, "cpt": cpt}[recipe].make_parser().parse_args_and_config([*paths, *TINY_RECIPE_ARGS, *extra])
-
-
 def test_interleaved_ab_trains_each_arm_as_the_sequential_ab(tiny_model_dir, chat_file, tmp_path, monkeypatch):
     """LoRA SFT (random adapter initialization, shuffled data): the same per-step losses, held-out losses and batches
     as the A/B run one arm after the other; the arms' steps alternate; a dense step's extra time stays off SAT's
@@ -146,11 +141,11 @@ def test_interleaved_ab_trains_each_arm_as_the_sequential_ab(tiny_model_dir, cha
 
     monkeypatch.setattr(SFTTrainer, "training_step", recording_step)
     sequential = sft.main(
-        *_tiny_args("sft", tiny_model_dir, chat_file, tmp_path / "sequential", "--compare_dense", "true")
+        *tiny_recipe_args(sft, tiny_model_dir, chat_file, tmp_path / "sequential", "--compare_dense", "true")
     )
     sequential_batches, batches[:] = list(batches), []
     interleave = ("--compare_dense", "true", "--interleave_arms", "true")
-    interleaved = sft.main(*_tiny_args("sft", tiny_model_dir, chat_file, tmp_path / "interleaved", *interleave))
+    interleaved = sft.main(*tiny_recipe_args(sft, tiny_model_dir, chat_file, tmp_path / "interleaved", *interleave))
 
     assert [arm for arm, _ in batches] == ["sat", "dense"] * 6
     assert sorted(batches) == sorted(sequential_batches)  # the same batches in each arm
@@ -200,7 +195,7 @@ def test_memory_release_and_model_loading_come_before_training(
 
     monkeypatch.setattr(Trainer, "train", recording_train)
     ab = ("--compare_dense", "true", "--interleave_arms", str(interleave).lower())
-    cpt.main(*_tiny_args("cpt", tiny_model_dir, text_file, tmp_path / "run", *ab))
+    cpt.main(*tiny_recipe_args(cpt, tiny_model_dir, text_file, tmp_path / "run", *ab))
     if interleave:
         assert events == ["release", "load run", "load dense", "train run", "train dense"]
     else:
@@ -225,8 +220,8 @@ def test_each_step_records_the_major_page_faults_between_its_begin_and_end(monke
 
 def test_interleaving_needs_the_ab_and_one_process(tiny_model_dir, text_file, tmp_path, monkeypatch):
     with pytest.raises(RecipeError, match="`interleave_arms` interleaves the arms of `compare_dense`"):
-        cpt.main(*_tiny_args("cpt", tiny_model_dir, text_file, tmp_path, "--interleave_arms", "true"))
+        cpt.main(*tiny_recipe_args(cpt, tiny_model_dir, text_file, tmp_path, "--interleave_arms", "true"))
     monkeypatch.setattr(preflight, "PartialState", lambda: SimpleNamespace(num_processes=2))
     interleave = ("--compare_dense", "true", "--interleave_arms", "true")
     with pytest.raises(RecipeError, match="cannot interleave the collectives of a multi-process launch"):
-        cpt.main(*_tiny_args("cpt", tiny_model_dir, text_file, tmp_path, *interleave))
+        cpt.main(*tiny_recipe_args(cpt, tiny_model_dir, text_file, tmp_path, *interleave))
