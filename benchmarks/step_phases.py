@@ -10,6 +10,13 @@ step does not. The case and the SAT config come from ``speed.py``'s flags (``--c
     .venv/bin/python benchmarks/step_phases.py --cases 7b-layer --layer-batch 1x2048 --rate 0.25 --rounds 3 \
         --sat '{"omit": ["mlp", "attention"], "dense_tokens": "none", "sparse_pass": "forward_backward"}'
 
+The last line bounds what the rate can save on this machine: the MLP matmuls that the SAT step runs at the kept
+width instead of the full one (each timed alone, on random operands of the step's shapes, times the layers), as a
+share of the dense step. An ideal sparse step, with no costs of its own, saves that difference and no more; the
+FLOPs model counts the same matmuls' share of all the step's matmul FLOPs, which overstates the share of the time
+wherever the rest of the step (attention, norms, activations, the LM head's softmax, the optimizer) is not free.
+Printed for batches that do not split (``--loss-tokens 1``) with only the MLP omitted.
+
 ``--pattern`` runs another sequence per round, e.g. ``DDDSSS`` (D: a dense step, S: a SAT step, E: an evaluation,
 four no-grad forwards of a twice-larger batch in eval mode) and also reports each arm by the step before it: whether
 a dense step right after SAT steps, or any step right after an evaluation, is slower.
@@ -26,6 +33,7 @@ import speed
 import torch
 
 import peft_sat
+from peft_sat.selection import num_kept
 
 
 def main(argv: list[str] | None = None) -> dict[float, dict[str, float]]:
@@ -106,7 +114,63 @@ def main(argv: list[str] | None = None) -> dict[float, dict[str, float]]:
         return medians
     dense, sparse = medians["dense"], medians[labels["S"]]
     print(f"dense / SAT step time: {dense['step_ms'] / sparse['step_ms']:.3f}x")
+    config = state.config
+    split = case.name == "smollm2" and bench.loss_tokens < 1 and config.dense_tokens != "none"
+    if split or list(config.omit) != ["mlp"]:
+        return medians
+    full, kept = sliced_mlp_matmul_ms(case.shape, config.sparse_pass, args.variant == "full", args.rate, bench.device)
+    saved = (full - kept) / dense["step_ms"]
+    flops_ratio = speed._ideal(case, args.variant, args.rate, config, dense_fraction=0.0)
+    print(
+        f"MLP matmuls sliced at r = {args.rate:g}, each alone: {full:.0f} ms per step at full width, {kept:.0f} ms "
+        f"kept: at most {saved:.1%} of the dense step saved (ideal time ratio {1 / (1 - saved):.3f}x; FLOPs ratio "
+        f"{flops_ratio:.3f}x, {1 - 1 / flops_ratio:.1%} saved); measured {1 - sparse['step_ms'] / dense['step_ms']:.1%}"
+    )
     return medians
+
+
+def sliced_mlp_matmul_ms(
+    shape: speed.StackShape, sparse_pass: str, weights_train: bool, rate: float, device: torch.device, repeats: int = 9
+) -> tuple[float, float]:
+    """(ms, ms): the MLP matmuls of a training step that ``sparse_pass`` slices, summed over the layers, at the full
+    intermediate width I and at the kept width k; each (a x b) @ (b x c) timed alone (median of ``repeats``).
+
+    Per layer, with N tokens and H hidden (c = I or k)::
+
+        forward      x W_gate^T, x W_up^T: (N, H) @ (H, c)      h W_down^T: (N, c) @ (c, H)
+        input grads  g W_down: (N, H) @ (H, c)                  dG W_gate, dU W_up: (N, c) @ (c, H)
+        weight grads g^T h: (H, N) @ (N, c)                     dG^T x, dU^T x: (c, N) @ (N, H)
+
+    ``sparse_pass``: "forward_backward" slices all three, "backward" the gradients, "weight_grad" the weight
+    gradients; frozen base weights (LoRA) have none.
+    """
+    n, h = shape.tokens, shape.hidden
+
+    def matmuls(c: int) -> list[tuple[int, int, int]]:
+        forward = [(n, h, c), (n, h, c), (n, c, h)]
+        input_grads = [(n, h, c), (n, c, h), (n, c, h)]
+        weight_grads = [(h, n, c), (c, n, h), (c, n, h)] if weights_train else []
+        return {
+            "forward_backward": forward + input_grads + weight_grads,
+            "backward": input_grads + weight_grads,
+            "weight_grad": weight_grads,
+        }[sparse_pass]
+
+    def seconds(a: int, b: int, c: int) -> float:
+        left, right = torch.randn(a, b, device=device), torch.randn(b, c, device=device)
+        times = []
+        for _ in range(repeats + 1):  # the first one warms up
+            speed._timing.synchronize(device)
+            start = time.perf_counter()
+            torch.mm(left, right)
+            speed._timing.synchronize(device)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times[1:])
+
+    totals = []
+    for width in (shape.intermediate, num_kept(shape.intermediate, rate)):
+        totals.append(1e3 * shape.layers * sum(seconds(*dims) for dims in matmuls(width)))
+    return totals[0], totals[1]
 
 
 if __name__ == "__main__":

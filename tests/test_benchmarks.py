@@ -84,6 +84,8 @@ def test_step_phases_times_each_phase_of_both_arms():
     for row in (dense, sparse):
         assert all(name in row for name in ("forward_ms", "backward_ms", "optimizer_ms", "step_ms", "page_faults"))
     assert any(line.startswith("dense / SAT step time: ") for line in lines)
+    bound = next(line for line in lines if line.startswith("MLP matmuls sliced at r = 0.5"))
+    assert "ideal time ratio" in bound and "FLOPs ratio 1.2" in bound  # the tiny stack's FLOPs model: 1.247x
 
     # a pattern with an evaluation: each arm also by the step before it
     result = subprocess.run([*command, "--pattern", "DDSE"], capture_output=True, text=True, timeout=300)
@@ -162,3 +164,32 @@ def test_labelled_positions_loss_is_transformers_causal_lm_loss():
         rtol=1e-6,
         atol=0,
     )
+
+
+@pytest.mark.parametrize(
+    ("sparse_pass", "weights_train", "per_layer"),
+    [
+        ("backward", True, ["NHc", "NcH", "NcH", "HNc", "cNH", "cNH"]),
+        ("backward", False, ["NHc", "NcH", "NcH"]),  # LoRA: frozen base weights have no weight gradient
+        ("forward_backward", True, ["NHc", "NHc", "NcH", "NHc", "NcH", "NcH", "HNc", "cNH", "cNH"]),
+        ("weight_grad", True, ["HNc", "cNH", "cNH"]),
+    ],
+)
+def test_step_phases_bound_times_the_matmuls_each_mode_slices(monkeypatch, sparse_pass, weights_train, per_layer):
+    sys.path.insert(0, str(BENCHMARKS))
+    import step_phases
+
+    from peft_sat.flops import StackShape
+
+    shape = StackShape(hidden=8, intermediate=16, heads=2, kv_heads=2, layers=3, vocab=0, batch=1, seq=5)
+    calls, mm = [], torch.mm
+    monkeypatch.setattr(torch, "mm", lambda a, b: calls.append((*a.shape, b.shape[1])) or mm(a, b))
+    full, kept = step_phases.sliced_mlp_matmul_ms(shape, sparse_pass, weights_train, 0.25, torch.device("cpu"), 1)
+    sizes = {"N": 5, "H": 8}
+    expected = [
+        tuple({**sizes, "c": width}[letter] for letter in dims)
+        for width in (16, 12)  # I, then the kept k = 16 - floor(0.25 * 16)
+        for dims in per_layer
+        for _ in range(2)  # a warm-up, then one timed
+    ]
+    assert calls == expected and full > 0 and kept > 0
