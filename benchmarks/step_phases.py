@@ -28,6 +28,7 @@ import argparse
 import resource
 import statistics
 import time
+from collections.abc import Callable
 
 import speed
 import torch
@@ -59,6 +60,15 @@ def main(argv: list[str] | None = None) -> dict[float, dict[str, float]]:
     eval_inputs = {key: torch.cat([value, value]) for key, value in inputs.items()}
     rates = {"D": 0.0, "S": args.rate}
     samples: dict[tuple[str, str], list[tuple[float, ...]]] = {}
+    config = state.config
+    split = case.name == "smollm2" and bench.loss_tokens < 1 and config.dense_tokens != "none"
+    bounded = not split and list(config.omit) == ["mlp"] and "S" in args.pattern
+    time_matmuls = (
+        sliced_mlp_matmuls(case.shape, config.sparse_pass, args.variant == "full", args.rate, bench.device)
+        if bounded
+        else None
+    )
+    matmul_samples: list[tuple[float, float]] = []
     previous = ""
     for round_index in range(args.rounds + 1):  # round 0 warms up
         for letter in args.pattern:
@@ -85,6 +95,10 @@ def main(argv: list[str] | None = None) -> dict[float, dict[str, float]]:
                 row = (forward - start, backward - forward, end - backward, end - start, faults)
                 samples.setdefault((letter, previous), []).append(row)
             previous = letter
+        if time_matmuls is not None:
+            sample = time_matmuls()
+            if round_index:
+                matmul_samples.append(sample)
     names = ("forward_ms", "backward_ms", "optimizer_ms", "step_ms", "page_faults")
     labels = {"D": "dense", "S": f"r = {args.rate:g}", "E": "an evaluation"}
 
@@ -114,26 +128,25 @@ def main(argv: list[str] | None = None) -> dict[float, dict[str, float]]:
         return medians
     dense, sparse = medians["dense"], medians[labels["S"]]
     print(f"dense / SAT step time: {dense['step_ms'] / sparse['step_ms']:.3f}x")
-    config = state.config
-    split = case.name == "smollm2" and bench.loss_tokens < 1 and config.dense_tokens != "none"
-    if split or list(config.omit) != ["mlp"]:
+    if not matmul_samples:
         return medians
-    full, kept = sliced_mlp_matmul_ms(case.shape, config.sparse_pass, args.variant == "full", args.rate, bench.device)
+    full, kept = (statistics.median(sample[i] for sample in matmul_samples) for i in range(2))
     saved = (full - kept) / dense["step_ms"]
     flops_ratio = speed._ideal(case, args.variant, args.rate, config, dense_fraction=0.0)
     print(
-        f"MLP matmuls sliced at r = {args.rate:g}, each alone: {full:.0f} ms per step at full width, {kept:.0f} ms "
+        f"MLP matmuls sliced at r = {args.rate:g}, each alone (every round): {full:.0f} ms per step at full width, {kept:.0f} ms "
         f"kept: at most {saved:.1%} of the dense step saved (ideal time ratio {1 / (1 - saved):.3f}x; FLOPs ratio "
         f"{flops_ratio:.3f}x, {1 - 1 / flops_ratio:.1%} saved); measured {1 - sparse['step_ms'] / dense['step_ms']:.1%}"
     )
     return medians
 
 
-def sliced_mlp_matmul_ms(
-    shape: speed.StackShape, sparse_pass: str, weights_train: bool, rate: float, device: torch.device, repeats: int = 9
-) -> tuple[float, float]:
-    """(ms, ms): the MLP matmuls of a training step that ``sparse_pass`` slices, summed over the layers, at the full
-    intermediate width I and at the kept width k; each (a x b) @ (b x c) timed alone (median of ``repeats``).
+def sliced_mlp_matmuls(
+    shape: speed.StackShape, sparse_pass: str, weights_train: bool, rate: float, device: torch.device
+) -> Callable[[], tuple[float, float]]:
+    """A function timing, once, the MLP matmuls of a training step that ``sparse_pass`` slices, at the full
+    intermediate width I and at the kept width k, each (a x b) @ (b x c) alone on random operands and the two widths
+    in turn; it returns (ms at I, ms at k), summed over the layers.
 
     Per layer, with N tokens and H hidden (c = I or k)::
 
@@ -156,21 +169,23 @@ def sliced_mlp_matmul_ms(
             "weight_grad": weight_grads,
         }[sparse_pass]
 
-    def seconds(a: int, b: int, c: int) -> float:
-        left, right = torch.randn(a, b, device=device), torch.randn(b, c, device=device)
-        times = []
-        for _ in range(repeats + 1):  # the first one warms up
-            speed._timing.synchronize(device)
-            start = time.perf_counter()
-            torch.mm(left, right)
-            speed._timing.synchronize(device)
-            times.append(time.perf_counter() - start)
-        return statistics.median(times[1:])
+    def operands(c: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(torch.randn(a, b, device=device), torch.randn(b, c_, device=device)) for a, b, c_ in matmuls(c)]
 
-    totals = []
-    for width in (shape.intermediate, num_kept(shape.intermediate, rate)):
-        totals.append(1e3 * shape.layers * sum(seconds(*dims) for dims in matmuls(width)))
-    return totals[0], totals[1]
+    widths = (operands(shape.intermediate), operands(num_kept(shape.intermediate, rate)))
+
+    def time_once() -> tuple[float, float]:
+        totals = [0.0, 0.0]
+        for pairs in zip(*widths, strict=True):
+            for width, (left, right) in enumerate(pairs):
+                speed._timing.synchronize(device)
+                start = time.perf_counter()
+                torch.mm(left, right)
+                speed._timing.synchronize(device)
+                totals[width] += time.perf_counter() - start
+        return 1e3 * shape.layers * totals[0], 1e3 * shape.layers * totals[1]
+
+    return time_once
 
 
 if __name__ == "__main__":

@@ -184,12 +184,11 @@ def test_step_phases_bound_times_the_matmuls_each_mode_slices(monkeypatch, spars
     shape = StackShape(hidden=8, intermediate=16, heads=2, kv_heads=2, layers=3, vocab=0, batch=1, seq=5)
     calls, mm = [], torch.mm
     monkeypatch.setattr(torch, "mm", lambda a, b: calls.append((*a.shape, b.shape[1])) or mm(a, b))
-    full, kept = step_phases.sliced_mlp_matmul_ms(shape, sparse_pass, weights_train, 0.25, torch.device("cpu"), 1)
+    full, kept = step_phases.sliced_mlp_matmuls(shape, sparse_pass, weights_train, 0.25, torch.device("cpu"))()
     sizes = {"N": 5, "H": 8}
     expected = [
         tuple({**sizes, "c": width}[letter] for letter in dims)
-        for width in (16, 12)  # I, then the kept k = 16 - floor(0.25 * 16)
         for dims in per_layer
-        for _ in range(2)  # a warm-up, then one timed
+        for width in (16, 12)  # I, then the kept k = 16 - floor(0.25 * 16): each matmul at both widths in turn
     ]
     assert calls == expected and full > 0 and kept > 0
