@@ -232,6 +232,8 @@ def train_arms(
     if script_args.interleave_arms:
         # Memory is released once, before both arms: released again when the second arm starts, it would take back
         # the pages of the first arm's first step, and the first arm's next step would fault them in again.
+        # One progress bar: two bars redrawn in turns garble a terminal, and the arms step together anyway.
+        dense_args.disable_tqdm = True
         arms = {
             "sat": lambda between_steps: train_arm(*data, training_args, model_args, sat_config, between_steps),
             "dense": lambda between_steps: train_arm(*data, dense_args, model_args, None, between_steps),

@@ -189,17 +189,22 @@ def test_memory_release_and_model_loading_come_before_training(
     monkeypatch.setattr(common, "load_model", recording_load)
     train = Trainer.train
 
+    bars = {}
+
     def recording_train(self, *args, **kwargs):
         events.append("train " + Path(self.args.output_dir).name)
+        bars[Path(self.args.output_dir).name] = not self.args.disable_tqdm
         return train(self, *args, **kwargs)
 
     monkeypatch.setattr(Trainer, "train", recording_train)
-    ab = ("--compare_dense", "true", "--interleave_arms", str(interleave).lower())
+    ab = ("--compare_dense", "true", "--interleave_arms", str(interleave).lower(), "--disable_tqdm", "false")
     cpt.main(*tiny_recipe_args(cpt, tiny_model_dir, text_file, tmp_path / "run", *ab))
     if interleave:
         assert events == ["release", "load run", "load dense", "train run", "train dense"]
+        assert bars == {"run": True, "dense": False}  # one progress bar on the terminal: the SAT arm's
     else:
         assert events == ["release", "load run", "train run", "release", "load dense", "train dense"]
+        assert bars == {"run": True, "dense": True}
 
 
 def test_each_step_records_the_major_page_faults_between_its_begin_and_end(monkeypatch):
