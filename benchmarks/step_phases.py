@@ -134,8 +134,8 @@ def main(argv: list[str] | None = None) -> dict[float, dict[str, float]]:
     saved = (full - kept) / dense["step_ms"]
     flops_ratio = speed._ideal(case, args.variant, args.rate, config, dense_fraction=0.0)
     print(
-        f"MLP matmuls sliced at r = {args.rate:g}, each alone (every round): {full:.0f} ms per step at full width, {kept:.0f} ms "
-        f"kept: at most {saved:.1%} of the dense step saved (ideal time ratio {1 / (1 - saved):.3f}x; FLOPs ratio "
+        f"MLP matmuls sliced at r = {args.rate:g}, each alone (every round): {full:.0f} ms per step at full width, "
+        f"{kept:.0f} ms kept: at most {saved:.1%} of the dense step saved (ideal time ratio {1 / (1 - saved):.3f}x; FLOPs ratio "
         f"{flops_ratio:.3f}x, {1 - 1 / flops_ratio:.1%} saved); measured {1 - sparse['step_ms'] / dense['step_ms']:.1%}"
     )
     return medians
@@ -169,8 +169,13 @@ def sliced_mlp_matmuls(
             "weight_grad": weight_grads,
         }[sparse_pass]
 
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # the steps' autocast dtype (``speed.py``)
+
     def operands(c: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [(torch.randn(a, b, device=device), torch.randn(b, c_, device=device)) for a, b, c_ in matmuls(c)]
+        return [
+            (torch.randn(a, b, device=device, dtype=dtype), torch.randn(b, c_, device=device, dtype=dtype))
+            for a, b, c_ in matmuls(c)
+        ]
 
     widths = (operands(shape.intermediate), operands(num_kept(shape.intermediate, rate)))
 
