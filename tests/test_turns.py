@@ -173,7 +173,7 @@ def test_memory_release_and_model_loading_come_before_training(
 ):
     """Sequential: memory released before each arm, both start from the same allocator state. In turns: released
     once, before both (released when the second arm starts, it would take back the pages of the first arm's first
-    step), and both models are loaded before either trains."""
+    step), and both models are loaded before either trains; only the SAT arm draws a progress bar in turns."""
     from transformers import Trainer
 
     from recipes import common
