@@ -36,6 +36,7 @@ import speed
 import torch
 
 import peft_sat
+from peft_sat.flops import StackShape
 from peft_sat.selection import num_kept
 
 
@@ -63,13 +64,7 @@ def main(argv: list[str] | None = None) -> dict[float, dict[str, float]]:
     rates = {"D": 0.0, "S": args.rate}
     samples: dict[tuple[str, str], list[tuple[float, ...]]] = {}
     config = state.config
-    split = case.name == "smollm2" and bench.loss_tokens < 1 and config.dense_tokens != "none"
-    timed = not split and list(config.omit) == ["mlp"] and "S" in args.pattern
-    time_matmuls = (
-        sliced_mlp_matmuls(case.shape, config.sparse_pass, args.variant == "full", args.rate, bench.device)
-        if timed
-        else None
-    )
+    time_matmuls: Callable[[], tuple[float, float]] | None = None  # after the warm-up round, if it applies
     matmul_samples: list[tuple[float, float]] = []
     previous = ""
     for round_index in range(args.rounds + 1):  # round 0 warms up
@@ -97,10 +92,15 @@ def main(argv: list[str] | None = None) -> dict[float, dict[str, float]]:
                 row = (forward - start, backward - forward, end - backward, end - start, faults)
                 samples.setdefault((letter, previous), []).append(row)
             previous = letter
-        if time_matmuls is not None:
-            sample = time_matmuls()
-            if round_index:
-                matmul_samples.append(sample)
+        if round_index == 0 and "S" in args.pattern and list(config.omit) == ["mlp"]:
+            split = any(state.dense_fractions)  # the SAT forwards split the batch: not what the matmuls model
+            if not split:
+                time_matmuls = sliced_mlp_matmuls(
+                    case.shape, config.sparse_pass, args.variant == "full", args.rate, bench.device
+                )
+                time_matmuls()  # warm-up
+        elif time_matmuls is not None:
+            matmul_samples.append(time_matmuls())
     names = ("forward_ms", "backward_ms", "optimizer_ms", "step_ms", "page_faults")
     labels = {"D": "dense", "S": f"r = {args.rate:g}", "E": "an evaluation"}
 
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict[float, dict[str, float]]:
 
 
 def sliced_mlp_matmuls(
-    shape: speed.StackShape, sparse_pass: str, weights_train: bool, rate: float, device: torch.device
+    shape: StackShape, sparse_pass: str, weights_train: bool, rate: float, device: torch.device
 ) -> Callable[[], tuple[float, float]]:
     """A function timing, once, the MLP matmuls of a training step that ``sparse_pass`` slices, at the full
     intermediate width I and at the kept width k, each (a x b) @ (b x c) alone on random operands and the two widths
