@@ -87,11 +87,21 @@ def test_step_phases_times_each_phase_of_both_arms():
     bound = next(line for line in lines if line.startswith("MLP matmuls sliced at r = 0.5"))
     assert "ideal time ratio" in bound and "FLOPs ratio 1.2" in bound  # the tiny stack's FLOPs model: 1.247x
 
-    # a pattern with an evaluation: each arm also by the step before it
-    result = subprocess.run([*command, "--pattern", "DDSE"], capture_output=True, text=True, timeout=300)
+    # a pattern with an evaluation: each arm also by the step before it; batches that split (prompts without loss):
+    # the estimate times the context rows' backward instead
+    split = [*command, "--pattern", "DDSE", "--loss-tokens", "0.5", "--backward-nodes", "3"]
+    result = subprocess.run(split, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     after = sorted(line.strip().split(" (n=")[0] for line in result.stdout.splitlines() if " after " in line)
     assert after == ["dense after an evaluation", "dense after dense", "r = 0.5 after dense"]
+    context = next(line for line in result.stdout.splitlines() if line.startswith("Backward matmuls of the context"))
+    assert "(50% of the positions dense)" in context and "ideal split step saves about" in context
+    assert any(line.startswith("A split step whose backward shrank") for line in result.stdout.splitlines())
+    assert not any(line.startswith("MLP matmuls sliced") for line in result.stdout.splitlines())
+    lines = result.stdout.splitlines()
+    nodes = lines.index("backward by autograd node, median ms per step: dense, r = 0.5")
+    assert [line.split(":")[0].strip() for line in lines[nodes + 1 : nodes + 4]].count("MmBackward0") == 1
+    assert not lines[nodes + 4].startswith("  ")  # the top 3 types
     bad = subprocess.run([*command, "--pattern", "DX"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "--pattern" in bad.stderr
 
@@ -192,3 +202,29 @@ def test_step_phases_bound_times_the_matmuls_each_mode_slices(monkeypatch, spars
         for width in (16, 12)  # I, then the kept k = 16 - floor(0.25 * 16): each matmul at both widths in turn
     ]
     assert calls == expected and full > 0 and kept > 0
+
+
+@pytest.mark.parametrize("weights_train", [True, False])
+def test_step_phases_context_estimate_times_the_backward_the_split_skips(monkeypatch, weights_train):
+    sys.path.insert(0, str(BENCHMARKS))
+    import step_phases
+
+    from peft_sat.flops import StackShape
+
+    shape = StackShape(hidden=8, intermediate=16, heads=2, kv_heads=1, layers=3, vocab=11, batch=2, seq=5)
+    calls, mm, bmm = [], torch.mm, torch.bmm
+    monkeypatch.setattr(torch, "mm", lambda a, b: calls.append((1, *a.shape, b.shape[1])) or mm(a, b))
+    monkeypatch.setattr(torch, "bmm", lambda a, b: calls.append((*a.shape, b.shape[2])) or bmm(a, b))
+    timer = step_phases.context_backward_matmuls(shape, weights_train, 3, True, torch.device("cpu"))
+    full, dense = timer()
+
+    def step(r: int, s: int) -> list[tuple[int, ...]]:  # head_dim 4: q = 8, kv = 4; 2 x 2 sequence-heads of 5 keys
+        input_grads = [(r, 8, 8), (r, 8, 8), (r, 4, 8), (r, 4, 8), (r, 16, 8), (r, 16, 8), (r, 8, 16)]
+        weight_grads = [(8, r, 8), (8, r, 8), (16, r, 8), (16, r, 8), (8, r, 16)] if weights_train else []
+        attention = [(4, s, 4, 5), (4, 5, s, 4), (4, s, 5, 4), (4, 5, s, 4)]
+        head = [(1, r, 11, 8)] + ([(1, 11, r, 8)] if weights_train else [])
+        return [(1, *m) for m in input_grads + weight_grads] + attention + head
+
+    # every row (N = 10, 5 query slots a sequence), then the 3 dense rows (2 slots: ceil(3 / 2)), in turn
+    assert calls == [m for pair in zip(step(10, 5), step(3, 2), strict=True) for m in pair]
+    assert full > 0 and dense > 0
