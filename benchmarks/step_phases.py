@@ -202,19 +202,23 @@ def node_times(loss: torch.Tensor) -> collections.Counter:
             continue
         seen.add(node)
         stack.extend(next_node for next_node, _ in node.next_functions)
-        if node.name().endswith("AccumulateGrad"):
-            continue
-
-        def started(_grad_outputs, key=id(node)):
-            starts[key] = time.perf_counter()
-
-        def finished(_grad_inputs, _grad_outputs, key=id(node), name=node.name()):
-            if key in starts:
-                totals[name] += time.perf_counter() - starts.pop(key)
-
-        node.register_prehook(started)
-        node.register_hook(finished)
+        if not node.name().endswith("AccumulateGrad"):
+            _time_node(node, totals, starts)
     return totals
+
+
+def _time_node(node, totals: collections.Counter, starts: dict[int, float]) -> None:
+    key, name = id(node), node.name()
+
+    def started(_grad_outputs):
+        starts[key] = time.perf_counter()
+
+    def finished(_grad_inputs, _grad_outputs):
+        if key in starts:
+            totals[name] += time.perf_counter() - starts.pop(key)
+
+    node.register_prehook(started)
+    node.register_hook(finished)
 
 
 def print_node_times(samples: dict[str, list[collections.Counter]], labels: dict[str, str], top: int) -> None:
