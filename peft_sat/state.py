@@ -43,7 +43,8 @@ class BatchInfo:
     position_ids: torch.Tensor | None = None  # (B, T) / (1, T) when given (packed batches)
     uses_cache: bool = False  # a KV cache was given or asked for: generation, which must run the dense model
     collective_ok: bool = True  # every rank runs this forward: a shared selection may all-reduce its scores
-    dense_rows_cache: dict = field(default_factory=dict, repr=False)  # (mode, shape) -> rows, per forward
+    # per forward: the dense rows by (mode, shape), and what the blocks derive from them (context rows, query slots)
+    dense_rows_cache: dict = field(default_factory=dict, repr=False)
 
 
 @dataclass

@@ -169,3 +169,25 @@ def test_packed_sequences_train_as_the_reference(context_tokens, attn):
     assert_matches_masked_reference(models.sat, models.reference, inputs)
     rows = peft_sat.get_sat_state(models.sat).dense_rows(labels.shape)
     assert rows is not None and 0 < rows.numel() < labels.numel()
+
+
+def test_every_block_of_a_forward_splits_the_same_context_rows_made_once(monkeypatch):
+    """The positions outside the dense rows are made once per forward (on an accelerator ``nonzero`` waits for the
+    device) and shared by every attention and MLP block; the next forward makes its own."""
+    import peft_sat.blocks.base as base
+
+    made = []
+    complement = base.omitted_units
+    monkeypatch.setattr(base, "omitted_units", lambda kept, n: made.append(complement(kept, n)) or made[-1])
+    model = sat_model("full", peft_sat.SATConfig(omission_rate=0.5))  # the defaults: context rows forward only
+    inputs = batch(prompt=6)
+    seen = []
+    for block in [m for m in model.modules() if hasattr(m, "sat_context_rows")]:
+        original = block.sat_context_rows
+        block.sat_context_rows = lambda rows, n, original=original: seen.append(original(rows, n)) or seen[-1]
+    for forward in (1, 2):
+        model(**inputs).loss.backward()
+        assert len(made) == forward and len(seen) == 4 * forward  # tiny_model: two layers, attention and MLP each
+        assert all(context is made[-1] for context in seen[-4:])
+    rows, context = peft_sat.get_sat_state(model).batch.dense_rows_cache[("context", 48)]
+    assert 0 < rows.numel() < 48 and sorted(rows.tolist() + context.tolist()) == list(range(48))

@@ -298,7 +298,7 @@ class SATAttentionMixin(SATBlockMixin):
         """``context_tokens="forward_only"``: every head, forward; the context rows give keys and values whose
         projections train, and take no gradient themselves (no query or output graph, no input gradient)."""
         flat = hidden_states.reshape(-1, hidden_states.shape[-1])
-        context = omitted_units(rows, flat.shape[0])
+        context = self.sat_context_rows(rows, flat.shape[0])
         # the dense rows with their graph, the context rows as constants: saved once, shared by the projections
         x_rows, x_context = flat.index_select(0, rows), flat.detach().index_select(0, context)
         qkv = self._sat_cut_qkv(flat, x_rows, x_context, rows, context)

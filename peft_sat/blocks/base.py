@@ -54,6 +54,16 @@ class SATBlockMixin:
         """Flat row indices of the positions of ``x`` (..., H) that run the whole block, or None (no split)."""
         return self.sat_state.dense_rows(x.shape[:-1])
 
+    def sat_context_rows(self, rows: torch.Tensor, num_rows: int) -> torch.Tensor:
+        """The flat positions outside the dense ``rows`` among ``num_rows`` (padding included), made once per forward
+        for all blocks: every block of a forward splits the same rows, and on an accelerator ``nonzero`` waits for
+        the device."""
+        cache = self.sat_state.batch.dense_rows_cache
+        key = ("context", num_rows)
+        if key not in cache or cache[key][0] is not rows:
+            cache[key] = (rows, omitted_units(rows, num_rows))
+        return cache[key][1]
+
     @property
     def sat_backward_only(self) -> bool:
         """``sparse_pass="backward"``: the omitted units skip the backward only."""

@@ -48,7 +48,7 @@ class SATMLPMixin(SATBlockMixin):
             )
         # A split batch: the dense tokens run the whole block, the others as `context_tokens` says.
         flat = x.reshape(-1, x.shape[-1])
-        context = omitted_units(rows, flat.shape[0])  # positions outside the dense rows (padding included)
+        context = self.sat_context_rows(rows, flat.shape[0])  # positions outside the dense rows (padding included)
         if forward_only:  # nothing needs their gradient: the attention blocks cut it
             return self._sat_dense_rows_forward(flat, rows, context).view_as(x)
         dense_y = super().forward(flat.index_select(0, rows))
