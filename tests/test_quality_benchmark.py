@@ -152,10 +152,13 @@ def test_sat_overrides_run_as_their_own_comparison(tmp_path):
         ('{"not_a_field": 1}', "not_a_field"),
     ],
 )
-def test_sat_overrides_are_checked_before_any_work(tmp_path, bad, message):
-    proc = run_tiny(tmp_path, "--sat", bad, timeout=60)
-    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
-    assert not (tmp_path / "quality.json").exists()
+def test_sat_overrides_are_checked_before_any_work(tmp_path, capsys, bad, message):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        quality.main(["--tiny", "--out", str(out), "--sat", bad])
+    stderr = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in stderr, stderr[-2000:]
+    assert not out.exists()
 
 
 @pytest.mark.slow

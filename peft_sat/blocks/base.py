@@ -114,7 +114,7 @@ class SATBlockMixin:
         raise NotImplementedError
 
     def _sat_selection(self, kept: torch.Tensor) -> Any:
-        """The selection object the sliced forward reads; pure (no state changes): it also builds the omitted set."""
+        """The selection object the sliced forward reads (the attention's also holds the omitted heads); pure."""
         raise NotImplementedError
 
 

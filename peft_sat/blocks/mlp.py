@@ -21,13 +21,12 @@ from .. import importance, norm_input
 from ..sliced import base_layer, base_weight, linear_cols, linear_rows, linear_rows_fused, project_base
 from ..sliced_backward import cols_output, rows_forward, weight_grad_forward
 from ..token_rows import rows_output, rows_value, split_rows, supports_rows
-from .base import SATBlockMixin, assemble_rows, omitted_units
+from .base import SATBlockMixin, assemble_rows
 
 
 @dataclass(frozen=True)
 class ChannelSelection:
-    kept: torch.Tensor  # (k,) sorted kept channels
-    omitted: torch.Tensor  # (I - k,) the others, sorted
+    kept: torch.Tensor  # (k,) sorted kept channels; no path reads the omitted ones (their complement would sync a GPU)
 
 
 class SATMLPMixin(SATBlockMixin):
@@ -160,7 +159,7 @@ class SATMLPMixin(SATBlockMixin):
         )
 
     def _sat_selection(self, kept: torch.Tensor) -> ChannelSelection:
-        return ChannelSelection(kept=kept, omitted=omitted_units(kept, self.sat_num_units))
+        return ChannelSelection(kept=kept)
 
 
 class SATFusedMLPMixin(SATMLPMixin):
