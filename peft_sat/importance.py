@@ -102,8 +102,17 @@ def channel_scores(
 
 def activation_scores(h: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
     """``maxip`` channel scores from activations already computed: mean_t |h_t| over the valid tokens of ``h``
-    (..., I) -> (I,), float32 (``token_mask`` as in ``valid_tokens``)."""
-    return valid_tokens(h.detach(), token_mask).float().abs().mean(dim=0)
+    (..., I) -> (I,), float32 (``token_mask`` as in ``valid_tokens``: every token when it selects none).
+
+    With a mask, the padding rows are zeroed in place and every row summed: picking the valid rows would copy them,
+    and their number is data the host must read from the device, a sync per block on an accelerator."""
+    magnitudes = h.detach().reshape(-1, h.shape[-1]).float().abs()  # a new tensor: ours to overwrite
+    if token_mask is None or token_mask.numel() != magnitudes.shape[0]:
+        return magnitudes.mean(dim=0)
+    keep = token_mask.reshape(-1).to(device=magnitudes.device, dtype=torch.bool)
+    keep = keep | ~keep.any()  # a mask that selects nothing keeps every row
+    magnitudes.masked_fill_(~keep[:, None], 0.0)  # whatever padding holds (even NaN) never reaches a score
+    return magnitudes.sum(dim=0) / keep.sum()
 
 
 def head_scores(

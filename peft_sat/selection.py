@@ -47,7 +47,7 @@ def select_units(
     if method == "topk":
         kept = torch.topk(scores, num_kept, sorted=False).indices
     elif method == "sampling":
-        weights = scores if bool(scores.sum() > 0) else torch.ones_like(scores)
+        weights = torch.where(scores.sum() > 0, scores, torch.ones_like(scores))  # no host sync
         kept = torch.multinomial(weights, num_kept, replacement=False, generator=generator)
     else:
         raise ValueError(f"Unknown selection method {method!r}.")
@@ -55,8 +55,9 @@ def select_units(
 
 
 def _sanitize(scores: torch.Tensor) -> torch.Tensor:
+    """NaN and -inf -> 0, +inf -> the largest finite score (1 when none is finite), then clamped at 0; tensor ops
+    only, so that a block's selection never waits for the device (a branch on the values would)."""
     finite = torch.isfinite(scores)
-    if bool(finite.all()):
-        return scores.clamp_min(0)
-    largest = scores[finite].max() if bool(finite.any()) else scores.new_tensor(1.0)
-    return torch.nan_to_num(scores, nan=0.0, posinf=float(largest), neginf=0.0).clamp_min(0)
+    largest = torch.where(finite, scores, float("-inf")).amax()
+    largest = torch.where(torch.isfinite(largest), largest, 1.0)
+    return torch.where(finite, scores, torch.where(scores == float("inf"), largest, 0.0)).clamp_min(0)

@@ -5,7 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from peft import get_peft_model
+from sat_testing import batch, tiny_model
+from torch.utils._python_dispatch import TorchDispatchMode
 
+import peft_sat
 from peft_sat import importance
 from peft_sat.selection import num_kept, select_units
 
@@ -143,3 +147,48 @@ def test_non_finite_scores_never_crash_selection():
     nan_only = torch.full((4,), float("nan"))
     assert select_units(nan_only, 2, "sampling", torch.Generator().manual_seed(0)).numel() == 2
     assert select_units(nan_only, 2, "topk").numel() == 2
+
+
+def _host_reads(layers: int, inputs: dict) -> int:
+    """Operators of one SAT training step (the defaults, forward and backward) whose result the host reads from the
+    device, a sync on an accelerator: scalar reads, ``nonzero`` and boolean indexing (its size is data). Counted on a
+    CPU through the dispatcher, which sees the same operators."""
+    aten = torch.ops.aten
+    count = 0
+
+    class HostReads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            nonlocal count
+            boolean_index = func is aten.index.Tensor and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1]
+            )
+            count += func in (aten._local_scalar_dense.default, aten.nonzero.default) or boolean_index
+            return func(*args, **(kwargs or {}))
+
+    model = get_peft_model(tiny_model(num_hidden_layers=layers), peft_sat.SATConfig()).train()
+    with HostReads():
+        model(**inputs).loss.backward()
+    return count
+
+
+@pytest.mark.parametrize("batch_kind", ["mask of ones", "padded", "prompts (split)"])
+def test_a_sparse_block_never_waits_for_the_device(batch_kind):
+    """With the defaults, scoring, selection and the sliced step read no device value per block: a four-layer step
+    reads as many as a two-layer one (what a forward reads once, e.g. where a split's dense rows are, stays). The
+    paper's sampled scores still read per block how many tokens are real (the sample's size is data)."""
+    inputs = batch(pad=0 if batch_kind == "mask of ones" else 5, prompt=6 if batch_kind == "prompts (split)" else 0)
+    assert _host_reads(4, inputs) == _host_reads(2, inputs)
+
+
+def test_activation_scores_average_the_real_tokens_only():
+    h = torch.randn(2, 6, 10)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[0, :4] = False  # left padding
+    expected = h[mask].abs().mean(dim=0)
+    torch.testing.assert_close(importance.activation_scores(h, mask), expected, rtol=1e-6, atol=0)
+    everything = h.reshape(-1, 10).abs().mean(dim=0)
+    torch.testing.assert_close(importance.activation_scores(h, None), everything, rtol=0, atol=0)
+    no_real_token = torch.zeros(2, 6, dtype=torch.bool)  # falls back to every token, as `valid_tokens` does
+    torch.testing.assert_close(importance.activation_scores(h, no_real_token), everything, rtol=1e-6, atol=0)
+    h[0, :4] = float("nan")  # what padding positions hold never reaches the scores
+    torch.testing.assert_close(importance.activation_scores(h, mask), expected, rtol=1e-6, atol=0)
