@@ -177,7 +177,9 @@ def test_a_sparse_block_never_waits_for_the_device(batch_kind):
     reads as many as a two-layer one (what a forward reads once, e.g. where a split's dense rows are, stays). The
     paper's sampled scores still read per block how many tokens are real (the sample's size is data)."""
     inputs = batch(pad=0 if batch_kind == "mask of ones" else 5, prompt=6 if batch_kind == "prompts (split)" else 0)
-    assert _host_reads(4, inputs) == _host_reads(2, inputs)
+    two_layers = _host_reads(2, inputs)
+    assert two_layers > 0  # the counter sees what a forward reads once (the attention mask's checks, the split)
+    assert _host_reads(4, inputs) == two_layers
 
 
 def test_activation_scores_average_the_real_tokens_only():
