@@ -6,6 +6,7 @@ kept units, on tensors of the kept width (nothing full-size but the weight gradi
 None and ``index`` (k,) int64 distinct units:
 
     rows_from_value(x, W, b, index, y)                returns y[..., index]   backward of x W[index]^T + b[index]
+    lora_rows_from_value(x, W, b, Ax, B, index, y, s) returns y[..., index]   ... + s (Ax) B[index]^T (A's graph in Ax)
     cols_to_value(h_K, W, b, index, y)                returns y               backward of h_K W[:, index]^T + b
 
 and for ``sparse_pass="weight_grad"`` (the forward and every input gradient dense, the weight gradients of the
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .norm_input import load_input, save_input
-from .ops import _gather_cols, _padded_product, _product, _scatter_cols, _source_map, _stack_rows, select_last
+from .ops import _gather_cols, _padded_product, _product, _scaled, _scatter_cols, _source_map, _stack_rows, select_last
 
 
 class _RowsFromValue(torch.autograd.Function):
@@ -42,21 +43,7 @@ class _RowsFromValue(torch.autograd.Function):
     def backward(ctx, grad_kept):
         x, weight, index = ctx.saved_tensors
         x = load_input(ctx, x)
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        x_dtype, w_dtype, b_dtype = ctx.dtypes
-        grad_2d = grad_kept.reshape(-1, index.numel())  # (N, k)
-        grad_x = grad_w = grad_b = None
-        if need_x:
-            kept_weight = _stack_rows((weight,), (index,), transient_out=True)  # (k, in)
-            grad_x = grad_kept.matmul(kept_weight.to(grad_kept.dtype)).to(x_dtype)
-            del kept_weight  # the transient buffer is reused below
-        if need_w or need_b:
-            source = _source_map(index, ctx.out_features, 0, index.numel())
-        if need_w:
-            x_2d = x.reshape(-1, x.shape[-1]).to(grad_2d.dtype)
-            grad_w = _padded_product(grad_2d, x_2d, w_dtype).index_select(0, source)
-        if need_b:
-            grad_b = F.pad(grad_2d.sum(0), (0, 1)).index_select(0, source).to(b_dtype)
+        grad_x, grad_w, grad_b = _rows_backward(grad_kept, x, weight, index, ctx, *ctx.needs_input_grad[:3])
         return grad_x, grad_w, grad_b, None, None
 
 
@@ -68,6 +55,82 @@ def rows_from_value(
     if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (x, weight, bias)):
         return select_last(value, index)
     return _RowsFromValue.apply(x, weight, bias, index, value)
+
+
+class _LoraRowsFromValue(torch.autograd.Function):
+    """``value[..., index]`` with the gradient of rows ``index`` of a LoRA layer ``x W^T + b + s (x A^T) B^T``, its
+    rank-r activations ``low_rank`` = x A^T (A's graph) computed beforehand: the base's rows as in
+    ``_RowsFromValue``, and dL/d low_rank = (s g) B[index], dL/dB zero outside rows ``index``. The adapter's kept
+    rows need no forward product: their value is already in ``value``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, low_rank, lora_b, index, value, scale):
+        need_x, need_w, _, need_low_rank, need_lora_b = ctx.needs_input_grad[:5]
+        ctx.scale = scale
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.out_features = weight.shape[0]
+        ctx.save_for_backward(
+            save_input(ctx, x) if need_w else None,
+            weight if need_x else None,
+            low_rank if need_lora_b else None,
+            lora_b if need_low_rank else None,
+            index,
+        )
+        return select_last(value, index)
+
+    @staticmethod
+    def backward(ctx, grad_kept):
+        x, weight, low_rank, lora_b, index = ctx.saved_tensors
+        x = load_input(ctx, x)
+        need_x, need_w, need_b, need_low_rank, need_lora_b = ctx.needs_input_grad[:5]
+        grad_x, grad_w, grad_b = _rows_backward(grad_kept, x, weight, index, ctx, need_x, need_w, need_b)
+        grad_low_rank = grad_lora_b = None
+        scaled = _scaled(grad_kept, ctx.scale)  # the order of the chain ``gather_linear(low_rank, B) * s``
+        if need_low_rank:
+            grad_low_rank = scaled.matmul(lora_b.index_select(0, index))  # (..., k) @ (k, r)
+        if need_lora_b:
+            kept_grad = scaled.reshape(-1, index.numel()).t().matmul(low_rank.reshape(-1, low_rank.shape[-1]))
+            grad_lora_b = kept_grad.new_zeros(ctx.out_features, kept_grad.shape[1]).index_copy_(0, index, kept_grad)
+        return grad_x, grad_w, grad_b, grad_low_rank, grad_lora_b, None, None, None
+
+
+def _rows_backward(grad_kept, x, weight, index, ctx, need_x: bool, need_w: bool, need_b: bool):
+    """dL/dx, dL/dW, dL/db of ``x W[index]^T + b[index]`` from the kept rows' gradient (..., k); the weight and
+    bias gradients full-size, zero outside rows ``index``."""
+    x_dtype, w_dtype, b_dtype = ctx.dtypes
+    grad_2d = grad_kept.reshape(-1, index.numel())  # (N, k)
+    grad_x = grad_w = grad_b = None
+    if need_x:
+        kept_weight = _stack_rows((weight,), (index,), transient_out=True)  # (k, in)
+        grad_x = grad_kept.matmul(kept_weight.to(grad_kept.dtype)).to(x_dtype)
+        del kept_weight  # the transient buffer is reused below
+    if need_w or need_b:
+        source = _source_map(index, ctx.out_features, 0, index.numel())
+    if need_w:
+        x_2d = x.reshape(-1, x.shape[-1]).to(grad_2d.dtype)
+        grad_w = _padded_product(grad_2d, x_2d, w_dtype).index_select(0, source)
+    if need_b:
+        grad_b = F.pad(grad_2d.sum(0), (0, 1)).index_select(0, source).to(b_dtype)
+    return grad_x, grad_w, grad_b
+
+
+def lora_rows_from_value(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    low_rank: torch.Tensor,
+    lora_b: torch.Tensor,
+    index: torch.Tensor,
+    value: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """``value[..., index]`` (k,) of a LoRA layer's output ``value`` computed beforehand, with the gradient of its
+    rows ``index`` (base and adapter; ``low_rank`` = the adapter's A x with A's graph, B without bias): (..., out) ->
+    (..., k). Saves ``x`` for a trained base weight, W for dL/dx, ``low_rank`` for dL/dB and B for A's gradient."""
+    tensors = (x, weight, bias, low_rank, lora_b)
+    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors):
+        return select_last(value, index)
+    return _LoraRowsFromValue.apply(x, weight, bias, low_rank, lora_b, index, value, scale)
 
 
 class _ColsToValue(torch.autograd.Function):

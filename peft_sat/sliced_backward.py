@@ -34,7 +34,7 @@ from torch import nn
 
 from . import norm_input
 from .ops import gather_linear
-from .ops_backward import cols_to_value, rows_from_value, weight_grad_from_value
+from .ops_backward import cols_to_value, lora_rows_from_value, rows_from_value, weight_grad_from_value
 from .scatter import place
 from .sliced import _is_bnb_4bit, _is_lora, _is_plain_linear
 
@@ -136,7 +136,18 @@ def _lora_rows_forward(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor
     if not four_bit:
         value = value.to(result_dtype)
 
+    base = module.base_layer
+    fused = (  # one node for base and adapter (PEFT's defaults): no (..., k) product of the adapter in forward
+        len(branches) == 1
+        and _is_plain_linear(base)
+        and branches[0][1].bias is None
+        and len({x.dtype, base.weight.dtype, branches[0][0].dtype, branches[0][1].weight.dtype, result_dtype}) == 1
+    )
+
     def kept_rows(index: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+        if fused:
+            low_rank, lora_b, scaling = branches[0]
+            return lora_rows_from_value(x, base.weight, base.bias, low_rank, lora_b.weight, index, total, scaling)
         kept = base_rows(index, total)
         for low_rank, lora_b, scaling in branches:
             part = gather_linear(low_rank, lora_b.weight, lora_b.bias, index, by_rows=True) * scaling

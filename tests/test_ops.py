@@ -234,3 +234,62 @@ def test_select_last_is_index_select_on_the_last_dimension(shape, contiguous):
     (got,) = torch.autograd.grad(kept, base, grad)
     (want,) = torch.autograd.grad(expected, base, grad)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("base_trains", [True, False])
+def test_one_lora_rows_node_gives_the_chains_values_and_gradients_bit_for_bit(base_trains):
+    """``lora_rows_from_value``: the kept rows of a LoRA layer's value with the gradients of the chain it replaces,
+    the base's rows node plus the adapter's kept rows ``gather_linear(A x, B) * s`` added with a zero value."""
+    from peft_sat.ops_backward import lora_rows_from_value, rows_from_value
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 6, generator=generator, requires_grad=True)
+    weight = torch.randn(7, 6, generator=generator).requires_grad_(base_trains)
+    bias = torch.randn(7, generator=generator).requires_grad_(base_trains)
+    lora_a = torch.randn(3, 6, generator=generator, requires_grad=True)
+    lora_b = torch.randn(7, 3, generator=generator, requires_grad=True)
+    index, scale = torch.tensor([1, 4, 5]), 0.75
+    upstream = torch.randn(2, 5, 3, generator=generator)
+
+    def kept(fused: bool) -> torch.Tensor:
+        low_rank = F.linear(x, lora_a)
+        with torch.no_grad():
+            value = F.linear(x, weight, bias) + F.linear(low_rank, lora_b) * scale
+        if fused:
+            return lora_rows_from_value(x, weight, bias, low_rank, lora_b, index, value, scale)
+        part = gather_linear(low_rank, lora_b, None, index, by_rows=True) * scale
+        return rows_from_value(x, weight, bias, index, value) + (part - part.detach())
+
+    params = [t for t in (x, weight, bias, lora_a, lora_b) if t.requires_grad]
+    results = []
+    for fused in (True, False):
+        y = kept(fused)
+        results.append((y, torch.autograd.grad((y * upstream).sum(), params)))
+    (y_fused, grads_fused), (y_chain, grads_chain) = results
+    assert torch.equal(y_fused, y_chain)
+    for got, want in zip(grads_fused, grads_chain, strict=True):
+        assert torch.equal(got, want)
+    omitted = torch.tensor([0, 2, 3, 6])
+    grad_b = grads_fused[-1]  # B's: the last parameter
+    assert grad_b.index_select(0, omitted).eq(0).all() and grad_b.index_select(0, index).ne(0).all()
+
+
+def test_a_lora_mlp_in_backward_mode_builds_one_rows_node_per_projection():
+    """The defaults on a LoRA model (PEFT's plain adapters): gate and up take their kept rows' gradient from one
+    ``_LoraRowsFromValue`` node each, not from the base's node and a product of the adapter."""
+    from sat_testing import batch, sat_model
+
+    import peft_sat
+
+    model = sat_model("lora", peft_sat.SATConfig(omission_rate=0.5))
+    loss = model(**batch(pad=0)).loss  # every position carries loss: no split, the MLP omits channels
+    names, seen, stack = [], set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            names.append(node.name())
+            stack.extend(next_node for next_node, _ in node.next_functions)
+    layers = model.base_model.model.config.num_hidden_layers
+    assert names.count("_LoraRowsFromValueBackward") == 2 * layers  # gate and up of every layer
+    assert "_RowsFromValueBackward" not in names
