@@ -8,6 +8,7 @@ None and ``index`` (k,) int64 distinct units:
     rows_from_value(x, W, b, index, y)                returns y[..., index]   backward of x W[index]^T + b[index]
     lora_rows_from_value(x, W, b, Ax, B, index, y, s) returns y[..., index]   ... + s (Ax) B[index]^T (A's graph in Ax)
     cols_to_value(h_K, W, b, index, y)                returns y               backward of h_K W[:, index]^T + b
+    lora_cols_to_value(h_K, W, b, A, B, index, y, s)  returns y               ... + s (h_K A[:, index]^T) B^T
 
 and for ``sparse_pass="weight_grad"`` (the forward and every input gradient dense, the weight gradients of the
 kept units only):
@@ -148,19 +149,7 @@ class _ColsToValue(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         kept_h, weight, index = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        h_dtype, w_dtype, b_dtype = ctx.dtypes
-        grad_2d = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
-        grad_h = grad_w = grad_b = None
-        if need_h:
-            kept_weight = _gather_cols(weight, index, transient_out=True)  # (out, k)
-            grad_h = grad_out.matmul(kept_weight.to(grad_out.dtype)).to(h_dtype)  # (..., k)
-            del kept_weight  # the transient buffer is reused below
-        if need_w:
-            kept_2d = kept_h.reshape(-1, index.numel()).to(grad_2d.dtype)  # (N, k)
-            grad_w = _scatter_cols(_product(grad_2d, kept_2d), index, ctx.in_features, w_dtype)
-        if need_b:
-            grad_b = grad_2d.sum(0).to(b_dtype)
+        grad_h, grad_w, grad_b = _cols_backward(grad_out, kept_h, weight, index, ctx, *ctx.needs_input_grad[:3])
         return grad_h, grad_w, grad_b, None, None
 
 
@@ -172,6 +161,79 @@ def cols_to_value(
     if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (kept_h, weight, bias)):
         return value
     return _ColsToValue.apply(kept_h, weight, bias, index, value)
+
+
+class _LoraColsToValue(torch.autograd.Function):
+    """``value`` (a LoRA layer's output ``h W^T + b + s (h A^T) B^T``, computed beforehand) with the gradient of the
+    kept columns ``index`` only, through ``kept_h`` = h[..., index]: the base's as in ``_ColsToValue``, and the
+    adapter's ``s (h_K A[:, index]^T) B^T`` (dL/dA zero outside columns ``index``). The adapter's product needs no
+    forward: its value is already in ``value``; backward recomputes the rank-r h_K A[:, index]^T."""
+
+    @staticmethod
+    def forward(ctx, kept_h, weight, bias, lora_a, lora_b, index, value, scale):
+        ctx.scale = scale
+        ctx.dtypes = (kept_h.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.in_features = weight.shape[1]
+        ctx.save_for_backward(kept_h, weight, lora_a, lora_b, index)
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        kept_h, weight, lora_a, lora_b, index = ctx.saved_tensors
+        need_h, need_w, need_b, need_a, need_lora_b = ctx.needs_input_grad[:5]
+        grad_h, grad_w, grad_b = _cols_backward(grad_out, kept_h, weight, index, ctx, need_h, need_w, need_b)
+        grad_a = grad_lora_b = None
+        if need_h or need_a or need_lora_b:  # the chain's order: F.linear(h_K A_K^T, B) * s
+            kept_a = lora_a.index_select(1, index)  # (r, k)
+            scaled = _scaled(grad_out, ctx.scale)
+            grad_low_rank = scaled.matmul(lora_b)  # (..., r)
+            if need_lora_b:
+                low_rank = F.linear(kept_h, kept_a)
+                grad_lora_b = scaled.reshape(-1, scaled.shape[-1]).t().matmul(low_rank.reshape(-1, kept_a.shape[0]))
+            if need_a:
+                grad_2d = grad_low_rank.reshape(-1, kept_a.shape[0])
+                kept_2d = kept_h.reshape(-1, index.numel())
+                grad_a = _scatter_cols(grad_2d.t().matmul(kept_2d), index, ctx.in_features, lora_a.dtype)
+            if need_h:
+                from_adapter = grad_low_rank.matmul(kept_a)
+                grad_h = from_adapter if grad_h is None else grad_h + from_adapter
+        return grad_h, grad_w, grad_b, grad_a, grad_lora_b, None, None, None
+
+
+def _cols_backward(grad_out, kept_h, weight, index, ctx, need_h: bool, need_w: bool, need_b: bool):
+    """dL/dh_K, dL/dW, dL/db of ``h_K W[:, index]^T + b``; the weight gradient full-size, zero outside columns
+    ``index``."""
+    h_dtype, w_dtype, b_dtype = ctx.dtypes
+    grad_2d = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
+    grad_h = grad_w = grad_b = None
+    if need_h:
+        kept_weight = _gather_cols(weight, index, transient_out=True)  # (out, k)
+        grad_h = grad_out.matmul(kept_weight.to(grad_out.dtype)).to(h_dtype)  # (..., k)
+        del kept_weight  # the transient buffer is reused below
+    if need_w:
+        kept_2d = kept_h.reshape(-1, index.numel()).to(grad_2d.dtype)  # (N, k)
+        grad_w = _scatter_cols(_product(grad_2d, kept_2d), index, ctx.in_features, w_dtype)
+    if need_b:
+        grad_b = grad_2d.sum(0).to(b_dtype)
+    return grad_h, grad_w, grad_b
+
+
+def lora_cols_to_value(
+    kept_h: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    index: torch.Tensor,
+    value: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """``value`` (a LoRA layer's output on the whole input h, computed beforehand; B without bias) with the gradient
+    of the kept columns only, base and adapter, through ``kept_h`` = h[..., index]. Saves ``kept_h``, W, A and B."""
+    tensors = (kept_h, weight, bias, lora_a, lora_b)
+    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors):
+        return value
+    return _LoraColsToValue.apply(kept_h, weight, bias, lora_a, lora_b, index, value, scale)
 
 
 class _WeightGradRows(torch.autograd.Function):

@@ -34,7 +34,13 @@ from torch import nn
 
 from . import norm_input
 from .ops import gather_linear
-from .ops_backward import cols_to_value, lora_rows_from_value, rows_from_value, weight_grad_from_value
+from .ops_backward import (
+    cols_to_value,
+    lora_cols_to_value,
+    lora_rows_from_value,
+    rows_from_value,
+    weight_grad_from_value,
+)
 from .scatter import place
 from .sliced import _is_bnb_4bit, _is_lora, _is_plain_linear
 
@@ -163,6 +169,12 @@ def _lora_cols_output(module: nn.Module, h: torch.Tensor, kept_h: torch.Tensor, 
     four_bit = _is_bnb_4bit(module.base_layer)
     with torch.no_grad():
         value = module.base_layer(h) if four_bit else F.linear(h, module.base_layer.weight, module.base_layer.bias)
+    if (fused := _single_plain_adapter(module, h, value)) is not None:  # one node, no product of the adapter
+        lora_a, lora_b, scaling = fused
+        with torch.no_grad():
+            total = value + lora_b(lora_a(h)) * scaling  # PEFT's order: bit for bit its value
+        base = module.base_layer
+        return lora_cols_to_value(kept_h, base.weight, base.bias, lora_a.weight, lora_b.weight, index, total, scaling)
     output = _base_cols_to_value(module.base_layer, kept_h, index, value)
     result_dtype = value.dtype
     if four_bit:
@@ -184,6 +196,21 @@ def _lora_cols_output(module: nn.Module, h: torch.Tensor, kept_h: torch.Tensor, 
         delta = delta + _zero_valued(part * scaling)
         output = output + (delta.to(result_dtype) if four_bit and convert else delta)
     return output if four_bit else output.to(result_dtype)
+
+
+def _single_plain_adapter(module: nn.Module, h: torch.Tensor, value: torch.Tensor) -> tuple | None:
+    """(A, B, scaling) of a LoRA layer that one node serves (PEFT's defaults: one adapter over a plain base, no
+    bias on B, no active dropout, one dtype), or None."""
+    adapters = _plain_lora(module)
+    if len(adapters) != 1 or not _is_plain_linear(module.base_layer):
+        return None
+    lora_a, lora_b = module.lora_A[adapters[0]], module.lora_B[adapters[0]]
+    dropout = module.lora_dropout[adapters[0]]
+    if lora_b.bias is not None or (isinstance(dropout, nn.Dropout) and dropout.training and dropout.p > 0):
+        return None
+    if len({h.dtype, value.dtype, module.base_layer.weight.dtype, lora_a.weight.dtype, lora_b.weight.dtype}) != 1:
+        return None
+    return lora_a, lora_b, module.scaling[adapters[0]]
 
 
 def _base_cols_to_value(

@@ -274,9 +274,10 @@ def test_one_lora_rows_node_gives_the_chains_values_and_gradients_bit_for_bit(ba
     assert grad_b.index_select(0, omitted).eq(0).all() and grad_b.index_select(0, index).ne(0).all()
 
 
-def test_a_lora_mlp_in_backward_mode_builds_one_rows_node_per_projection():
+def test_a_lora_mlp_in_backward_mode_builds_one_node_per_projection():
     """The defaults on a LoRA model (PEFT's plain adapters): gate and up take their kept rows' gradient from one
-    ``_LoraRowsFromValue`` node each, not from the base's node and a product of the adapter."""
+    ``_LoraRowsFromValue`` node each and down from one ``_LoraColsToValue``, not from the base's node and a
+    product of the adapter."""
     from sat_testing import batch, sat_model
 
     import peft_sat
@@ -292,4 +293,42 @@ def test_a_lora_mlp_in_backward_mode_builds_one_rows_node_per_projection():
             stack.extend(next_node for next_node, _ in node.next_functions)
     layers = model.base_model.model.config.num_hidden_layers
     assert names.count("_LoraRowsFromValueBackward") == 2 * layers  # gate and up of every layer
-    assert "_RowsFromValueBackward" not in names
+    assert names.count("_LoraColsToValueBackward") == layers  # down
+    assert not {"_RowsFromValueBackward", "_ColsToValueBackward", "_GatherLinearRowsBackward"} & set(names)
+
+
+@pytest.mark.parametrize("base_trains", [True, False])
+def test_one_lora_cols_node_gives_the_chains_gradients(base_trains):
+    """``lora_cols_to_value``: a LoRA layer's output with the gradient of its kept input columns, against the chain
+    it replaces (the base's columns node plus the adapter's ``B(A[:, K] h_K) * s`` added with a zero value)."""
+    from peft_sat.ops_backward import cols_to_value, lora_cols_to_value
+
+    generator = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 5, 6, generator=generator, requires_grad=True)
+    weight = torch.randn(7, 6, generator=generator).requires_grad_(base_trains)
+    bias = torch.randn(7, generator=generator).requires_grad_(base_trains)
+    lora_a = torch.randn(3, 6, generator=generator, requires_grad=True)
+    lora_b = torch.randn(7, 3, generator=generator, requires_grad=True)
+    index, scale = torch.tensor([0, 2, 5]), 0.75
+    upstream = torch.randn(2, 5, 7, generator=generator)
+
+    def output(fused: bool) -> torch.Tensor:
+        kept_h = h.index_select(-1, index)
+        with torch.no_grad():
+            value = F.linear(h, weight, bias) + F.linear(F.linear(h, lora_a), lora_b) * scale
+        if fused:
+            return lora_cols_to_value(kept_h, weight, bias, lora_a, lora_b, index, value, scale)
+        part = F.linear(gather_linear(kept_h, lora_a, None, index, by_rows=False), lora_b) * scale
+        return cols_to_value(kept_h, weight, bias, index, value) + (part - part.detach())
+
+    params = [t for t in (h, weight, bias, lora_a, lora_b) if t.requires_grad]
+    (y_fused, grads_fused), (y_chain, grads_chain) = [
+        (y, torch.autograd.grad((y * upstream).sum(), params)) for y in (output(True), output(False))
+    ]
+    torch.testing.assert_close(y_fused, y_chain, rtol=0, atol=1e-6)
+    for got, want in zip(grads_fused, grads_chain, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    omitted = torch.tensor([1, 3, 4])
+    assert grads_fused[0].index_select(-1, omitted).eq(0).all()  # h: the kept columns only
+    grad_a = grads_fused[-2]  # A learns at the kept columns only
+    assert grad_a.index_select(1, omitted).eq(0).all() and grad_a.index_select(1, index).ne(0).all()
