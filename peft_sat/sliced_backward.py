@@ -201,7 +201,7 @@ def _lora_cols_output(module: nn.Module, h: torch.Tensor, kept_h: torch.Tensor, 
 def _single_plain_adapter(module: nn.Module, h: torch.Tensor, value: torch.Tensor) -> tuple | None:
     """(A, B, scaling) of a LoRA layer that one node serves (PEFT's defaults: one adapter over a plain base, no
     bias on B, no active dropout, one dtype), or None."""
-    adapters = _plain_lora(module)
+    adapters = _plain_lora(module) or []  # None: a variant (DoRA, ...)
     if len(adapters) != 1 or not _is_plain_linear(module.base_layer):
         return None
     lora_a, lora_b = module.lora_A[adapters[0]], module.lora_B[adapters[0]]
