@@ -236,18 +236,25 @@ def test_select_last_is_index_select_on_the_last_dimension(shape, contiguous):
     assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("base_trains", [True, False])
-def test_one_lora_rows_node_gives_the_chains_values_and_gradients_bit_for_bit(base_trains):
-    """``lora_rows_from_value``: the kept rows of a LoRA layer's value with the gradients of the chain it replaces,
-    the base's rows node plus the adapter's kept rows ``gather_linear(A x, B) * s`` added with a zero value."""
-    from peft_sat.ops_backward import lora_rows_from_value, rows_from_value
-
+def _lora_layer_operands(base_trains: bool) -> tuple:
+    """A LoRA layer's operands: input (2, 5, 6), base W (7, 6) and b (trained or frozen), A (3, 6), B (7, 3), and
+    the generator that drew them (for the upstream gradient)."""
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(2, 5, 6, generator=generator, requires_grad=True)
     weight = torch.randn(7, 6, generator=generator).requires_grad_(base_trains)
     bias = torch.randn(7, generator=generator).requires_grad_(base_trains)
     lora_a = torch.randn(3, 6, generator=generator, requires_grad=True)
     lora_b = torch.randn(7, 3, generator=generator, requires_grad=True)
+    return x, weight, bias, lora_a, lora_b, generator
+
+
+@pytest.mark.parametrize("base_trains", [True, False])
+def test_one_lora_rows_node_gives_the_chains_values_and_gradients_bit_for_bit(base_trains):
+    """``lora_rows_from_value``: the kept rows of a LoRA layer's value with the gradients of the chain it replaces,
+    the base's rows node plus the adapter's kept rows ``gather_linear(A x, B) * s`` added with a zero value."""
+    from peft_sat.ops_backward import lora_rows_from_value, rows_from_value
+
+    x, weight, bias, lora_a, lora_b, generator = _lora_layer_operands(base_trains)
     index, scale = torch.tensor([1, 4, 5]), 0.75
     upstream = torch.randn(2, 5, 3, generator=generator)
 
@@ -303,12 +310,7 @@ def test_one_lora_cols_node_gives_the_chains_gradients(base_trains):
     it replaces (the base's columns node plus the adapter's ``B(A[:, K] h_K) * s`` added with a zero value)."""
     from peft_sat.ops_backward import cols_to_value, lora_cols_to_value
 
-    generator = torch.Generator().manual_seed(0)
-    h = torch.randn(2, 5, 6, generator=generator, requires_grad=True)
-    weight = torch.randn(7, 6, generator=generator).requires_grad_(base_trains)
-    bias = torch.randn(7, generator=generator).requires_grad_(base_trains)
-    lora_a = torch.randn(3, 6, generator=generator, requires_grad=True)
-    lora_b = torch.randn(7, 3, generator=generator, requires_grad=True)
+    h, weight, bias, lora_a, lora_b, generator = _lora_layer_operands(base_trains)
     index, scale = torch.tensor([0, 2, 5]), 0.75
     upstream = torch.randn(2, 5, 7, generator=generator)
 
