@@ -109,6 +109,7 @@ class SATCallback(TrainerCallback, ExportableState):
         self.dense_steps_saved = 0.0
         self.steps_counted = 0  # optimizer steps included in `dense_steps_saved`
         self.dense_token_fraction = 0.0  # of the latest step
+        self.fused_head_on_loss_rows = False  # TRL's fused LM head scores the loss positions only (the estimate)
         self._trainer: Trainer | None = None  # whose `log` we wrapped, during `train()` only
         self._training = False
         self._evaluating = False  # between the first prediction step of an evaluation and its on_evaluate
@@ -180,6 +181,7 @@ class SATCallback(TrainerCallback, ExportableState):
         sat_state.set_omission_rate(omission_rate_at(config, done, state.max_steps))
         self._training = True
         self._trainer = _calling_trainer()
+        self.fused_head_on_loss_rows = _fused_head_scores_loss_positions(self._trainer, model)
         if self._trainer is not None:
             _wrap_log(self._trainer, self._log_metrics)
         logger.info(
@@ -220,9 +222,10 @@ class SATCallback(TrainerCallback, ExportableState):
         sat_state.in_training_step = False
         self.dense_token_fraction = sum(fractions) / len(fractions) if fractions else 0.0
         head_share = min(1.0, sat_state.head_split_forwards / len(fractions)) if fractions else 0.0
+        bypassed_head_rows = self.dense_token_fraction if self.fused_head_on_loss_rows else 1.0
         if self.flops is not None and state.global_step > self.steps_counted:
             self.dense_steps_saved += self.flops.step_saving(
-                sat_state.config, self.current_rate(), self.dense_token_fraction, head_share
+                sat_state.config, self.current_rate(), self.dense_token_fraction, head_share, bypassed_head_rows
             )
             self.steps_counted = state.global_step
 
@@ -385,6 +388,22 @@ def _calling_trainer(max_depth: int = 8) -> Trainer | None:
         return None
     finally:
         del frame  # frames hold their locals: do not keep a reference cycle
+
+
+def _fused_head_scores_loss_positions(trainer: Trainer | None, model: nn.Module) -> bool:
+    """Whether ``trainer`` is TRL's ``SFTTrainer`` and its fused LM head scores the labelled positions only.
+
+    Why: that head reads the head's weight itself, so SAT's head never runs, and TRL picks its rows at each call
+    with ``trl.trainer.utils._use_triton(device)``: the labelled positions where it says True (CUDA with Triton; a
+    CPU where the recipes make it say so), every position elsewhere. The dense step's head then costs the loss
+    positions' share, which the FLOPs estimate must count (``SATFlopsEstimator.saved_fraction``).
+    """
+    sft_trainer = getattr(sys.modules.get("trl.trainer.sft_trainer"), "SFTTrainer", None)
+    choose = getattr(sys.modules.get("trl.trainer.utils"), "_use_triton", None)
+    if trainer is None or sft_trainer is None or choose is None or not isinstance(trainer, sft_trainer):
+        return False
+    parameter = next(model.parameters(), None)
+    return parameter is not None and bool(choose(parameter.device))
 
 
 def _wrap_log(trainer: Trainer, metrics: Any) -> None:

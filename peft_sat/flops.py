@@ -19,8 +19,9 @@ dense tokens, a share f, run everything, the others a share 1 - f)::
 With ``context_tokens="forward_only"`` a split batch's context tokens run every unit forward and no backward: the
 MLP, the query / output projections and the LM head save their whole backward on the share 1 - f, key / value
 projections their input gradient (their weights still learn from the dense tokens' attention). The LM head saves
-only in the forwards that call it: a loss that reads its weight itself (TRL's fused LM head in ``SFTTrainer``) runs
-its backward on every row.
+only in the forwards that call it. A loss that reads its weight itself (TRL's fused LM head in ``SFTTrainer``) runs
+the head on every row or, where TRL scores the labelled positions only (on CUDA; on a CPU with the recipes' patch),
+on the loss positions alone: then the dense step's head costs that share of its FLOPs, and so does the estimate's.
 
 Not counted: embeddings (a gather), norms, activations, 4-bit dequantization, the optimizer, the importance scores.
 ``training_flops`` also counts the attention core (Q K^T and A V, causal: T / 2 keys per query on average, backward
@@ -290,7 +291,9 @@ class SATFlopsEstimator:
             self.blocks.append((module.sat_num_units, scaled, cut, getattr(module, "sat_omits_units", True)))
         self.num_units = sum(units for units, _, _, omits in self.blocks if omits)
         heads = [m for m in model.modules() if isinstance(m, SATLMHeadMixin) and m.sat_state is sat_state]
-        self.head_backward = sum(sum(costs.get(id(h), (0.0, 0.0, 0.0))[1:]) for h in heads)
+        head_costs = [costs.get(id(h), (0.0, 0.0, 0.0)) for h in heads]
+        self.head_cost = sum(sum(parts) for parts in head_costs)
+        self.head_backward = sum(sum(parts[1:]) for parts in head_costs)
 
     def kept_fraction(self, rate: float) -> float:
         """Kept units / all units of the SAT blocks at omission rate ``rate`` (1.0 without blocks)."""
@@ -306,17 +309,23 @@ class SATFlopsEstimator:
         dense_fraction: float = 0.0,
         context_forward_only: bool = False,
         head_share: float = 1.0,
+        bypassed_head_rows: float = 1.0,
     ) -> float:
         """Estimated fraction of one dense training step's FLOPs saved by a step at omission rate ``rate``, with
         ``dense_fraction`` of the token positions dense (0: no split) and, when split, the context tokens running
         forward only (``context_forward_only``) or on the sub-network. ``head_share``: the share of the step's
         forwards whose LM head ran through SAT's head (``SATState.head_split_forwards``); a loss that reads the
-        head's weight itself runs the head's backward on every row, so its forwards save nothing there."""
+        head's weight itself saves nothing there, and runs the head on ``bypassed_head_rows`` of the positions
+        (1: every row; ``dense_fraction``: the loss positions only, as TRL's fused head on CUDA). The saving is
+        counted against the dense step's FLOPs with that head::
+
+            dense = all projections - head x (1 - head_share) x (1 - bypassed_head_rows)"""
         if rate <= 0 or not self.dense_cost:
             return 0.0
         if context_forward_only and dense_fraction > 0:
             saved = sum(cut[1] + cut[2] for _, _, cut, _ in self.blocks) + self.head_backward * head_share
-            return saved * (1.0 - dense_fraction) / self.dense_cost
+            dense = self.dense_cost - self.head_cost * (1.0 - head_share) * (1.0 - bypassed_head_rows)
+            return saved * (1.0 - dense_fraction) / dense
         sliced = SlicedShare.of(sparse_pass, dense_fraction)
         shares = (sliced.forward, sliced.input_grad, sliced.weight_grad)
         saved = sum(
@@ -326,11 +335,23 @@ class SATFlopsEstimator:
         )
         return saved / self.dense_cost
 
-    def step_saving(self, config, rate: float, dense_fraction: float = 0.0, head_share: float = 1.0) -> float:
+    def step_saving(
+        self,
+        config,
+        rate: float,
+        dense_fraction: float = 0.0,
+        head_share: float = 1.0,
+        bypassed_head_rows: float = 1.0,
+    ) -> float:
         """``saved_fraction`` of a step at ``rate`` under ``config``'s ``sparse_pass`` and ``context_tokens``."""
         forward_only = config.context_tokens == "forward_only" and self.sat_state.context_forward_only
         return self.saved_fraction(
-            rate, config.sparse_pass, dense_fraction, context_forward_only=forward_only, head_share=head_share
+            rate,
+            config.sparse_pass,
+            dense_fraction,
+            context_forward_only=forward_only,
+            head_share=head_share,
+            bypassed_head_rows=bypassed_head_rows,
         )
 
 

@@ -65,7 +65,7 @@ class SATState:
     dense_fractions: list[float] = field(default_factory=list, repr=False)  # per forward: dense positions / all
     # Training forwards of the current step whose LM head ran its context rows without a graph (``blocks.lm_head``).
     # It stays 0 when the loss reads the head's weight itself instead of calling the module (TRL's fused LM head):
-    # that head then runs every row, and its backward is not saved.
+    # that head's backward is not saved (it runs every row, or the labelled ones only: ``peft_sat.flops``).
     head_split_forwards: int = 0
     # Token positions (padding included: padded positions are computed too) of the training forwards inside the
     # current training step; ``SATCallback`` resets it at each step and times steps per position.

@@ -205,11 +205,18 @@ def test_sft_trainer_with_lora_and_sat_callback(tmp_path):
     assert all(torch.equal(frozen[name], params[name]) for name in frozen)
 
 
-def test_sft_estimate_leaves_out_the_head_that_trls_fused_loss_runs(tmp_path):
-    """SFTTrainer computes its loss with TRL's fused LM head, which reads the head's weight and runs every row: the
-    logged estimate counts the context rows' saving in the blocks only (``SATState.head_split_forwards``)."""
+@pytest.mark.parametrize("labelled_only", [False, True], ids=["every-row", "labelled-only"])
+def test_sft_estimate_leaves_out_the_head_that_trls_fused_loss_runs(tmp_path, monkeypatch, labelled_only):
+    """SFTTrainer computes its loss with TRL's fused LM head, which reads the head's weight: the logged estimate
+    counts the context rows' saving in the blocks only (``SATState.head_split_forwards``). The head runs every row
+    on a CPU, or the labelled rows only where TRL's ``_use_triton`` says so (CUDA; the recipes' CPU patch): then
+    the dense step's head costs that share, and the estimate is taken against it."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
+    from trl.trainer import utils as trl_utils
+
+    if labelled_only:
+        monkeypatch.setattr(trl_utils, "_use_triton", lambda device: True)
 
     from peft_sat.flops import SATFlopsEstimator
 
@@ -230,14 +237,20 @@ def test_sft_estimate_leaves_out_the_head_that_trls_fused_loss_runs(tmp_path):
     estimator = SATFlopsEstimator(trainer.model, get_sat_state(trainer.model))
     assert estimator.head_backward > 0 and all(0 < e["sat/dense_token_fraction"] < 1 for e in logs[:2])
 
-    def saved(head_share: float) -> float:
+    def saved(head_share: float, labelled_rows: bool = False) -> float:
         return sum(
-            estimator.step_saving(config, e["sat/omission_rate"], e["sat/dense_token_fraction"], head_share)
+            estimator.step_saving(
+                config,
+                e["sat/omission_rate"],
+                e["sat/dense_token_fraction"],
+                head_share,
+                e["sat/dense_token_fraction"] if labelled_rows else 1.0,
+            )
             for e in logs
         )
 
-    assert saved(0.0) < saved(1.0)
-    assert logs[-1]["sat/dense_steps_saved"] == pytest.approx(saved(0.0), rel=1e-5)
+    assert saved(0.0) < saved(0.0, labelled_rows=True) < saved(1.0)
+    assert logs[-1]["sat/dense_steps_saved"] == pytest.approx(saved(0.0, labelled_only), rel=1e-5)
 
 
 # ---- set-ups that must fail before the first step --------------------------------------------------------------

@@ -119,3 +119,11 @@ def test_a_loss_that_bypasses_the_head_saves_nothing_in_it():
         for share in (1.0, 0.0)
     )
     assert through - bypassed == pytest.approx(estimator.head_backward * (1 - f) / estimator.dense_cost)
+    # a fused head that scores the loss positions only: the dense step runs the head on the share f of the rows
+    lm_head = base.get_output_embeddings()
+    head = 2 * lm_head.in_features * lm_head.out_features * 3  # forward, input and weight gradients (train_base)
+    assert estimator.head_cost == head
+    on_loss_rows = estimator.saved_fraction(
+        0.5, dense_fraction=f, context_forward_only=True, head_share=0.0, bypassed_head_rows=f
+    )
+    assert on_loss_rows == pytest.approx(bypassed * estimator.dense_cost / (estimator.dense_cost - head * (1 - f)))
