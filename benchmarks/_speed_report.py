@@ -64,6 +64,8 @@ def describe(report: Report) -> list[str]:
         omit += "; SATConfig " + ", ".join(f"{k}={v!r}" for k, v in s["sat"].items() if k != "omit")
     if s.get("loss_tokens", 1.0) < 1.0:
         omit += f"; loss on the last {s['loss_tokens']:.0%} of each sequence"
+        if s.get("head_rows") == "labelled":
+            omit += ", the LM head on those positions only"
     if s.get("cpu_allocator") == "tuned":  # older reports: glibc's defaults
         omit += "; CPU allocator keeps freed memory (peft_sat.cpu_allocator)"
     elif s.get("cpu_allocator") == "heap":

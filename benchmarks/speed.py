@@ -50,6 +50,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -111,6 +112,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=1.0,
         help="smollm2: share of each sequence's positions carrying loss (the last ones; 1: every token, as in CPT)",
+    )
+    parser.add_argument(
+        "--head-rows",
+        default="all",
+        choices=["all", "labelled"],
+        help="smollm2 with --loss-tokens below 1: the LM head runs every position ('all': transformers' forward; "
+        "SAT's head skips the context rows' backward) or the labelled ones only, in both arms ('labelled': TRL's "
+        "fused head in the recipes)",
     )
     parser.add_argument("--max-foreign-load", type=float, default=0.05, help="redo steps above this foreign load")
     parser.add_argument("--max-rounds", type=int, default=None, help="cap of measured rounds (default 2 x steps)")
@@ -220,30 +229,45 @@ def smollm2_case(args: argparse.Namespace) -> Case:
         else:
             kwargs = _quantization_kwargs(args) if quantized else {"dtype": torch.float32}
             model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa", **kwargs)
-        if args.loss_tokens < 1.0:
-            model.loss_function = labelled_positions_loss  # transformers' hook for a model's own loss
+        if args.loss_tokens < 1.0:  # transformers' hook for a model's own loss
+            model.loss_function = functools.partial(labelled_positions_loss, positions=head_positions)
         return model
 
+    labelled = max(1, round(args.loss_tokens * seq))
     labels = ids.clone()
-    labels[:, : seq - max(1, round(args.loss_tokens * seq))] = -100  # a prompt: no loss on the first positions
+    labels[:, : seq - labelled] = -100  # a prompt: no loss on the first positions
+    # `--head-rows labelled`: logits at the positions whose next token carries a label only (`logits_to_keep`)
+    head_positions = None
+    if args.loss_tokens < 1.0 and args.head_rows == "labelled":
+        head_positions = torch.arange(seq - labelled - 1, seq - 1)
+    keep = {} if head_positions is None else {"logits_to_keep": head_positions}
     shape = StackShape.from_config(config, batch, seq)
     return Case(
         name="smollm2",
         shape=shape,
         build=build,
         inputs=lambda device: {"input_ids": ids.to(device), "labels": labels.to(device)},
-        loss=lambda model, inputs: model(**inputs, use_cache=False).loss,
+        loss=lambda model, inputs: model(**inputs, **keep, use_cache=False).loss,
     )
 
 
 def labelled_positions_loss(
-    logits, labels, vocab_size: int, num_items_in_batch=None, ignore_index: int = -100, shift_labels=None, **kwargs
+    logits,
+    labels,
+    vocab_size: int,
+    num_items_in_batch=None,
+    ignore_index: int = -100,
+    shift_labels=None,
+    positions: torch.Tensor | None = None,
+    **kwargs,
 ):
     """transformers' causal-LM loss (mean over the positions whose next token carries a label, or their sum over
     ``num_items_in_batch``) computed on those positions only: the same terms, without a log-softmax over the prompt
-    positions' logits."""
+    positions' logits. ``positions``: the sequence positions ``logits`` hold (``logits_to_keep``), None: all."""
     if shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    if positions is not None:
+        shift_labels = shift_labels[:, positions.to(shift_labels.device)]
     targets = shift_labels.reshape(-1).to(logits.device)
     kept = (targets != ignore_index).nonzero().squeeze(1)
     scored = logits.reshape(-1, vocab_size).index_select(0, kept).float()
@@ -322,8 +346,11 @@ def _sat_config(args: argparse.Namespace) -> peft_sat.SATConfig:
     return peft_sat.SATConfig.from_dict({**flags, "schedule": "constant", **args.sat})
 
 
-def _ideal(case: Case, variant: str, rate: float, config: peft_sat.SATConfig, dense_fraction: float) -> float:
-    """Dense / SAT FLOPs of ``config`` at ``rate`` on the case's shape, ``dense_fraction`` of its positions dense."""
+def _ideal(
+    case: Case, variant: str, rate: float, config: peft_sat.SATConfig, dense_fraction: float, head_rows: float = 1.0
+) -> float:
+    """Dense / SAT FLOPs of ``config`` at ``rate`` on the case's shape, ``dense_fraction`` of its positions dense,
+    the LM head on ``head_rows`` of them (``peft_sat.flops.training_flops``)."""
     return ideal_speedup(
         case.shape,
         variant,
@@ -333,6 +360,7 @@ def _ideal(case: Case, variant: str, rate: float, config: peft_sat.SATConfig, de
         sparse_pass=config.sparse_pass,
         dense_fraction=dense_fraction,
         context_forward_only=config.context_tokens == "forward_only",
+        head_rows=head_rows,
     )
 
 
@@ -405,7 +433,7 @@ def measure(case: Case, variant: str, args: argparse.Namespace) -> list[Row]:
         seconds = statistics.median(s.seconds for s in kept)
         ratio = dense_seconds / seconds if rate else None
         quartiles = _paired_quartiles(samples["0.0"], kept) if rate else None
-        ideal = _ideal(case, variant, rate, config, dense_fraction) if rate else None
+        ideal = _ideal(case, variant, rate, config, dense_fraction, head_rows(case, args)) if rate else None
         rows.append(
             Row(
                 case=case.name,
@@ -425,6 +453,14 @@ def measure(case: Case, variant: str, args: argparse.Namespace) -> list[Row]:
             )
         )
     return rows
+
+
+def head_rows(case: Case, args: argparse.Namespace) -> float:
+    """The share of the case's positions its LM head runs on (``--head-rows``), for the FLOPs model."""
+    if case.name != "smollm2" or args.loss_tokens >= 1.0 or args.head_rows == "all":
+        return 1.0
+    seq = case.shape.seq
+    return max(1, round(args.loss_tokens * seq)) / seq
 
 
 def _paired_quartiles(dense: list[_timing.Sample], sparse: list[_timing.Sample]) -> list[float] | None:

@@ -31,7 +31,7 @@ twice the forward) and the LM head, for Llama-shaped stacks given by their shape
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
@@ -152,6 +152,7 @@ def training_flops(
     sparse_pass: str = "forward_backward",
     dense_fraction: float = 0.0,
     context_forward_only: bool = False,
+    head_rows: float = 1.0,
 ) -> float:
     """Matmul FLOPs of one forward + backward of ``shape`` at omission rate ``rate`` (0: dense).
 
@@ -160,8 +161,18 @@ def training_flops(
     ``sparse_pass``: as in ``SATConfig``; ``dense_fraction``: the share of token positions that run the whole block
     (``SATConfig.dense_tokens``); ``context_forward_only``: ``context_tokens="forward_only"`` (the other tokens need
     no backward, units play no part). With ``q_head`` granularity the kept KV heads are at most
-    ``min(n_kv, kept q)``.
+    ``min(n_kv, kept q)``. ``head_rows``: the share of the positions the LM head runs on, forward and backward, at
+    every rate (below 1: a loss that scores the labelled positions only, as TRL's fused head; SAT's head saves
+    nothing then); 1: every position, whose context rows SAT's head runs forward only when the batch splits.
     """
+    if shape.vocab and head_rows < 1.0:
+        body = replace(shape, vocab=0)
+        head = projection_flops(
+            shape.tokens * head_rows, shape.hidden, shape.vocab, weight_trains=variant not in ("lora", "qlora")
+        )
+        return head + training_flops(
+            body, variant, rate, head_granularity, lora_rank, omit, sparse_pass, dense_fraction, context_forward_only
+        )
     rank = lora_rank if variant in ("lora", "qlora") else 0
     if context_forward_only and rate > 0 and dense_fraction > 0:
         full = _stack_flops(shape, variant, rank, NOTHING_SLICED, (1.0, 1.0, 1.0))
@@ -235,9 +246,10 @@ def ideal_speedup(
     sparse_pass: str = "forward_backward",
     dense_fraction: float = 0.0,
     context_forward_only: bool = False,
+    head_rows: float = 1.0,
 ) -> float:
-    """Dense FLOPs / SAT FLOPs: the speed-up of a SAT step at 100% efficiency."""
-    dense = training_flops(shape, variant, 0.0, head_granularity)
+    """Dense FLOPs / SAT FLOPs: the speed-up of a SAT step at 100% efficiency (``head_rows``: ``training_flops``)."""
+    dense = training_flops(shape, variant, 0.0, head_granularity, head_rows=head_rows)
     sat = training_flops(
         shape,
         variant,
@@ -247,6 +259,7 @@ def ideal_speedup(
         sparse_pass=sparse_pass,
         dense_fraction=dense_fraction,
         context_forward_only=context_forward_only,
+        head_rows=head_rows,
     )
     return dense / sat
 

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import peft_sat
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 SPEED = BENCHMARKS / "speed.py"
 
@@ -170,8 +172,17 @@ def test_labelled_positions_loss_is_transformers_causal_lm_loss():
     ours = speed.labelled_positions_loss(logits, labels, vocab_size=11)
     theirs = ForCausalLMLoss(logits, labels, vocab_size=11)
     torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=0)
+    expected_grad = torch.autograd.grad(theirs, logits, retain_graph=True)[0]
+    torch.testing.assert_close(torch.autograd.grad(ours, logits)[0], expected_grad, rtol=1e-6, atol=1e-9)
+    # logits at the labelled positions only (`logits_to_keep`): the same loss, the same gradient at those positions
+    positions = torch.arange(2, 6)  # the positions whose next token carries a label
+    kept = logits[:, positions]
+    torch.testing.assert_close(speed.labelled_positions_loss(kept, labels, 11, positions=positions), ours)
     torch.testing.assert_close(
-        torch.autograd.grad(ours, logits)[0], torch.autograd.grad(theirs, logits)[0], rtol=1e-6, atol=1e-9
+        torch.autograd.grad(speed.labelled_positions_loss(kept, labels, 11, positions=positions), logits)[0],
+        expected_grad,
+        rtol=1e-6,
+        atol=1e-9,
     )
     items = torch.tensor(20)  # gradient accumulation: the sum over this micro-batch / the items of the whole batch
     torch.testing.assert_close(
@@ -180,6 +191,33 @@ def test_labelled_positions_loss_is_transformers_causal_lm_loss():
         rtol=1e-6,
         atol=0,
     )
+
+
+def test_head_rows_labelled_runs_the_lm_head_on_the_labelled_positions_only():
+    """``--head-rows labelled`` (TRL's fused head in the recipes): the same loss as the head over every position,
+    the head called on the labelled positions only, so SAT's head never splits; the FLOPs model counts it there."""
+    sys.path.insert(0, str(BENCHMARKS))
+    import speed
+
+    losses, head_inputs = {}, {}
+    for head_rows in ("all", "labelled"):
+        args = speed.parse_args(["--tiny", "--loss-tokens", "0.5", "--head-rows", head_rows, "--device", "cpu"])
+        case = speed.smollm2_case(args)
+        model = speed.sat_model(case, "lora", args)
+        state = peft_sat.get_sat_state(model)
+        state.set_omission_rate(0.5)
+        head = model.get_output_embeddings()
+        handle = head.register_forward_hook(lambda m, i, o, key=head_rows: head_inputs.__setitem__(key, i[0].shape))
+        losses[head_rows] = case.loss(model, case.inputs(args.device))
+        handle.remove()
+        assert (state.head_split_forwards > 0) == (head_rows == "all")
+        assert speed.head_rows(case, args) == (1.0 if head_rows == "all" else 0.5)
+    torch.testing.assert_close(losses["labelled"], losses["all"])
+    batch, seq = args.smollm2_batch
+    assert head_inputs == {
+        "all": (batch, seq, head_inputs["all"][-1]),
+        "labelled": (batch, seq // 2, head_inputs["all"][-1]),
+    }
 
 
 @pytest.mark.parametrize(

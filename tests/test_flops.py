@@ -3,13 +3,22 @@ model, dense and in every SAT mode, against the formulas of its docstring on han
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from peft import LoraConfig, get_peft_model
 from sat_testing import batch, paper_config, tiny_llama
 
 import peft_sat
 from peft_sat import get_sat_state
-from peft_sat.flops import SATFlopsEstimator, SlicedShare, StackShape, ideal_speedup, training_flops
+from peft_sat.flops import (
+    SATFlopsEstimator,
+    SlicedShare,
+    StackShape,
+    ideal_speedup,
+    projection_flops,
+    training_flops,
+)
 
 LAYER = StackShape(hidden=256, intermediate=512, heads=8, kv_heads=8, layers=1, vocab=0, batch=1, seq=64)
 
@@ -127,3 +136,23 @@ def test_a_loss_that_bypasses_the_head_saves_nothing_in_it():
         0.5, dense_fraction=f, context_forward_only=True, head_share=0.0, bypassed_head_rows=f
     )
     assert on_loss_rows == pytest.approx(bypassed * estimator.dense_cost / (estimator.dense_cost - head * (1 - f)))
+
+
+def test_a_head_on_the_labelled_positions_only_saves_nothing_and_costs_their_share():
+    """``head_rows`` < 1 (TRL's fused head): the head runs on that share of the positions in both arms, so the split
+    saves exactly what it saves without a head."""
+    shape = StackShape(batch=2, seq=64, layers=2, hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=256)
+    body = dataclasses.replace(shape, vocab=0)
+    split = dict(dense_fraction=0.25, context_forward_only=True)
+    for variant in ("full", "lora"):
+        head = projection_flops(shape.tokens * 0.25, 64, 256, weight_trains=variant == "full")
+        dense = training_flops(shape, variant, 0.0, head_rows=0.25)
+        sat = training_flops(shape, variant, 0.5, head_rows=0.25, **split)
+        assert dense == pytest.approx(training_flops(body, variant, 0.0) + head)
+        assert dense - sat == pytest.approx(
+            training_flops(body, variant, 0.0) - training_flops(body, variant, 0.5, **split)
+        )
+        assert ideal_speedup(shape, variant, 0.5, head_rows=0.25, **split) == pytest.approx(dense / sat)
+        # every position: SAT's head saves its context rows' backward, so the split saves more
+        every = training_flops(shape, variant, 0.0) - training_flops(shape, variant, 0.5, **split)
+        assert every > dense - sat
