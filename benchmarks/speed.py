@@ -234,7 +234,7 @@ def smollm2_case(args: argparse.Namespace) -> Case:
             model.loss_function = functools.partial(labelled_positions_loss, positions=head_positions)
         return model
 
-    labelled = max(1, round(args.loss_tokens * seq))
+    labelled = labelled_positions(args, seq)
     labels = ids.clone()
     labels[:, : seq - labelled] = -100  # a prompt: no loss on the first positions
     # `--head-rows labelled`: logits at the positions whose next token carries a label only (`logits_to_keep`)
@@ -460,8 +460,12 @@ def head_rows(case: Case, args: argparse.Namespace) -> float:
     """The share of the case's positions its LM head runs on (``--head-rows``), for the FLOPs model."""
     if case.name != "smollm2" or args.loss_tokens >= 1.0 or args.head_rows == "all":
         return 1.0
-    seq = case.shape.seq
-    return max(1, round(args.loss_tokens * seq)) / seq
+    return labelled_positions(args, case.shape.seq) / case.shape.seq
+
+
+def labelled_positions(args: argparse.Namespace, seq: int) -> int:
+    """How many of a sequence's last positions carry loss (``--loss-tokens``), at least one."""
+    return max(1, round(args.loss_tokens * seq))
 
 
 def _paired_quartiles(dense: list[_timing.Sample], sparse: list[_timing.Sample]) -> list[float] | None:
