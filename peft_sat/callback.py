@@ -201,6 +201,7 @@ class SATCallback(TrainerCallback, ExportableState):
             sat_state.dense_fractions.clear()
             sat_state.head_split_forwards = 0
             sat_state.step_positions = 0
+            sat_state.step_loss_positions = None
             if self.crossover_check is not None:
                 rate = self.crossover_check.begin_step(state.global_step)  # may start its clock
             else:
@@ -222,7 +223,7 @@ class SATCallback(TrainerCallback, ExportableState):
         sat_state.in_training_step = False
         self.dense_token_fraction = sum(fractions) / len(fractions) if fractions else 0.0
         head_share = min(1.0, sat_state.head_split_forwards / len(fractions)) if fractions else 0.0
-        bypassed_head_rows = self.dense_token_fraction if self.fused_head_on_loss_rows else 1.0
+        bypassed_head_rows = _loss_share(sat_state) if self.fused_head_on_loss_rows else 1.0
         if self.flops is not None and state.global_step > self.steps_counted:
             self.dense_steps_saved += self.flops.step_saving(
                 sat_state.config, self.current_rate(), self.dense_token_fraction, head_share, bypassed_head_rows
@@ -388,6 +389,14 @@ def _calling_trainer(max_depth: int = 8) -> Trainer | None:
         return None
     finally:
         del frame  # frames hold their locals: do not keep a reference cycle
+
+
+def _loss_share(sat_state: SATState) -> float:
+    """The share of the step's token positions that carry loss (1.0 when no forward of the step had labels)."""
+    loss_positions = sat_state.step_loss_positions
+    if loss_positions is None or not sat_state.step_positions:
+        return 1.0
+    return min(1.0, float(loss_positions) / sat_state.step_positions)
 
 
 def _fused_head_scores_loss_positions(trainer: Trainer | None, model: nn.Module) -> bool:

@@ -38,7 +38,7 @@ from torch import nn
 
 from .blocks import SATBlockMixin, block_kind
 from .blocks.lm_head import SATLMHeadMixin
-from .model import adapter_module_ids
+from .model import adapter_module_ids, lm_head
 from .selection import num_kept
 from .state import SATState
 
@@ -303,10 +303,12 @@ class SATFlopsEstimator:
                 cut = (cut[0], cut[1] + kv[1], cut[2])
             self.blocks.append((module.sat_num_units, scaled, cut, getattr(module, "sat_omits_units", True)))
         self.num_units = sum(units for units, _, _, omits in self.blocks if omits)
-        heads = [m for m in model.modules() if isinstance(m, SATLMHeadMixin) and m.sat_state is sat_state]
-        head_costs = [costs.get(id(h), (0.0, 0.0, 0.0)) for h in heads]
-        self.head_cost = sum(sum(parts) for parts in head_costs)
-        self.head_backward = sum(sum(parts[1:]) for parts in head_costs)
+        # the LM head's cost, whether SAT converted it or not (a fused loss may run it on the loss rows only); its
+        # backward is saved on the context rows only where SAT converted it
+        head = lm_head(model)
+        self.head_cost = sum(costs.get(id(head), (0.0, 0.0, 0.0))) if head is not None else 0.0
+        converted = isinstance(head, SATLMHeadMixin) and head.sat_state is sat_state
+        self.head_backward = sum(costs[id(head)][1:]) if converted else 0.0
 
     def kept_fraction(self, rate: float) -> float:
         """Kept units / all units of the SAT blocks at omission rate ``rate`` (1.0 without blocks)."""
@@ -329,15 +331,15 @@ class SATFlopsEstimator:
         forward only (``context_forward_only``) or on the sub-network. ``head_share``: the share of the step's
         forwards whose LM head ran through SAT's head (``SATState.head_split_forwards``); a loss that reads the
         head's weight itself saves nothing there, and runs the head on ``bypassed_head_rows`` of the positions
-        (1: every row; ``dense_fraction``: the loss positions only, as TRL's fused head on CUDA). The saving is
-        counted against the dense step's FLOPs with that head::
+        (1: every row; the share of positions carrying loss, as TRL's fused head on CUDA). The saving is counted
+        against the dense step's FLOPs with that head, split or not::
 
             dense = all projections - head x (1 - head_share) x (1 - bypassed_head_rows)"""
         if rate <= 0 or not self.dense_cost:
             return 0.0
+        dense = self.dense_cost - self.head_cost * (1.0 - head_share) * (1.0 - bypassed_head_rows)
         if context_forward_only and dense_fraction > 0:
             saved = sum(cut[1] + cut[2] for _, _, cut, _ in self.blocks) + self.head_backward * head_share
-            dense = self.dense_cost - self.head_cost * (1.0 - head_share) * (1.0 - bypassed_head_rows)
             return saved * (1.0 - dense_fraction) / dense
         sliced = SlicedShare.of(sparse_pass, dense_fraction)
         shares = (sliced.forward, sliced.input_grad, sliced.weight_grad)
@@ -346,7 +348,7 @@ class SATFlopsEstimator:
             for units, scaled, _, omits in self.blocks
             if omits
         )
-        return saved / self.dense_cost
+        return saved / dense
 
     def step_saving(
         self,

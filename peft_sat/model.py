@@ -288,10 +288,15 @@ def _convert_lm_head_if_cut(model: nn.Module, config: SATConfig, state: SATState
     """With context tokens training forward only, their logits need no graph either (``blocks/lm_head.py``)."""
     if not state.context_forward_only:
         return
-    heads = [m.get_output_embeddings() for m in model.modules() if isinstance(m, PreTrainedModel)]
-    head = next((h for h in heads if isinstance(h, nn.Linear)), None)
+    head = lm_head(model)
     if head is not None:
         convert_lm_head(head, state)
+
+
+def lm_head(model: nn.Module) -> nn.Linear | None:
+    """The model's LM head (the output embeddings of its first transformers model), if it is a plain linear."""
+    heads = [m.get_output_embeddings() for m in model.modules() if isinstance(m, PreTrainedModel)]
+    return next((h for h in heads if isinstance(h, nn.Linear)), None)
 
 
 def _log_sparse_layers(state: SATState, matching: SATConfig) -> None:

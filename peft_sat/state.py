@@ -70,6 +70,10 @@ class SATState:
     # Token positions (padding included: padded positions are computed too) of the training forwards inside the
     # current training step; ``SATCallback`` resets it at each step and times steps per position.
     step_positions: int = 0
+    # Of those, the positions carrying loss (``tokens.loss_positions``), summed as a tensor so that no forward waits
+    # for the device; None while no training forward of the step had labels. The estimate's dense step runs TRL's
+    # fused LM head on this share of the rows (``peft_sat.flops``).
+    step_loss_positions: torch.Tensor | None = None
     hooks: list[Any] = field(default_factory=list, repr=False)
     # The latest norm call of a training forward (``peft_sat.norm_input``): a block reading its output saves its input
     last_norm_call: Any = field(default=None, repr=False)
@@ -216,6 +220,12 @@ class _BatchHook:
         )
         if module.training and state.in_training_step:
             state.step_positions += self._positions(args, kwargs)
+            carries = state.batch.carries_loss
+            if carries is not None:
+                count = carries.sum()
+                state.step_loss_positions = (
+                    count if state.step_loss_positions is None else state.step_loss_positions + count
+                )
 
     def _positions(self, args: tuple, kwargs: dict) -> int:
         """Token positions of this forward's batch: (B, T) of ``input_ids``, else of ``inputs_embeds`` (B, T, H)."""

@@ -205,24 +205,28 @@ def test_sft_trainer_with_lora_and_sat_callback(tmp_path):
     assert all(torch.equal(frozen[name], params[name]) for name in frozen)
 
 
+@pytest.mark.parametrize("dense_tokens", ["auto", "none"], ids=["split", "unsplit"])
 @pytest.mark.parametrize("labelled_only", [False, True], ids=["every-row", "labelled-only"])
-def test_sft_estimate_leaves_out_the_head_that_trls_fused_loss_runs(tmp_path, monkeypatch, labelled_only):
+def test_sft_estimate_leaves_out_the_head_that_trls_fused_loss_runs(
+    tmp_path, monkeypatch, labelled_only, dense_tokens
+):
     """SFTTrainer computes its loss with TRL's fused LM head, which reads the head's weight: the logged estimate
     counts the context rows' saving in the blocks only (``SATState.head_split_forwards``). The head runs every row
     on a CPU, or the labelled rows only where TRL's ``_use_triton`` says so (CUDA; the recipes' CPU patch): then
-    the dense step's head costs that share, and the estimate is taken against it."""
+    the dense step's head costs the share of positions carrying loss, and the estimate is taken against it, whether
+    the batch splits or not (``dense_tokens="none"``, the paper's SFT)."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
     from trl.trainer import utils as trl_utils
 
+    from peft_sat.flops import SATFlopsEstimator
+    from peft_sat.tokens import loss_positions
+
     if labelled_only:
         monkeypatch.setattr(trl_utils, "_use_triton", lambda device: True)
-
-    from peft_sat.flops import SATFlopsEstimator
-
     words = text_dataset(num_rows=32, words=6)["text"]
     data = Dataset.from_dict({"prompt": words[:16], "completion": words[16:]})
-    config = SATConfig(**CONFIG)  # defaults: dense loss tokens, context rows forward only
+    config = SATConfig(**CONFIG, dense_tokens=dense_tokens)  # defaults: context rows forward only
     trainer = SFTTrainer(
         model=tiny_llama(),
         args=training_args(tmp_path, cls=SFTConfig, max_length=32),
@@ -231,11 +235,24 @@ def test_sft_estimate_leaves_out_the_head_that_trls_fused_loss_runs(tmp_path, mo
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
         callbacks=[SATCallback(config)],
     )
+    loss_shares = []  # per training forward (one per step): positions carrying loss / positions
+
+    def record(module, args, kwargs):
+        if module.training:
+            carries = loss_positions(kwargs.get("labels"), kwargs.get("shift_labels"))
+            loss_shares.append(carries.sum().item() / carries.numel())
+
+    trainer.model.register_forward_pre_hook(record, with_kwargs=True)
     trainer.train()
 
     logs = train_logs(trainer.state.log_history)
     estimator = SATFlopsEstimator(trainer.model, get_sat_state(trainer.model))
-    assert estimator.head_backward > 0 and all(0 < e["sat/dense_token_fraction"] < 1 for e in logs[:2])
+    assert len(loss_shares) == len(logs) and all(0 < share < 1 for share in loss_shares)
+    split = dense_tokens == "auto"
+    sparse_steps = [(e, share) for e, share in zip(logs, loss_shares) if e["sat/omission_rate"] > 0]
+    assert sparse_steps and all((0 < e["sat/dense_token_fraction"] < 1) == split for e, _ in sparse_steps)
+    if split:  # the split's dense rows are the positions carrying loss
+        assert all(e["sat/dense_token_fraction"] == pytest.approx(share) for e, share in sparse_steps)
 
     def saved(head_share: float, labelled_rows: bool = False) -> float:
         return sum(
@@ -244,12 +261,14 @@ def test_sft_estimate_leaves_out_the_head_that_trls_fused_loss_runs(tmp_path, mo
                 e["sat/omission_rate"],
                 e["sat/dense_token_fraction"],
                 head_share,
-                e["sat/dense_token_fraction"] if labelled_rows else 1.0,
+                share if labelled_rows else 1,
             )
-            for e in logs
+            for e, share in zip(logs, loss_shares)
         )
 
-    assert saved(0.0) < saved(0.0, labelled_rows=True) < saved(1.0)
+    assert saved(0.0) < saved(0.0, labelled_rows=True)
+    if split:
+        assert saved(0.0, labelled_rows=True) < saved(1.0)
     assert logs[-1]["sat/dense_steps_saved"] == pytest.approx(saved(0.0, labelled_only), rel=1e-5)
 
 

@@ -11,6 +11,7 @@ from sat_testing import batch, paper_config, tiny_llama
 
 import peft_sat
 from peft_sat import get_sat_state
+from peft_sat.blocks.lm_head import SATLMHeadMixin
 from peft_sat.flops import (
     SATFlopsEstimator,
     SlicedShare,
@@ -136,6 +137,23 @@ def test_a_loss_that_bypasses_the_head_saves_nothing_in_it():
         0.5, dense_fraction=f, context_forward_only=True, head_share=0.0, bypassed_head_rows=f
     )
     assert on_loss_rows == pytest.approx(bypassed * estimator.dense_cost / (estimator.dense_cost - head * (1 - f)))
+
+
+def test_an_unsplit_step_under_a_loss_rows_head_counts_the_head_on_those_rows():
+    """Without a split (``dense_tokens="none"``, or every token carrying loss) SAT leaves the LM head alone, but a
+    fused loss that scores the loss positions only (TRL's on CUDA) still makes the dense step's head cost their
+    share: the blocks' saving is counted against that smaller dense step."""
+    model = peft_sat.apply_sat(tiny_llama(), paper_config(omit=["mlp"], dense_tokens="none"))
+    estimator = _estimator(model)
+    lm_head = model.get_output_embeddings()
+    assert not isinstance(lm_head, SATLMHeadMixin) and estimator.head_backward == 0
+    assert estimator.head_cost == 2 * lm_head.in_features * lm_head.out_features * 3  # forward, both gradients
+    every_row = estimator.saved_fraction(0.5)
+    share = 0.3
+    on_loss_rows = estimator.saved_fraction(0.5, head_share=0.0, bypassed_head_rows=share)
+    dense = estimator.dense_cost
+    assert on_loss_rows == pytest.approx(every_row * dense / (dense - estimator.head_cost * (1 - share)))
+    assert estimator.saved_fraction(0.5, head_share=0.0, bypassed_head_rows=1.0) == every_row
 
 
 def test_a_head_on_the_labelled_positions_only_saves_nothing_and_costs_their_share():
