@@ -30,7 +30,6 @@ and a 0 would cut the rate's curve at every evaluation step.
 from __future__ import annotations
 
 import copy
-import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -47,6 +46,7 @@ from .model import apply_sat, get_sat_state, remove_sat
 from .schedules import describe_schedule, omission_rate_at, validate_schedule
 from .state import SATState
 from .step_timing import synchronized_clock
+from .trainer_link import calling_trainer, fused_head_scores_loss_positions, unwrap_log, wrap_log
 
 logger = logging.get_logger(__name__)
 
@@ -180,10 +180,10 @@ class SATCallback(TrainerCallback, ExportableState):
                 self.crossover_check.load_state_dict(stored)
         sat_state.set_omission_rate(omission_rate_at(config, done, state.max_steps))
         self._training = True
-        self._trainer = _calling_trainer()
-        self.fused_head_on_loss_rows = _fused_head_scores_loss_positions(self._trainer, model)
+        self._trainer = calling_trainer()
+        self.fused_head_on_loss_rows = fused_head_scores_loss_positions(self._trainer, model)
         if self._trainer is not None:
-            _wrap_log(self._trainer, self._log_metrics)
+            wrap_log(self._trainer, self._log_metrics)
         logger.info(
             f"SAT omission-rate schedule over {state.max_steps} steps: {describe_schedule(config, state.max_steps)}; "
             f"dense_tokens={config.dense_tokens!r}, sparse_pass={config.sparse_pass!r}, sparse layers: "
@@ -273,7 +273,7 @@ class SATCallback(TrainerCallback, ExportableState):
         if self.crossover_check is not None:
             logger.info(f"SAT crossover check: {self.crossover_check.describe()}")
         if self._trainer is not None:
-            _unwrap_log(self._trainer)  # leave the Trainer as found; the model keeps SAT (dense in eval mode)
+            unwrap_log(self._trainer)  # leave the Trainer as found; the model keeps SAT (dense in eval mode)
             self._trainer = None
 
     # ---- metrics -------------------------------------------------------------------------------------------
@@ -368,74 +368,12 @@ def _apply_keeping_trainability(model: nn.Module, config: SATConfig) -> SATState
     return get_sat_state(model)
 
 
-def _calling_trainer(max_depth: int = 8) -> Trainer | None:
-    """The ``Trainer`` whose callback handler is calling us, found on the call stack, or None.
-
-    Why: ``Trainer.log`` appends ``logs`` to ``state.log_history`` and then calls ``on_log`` of the callbacks in
-    order, the ``report_to`` integrations before any user callback (transformers 5.24 ``Trainer.log`` and
-    ``Trainer.__init__``), so adding keys in ``on_log`` reaches neither. Callbacks get no reference to the Trainer;
-    its frame is two calls above ours (``Trainer._inner_training_loop`` -> ``CallbackHandler.on_train_begin`` ->
-    ``call_event``).
-    """
-    frame = sys._getframe(1)
-    try:
-        for _ in range(max_depth):
-            if frame is None:
-                return None
-            candidate = frame.f_locals.get("self")
-            if isinstance(candidate, Trainer):
-                return candidate
-            frame = frame.f_back
-        return None
-    finally:
-        del frame  # frames hold their locals: do not keep a reference cycle
-
-
 def _loss_share(sat_state: SATState) -> float:
     """The share of the step's token positions that carry loss (1.0 when no forward of the step had labels)."""
     loss_positions = sat_state.step_loss_positions
     if loss_positions is None or not sat_state.step_positions:
         return 1.0
     return min(1.0, float(loss_positions) / sat_state.step_positions)
-
-
-def _fused_head_scores_loss_positions(trainer: Trainer | None, model: nn.Module) -> bool:
-    """Whether ``trainer`` is TRL's ``SFTTrainer`` and its fused LM head scores the labelled positions only.
-
-    Why: that head reads the head's weight itself, so SAT's head never runs, and TRL picks its rows at each call
-    with ``trl.trainer.utils._use_triton(device)``: the labelled positions where it says True (CUDA with Triton; a
-    CPU where the recipes make it say so), every position elsewhere. The dense step's head then costs the loss
-    positions' share, which the FLOPs estimate must count (``SATFlopsEstimator.saved_fraction``).
-    """
-    sft_trainer = getattr(sys.modules.get("trl.trainer.sft_trainer"), "SFTTrainer", None)
-    choose = getattr(sys.modules.get("trl.trainer.utils"), "_use_triton", None)
-    if trainer is None or sft_trainer is None or choose is None or not isinstance(trainer, sft_trainer):
-        return False
-    parameter = next(model.parameters(), None)
-    return parameter is not None and bool(choose(parameter.device))
-
-
-def _wrap_log(trainer: Trainer, metrics: Any) -> None:
-    """Make ``trainer.log(logs)`` add ``metrics()`` to ``logs`` before the Trainer records and dispatches them."""
-    _unwrap_log(trainer)
-    original = trainer.log  # bound method: TRL's overrides (e.g. SFTTrainer.log) stay in the chain
-
-    def log(logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        logs.update(metrics())
-        return original(logs, *args, **kwargs)
-
-    log._sat_previous = trainer.__dict__.get("log")  # None: the class's own method
-    trainer.log = log
-
-
-def _unwrap_log(trainer: Trainer) -> None:
-    current = trainer.__dict__.get("log")
-    if current is None or not hasattr(current, "_sat_previous"):
-        return
-    if current._sat_previous is None:
-        del trainer.log
-    else:
-        trainer.log = current._sat_previous
 
 
 def _warn_if_weight_grad_saves_nothing(model: nn.Module, sat_state: SATState) -> None:
