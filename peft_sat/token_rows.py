@@ -18,12 +18,15 @@ dense forward computes, bit for bit), and the backward of the rows D (``peft_sat
 a LoRA layer, ``lora_of_value``, handed the rows' gradient by ``peft_sat.ops_rows.rows_into``); ``project_all_rows``
 adds a second graph on the context rows, with their inputs as constants, that trains the weights only.
 ``rows_value`` and ``rows_output`` let a block compute its dense values once and build the graph of the rows D on
-tensors of n rows, as the MLP does. Anything else (4-bit bases, LoRA variants, unknown layers) runs a split:
+tensors of n rows, as the MLP does; ``rows_values`` and ``project_together`` serve several projections of one input
+(an MLP's gate and up, an attention's q, k and v), every product first. Anything else (4-bit bases, LoRA variants, unknown layers) runs a split:
 ``module(x[D])`` with a graph, ``module(x[C])`` without, written back into one tensor; a split reads every weight
 twice and writes its outputs twice, forward work the dense step does not do.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -55,15 +58,24 @@ def project_rows(
 def rows_value(module: nn.Module, x: torch.Tensor, x_rows: torch.Tensor, rows: torch.Tensor):
     """``(module(x), value_rows)``: the value (N, out) without a graph, and its rows ``rows`` (n, out) with the
     backward of ``module(x_rows)``. ``module`` must be ``supports_rows``."""
-    value, branches = _value(module, x)
-    return value, _graph(module, x_rows, value.index_select(0, rows), branches, rows)
+    return rows_values((module,), x, x_rows, rows)[0]
+
+
+def rows_values(modules: Sequence[nn.Module], x: torch.Tensor, x_rows: torch.Tensor, rows: torch.Tensor) -> list:
+    """``rows_value`` of several ``supports_rows`` projections of one input, their products first: back to back
+    they read ``x`` while it is still in cache, as the dense forward's projections do."""
+    values = [_value(module, x) for module in modules]
+    return [
+        (value, _graph(module, x_rows, value.index_select(0, rows), branches, rows))
+        for module, (value, branches) in zip(modules, values, strict=True)
+    ]
 
 
 def rows_output(module: nn.Module, h: torch.Tensor, h_rows: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """``module(h)`` (N, out), computed over every row, whose backward runs through ``h_rows`` = ``h[rows]`` only.
     ``module`` must be ``supports_rows``."""
     value, branches = _value(module, h)
-    return rows_into(value, rows, _graph(module, h_rows, rows_placeholder(value, rows), branches, rows))
+    return _rows_graph(module, value, branches, h_rows, rows)
 
 
 def project_all_rows(
@@ -76,13 +88,35 @@ def project_all_rows(
     if not supports_rows(module):
         return module(place([(context, x_context), (rows, x_rows)], x.shape[0]))
     value, branches = _value(module, x)
-    return rows_into(
-        value,
-        rows,
-        _graph(module, x_rows, rows_placeholder(value, rows), branches, rows),
-        context,
-        _graph(module, x_context, rows_placeholder(value, context), branches, context),
-    )
+    return _rows_graph(module, value, branches, x_rows, rows, x_context, context)
+
+
+def project_together(
+    modules: Sequence[nn.Module],
+    all_rows: Sequence[bool],
+    x: torch.Tensor,
+    x_rows: torch.Tensor,
+    x_context: torch.Tensor,
+    rows: torch.Tensor,
+    context: torch.Tensor,
+) -> list[torch.Tensor]:
+    """For ``supports_rows`` projections of one flat input x (N, in): ``project_all_rows`` where ``all_rows`` says
+    so, else ``project_rows``, with every product first (back to back they read ``x`` while it is still in cache, as
+    the dense forward's projections do), then the rows' graphs."""
+    values = [_value(module, x) for module in modules]
+    return [
+        _rows_graph(module, value, branches, x_rows, rows, *((x_context, context) if every_row else ()))
+        for module, (value, branches), every_row in zip(modules, values, all_rows, strict=True)
+    ]
+
+
+def _rows_graph(module, value, branches, x_rows, rows, x_context=None, context=None) -> torch.Tensor:
+    """``value`` (N, out) whose backward runs the module's on ``x_rows`` (the rows ``rows``) and, given, on the
+    constant ``x_context`` (the rows ``context``: the weights' gradient only)."""
+    pairs = [rows, _graph(module, x_rows, rows_placeholder(value, rows), branches, rows)]
+    if context is not None:
+        pairs += [context, _graph(module, x_context, rows_placeholder(value, context), branches, context)]
+    return rows_into(value, *pairs)
 
 
 def split_rows(function, x: torch.Tensor, rows: torch.Tensor, context: torch.Tensor) -> torch.Tensor:

@@ -173,3 +173,38 @@ def test_project_all_rows_trains_the_weights_on_every_row_and_the_input_on_the_d
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
     assert grads[0].index_select(0, CONTEXT).eq(0).all() and grads[0].index_select(0, ROWS).ne(0).all()
     assert all(g.ne(0).any() for g in grads[1:]), "every trainable weight learns"
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.5], ids=["lora", "lora+dropout"])
+def test_projections_of_one_input_together_match_them_one_by_one(dropout):
+    """``project_together`` (an attention's q, k, v) and ``rows_values`` (an MLP's gate, up) run every product first,
+    then the rows' graphs: the same values, dropout draws and gradients, bit for bit, as one projection at a time."""
+    layers = [_layer("lora") for _ in range(3)]
+    for seed, layer in enumerate(layers):
+        torch.nn.init.normal_(layer.lora_B["default"].weight, generator=torch.Generator().manual_seed(seed))
+        layer.lora_dropout["default"] = nn.Dropout(dropout) if dropout else nn.Identity()
+    x = torch.randn(7, 6, requires_grad=True)
+    upstream = torch.randn(3, 7, 5)
+    params = [x, *(p for layer in layers for p in layer.parameters() if p.requires_grad)]
+
+    def run(together: bool):
+        torch.manual_seed(1)
+        x_rows, x_context = x.index_select(0, ROWS), x.detach().index_select(0, CONTEXT)
+        if together:
+            outputs = token_rows.project_together(layers, (False, True, True), x, x_rows, x_context, ROWS, CONTEXT)
+            pairs = token_rows.rows_values(layers[:2], x, x_rows, ROWS)
+        else:
+            outputs = [project_rows(layers[0], x, ROWS, CONTEXT, x_rows)]
+            outputs += [token_rows.project_all_rows(p, x, x_rows, x_context, ROWS, CONTEXT) for p in layers[1:]]
+            pairs = [token_rows.rows_value(p, x, x_rows, ROWS) for p in layers[:2]]
+        loss = sum((y * g).sum() for y, g in zip(outputs, upstream, strict=True))
+        loss = loss + sum(
+            (rows * g.index_select(0, ROWS)).sum() for (_, rows), g in zip(pairs, upstream[:2], strict=True)
+        )
+        values = [*outputs, *(value for value, _ in pairs)]
+        return values, torch.autograd.grad(loss, params)
+
+    (values, grads), (want_values, want_grads) = run(together=True), run(together=False)
+    assert all(torch.equal(got, want) for got, want in zip(values, want_values, strict=True))
+    assert all(torch.equal(got, want) for got, want in zip(grads, want_grads, strict=True))
+    assert grads[0].index_select(0, CONTEXT).eq(0).all() and all(g.ne(0).any() for g in grads[1:])

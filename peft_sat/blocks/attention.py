@@ -26,7 +26,7 @@ from ..query_rows import QueryRows, attention_grad_at_slots
 from ..scatter import add_at, place
 from ..sliced import base_weight, linear_cols, linear_rows, linear_rows_fused, project_base
 from ..sliced_backward import cols_output, rows_forward, weight_grad_forward
-from ..token_rows import project_all_rows, project_rows, supports_rows
+from ..token_rows import project_all_rows, project_rows, project_together, supports_rows
 from .base import SATBlockMixin, omitted_units
 
 
@@ -316,6 +316,9 @@ class SATAttentionMixin(SATBlockMixin):
     def _sat_cut_qkv(self, flat, x_rows, x_context, rows, context) -> tuple[torch.Tensor, ...]:
         """Flat (N, heads * d) query (a graph on the dense rows only), key and value (their weights learn from every
         row, their input gradient reaches the dense rows only)."""
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        if all(supports_rows(p) for p in projections):  # the query's graph on the dense rows, the keys' on all
+            return tuple(project_together(projections, (False, True, True), flat, x_rows, x_context, rows, context))
         query = project_rows(self.q_proj, flat, rows, context, x_rows)
         kv = (self.k_proj, self.v_proj)
         if not all(supports_rows(p) for p in kv):  # 4-bit bases, LoRA variants: one input copy serves both

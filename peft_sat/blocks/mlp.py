@@ -20,7 +20,7 @@ import torch
 from .. import importance, norm_input
 from ..sliced import base_layer, base_weight, linear_cols, linear_rows, linear_rows_fused, project_base
 from ..sliced_backward import cols_output, rows_forward, weight_grad_forward
-from ..token_rows import rows_output, rows_value, split_rows, supports_rows
+from ..token_rows import rows_output, rows_values, split_rows, supports_rows
 from .base import SATBlockMixin, assemble_rows
 
 
@@ -67,8 +67,7 @@ class SATMLPMixin(SATBlockMixin):
         if not all(supports_rows(p) for p in projections):  # e.g. 4-bit bases: a split (dense rows, then the rest)
             return split_rows(super().forward, flat, rows, context)
         x_rows = flat.index_select(0, rows)
-        gate, gate_rows = rows_value(self.gate_proj, flat, x_rows, rows)
-        up, up_rows = rows_value(self.up_proj, flat, x_rows, rows)
+        (gate, gate_rows), (up, up_rows) = rows_values((self.gate_proj, self.up_proj), flat, x_rows, rows)
         with torch.no_grad():
             hidden = self._sat_hidden(gate, up)
         return rows_output(self.down_proj, hidden, self._sat_hidden(gate_rows, up_rows), rows)
