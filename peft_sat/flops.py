@@ -306,9 +306,10 @@ class SATFlopsEstimator:
         # the LM head's cost, whether SAT converted it or not (a fused loss may run it on the loss rows only); its
         # backward is saved on the context rows only where SAT converted it
         head = lm_head(model)
-        self.head_cost = sum(costs.get(id(head), (0.0, 0.0, 0.0))) if head is not None else 0.0
+        head_costs = costs.get(id(head), (0.0, 0.0, 0.0))
         converted = isinstance(head, SATLMHeadMixin) and head.sat_state is sat_state
-        self.head_backward = sum(costs[id(head)][1:]) if converted else 0.0
+        self.head_cost = sum(head_costs)
+        self.head_backward = sum(head_costs[1:]) if converted else 0.0
 
     def kept_fraction(self, rate: float) -> float:
         """Kept units / all units of the SAT blocks at omission rate ``rate`` (1.0 without blocks)."""
