@@ -16,9 +16,10 @@ of dense positions the batch got (``--loss-tokens``) when the config splits it. 
 loss is scored on the labelled positions only (``labelled_positions_loss``), as TRL's ``SFTTrainer`` does in the
 recipes; transformers' default loss runs a log-softmax over every position's logits, prompts included, in both
 arms. The logits themselves come from every position (``--head-rows all``: SAT's head skips the context rows'
-backward) or from the labelled ones only (``--head-rows labelled``: TRL's fused head, in both arms). One round runs one step per arm, on the same batch, in an order rotated every round; warm-up rounds are
-discarded; per arm the median of ``--steps`` measured steps is reported (steps during which other processes used
-the CPUs are redone, see ``_timing.py``). A step is forward + backward + ``AdamW.step()`` (fused) +
+backward) or from the labelled ones only (``--head-rows labelled``: TRL's fused head, in both arms). One round
+runs one step per arm, on the same batch, in an order rotated every round; warm-up rounds are discarded; per arm
+the median of ``--steps`` measured steps is reported (steps during which other processes used the CPUs are redone,
+see ``_timing.py``). A step is forward + backward + ``AdamW.step()`` (fused) +
 ``zero_grad()``; on CUDA under bf16 autocast (fp32 master weights, the transformers Trainer's ``bf16=True``), on CPU
 in fp32.
 

@@ -19,9 +19,9 @@ a LoRA layer, ``lora_of_value``, handed the rows' gradient by ``peft_sat.ops_row
 adds a second graph on the context rows, with their inputs as constants, that trains the weights only.
 ``rows_value`` and ``rows_output`` let a block compute its dense values once and build the graph of the rows D on
 tensors of n rows, as the MLP does; ``rows_values`` and ``project_together`` serve several projections of one input
-(an MLP's gate and up, an attention's q, k and v), every product first. Anything else (4-bit bases, LoRA variants, unknown layers) runs a split:
-``module(x[D])`` with a graph, ``module(x[C])`` without, written back into one tensor; a split reads every weight
-twice and writes its outputs twice, forward work the dense step does not do.
+(an MLP's gate and up, an attention's q, k and v), every product first. Anything else (4-bit bases, LoRA
+variants, unknown layers) runs a split: ``module(x[D])`` with a graph, ``module(x[C])`` without, written back into
+one tensor; a split reads every weight twice and writes its outputs twice, forward work the dense step does not do.
 """
 
 from __future__ import annotations
