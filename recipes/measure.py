@@ -27,12 +27,15 @@ except ImportError:  # Windows
 class RunRecorder(TrainerCallback):
     """Per-step wall times and rates (``steps``) and the held-out loss of every evaluation (``eval_curve``).
 
-    ``steps``: ``{"step", "seconds", "omission_rate", "tokens", "major_page_faults"}`` per optimizer step, ``seconds``
+    ``steps``: ``{"step", "seconds", "omission_rate", "tokens", "major_page_faults", "minor_page_faults"}`` per
+    optimizer step, ``seconds``
     from ``on_step_begin`` to ``on_step_end`` (forward, backward, optimizer; not data loading or logging), ``tokens``
     the token positions its training forwards ran, padding included (what the compute scales with),
     ``major_page_faults`` the process's page faults that read from disk during the step: a step that runs code or
     touches file-backed memory the kernel had reclaimed waits for the disk, which the step's time alone cannot tell
-    from a slower computation (None where ``getrusage`` is missing).
+    from a slower computation (None where ``getrusage`` is missing); ``minor_page_faults`` those served without the
+    disk: mostly fresh pages the step touches for the first time (the allocator grew its heap), which the kernel
+    zeroes, and a virtual machine's host may have to back first.
     ``eval_curve``: ``{"step", "train_seconds", "eval_loss"}`` per evaluation, ``train_seconds`` the training clock at
     the end of the latest optimizer step (0 before the first).
     ``train_seconds``: the training clock at the end of the latest optimizer step.
@@ -50,7 +53,7 @@ class RunRecorder(TrainerCallback):
         self._between_steps = between_steps
         self._waited_seconds = 0.0  # time spent waiting in `between_steps`, taken off the training clock
         self._step_tokens = 0
-        self._step_faults: int | None = None
+        self._step_faults: tuple[int, int] | None = None
         self._hook: Any = None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs) -> None:
@@ -68,7 +71,7 @@ class RunRecorder(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs) -> None:
         self._step_tokens = 0
         _synchronize()
-        self._step_faults = _major_page_faults()
+        self._step_faults = _page_faults()
         self._step_start = time.perf_counter()
 
     def on_step_end(self, args, state, control, model=None, **kwargs) -> None:
@@ -77,14 +80,20 @@ class RunRecorder(TrainerCallback):
         sat_state = get_sat_state(model) if model is not None else None
         rate = sat_state.omission_rate if sat_state is not None and sat_state.enabled else 0.0
         seconds = now - self._step_start if self._step_start is not None else float("nan")
-        faults = _major_page_faults()
+        faults = _page_faults()
+        major, minor = (
+            (faults[0] - self._step_faults[0], faults[1] - self._step_faults[1])
+            if None not in (faults, self._step_faults)
+            else (None, None)
+        )
         self.steps.append(
             {
                 "step": state.global_step,
                 "seconds": seconds,
                 "omission_rate": rate,
                 "tokens": self._step_tokens,
-                "major_page_faults": faults - self._step_faults if None not in (faults, self._step_faults) else None,
+                "major_page_faults": major,
+                "minor_page_faults": minor,
             }
         )
         if self._train_start is not None:
@@ -107,9 +116,12 @@ class RunRecorder(TrainerCallback):
         self.eval_curve.append(point)
 
 
-def _major_page_faults() -> int | None:
-    """The process's major page faults so far (every thread: in an interleaved A/B only one arm runs at a time)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_majflt if resource is not None else None
+def _page_faults() -> tuple[int, int] | None:
+    """The process's (major, minor) page faults so far (every thread: in an interleaved A/B one arm runs at a time)."""
+    if resource is None:
+        return None
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_majflt, usage.ru_minflt
 
 
 def _synchronize() -> None:

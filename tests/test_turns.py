@@ -207,13 +207,15 @@ def test_memory_release_and_model_loading_come_before_training(
         assert bars == {"run": True, "dense": True}
 
 
-def test_each_step_records_the_major_page_faults_between_its_begin_and_end(monkeypatch):
+def test_each_step_records_the_page_faults_between_its_begin_and_end(monkeypatch):
     from types import SimpleNamespace as Usage
 
     from recipes import measure
 
-    counter = iter(range(0, 1000, 7))  # the process's fault count, 7 more at every reading
-    monkeypatch.setattr(measure.resource, "getrusage", lambda who: Usage(ru_majflt=next(counter)))
+    counter = iter(range(0, 1000, 7))  # the process's fault counts, 7 more major and 21 more minor at every reading
+    monkeypatch.setattr(
+        measure.resource, "getrusage", lambda who: Usage(ru_majflt=(n := next(counter)), ru_minflt=3 * n + 5)
+    )
     recorder = measure.RunRecorder()
     state = SimpleNamespace(global_step=0)
     for step in (1, 2):
@@ -221,6 +223,7 @@ def test_each_step_records_the_major_page_faults_between_its_begin_and_end(monke
         state.global_step = step
         recorder.on_step_end(None, state, None)
     assert [r["major_page_faults"] for r in recorder.steps] == [7, 7]
+    assert [r["minor_page_faults"] for r in recorder.steps] == [21, 21]
 
 
 def test_interleaving_needs_the_ab_and_one_process(tiny_model_dir, text_file, tmp_path, monkeypatch):
