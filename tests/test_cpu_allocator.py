@@ -50,6 +50,62 @@ SCRIPT = textwrap.dedent(
 )
 
 
+THREAD_SCRIPT = textwrap.dedent(
+    """
+    import ctypes
+    import sys
+    import threading
+
+    from peft_sat import cpu_allocator
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    BLOCK = 24 << 20  # below the 32 MiB mmap threshold: from the thread arena's 64 MiB heaps
+
+    def resident_mb():
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
+
+    def round_grows():  # what five blocks, every page touched, add to the resident size; freed last to first
+        before = resident_mb()
+        blocks = [libc.malloc(BLOCK) for _ in range(5)]
+        for block in blocks:
+            ctypes.memset(block, 1, BLOCK)
+        grown = resident_mb() - before
+        for block in reversed(blocks):
+            libc.free(block)
+        return grown
+
+    if sys.argv[1] == "tuned":
+        assert cpu_allocator.tune_cpu_allocator()
+    else:  # the thresholds alone, glibc's default top pad
+        libc.mallopt(cpu_allocator.M_MMAP_THRESHOLD, cpu_allocator.MMAP_THRESHOLD)
+        libc.mallopt(cpu_allocator.M_TRIM_THRESHOLD, cpu_allocator.TRIM_THRESHOLD)
+    grown = []
+    thread = threading.Thread(target=lambda: grown.extend(round_grows() for _ in range(3)))
+    thread.start()
+    thread.join()
+    print(*grown)
+    """
+)
+
+
 def test_tuned_allocator_keeps_freed_memory_until_released():
     result = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
+
+
+def test_tuned_allocator_keeps_a_threads_freed_heaps():
+    """A thread allocates from an arena of its own, whose wholly free heaps glibc unmaps unless the top pad forbids it
+    (the recipes' A/B in turns trains each arm in a thread)."""
+    grown = {}
+    for setting in ("tuned", "thresholds only"):
+        result = subprocess.run(
+            [sys.executable, "-c", THREAD_SCRIPT, setting], capture_output=True, text=True, timeout=120
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        grown[setting] = [float(mb) for mb in result.stdout.split()]
+    assert all(mb > 100 for mb, _, _ in grown.values()), grown  # the first round faults its 120 MB in
+    assert max(grown["tuned"][1:]) < 4, grown  # then the thread's heaps stay, and later rounds reuse their pages
+    assert min(grown["thresholds only"][1:]) > 40, grown  # else its wholly free heaps are unmapped, faulted in anew
