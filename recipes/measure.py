@@ -28,14 +28,13 @@ class RunRecorder(TrainerCallback):
     """Per-step wall times and rates (``steps``) and the held-out loss of every evaluation (``eval_curve``).
 
     ``steps``: ``{"step", "seconds", "omission_rate", "tokens", "major_page_faults", "minor_page_faults"}`` per
-    optimizer step, ``seconds``
-    from ``on_step_begin`` to ``on_step_end`` (forward, backward, optimizer; not data loading or logging), ``tokens``
-    the token positions its training forwards ran, padding included (what the compute scales with),
-    ``major_page_faults`` the process's page faults that read from disk during the step: a step that runs code or
-    touches file-backed memory the kernel had reclaimed waits for the disk, which the step's time alone cannot tell
-    from a slower computation (None where ``getrusage`` is missing); ``minor_page_faults`` those served without the
-    disk: mostly fresh pages the step touches for the first time (the allocator grew its heap), which the kernel
-    zeroes, and a virtual machine's host may have to back first.
+    optimizer step. ``seconds`` from ``on_step_begin`` to ``on_step_end`` (forward, backward, optimizer; not data
+    loading or logging); ``tokens`` the token positions its training forwards ran, padding included (what the compute
+    scales with); ``major_page_faults`` the process's page faults that read from disk during the step: a step that
+    runs code or touches file-backed memory the kernel had reclaimed waits for the disk, which the step's time alone
+    cannot tell from a slower computation (None where ``getrusage`` is missing); ``minor_page_faults`` those served
+    without the disk: mostly fresh pages the step touches for the first time (the allocator grew its heap, or mapped a
+    large block), which the kernel zeroes, and a virtual machine's host may have to back first.
     ``eval_curve``: ``{"step", "train_seconds", "eval_loss"}`` per evaluation, ``train_seconds`` the training clock at
     the end of the latest optimizer step (0 before the first).
     ``train_seconds``: the training clock at the end of the latest optimizer step.
