@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
 import sys
 import threading
 import time
@@ -22,7 +23,7 @@ sys.path.insert(0, str(ROOT))  # `recipes` is a folder of scripts at the reposit
 from recipes import cpt, preflight, sft  # noqa: E402
 from recipes.preflight import RecipeError  # noqa: E402
 from recipes.report import METRICS_FILE, format_summary  # noqa: E402
-from recipes.turns import OtherArmFailed, Turns, run_in_turns  # noqa: E402
+from recipes.turns import OtherArmFailed, Turns, release_openmp_threads, run_in_turns  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("restore_trl_lm_head")
 
@@ -121,6 +122,71 @@ def test_wait_is_the_other_arms_turn_and_misuse_is_refused():
         Turns(["a", "a"])
     with pytest.raises(ValueError, match="name every arm"):
         run_in_turns({"a": lambda between_steps: None}, order=["a", "b"])
+
+
+def _os_threads() -> int:
+    return len(list(Path("/proc/self/task").iterdir()))
+
+
+def _parallel_operator() -> None:
+    torch.ones(1 << 20).add_(1)  # far above ATen's grain size: every OpenMP thread takes part
+
+
+needs_openmp_workers = pytest.mark.skipif(
+    torch.get_num_threads() < 2 or not Path("/proc/self/task").is_dir(),
+    reason="needs OpenMP worker threads (2+ intra-op threads) and Linux's /proc",
+)
+
+
+@needs_openmp_workers
+def test_releasing_openmp_threads_ends_the_calling_threads_workers_until_its_next_parallel_operator():
+    workers = torch.get_num_threads() - 1
+    _parallel_operator()
+    with_pool = _os_threads()
+    assert release_openmp_threads()
+    assert _os_threads() == with_pool - workers
+    _parallel_operator()
+    assert _os_threads() == with_pool
+
+
+# In a process of its own: a thread left by another test could end while it counts.
+TURNS_SCRIPT = """
+import sys
+from pathlib import Path
+import torch
+sys.path.insert(0, sys.argv[1])
+from recipes.turns import release_openmp_threads, run_in_turns
+
+def threads():
+    return len(list(Path("/proc/self/task").iterdir()))
+
+torch.ones(1 << 20).add_(1)  # the main thread's pool, released when the arms start
+release_openmp_threads()
+alone = threads()
+torch.ones(1 << 20).add_(1)
+counts = []
+
+def arm(between_steps):
+    for _ in range(3):
+        torch.ones(1 << 20).add_(1)
+        counts.append(threads())
+        between_steps()
+
+run_in_turns({"a": arm, "b": arm}, order=["a", "b"])
+print(alone, " ".join(map(str, counts)), threads())
+"""
+
+
+@needs_openmp_workers
+def test_only_the_arm_holding_the_turn_keeps_openmp_workers():
+    """Idle pools' threads would count against the cores and slow every parallel region of the arm that runs."""
+    result = subprocess.run(
+        [sys.executable, "-c", TURNS_SCRIPT, str(ROOT)], capture_output=True, text=True, timeout=120, check=True
+    )
+    alone, *counts, after = map(int, result.stdout.split())
+    # the two arms' threads and the workers of the one running; the arms' threads gone after, the main's pool too
+    assert counts == [alone + 2 + torch.get_num_threads() - 1] * 6
+    assert after == alone
 
 
 def test_interleaved_ab_trains_each_arm_as_the_sequential_ab(tiny_model_dir, chat_file, tmp_path, monkeypatch):
