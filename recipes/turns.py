@@ -16,11 +16,11 @@ inside the turn.
 
 Each thread that runs a parallel operator keeps an OpenMP thread pool of its own, and the GNU runtime (PyTorch's on
 Linux) counts the pools' threads together: once they outnumber the cores, every parallel region wakes its workers
-through the kernel instead of finding them spinning. On a 2-core CPU with the main thread's pool and two arms' pools
-alive, an elementwise operator on 200k floats took 70-95 us instead of 17-22, and the arms' steps slowed unevenly:
-the SAT arm, which runs more and smaller operators, 1.5-1.7x, the dense arm 1.2x (its optimizer step 4x). So a thread
-releases its pool (``release_openmp_threads``) before it waits: the main thread when the arms start, an arm when it
-hands the turn on; the next parallel operator builds the pool again, a thread start per turn.
+through the kernel instead of finding them spinning, a cost per operator that falls hardest on the arm running more
+and smaller operators (SAT's). So a thread releases its pool (``release_openmp_threads``) before it waits: the main
+thread when the arms start, an arm when it hands the turn on; the next parallel operator builds the pool again, a
+thread start per turn. On a 2-core CPU the SFT A/B in turns trained both arms about 30% faster with the release
+(docs/results.md, "The arms in turns").
 
 One process only: in a multi-process launch the two threads of every process would interleave the arms' collectives.
 """
