@@ -19,7 +19,7 @@ Linux) counts the pools' threads together: once they outnumber the cores, every 
 through the kernel instead of finding them spinning, a cost per operator that falls hardest on the arm running more
 and smaller operators (SAT's). So a thread releases its pool (``release_openmp_threads``) before it waits: the main
 thread when the arms start, an arm when it hands the turn on; the next parallel operator builds the pool again, a
-thread start per turn. On a 2-core CPU the SFT A/B in turns trained both arms about 30% faster with the release
+thread start per turn. On a 2-core CPU the SFT A/B in turns trained both arms 24-29% faster with the release
 (docs/results.md, "The arms in turns").
 
 One process only: in a multi-process launch the two threads of every process would interleave the arms' collectives.
@@ -166,29 +166,29 @@ OMP_PAUSE_SOFT = 1
 
 
 def release_openmp_threads() -> bool:
-    """End the calling thread's OpenMP worker threads (``omp_pause_resource_all(omp_pause_soft)``, OpenMP 5.0) so that
-    they no longer count against the cores while it waits. False where no OpenMP runtime with that call is loaded
-    (nothing to release) or the runtime refused (inside a parallel region)."""
-    pause = _openmp_pause()
-    return pause is not None and pause(OMP_PAUSE_SOFT) == 0
+    """End the calling thread's OpenMP worker threads (``omp_pause_resource_all(omp_pause_soft)``, OpenMP 5.0) in
+    every OpenMP runtime loaded, so that they no longer count against the cores while it waits. False where no
+    runtime with that call is loaded (nothing to release) or one refused (inside a parallel region)."""
+    pauses = _openmp_pauses()
+    return bool(pauses) and all([pause(OMP_PAUSE_SOFT) == 0 for pause in pauses])
 
 
 @functools.cache
-def _openmp_pause() -> Callable[[int], int] | None:
-    """``omp_pause_resource_all`` of the OpenMP runtime loaded in this process (read off ``/proc/self/maps``), or
-    None."""
+def _openmp_pauses() -> tuple[Callable[[int], int], ...]:
+    """``omp_pause_resource_all`` of each OpenMP runtime loaded in this process (read off ``/proc/self/maps``)."""
     try:
         with open("/proc/self/maps") as maps:
             paths = sorted({line.split()[-1] for line in maps if "/" in line})
     except OSError:  # not Linux: nothing found, nothing released
-        return None
+        return ()
+    pauses = []
     for path in paths:
         if OPENMP_RUNTIME.match(os.path.basename(path)):
             pause = getattr(ctypes.CDLL(path), "omp_pause_resource_all", None)
             if pause is not None:
                 pause.argtypes, pause.restype = [ctypes.c_int], ctypes.c_int
-                return pause
-    return None
+                pauses.append(pause)
+    return tuple(pauses)
 
 
 def _capture_generators() -> dict[str, Any]:

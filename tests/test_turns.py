@@ -124,8 +124,15 @@ def test_wait_is_the_other_arms_turn_and_misuse_is_refused():
         run_in_turns({"a": lambda between_steps: None}, order=["a", "b"])
 
 
-def _os_threads() -> int:
-    return len(list(Path("/proc/self/task").iterdir()))
+def _os_threads(expected: int | None = None) -> int:
+    """The process's threads; given ``expected``, waits up to 2 s for that count (an ended thread may linger in
+    /proc for a moment after it returns)."""
+    deadline = time.monotonic() + 2.0
+    while True:
+        count = len(list(Path("/proc/self/task").iterdir()))
+        if expected is None or count == expected or time.monotonic() > deadline:
+            return count
+        time.sleep(0.01)
 
 
 def _parallel_operator() -> None:
@@ -144,36 +151,41 @@ def test_releasing_openmp_threads_ends_the_calling_threads_workers_until_its_nex
     _parallel_operator()
     with_pool = _os_threads()
     assert release_openmp_threads()
-    assert _os_threads() == with_pool - workers
+    assert _os_threads(with_pool - workers) == with_pool - workers
     _parallel_operator()
-    assert _os_threads() == with_pool
+    assert _os_threads(with_pool) == with_pool
 
 
 # In a process of its own: a thread left by another test could end while it counts.
 TURNS_SCRIPT = """
 import sys
+import time
 from pathlib import Path
 import torch
 sys.path.insert(0, sys.argv[1])
-from recipes.turns import release_openmp_threads, run_in_turns
+from recipes.turns import run_in_turns
 
-def threads():
-    return len(list(Path("/proc/self/task").iterdir()))
+def threads(expected=None):  # waits up to 2 s for `expected`: an ended thread may linger in /proc for a moment
+    deadline = time.monotonic() + 2.0
+    while True:
+        count = len(list(Path("/proc/self/task").iterdir()))
+        if expected is None or count == expected or time.monotonic() > deadline:
+            return count
+        time.sleep(0.01)
 
+alone = threads()  # before any parallel operator: no OpenMP workers yet
 torch.ones(1 << 20).add_(1)  # the main thread's pool, released when the arms start
-release_openmp_threads()
-alone = threads()
-torch.ones(1 << 20).add_(1)
+running = alone + 2 + torch.get_num_threads() - 1  # the two arms' threads and the workers of the one running
 counts = []
 
 def arm(between_steps):
     for _ in range(3):
         torch.ones(1 << 20).add_(1)
-        counts.append(threads())
+        counts.append(threads(running))
         between_steps()
 
 run_in_turns({"a": arm, "b": arm}, order=["a", "b"])
-print(alone, " ".join(map(str, counts)), threads())
+print(alone, " ".join(map(str, counts)), threads(alone))
 """
 
 
