@@ -170,7 +170,7 @@ def release_openmp_threads() -> bool:
     every OpenMP runtime loaded, so that they no longer count against the cores while it waits. False where no
     runtime with that call is loaded (nothing to release) or one refused (inside a parallel region)."""
     pauses = _openmp_pauses()
-    return bool(pauses) and all([pause(OMP_PAUSE_SOFT) == 0 for pause in pauses])
+    return bool(pauses) and all([pause(OMP_PAUSE_SOFT) == 0 for pause in pauses])  # a list: every runtime paused
 
 
 @functools.cache

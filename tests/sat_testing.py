@@ -11,6 +11,7 @@ import copy
 import random
 import socket
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -601,3 +602,14 @@ def leave_process_group() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def os_threads(expected: int | None = None) -> int:
+    """The process's threads (Linux); given ``expected``, waits up to 2 s for that count (an ended thread may linger
+    in /proc for a moment after it returns)."""
+    deadline = time.monotonic() + 2.0
+    while True:
+        count = len(list(Path("/proc/self/task").iterdir()))
+        if expected is None or count == expected or time.monotonic() > deadline:
+            return count
+        time.sleep(0.01)

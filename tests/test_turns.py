@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from sat_testing import tiny_recipe_args
+from sat_testing import os_threads, tiny_recipe_args
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # `recipes` is a folder of scripts at the repository root, not an installed package
@@ -124,17 +124,6 @@ def test_wait_is_the_other_arms_turn_and_misuse_is_refused():
         run_in_turns({"a": lambda between_steps: None}, order=["a", "b"])
 
 
-def _os_threads(expected: int | None = None) -> int:
-    """The process's threads; given ``expected``, waits up to 2 s for that count (an ended thread may linger in
-    /proc for a moment after it returns)."""
-    deadline = time.monotonic() + 2.0
-    while True:
-        count = len(list(Path("/proc/self/task").iterdir()))
-        if expected is None or count == expected or time.monotonic() > deadline:
-            return count
-        time.sleep(0.01)
-
-
 def _parallel_operator() -> None:
     torch.ones(1 << 20).add_(1)  # far above ATen's grain size: every OpenMP thread takes part
 
@@ -149,29 +138,20 @@ needs_openmp_workers = pytest.mark.skipif(
 def test_releasing_openmp_threads_ends_the_calling_threads_workers_until_its_next_parallel_operator():
     workers = torch.get_num_threads() - 1
     _parallel_operator()
-    with_pool = _os_threads()
+    with_pool = os_threads()
     assert release_openmp_threads()
-    assert _os_threads(with_pool - workers) == with_pool - workers
+    assert os_threads(with_pool - workers) == with_pool - workers
     _parallel_operator()
-    assert _os_threads(with_pool) == with_pool
+    assert os_threads(with_pool) == with_pool
 
 
 # In a process of its own: a thread left by another test could end while it counts.
 TURNS_SCRIPT = """
 import sys
-import time
-from pathlib import Path
 import torch
-sys.path.insert(0, sys.argv[1])
+sys.path[:0] = sys.argv[1:3]  # the repository, the tests
 from recipes.turns import run_in_turns
-
-def threads(expected=None):  # waits up to 2 s for `expected`: an ended thread may linger in /proc for a moment
-    deadline = time.monotonic() + 2.0
-    while True:
-        count = len(list(Path("/proc/self/task").iterdir()))
-        if expected is None or count == expected or time.monotonic() > deadline:
-            return count
-        time.sleep(0.01)
+from sat_testing import os_threads as threads
 
 alone = threads()  # before any parallel operator: no OpenMP workers yet
 torch.ones(1 << 20).add_(1)  # the main thread's pool, released when the arms start
@@ -193,7 +173,11 @@ print(alone, " ".join(map(str, counts)), threads(alone))
 def test_only_the_arm_holding_the_turn_keeps_openmp_workers():
     """Idle pools' threads would count against the cores and slow every parallel region of the arm that runs."""
     result = subprocess.run(
-        [sys.executable, "-c", TURNS_SCRIPT, str(ROOT)], capture_output=True, text=True, timeout=120, check=True
+        [sys.executable, "-c", TURNS_SCRIPT, str(ROOT), str(ROOT / "tests")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
     )
     alone, *counts, after = map(int, result.stdout.split())
     # the two arms' threads and the workers of the one running; the arms' threads gone after, the main's pool too
