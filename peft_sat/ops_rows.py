@@ -7,6 +7,8 @@ rows ``rows`` (n,) only (pure tensor code, no model imports; ``SATConfig.context
     lora_of_value(x, W, b, A, B, x A^T, y, s)      returns y; backward of x W^T + b + s (x A^T) B^T
     rows_into(y, rows, g, [rows_2, g_2, ...])      returns y (N, out); backward hands grad[rows] to g (n, out),
                                                    grad[rows_2] to g_2, ...
+    projection_at_rows(y, x_D, W, b, rows, ...)    returns y (N, out); backward of x W^T + b (+ LoRA) on grad[rows],
+                                                   with x_D = x[rows] (and, given x, the weights' on every row)
     rows_placeholder(y, rows)                      a zero-stride (n, out) stand-in for a value only the gradient
                                                    of which matters
 
@@ -86,6 +88,58 @@ class _LoraOfValue(torch.autograd.Function):
         return grad_x, grad_w, grad_bias, grad_a, grad_b, None, grad if need_value else None, None
 
 
+class _ProjectionAtRows(torch.autograd.Function):
+    """``value`` (N, out) with the backward of ``x W^T + b [+ scale (x A^T) B^T]`` on its gradient's rows ``rows``
+    (input ``x_rows``) or, ``every_row``, the weights' on every row: what ``rows_into`` over ``lora_of_value`` (and a
+    second such node on the other rows) computes, in one node. Saves ``x_all`` (N, in) instead of ``x_rows`` when
+    given."""
+
+    @staticmethod
+    def forward(ctx, value, x_rows, weight, bias, lora_a, lora_b, low_rank, rows, x_all, every_row, scale):
+        need_x, need_w, _, need_a, need_b = ctx.needs_input_grad[1:6]
+        ctx.scale, ctx.every_row, ctx.whole_input = scale, every_row, x_all is not None
+        ctx.save_for_backward(
+            rows,
+            (x_rows if x_all is None else x_all) if need_w or need_a else None,
+            weight if need_x else None,
+            lora_a if need_x else None,
+            lora_b if need_x or need_a else None,
+            low_rank if need_b else None,  # (N, r): the rows it needs are picked in backward, not copied here
+        )
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, x, weight, lora_a, lora_b, low_rank = ctx.saved_tensors
+        need_value, need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:6]
+        grad_x = grad_w = grad_bias = grad_a = grad_b = None
+        grad_rows = grad.index_select(0, rows)
+        # the rows the weights learn from: every row's gradient where keys and values train on the context rows too
+        grad_weights = grad.reshape(-1, grad.shape[-1]) if ctx.every_row else grad_rows
+        if not ctx.every_row:
+            low_rank = None if low_rank is None else low_rank.index_select(0, rows)
+            x = x.index_select(0, rows) if ctx.whole_input and x is not None else x
+        # The products and order of `_LoraOfValue` (bit for bit on the rows alone).
+        grad_low_rank = None
+        if lora_b is not None and (need_x or need_a):
+            grad_low_rank = _scaled(grad_weights.matmul(lora_b), ctx.scale)
+        if need_b:
+            grad_b = _scaled(grad_weights.t().matmul(low_rank), ctx.scale)
+        if need_a:
+            grad_a = grad_low_rank.t().matmul(x)
+        if need_x:
+            grad_x = grad_rows.matmul(weight)
+            if lora_a is not None:
+                rows_low_rank = grad_low_rank.index_select(0, rows) if ctx.every_row else grad_low_rank
+                grad_x = grad_x + rows_low_rank.matmul(lora_a)
+        if need_w:
+            grad_w = grad_weights.t().matmul(x)
+        if need_bias:
+            grad_bias = grad_weights.sum(0)
+        grads = (grad if need_value else None, grad_x, grad_w, grad_bias, grad_a, grad_b)
+        return *grads, None, None, None, None, None
+
+
 class _RowsInto(torch.autograd.Function):
     """``value`` (N, out); backward hands its gradient's rows ``rows_i`` to ``graph_i`` (n_i, out), for each pair."""
 
@@ -149,6 +203,40 @@ def rows_into(value: torch.Tensor, rows: torch.Tensor, graph: torch.Tensor, *mor
     if not torch.is_grad_enabled() or not any(g.requires_grad for g in pairs[1::2]):
         return value
     return _RowsInto.apply(value, *pairs)
+
+
+def projection_at_rows(
+    value: torch.Tensor,
+    x_rows: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    rows: torch.Tensor,
+    lora: tuple[torch.Tensor, torch.Tensor, torch.Tensor, float] | None = None,
+    x_all: torch.Tensor | None = None,
+    every_row: bool = False,
+) -> torch.Tensor:
+    """``value`` (N, out), computed beforehand, whose backward runs that of ``x W^T + b`` (a LoRA layer's, given
+    ``lora`` = (A (r, in), B (out, r), x A^T (N, r), scale)) on its gradient's rows ``rows``, with input ``x_rows``
+    (n, in) = ``x[rows]``; ``every_row``: the weights learn from every row's gradient, the input still from the rows
+    ``rows`` only::
+
+        dL/dx_rows = g_D W + s (g_D B) A        dL/dW = g'^T x'    dL/dB = s g'^T (x' A^T)    dL/dA = (s g' B)^T x'
+
+    (g = dL/dvalue, g_D its rows ``rows``; g', x' = g_D, x_rows, or, ``every_row``, g, x). ``x_all``: x (N, in)
+    without its graph, saved instead of ``x_rows`` (needed with ``every_row``; for projections sharing an input
+    that one of them saves whole anyway, as an attention's q beside k and v). One autograd node: ``rows_into``
+    over ``lora_of_value`` computes the same with two, and with ``every_row`` with four and a copy of the other
+    rows' input. Every tensor in one dtype, no adapter bias (the caller checks).
+    """
+    if every_row and x_all is None:
+        raise ValueError("projection_at_rows: every_row needs the whole input x_all")
+    lora_a, lora_b, low_rank, scale = lora if lora is not None else (None, None, None, 1.0)
+    tensors = (x_rows, weight, bias, lora_a, lora_b)
+    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors):
+        return value
+    return _ProjectionAtRows.apply(
+        value, x_rows, weight, bias, lora_a, lora_b, low_rank, rows, x_all, every_row, scale
+    )
 
 
 def rows_placeholder(value: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

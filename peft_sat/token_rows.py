@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops_rows import linear_of_value, lora_of_value, rows_into, rows_placeholder
+from .ops_rows import linear_of_value, lora_of_value, projection_at_rows, rows_into, rows_placeholder
 from .scatter import place
 from .sliced import _is_lora, _is_plain_linear
 from .sliced_backward import _plain_lora
@@ -79,16 +79,22 @@ def rows_output(module: nn.Module, h: torch.Tensor, h_rows: torch.Tensor, rows: 
 
 
 def project_all_rows(
-    module: nn.Module, x: torch.Tensor, x_rows: torch.Tensor, x_context: torch.Tensor, rows: torch.Tensor, context
+    module: nn.Module,
+    x: torch.Tensor,
+    x_rows: torch.Tensor,
+    x_context: torch.Tensor | None,
+    rows: torch.Tensor,
+    context: torch.Tensor,
 ) -> torch.Tensor:
     """``module(x)`` (N, out) for a flat x (N, in) whose weights get the gradient of every row and whose input gets
-    it at the dense ``rows`` only (through ``x_rows`` = ``x[rows]``; ``x_context`` = ``x[context]`` detached): the
-    input gradient of the ``context`` rows is never computed. Modules other than ``supports_rows`` run on the two
-    parts put back together."""
+    it at the dense ``rows`` only (through ``x_rows`` = ``x[rows]``; ``x_context`` = ``x[context]`` detached, or None
+    to make it where needed): the input gradient of the ``context`` rows is never computed. Modules other than
+    ``supports_rows`` run on the two parts put back together."""
     if not supports_rows(module):
+        x_context = x.detach().index_select(0, context) if x_context is None else x_context
         return module(place([(context, x_context), (rows, x_rows)], x.shape[0]))
     value, branches = _value(module, x)
-    return _rows_graph(module, value, branches, x_rows, rows, x_context, context)
+    return _rows_graph(module, value, branches, x_rows, rows, x, context, x_context)
 
 
 def project_together(
@@ -96,7 +102,7 @@ def project_together(
     all_rows: Sequence[bool],
     x: torch.Tensor,
     x_rows: torch.Tensor,
-    x_context: torch.Tensor,
+    x_context: torch.Tensor | None,
     rows: torch.Tensor,
     context: torch.Tensor,
 ) -> list[torch.Tensor]:
@@ -104,19 +110,50 @@ def project_together(
     so, else ``project_rows``, with every product first (back to back they read ``x`` while it is still in cache, as
     the dense forward's projections do), then the rows' graphs."""
     values = [_value(module, x) for module in modules]
+    # where one projection saves all of x for its weights, the others save it too instead of copies of its rows
+    whole_input = any(all_rows)
     return [
-        _rows_graph(module, value, branches, x_rows, rows, *((x_context, context) if every_row else ()))
+        _rows_graph(module, value, branches, x_rows, rows, x, context if every_row else None, x_context, whole_input)
         for module, (value, branches), every_row in zip(modules, values, all_rows, strict=True)
     ]
 
 
-def _rows_graph(module, value, branches, x_rows, rows, x_context=None, context=None) -> torch.Tensor:
-    """``value`` (N, out) whose backward runs the module's on ``x_rows`` (the rows ``rows``) and, given, on the
-    constant ``x_context`` (the rows ``context``: the weights' gradient only)."""
+def _rows_graph(
+    module, value, branches, x_rows, rows, x=None, context=None, x_context=None, whole_input=False
+) -> torch.Tensor:
+    """``value`` (N, out) whose backward runs the module's on ``x_rows`` (the rows ``rows``) and, given the flat
+    input ``x`` and the other rows ``context``, the weights' on every row (``x_context`` = ``x[context]`` detached,
+    made here when the caller has none). A plain layer or one plain LoRA adapter is one node
+    (``projection_at_rows``; ``whole_input``: it saves ``x``, kept by other projections, not ``x_rows``), anything
+    else a graph per part handed its rows by ``rows_into``."""
+    lora = _one_node_lora(module, branches, x_rows, value)
+    if lora is not False:
+        base = _base(module)
+        every_row = context is not None
+        x_all = x.detach() if every_row or whole_input else None
+        return projection_at_rows(value, x_rows, base.weight, base.bias, rows, lora, x_all, every_row)
     pairs = [rows, _graph(module, x_rows, rows_placeholder(value, rows), branches, rows)]
     if context is not None:
+        x_context = x.detach().index_select(0, context) if x_context is None else x_context
         pairs += [context, _graph(module, x_context, rows_placeholder(value, context), branches, context)]
     return rows_into(value, *pairs)
+
+
+def _one_node_lora(module, branches, x_rows, value):
+    """What ``projection_at_rows`` takes for the module: None for a plain layer, (A, B, x A^T, scale) for one LoRA
+    adapter without dropout or biases; False where it does not apply (several adapters, dropout, adapter biases,
+    mixed dtypes, e.g. fp32 adapters on a 16-bit base, or the compute dtype of autocast)."""
+    base = _base(module)
+    dtypes = {x_rows.dtype, base.weight.dtype, value.dtype}
+    if not branches:
+        return None if len(dtypes) == 1 else False
+    if len(branches) != 1:
+        return False
+    dropout_mask, low_rank, lora_a, lora_b, scaling = branches[0]
+    dtypes |= {lora_a.weight.dtype, lora_b.weight.dtype}
+    if dropout_mask is not None or lora_a.bias is not None or lora_b.bias is not None or len(dtypes) != 1:
+        return False
+    return lora_a.weight, lora_b.weight, low_rank, scaling
 
 
 def split_rows(function, x: torch.Tensor, rows: torch.Tensor, context: torch.Tensor) -> torch.Tensor:

@@ -47,7 +47,8 @@ def test_project_rows_equals_a_split_in_value_and_gradients(kind, monkeypatch):
 
     y = project_rows(layer, x, ROWS, CONTEXT)
     assert len(calls) == (kind == "variant"), "plain and LoRA layers run one pass over every row"
-    assert ("_LoraOfValueBackward" in _node_names(y)) == (kind == "lora"), "PEFT's defaults: one node"
+    one_node = "_ProjectionAtRowsBackward" in _node_names(y) and "_RowsIntoBackward" not in _node_names(y)
+    assert one_node == (kind in ("plain", "lora")), "plain layers and PEFT's defaults: one node"
     reference = split_rows(layer, x, ROWS, CONTEXT)
     torch.testing.assert_close(y, reference, rtol=0, atol=1e-6)
     torch.testing.assert_close(y, layer(x), rtol=0, atol=1e-6)  # the dense value
@@ -97,6 +98,55 @@ def test_one_lora_node_gives_the_chains_gradients_bit_for_bit(base_trains):
         strict=True,
     ):
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("mode", ["rows", "rows-saving-x", "every-row"])
+@pytest.mark.parametrize("kind", ["plain", "lora"])
+def test_projection_at_rows_is_rows_into_over_the_rows_graphs_in_one_node(kind, mode):
+    """``projection_at_rows`` against ``rows_into`` over ``lora_of_value`` (``linear_of_value`` for a plain layer):
+    on the dense rows the same gradients bit for bit, whether it saves their input or the whole one; with every
+    row, against a second such graph on the context rows' detached inputs, whose weight gradients it sums over all
+    rows in one product."""
+    layer = _layer(kind)
+    base = layer if kind == "plain" else layer.base_layer
+    x = torch.randn(7, 6, requires_grad=True)
+    upstream = torch.randn(7, 5)
+    params = [x, *(p for p in layer.parameters() if p.requires_grad)]
+    with torch.no_grad():
+        value = layer(x)
+        low_rank = None if kind == "plain" else layer.lora_A["default"](x)
+    lora = None if kind == "plain" else (layer.lora_A["default"].weight, layer.lora_B["default"].weight)
+
+    def graph(inputs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        placeholder = ops_rows.rows_placeholder(value, rows)
+        if lora is None:
+            return ops_rows.linear_of_value(inputs, base.weight, base.bias, placeholder)
+        low_rank_rows = low_rank.index_select(0, rows)
+        return ops_rows.lora_of_value(inputs, base.weight, base.bias, *lora, low_rank_rows, placeholder, 2.0)
+
+    x_rows = x.index_select(0, ROWS)
+    every_row = mode == "every-row"
+    x_all = None if mode == "rows" else x.detach()
+    y = ops_rows.projection_at_rows(
+        value, x_rows, base.weight, base.bias, ROWS, lora and (*lora, low_rank, 2.0), x_all, every_row
+    )
+    assert _node_names(y) == {"_ProjectionAtRowsBackward", "IndexSelectBackward0", "AccumulateGrad"}
+    pairs = [ROWS, graph(x.index_select(0, ROWS), ROWS)]
+    if every_row:
+        pairs += [CONTEXT, graph(x.detach().index_select(0, CONTEXT), CONTEXT)]
+    reference = ops_rows.rows_into(value, *pairs)
+    assert torch.equal(y, value) and torch.equal(reference, value)
+    grads = torch.autograd.grad((y * upstream).sum(), params)
+    expected = torch.autograd.grad((reference * upstream).sum(), params)
+    for got, want in zip(grads, expected, strict=True):
+        if every_row:
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+        else:
+            assert torch.equal(got, want)
+    assert grads[0].index_select(0, CONTEXT).eq(0).all() and grads[0].index_select(0, ROWS).ne(0).all()
+    assert all(g.ne(0).all() for g in grads[1:]), "every trainable weight learns"
+    with pytest.raises(ValueError, match="every_row needs the whole input"):
+        ops_rows.projection_at_rows(value, x_rows, base.weight, base.bias, ROWS, every_row=True)
 
 
 def test_split_rows_puts_each_row_back_in_place():
@@ -162,6 +212,8 @@ def test_project_all_rows_trains_the_weights_on_every_row_and_the_input_on_the_d
     torch.manual_seed(1)
     x_rows, x_context = x.index_select(0, ROWS), x.detach().index_select(0, CONTEXT)
     y = token_rows.project_all_rows(layer, x, x_rows, x_context, ROWS, CONTEXT)
+    one_node = "_ProjectionAtRowsBackward" in _node_names(y) and "_RowsIntoBackward" not in _node_names(y)
+    assert one_node == (kind in ("plain", "lora")), "plain layers and PEFT's defaults: one node for every row"
     grads = torch.autograd.grad((y * upstream).sum(), params)
 
     torch.manual_seed(1)

@@ -299,9 +299,8 @@ class SATAttentionMixin(SATBlockMixin):
         projections train, and take no gradient themselves (no query or output graph, no input gradient)."""
         flat = hidden_states.reshape(-1, hidden_states.shape[-1])
         context = self.sat_context_rows(rows, flat.shape[0])
-        # the dense rows with their graph, the context rows as constants: saved once, shared by the projections
-        x_rows, x_context = flat.index_select(0, rows), flat.detach().index_select(0, context)
-        qkv = self._sat_cut_qkv(flat, x_rows, x_context, rows, context)
+        x_rows = flat.index_select(0, rows)  # the dense rows with their graph: saved once, shared by q, k and v
+        qkv = self._sat_cut_qkv(flat, x_rows, rows, context)
         shape = hidden_states.shape[:-1]
         # On a CPU the attention's backward runs for the dense rows' queries only (without dropout, whose draws a
         # backward of its own could not repeat); the context rows' outputs take no gradient.
@@ -313,14 +312,16 @@ class SATAttentionMixin(SATBlockMixin):
         output = project_rows(self.o_proj, attn_output.reshape(-1, attn_output.shape[-1]), rows, context)
         return output.view(*shape, -1), attn_weights
 
-    def _sat_cut_qkv(self, flat, x_rows, x_context, rows, context) -> tuple[torch.Tensor, ...]:
+    def _sat_cut_qkv(self, flat, x_rows, rows, context) -> tuple[torch.Tensor, ...]:
         """Flat (N, heads * d) query (a graph on the dense rows only), key and value (their weights learn from every
         row, their input gradient reaches the dense rows only)."""
         projections = (self.q_proj, self.k_proj, self.v_proj)
         if all(supports_rows(p) for p in projections):  # the query's graph on the dense rows, the keys' on all
-            return tuple(project_together(projections, (False, True, True), flat, x_rows, x_context, rows, context))
+            return tuple(project_together(projections, (False, True, True), flat, x_rows, None, rows, context))
         query = project_rows(self.q_proj, flat, rows, context, x_rows)
         kv = (self.k_proj, self.v_proj)
+        # the context rows as constants, one copy shared by k and v
+        x_context = flat.detach().index_select(0, context)
         if not all(supports_rows(p) for p in kv):  # 4-bit bases, LoRA variants: one input copy serves both
             cut = place([(context, x_context), (rows, x_rows)], flat.shape[0])
             return query, self.k_proj(cut), self.v_proj(cut)
@@ -421,11 +422,11 @@ class SATFusedAttentionMixin(SATAttentionMixin):
         kept_kv = sel.kv_rows.numel()
         return linear_rows(self.qkv_proj, x, rows).split([sel.q_rows.numel(), kept_kv, kept_kv], dim=-1)
 
-    def _sat_cut_qkv(self, flat, x_rows, x_context, rows, context) -> tuple[torch.Tensor, ...]:
+    def _sat_cut_qkv(self, flat, x_rows, rows, context) -> tuple[torch.Tensor, ...]:
         num_heads, num_kv_heads, head_dim = self._sat_shape
         q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
         # one projection: the query's context rows train it too (their output takes no gradient: zero terms)
-        qkv = project_all_rows(self.qkv_proj, flat, x_rows, x_context, rows, context)
+        qkv = project_all_rows(self.qkv_proj, flat, x_rows, None, rows, context)
         return qkv.split([q_size, kv_size, kv_size], dim=-1)
 
     def _sat_qkv_forward(self, x: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], KeptHeads]:
