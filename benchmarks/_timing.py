@@ -6,8 +6,8 @@
 - ``ForeignLoad``: the share of the machine's CPUs that OTHER processes used during a step (Linux ``/proc``).
   With torch using every core, a busy neighbour makes each parallel region wait for a descheduled thread; such
   steps measure the neighbour, not SAT, so they are redone (bounded by ``max_rounds``) and reported.
-- ``activation_bytes``: bytes autograd saves for backward in one forward (the activation memory of a step),
-  measured the same way on every device.
+- ``activation_bytes``: bytes autograd saves for backward in one forward and still holds at its end (the
+  activation memory of a step), measured the same way on every device.
 - ``cpu_name``: the CPU the timings were taken on, for the reports of ``speed.py`` and ``quality.py``.
 """
 
@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from peft_sat.blocks import SATBlockMixin
 
@@ -158,18 +159,23 @@ def interleave(
 def activation_bytes(
     model: torch.nn.Module, forward: Callable[[], torch.Tensor], blocks: list[torch.nn.Module] = ()
 ) -> tuple[int, int]:
-    """Bytes of the tensors autograd saves for backward during ``forward()`` (parameters excluded, storages counted
-    once): the activation memory a training step holds at the end of its forward, and the part of it first saved
-    inside one of ``blocks``. The graph is freed after."""
+    """Bytes of the tensors autograd saves for backward during ``forward()`` whose storage is still held when it
+    returns (parameters excluded, storages counted once): the activation memory a training step holds at the end
+    of its forward, and the part of it first saved inside one of ``blocks``. What a graph saved and freed during
+    the forward (a graph no gradient can reach, dropped with its output) holds nothing. The graph is freed after."""
     parameter_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages: dict[int, tuple[int, bool]] = {}
+    storages: dict[int, tuple[int, bool, StorageWeakRef]] = {}  # address: bytes, inside a block, the storage
     depth = [0]  # > 0 while a module of `blocks` runs
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
-        if storage.data_ptr() not in parameter_storages and storage.data_ptr() not in storages:
-            storages[storage.data_ptr()] = (storage.nbytes(), depth[0] > 0)
-        return tensor
+        address = storage.data_ptr()
+        entry = storages.get(address)
+        if address not in parameter_storages and (entry is None or entry[2].expired()):  # new, or freed and reused
+            storages[address] = (storage.nbytes(), depth[0] > 0, StorageWeakRef(storage))
+        # not the tensor itself: an output saved by its own node would then hold that node, a reference cycle that
+        # keeps a graph no gradient reaches (and its storages) alive until Python's cycle collector runs
+        return tensor.detach()
 
     def enter(*_):
         depth[0] += 1
@@ -181,11 +187,12 @@ def activation_bytes(
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
             output = forward()
+        held = [(n, inside) for n, inside, storage in storages.values() if not storage.expired()]
         del output
     finally:
         for hook in hooks:
             hook.remove()
-    return sum(n for n, _ in storages.values()), sum(n for n, inside in storages.values() if inside)
+    return sum(n for n, _ in held), sum(n for n, inside in held if inside)
 
 
 def peak_rss_growth(step: Callable[[], None]) -> int | None:

@@ -138,6 +138,31 @@ def recomputable(x: torch.Tensor, state: Any) -> Iterator[None]:
         _ACTIVE.source = previous
 
 
+def rows_input(x: torch.Tensor, rows: torch.Tensor, state: Any) -> torch.Tensor:
+    """The flat dense rows ``x[rows]`` (n, H) of a split block's input ``x`` (..., H), with their graph.
+
+    Where ``x = norm(h)`` is the latest norm call's output, unchanged since, they are ``norm(h[rows])``: the norm's
+    own forward on those rows (row by row the same operations, the same values). Their gradient then reaches ``h``
+    through a norm backward over n rows, where ``x[rows]`` would run it over all N (every row but the n with a zero
+    gradient), and, since the block reads the rest of ``x`` without its graph, the norm's graph over all rows
+    takes no gradient and is freed with ``x``: what it saved (``h`` in float32 and the normalized rows) is not kept
+    for backward. Elsewhere (no norm recorded: compiled, ZeRO-3, another input) a copy of the rows.
+    """
+    flat = x.reshape(-1, x.shape[-1])
+    call = getattr(state, "last_norm_call", None)
+    h = call.input() if call is not None and call.output() is x and x._version == call.version else None
+    if h is None or not h.requires_grad or h.shape[:-1] != x.shape[:-1] or torch.compiler.is_compiling():
+        return flat.index_select(0, rows)
+    x_rows = call.norm(h.reshape(-1, h.shape[-1]).index_select(0, rows))
+    state.last_norm_call = call  # the call above recorded itself: the block's input is still the latest output
+    if x_rows.shape != (rows.numel(), x.shape[-1]) or x_rows.dtype != x.dtype:
+        raise RuntimeError(
+            f"peft_sat: {type(call.norm).__name__} on the dense rows gave {tuple(x_rows.shape)} {x_rows.dtype}, on "
+            f"every row {tuple(x.shape)} {x.dtype}: the norm does not act row by row."
+        )
+    return x_rows
+
+
 def _source_of(x: torch.Tensor | None) -> NormInput | None:
     """The active block's ``NormInput`` when ``x`` is its input, unchanged since the norm and during its forward."""
     source = _ACTIVE.source

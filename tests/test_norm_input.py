@@ -148,3 +148,35 @@ def test_a_block_input_changed_in_place_is_saved_as_it_is(monkeypatch):
     for handle in handles:
         handle.remove()
     assert changed == saved_x and not calls
+
+
+@pytest.mark.parametrize("stack", ["full", "lora"])
+def test_split_blocks_take_their_dense_rows_from_their_norm_on_those_rows(stack, monkeypatch):
+    """SFT's split (the defaults on prompt / completion batches): a block's dense rows are its norm run on those rows
+    (``norm_input.rows_input``), the same step as copies of the rows of the norm's output; the norm's graph over
+    every row, which no gradient reaches any more, is freed with the norm's output: per norm, its float32 input
+    and, where its weight trains, its normalized rows are held for the n dense rows instead of all N."""
+    models = [build_stack(stack, "llama", "sdpa", peft_sat.SATConfig(omission_rate=0.5)).sat for _ in range(2)]
+    inputs = batch(prompt=8)
+    dense_rows = []
+    for module in models[0].modules():
+        if type(module).__name__.endswith("RMSNorm"):
+            module.register_forward_hook(
+                lambda _, args, __: dense_rows.append(args[0].shape[0]) if args[0].dim() == 2 else None
+            )
+    loss, grads = train_step(models[0], inputs), gradients(models[0])
+    # Under LoRA the first layer's norm reads the frozen embeddings (no graph to shorten): it gives a copy.
+    norms = 4 - (stack == "lora")
+    assert len(dense_rows) == norms and len(set(dense_rows)) == 1
+    held, _ = activation_bytes(models[0], lambda: models[0](**inputs).loss)
+    with monkeypatch.context() as patch:
+        patch.setattr(norm_input, "rows_input", lambda x, rows, _: x.reshape(-1, x.shape[-1]).index_select(0, rows))
+        reference_loss, reference = train_step(models[1], inputs), gradients(models[1])
+        held_copies, _ = activation_bytes(models[1], lambda: models[1](**inputs).loss)
+    assert torch.equal(loss, reference_loss)
+    assert grads.keys() == reference.keys() and grads
+    for name, grad in reference.items():
+        torch.testing.assert_close(grads[name], grad, rtol=0, atol=1e-6, msg=name)
+    num_rows, hidden = inputs["input_ids"].numel(), models[0].get_base_model().config.hidden_size
+    per_row = 4 * hidden * (1 + (stack == "full")) + 4  # float32 input (and normalized rows), 1 / rms
+    assert held_copies - held == norms * (num_rows - dense_rows[0]) * per_row

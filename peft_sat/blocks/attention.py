@@ -299,7 +299,7 @@ class SATAttentionMixin(SATBlockMixin):
         projections train, and take no gradient themselves (no query or output graph, no input gradient)."""
         flat = hidden_states.reshape(-1, hidden_states.shape[-1])
         context = self.sat_context_rows(rows, flat.shape[0])
-        x_rows = flat.index_select(0, rows)  # the dense rows with their graph: saved once, shared by q, k and v
+        x_rows = norm_input.rows_input(hidden_states, rows, self.sat_state)  # with their graph: shared by q, k, v
         qkv = self._sat_cut_qkv(flat, x_rows, rows, context)
         shape = hidden_states.shape[:-1]
         # On a CPU the attention's backward runs for the dense rows' queries only (without dropout, whose draws a

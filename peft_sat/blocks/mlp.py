@@ -49,24 +49,26 @@ class SATMLPMixin(SATBlockMixin):
         flat = x.reshape(-1, x.shape[-1])
         context = self.sat_context_rows(rows, flat.shape[0])  # positions outside the dense rows (padding included)
         if forward_only:  # nothing needs their gradient: the attention blocks cut it
-            return self._sat_dense_rows_forward(flat, rows, context).view_as(x)
+            return self._sat_dense_rows_forward(x, rows, context).view_as(x)
         dense_y = super().forward(flat.index_select(0, rows))
         token_mask = self.sat_state.token_mask
         context_mask = token_mask.reshape(-1).index_select(0, context) if token_mask is not None else None
         context_y = self._sat_sparse_tokens(flat.index_select(0, context), context_mask)
         return assemble_rows(flat.shape[0], rows, dense_y, context, context_y).view_as(x)
 
-    def _sat_dense_rows_forward(self, flat: torch.Tensor, rows: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """The whole block on every row (N, H), differentiable at the dense ``rows`` only: each projection runs once
-        over all rows (the dense values, bit for bit), and the rows' graph is built on tensors of their n rows::
+    def _sat_dense_rows_forward(self, x: torch.Tensor, rows: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """The whole block on every row of x (..., H), flat (N, H), differentiable at the dense ``rows`` only: each
+        projection runs once over all rows (the dense values, bit for bit), and the rows' graph is built on tensors
+        of their n rows (the input's: ``norm_input.rows_input``)::
 
             value  = down(act(gate x) * up x)                          every row, no graph
             graph  : down's backward through h_D = act(gate_D) * up_D,  gate_D / up_D = rows D of the values above
         """
+        flat = x.reshape(-1, x.shape[-1])
         projections = (self.gate_proj, self.up_proj, self.down_proj)
         if not all(supports_rows(p) for p in projections):  # e.g. 4-bit bases: a split (dense rows, then the rest)
             return split_rows(super().forward, flat, rows, context)
-        x_rows = flat.index_select(0, rows)
+        x_rows = norm_input.rows_input(x, rows, self.sat_state)
         (gate, gate_rows), (up, up_rows) = rows_values((self.gate_proj, self.up_proj), flat, x_rows, rows)
         with torch.no_grad():
             hidden = self._sat_hidden(gate, up)
@@ -168,7 +170,8 @@ class SATFusedMLPMixin(SATMLPMixin):
     def sat_num_channels(cls, module) -> int:
         return base_layer(module.gate_up_proj).out_features // 2
 
-    def _sat_dense_rows_forward(self, flat: torch.Tensor, rows: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def _sat_dense_rows_forward(self, x: torch.Tensor, rows: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
         return split_rows(super(SATMLPMixin, self).forward, flat, rows, context)  # the module's own forward
 
     @property
