@@ -9,6 +9,8 @@ rows ``rows`` (n,) only (pure tensor code, no model imports; ``SATConfig.context
                                                    grad[rows_2] to g_2, ...
     projection_at_rows(y, x_D, W, b, rows, ...)    returns y (N, out); backward of x W^T + b (+ LoRA) on grad[rows],
                                                    with x_D = x[rows] (and, given x, the weights' on every row)
+    gated_rows_output(y, gate_D, up_D, f, W, ...)  the same for a down projection on h_D = f(gate_D, up_D),
+                                                   recomputed in backward
     rows_placeholder(y, rows)                      a zero-stride (n, out) stand-in for a value only the gradient
                                                    of which matters
 
@@ -111,33 +113,78 @@ class _ProjectionAtRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         rows, x, weight, lora_a, lora_b, low_rank = ctx.saved_tensors
-        need_value, need_x, need_w, need_bias, need_a, need_b = ctx.needs_input_grad[:6]
-        grad_x = grad_w = grad_bias = grad_a = grad_b = None
+        need_value, *needs = ctx.needs_input_grad[:6]
         grad_rows = grad.index_select(0, rows)
         # the rows the weights learn from: every row's gradient where keys and values train on the context rows too
         grad_weights = grad.reshape(-1, grad.shape[-1]) if ctx.every_row else grad_rows
         if not ctx.every_row:
             low_rank = None if low_rank is None else low_rank.index_select(0, rows)
             x = x.index_select(0, rows) if ctx.whole_input and x is not None else x
-        # The products and order of `_LoraOfValue` (bit for bit on the rows alone).
-        grad_low_rank = None
-        if lora_b is not None and (need_x or need_a):
-            grad_low_rank = _scaled(grad_weights.matmul(lora_b), ctx.scale)
-        if need_b:
-            grad_b = _scaled(grad_weights.t().matmul(low_rank), ctx.scale)
-        if need_a:
-            grad_a = grad_low_rank.t().matmul(x)
-        if need_x:
-            grad_x = grad_rows.matmul(weight)
-            if lora_a is not None:
-                rows_low_rank = grad_low_rank.index_select(0, rows) if ctx.every_row else grad_low_rank
-                grad_x = grad_x + rows_low_rank.matmul(lora_a)
-        if need_w:
-            grad_w = grad_weights.t().matmul(x)
-        if need_bias:
-            grad_bias = grad_weights.sum(0)
-        grads = (grad if need_value else None, grad_x, grad_w, grad_bias, grad_a, grad_b)
-        return *grads, None, None, None, None, None
+        lora = (lora_a, lora_b, low_rank, ctx.scale)
+        grads = _projection_grads(grad_rows, grad_weights, x, weight, lora, needs, rows if ctx.every_row else None)
+        return grad if need_value else None, *grads, None, None, None, None, None
+
+
+class _GatedRowsOutput(torch.autograd.Function):
+    """``value`` (N, out) = down(hidden), computed beforehand, with the backward of down on the rows ``rows`` of
+    ``hidden = gated(gate, up)`` and of ``gated`` on their ``gate_rows``, ``up_rows`` (n, I): the rows' hidden
+    values are recomputed from those two in backward, not saved."""
+
+    @staticmethod
+    def forward(ctx, value, gate_rows, up_rows, weight, bias, lora_a, lora_b, low_rank, rows, gated, scale):
+        ctx.gated, ctx.scale = gated, scale
+        ctx.save_for_backward(rows, gate_rows, up_rows, weight, lora_a, lora_b, low_rank)
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, gate_rows, up_rows, weight, lora_a, lora_b, low_rank = ctx.saved_tensors
+        need_value, need_gate, need_up, *needs = ctx.needs_input_grad[:7]
+        with torch.enable_grad():  # the forward's own operations on the same rows: the same values and gradients
+            gate = gate_rows.detach().requires_grad_(need_gate)
+            up = up_rows.detach().requires_grad_(need_up)
+            hidden = ctx.gated(gate, up)
+        grad_rows = grad.index_select(0, rows)
+        low_rank = None if low_rank is None else low_rank.index_select(0, rows)
+        lora = (lora_a, lora_b, low_rank, ctx.scale)
+        grad_hidden, *grads = _projection_grads(
+            grad_rows, grad_rows, hidden.detach(), weight, lora, [need_gate or need_up, *needs]
+        )
+        inputs = [t for t, need in ((gate, need_gate), (up, need_up)) if need]
+        input_grads = iter(torch.autograd.grad(hidden, inputs, grad_hidden) if inputs else ())
+        grad_gate = next(input_grads) if need_gate else None
+        grad_up = next(input_grads) if need_up else None
+        return grad if need_value else None, grad_gate, grad_up, *grads, None, None, None, None
+
+
+def _projection_grads(grad_rows, grad_weights, x, weight, lora, needs, every_row_index=None) -> tuple:
+    """(dL/dx at the rows, dL/dW, dL/db, dL/dA, dL/dB) of ``x W^T + b + s (x A^T) B^T`` (``lora`` = (A, B,
+    x A^T, s), A and B None for a plain layer), for ``needs`` = which of the five: the input gradient from
+    ``grad_rows``, the weights' from ``grad_weights`` with ``x`` and ``x A^T`` (the same rows, or every row: then
+    ``every_row_index`` picks the rows' part of the rank-r gradient). The products and order of
+    ``_LoraOfValue``: bit for bit on the rows alone."""
+    lora_a, lora_b, low_rank, scale = lora
+    need_x, need_w, need_bias, need_a, need_b = needs
+    grad_x = grad_w = grad_bias = grad_a = grad_b = None
+    grad_low_rank = None
+    if lora_b is not None and (need_x or need_a):
+        grad_low_rank = _scaled(grad_weights.matmul(lora_b), scale)
+    if need_b:
+        grad_b = _scaled(grad_weights.t().matmul(low_rank), scale)
+    if need_a:
+        grad_a = grad_low_rank.t().matmul(x)
+    if need_x:
+        grad_x = grad_rows.matmul(weight)
+        if lora_a is not None:
+            rows_low_rank = (
+                grad_low_rank if every_row_index is None else grad_low_rank.index_select(0, every_row_index)
+            )
+            grad_x = grad_x + rows_low_rank.matmul(lora_a)
+    if need_w:
+        grad_w = grad_weights.t().matmul(x)
+    if need_bias:
+        grad_bias = grad_weights.sum(0)
+    return grad_x, grad_w, grad_bias, grad_a, grad_b
 
 
 class _RowsInto(torch.autograd.Function):
@@ -236,6 +283,35 @@ def projection_at_rows(
         return value
     return _ProjectionAtRows.apply(
         value, x_rows, weight, bias, lora_a, lora_b, low_rank, rows, x_all, every_row, scale
+    )
+
+
+def gated_rows_output(
+    value: torch.Tensor,
+    gate_rows: torch.Tensor,
+    up_rows: torch.Tensor,
+    gated,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    rows: torch.Tensor,
+    lora: tuple[torch.Tensor, torch.Tensor, torch.Tensor, float] | None = None,
+) -> torch.Tensor:
+    """``value`` (N, out) = down(gated(gate, up)), computed beforehand, whose backward runs down's (``x W^T + b``,
+    a LoRA layer's given ``lora`` = (A, B, h A^T (N, r), scale)) and ``gated``'s on the rows ``rows``, from the
+    rows' ``gate_rows`` and ``up_rows`` (n, I) with their graphs::
+
+        h_D = gated(gate_D, up_D)   recomputed in backward    dL/dh_D = g_D W + s (g_D B) A    then gated's backward
+
+    What a graph of ``gated(gate_rows, up_rows)`` under ``projection_at_rows`` computes, in one node that saves
+    gate_D and up_D only (the activation's output and h_D: two (n, I) tensors fewer, an elementwise pass over them
+    in backward instead of the forward). Every tensor in one dtype, no adapter bias (the caller checks).
+    """
+    lora_a, lora_b, low_rank, scale = lora if lora is not None else (None, None, None, 1.0)
+    tensors = (gate_rows, up_rows, weight, bias, lora_a, lora_b)
+    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors):
+        return value
+    return _GatedRowsOutput.apply(
+        value, gate_rows, up_rows, weight, bias, lora_a, lora_b, low_rank, rows, gated, scale
     )
 
 

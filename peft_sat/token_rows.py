@@ -8,31 +8,42 @@ For a flat input x (N, in), dense rows D (n of them) and the other (context) row
                                              value = module(x) (N, out) without a graph, and value_D = value[D]
                                              with the backward of module(x_D) (x_D = x[D], with its graph)
     rows_output(module, h, h_D, D)           module(h) (N, out) whose backward runs through h_D = h[D] only
+    gated_output(module, h, gate_D, up_D, D, f)
+                                             module(h) (N, out), h = f(gate, up), whose backward runs through the
+                                             rows' gate_D and up_D (h_D = f(gate_D, up_D) recomputed in backward)
     project_all_rows(module, x, x_D, x_C, D, C)
                                              module(x) (N, out), every row differentiable: the weights learn from
                                              every row, the input takes its gradient at the rows D only (keys and
                                              values: the context rows' keys train, their hidden states do not)
 
 Plain ``nn.Linear`` layers and PEFT LoRA layers over them run ONE matmul per weight over all N rows (the value the
-dense forward computes, bit for bit), and the backward of the rows D (``peft_sat.ops_rows.linear_of_value`` or, for
-a LoRA layer, ``lora_of_value``, handed the rows' gradient by ``peft_sat.ops_rows.rows_into``); ``project_all_rows``
-adds a second graph on the context rows, with their inputs as constants, that trains the weights only.
-``rows_value`` and ``rows_output`` let a block compute its dense values once and build the graph of the rows D on
-tensors of n rows, as the MLP does; ``rows_values`` and ``project_together`` serve several projections of one input
-(an MLP's gate and up, an attention's q, k and v), every product first. Anything else (4-bit bases, LoRA
-variants, unknown layers) runs a split: ``module(x[D])`` with a graph, ``module(x[C])`` without, written back into
-one tensor; a split reads every weight twice and writes its outputs twice, forward work the dense step does not do.
+dense forward computes, bit for bit), and the backward of the rows D in one autograd node
+(``peft_sat.ops_rows.projection_at_rows``; for ``project_all_rows`` the weights' backward over every row, the
+input's over the rows D). ``rows_value`` and ``rows_output`` let a block compute its dense values once and build
+the graph of the rows D on tensors of n rows, as the MLP does (its down projection through ``gated_output``);
+``rows_values`` and ``project_together`` serve several projections of one input (an MLP's gate and up, an
+attention's q, k and v), every product first. Layers with several adapters, dropout or adapter biases chain
+``linear_of_value`` nodes, handed the rows' gradient by ``rows_into``. Anything else (4-bit bases, LoRA variants,
+unknown layers) runs a split: ``module(x[D])`` with a graph, ``module(x[C])`` without, written back into one
+tensor; a split reads every weight twice and writes its outputs twice, forward work the dense step does not do.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops_rows import linear_of_value, lora_of_value, projection_at_rows, rows_into, rows_placeholder
+from .ops_rows import (
+    gated_rows_output,
+    linear_of_value,
+    lora_of_value,
+    projection_at_rows,
+    rows_into,
+    rows_placeholder,
+)
 from .scatter import place
 from .sliced import _is_lora, _is_plain_linear
 from .sliced_backward import _plain_lora
@@ -76,6 +87,26 @@ def rows_output(module: nn.Module, h: torch.Tensor, h_rows: torch.Tensor, rows: 
     ``module`` must be ``supports_rows``."""
     value, branches = _value(module, h)
     return _rows_graph(module, value, branches, h_rows, rows)
+
+
+def gated_output(
+    module: nn.Module,
+    hidden: torch.Tensor,
+    gate_rows: torch.Tensor,
+    up_rows: torch.Tensor,
+    rows: torch.Tensor,
+    gated: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """``module(hidden)`` (N, out) for ``hidden = gated(gate, up)`` (N, I) computed over every row, whose backward
+    runs through the dense rows' ``gate_rows`` and ``up_rows`` (n, I, with their graphs): ``rows_output`` on
+    ``gated(gate_rows, up_rows)``, in one node that recomputes those rows' hidden values in backward where the
+    module is one node (``ops_rows.gated_rows_output``: two (n, I) tensors fewer saved)."""
+    value, branches = _value(module, hidden)
+    lora = _one_node_lora(module, branches, gate_rows, value)
+    if lora is False:
+        return _rows_graph(module, value, branches, gated(gate_rows, up_rows), rows)
+    base = _base(module)
+    return gated_rows_output(value, gate_rows, up_rows, gated, base.weight, base.bias, rows, lora)
 
 
 def project_all_rows(

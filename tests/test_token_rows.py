@@ -196,6 +196,51 @@ def test_rows_value_and_rows_output_give_the_dense_value_and_the_rows_gradient(k
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["plain", "lora", "lora+dropout"])
+def test_gated_output_recomputes_the_rows_hidden_values_for_the_same_gradients(kind):
+    """``gated_output`` against ``rows_output`` on ``silu(gate_rows) * up_rows``: bit for bit the same gradients; one
+    node that saves the gate and up rows only (not the activation's output nor the hidden rows) where the down
+    projection is plain or PEFT's default LoRA layer (with dropout it is the graph as before)."""
+    torch.manual_seed(0)
+    mlp = TinyMLP()
+    if kind != "plain":
+        dropout = 0.5 if kind == "lora+dropout" else 0.0
+        config = LoraConfig(r=2, lora_alpha=4, target_modules=["gate_proj", "up_proj", "down_proj"],
+                            init_lora_weights=False, lora_dropout=dropout)  # fmt: skip
+        mlp = get_peft_model(mlp, config).base_model.model
+    x = torch.randn(7, 6, requires_grad=True)
+    upstream = torch.randn(7, 6)
+    params = [x, *(p for p in mlp.parameters() if p.requires_grad)]
+
+    def step(one_node: bool):
+        torch.manual_seed(1)
+        x_rows = x.index_select(0, ROWS)
+        gate, gate_rows = token_rows.rows_value(mlp.gate_proj, x, x_rows, ROWS)
+        up, up_rows = token_rows.rows_value(mlp.up_proj, x, x_rows, ROWS)
+        with torch.no_grad():
+            hidden = F.silu(gate) * up
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+            if one_node:
+                y = token_rows.gated_output(
+                    mlp.down_proj, hidden, gate_rows, up_rows, ROWS, lambda g, u: F.silu(g) * u
+                )
+            else:
+                y = token_rows.rows_output(mlp.down_proj, hidden, F.silu(gate_rows) * up_rows, ROWS)
+        return y, torch.autograd.grad((y * upstream).sum(), params), _node_names(y), saved
+
+    y, grads, nodes, saved = step(one_node=True)
+    want_y, want_grads, want_nodes, want_saved = step(one_node=False)
+    assert torch.equal(y, want_y)
+    assert all(torch.equal(got, want) for got, want in zip(grads, want_grads, strict=True))
+    hidden_rows = (len(ROWS), 8)
+    if kind == "lora+dropout":
+        assert nodes == want_nodes
+    else:
+        assert "_GatedRowsOutputBackward" in nodes and not {"SiluBackward0", "MulBackward0"} & nodes
+        assert saved.count(hidden_rows) == want_saved.count(hidden_rows) - 2  # silu(gate_D) and h_D
+
+
 @pytest.mark.parametrize("kind", ["plain", "lora", "lora+dropout", "variant"])
 def test_project_all_rows_trains_the_weights_on_every_row_and_the_input_on_the_dense_rows(kind):
     """Keys and values of context tokens: the reference is the module on an input whose context rows are detached,

@@ -20,7 +20,7 @@ import torch
 from .. import importance, norm_input
 from ..sliced import base_layer, base_weight, linear_cols, linear_rows, linear_rows_fused, project_base
 from ..sliced_backward import cols_output, rows_forward, weight_grad_forward
-from ..token_rows import rows_output, rows_values, split_rows, supports_rows
+from ..token_rows import gated_output, rows_values, split_rows, supports_rows
 from .base import SATBlockMixin, assemble_rows
 
 
@@ -63,6 +63,7 @@ class SATMLPMixin(SATBlockMixin):
 
             value  = down(act(gate x) * up x)                          every row, no graph
             graph  : down's backward through h_D = act(gate_D) * up_D,  gate_D / up_D = rows D of the values above
+                     (h_D recomputed in backward: ``token_rows.gated_output``)
         """
         flat = x.reshape(-1, x.shape[-1])
         projections = (self.gate_proj, self.up_proj, self.down_proj)
@@ -72,7 +73,7 @@ class SATMLPMixin(SATBlockMixin):
         (gate, gate_rows), (up, up_rows) = rows_values((self.gate_proj, self.up_proj), flat, x_rows, rows)
         with torch.no_grad():
             hidden = self._sat_hidden(gate, up)
-        return rows_output(self.down_proj, hidden, self._sat_hidden(gate_rows, up_rows), rows)
+        return gated_output(self.down_proj, hidden, gate_rows, up_rows, rows, self._sat_hidden)
 
     def _sat_sparse_tokens(self, x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
         """The sub-network step of ``sparse_pass`` on the tokens of ``x`` (``token_mask``: their real tokens)."""
