@@ -46,6 +46,7 @@ class NormCall:
     output: weakref.ref
     input: weakref.ref
     version: int  # the output's version counter: an in-place change after the norm makes norm(h) differ from it
+    input_version: int  # the input's: changed in place since, norm(h) is no longer the output
 
 
 class NormInput:
@@ -118,7 +119,9 @@ class _NormRecorder:
         if torch.compiler.is_compiling() or state.zero3_registrations:
             return
         if args and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor):
-            state.last_norm_call = NormCall(module, weakref.ref(output), weakref.ref(args[0]), output._version)
+            state.last_norm_call = NormCall(
+                module, weakref.ref(output), weakref.ref(args[0]), output._version, args[0]._version
+            )
 
 
 @contextlib.contextmanager
@@ -150,8 +153,8 @@ def rows_input(x: torch.Tensor, rows: torch.Tensor, state: Any) -> torch.Tensor:
     """
     flat = x.reshape(-1, x.shape[-1])
     call = getattr(state, "last_norm_call", None)
-    h = call.input() if call is not None and call.output() is x and x._version == call.version else None
-    if h is None or not h.requires_grad or h.shape[:-1] != x.shape[:-1] or torch.compiler.is_compiling():
+    h = _recorded_input(call, x)
+    if h is None or not h.requires_grad or torch.compiler.is_compiling():
         return flat.index_select(0, rows)
     x_rows = call.norm(h.reshape(-1, h.shape[-1]).index_select(0, rows))
     state.last_norm_call = call  # the call above recorded itself: the block's input is still the latest output
@@ -161,6 +164,14 @@ def rows_input(x: torch.Tensor, rows: torch.Tensor, state: Any) -> torch.Tensor:
             f"every row {tuple(x.shape)} {x.dtype}: the norm does not act row by row."
         )
     return x_rows
+
+
+def _recorded_input(call: NormCall | None, x: torch.Tensor) -> torch.Tensor | None:
+    """The input h of the norm ``call`` when ``x`` is its output, neither changed in place since; else None."""
+    if call is None or call.output() is not x or x._version != call.version:
+        return None
+    h = call.input()
+    return h if h is not None and h._version == call.input_version and h.shape[:-1] == x.shape[:-1] else None
 
 
 def _source_of(x: torch.Tensor | None) -> NormInput | None:

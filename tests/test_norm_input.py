@@ -6,10 +6,12 @@ from __future__ import annotations
 import contextlib
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from sat_testing import PAPER_MODES, batch, build_stack, gradients, omitting_blocks, train_step
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 import peft_sat
 from peft_sat import norm_input
@@ -180,3 +182,27 @@ def test_split_blocks_take_their_dense_rows_from_their_norm_on_those_rows(stack,
     num_rows, hidden = inputs["input_ids"].numel(), models[0].get_base_model().config.hidden_size
     per_row = 4 * hidden * (1 + (stack == "full")) + 4  # float32 input (and normalized rows), 1 / rms
     assert held_copies - held == norms * (num_rows - dense_rows[0]) * per_row
+
+
+def test_the_dense_rows_come_from_the_norm_only_while_its_input_and_output_are_unchanged():
+    """``rows_input``: the norm on the rows (the same values as the rows of its output) right after the norm; a copy
+    of the rows once the norm's input or output changed in place, or for an input no norm returned."""
+    torch.manual_seed(0)
+    state = SimpleNamespace(enabled=True, omission_rate=0.5, zero3_registrations=[], last_norm_call=None)
+    norm = LlamaRMSNorm(8)
+    norm.weight.data.normal_()
+    norm.register_forward_hook(norm_input._NormRecorder(state))
+    rows = torch.tensor([0, 3, 4])
+    for change in (None, "input", "output", "other"):
+        h = torch.randn(2, 3, 8, requires_grad=True) * 1.0
+        x = norm(h)
+        if change == "input":
+            h.mul_(1.0)
+        elif change == "output":
+            x.mul_(1.0)
+        block_input = torch.randn(2, 3, 8, requires_grad=True) * 1.0 if change == "other" else x
+        x_rows = norm_input.rows_input(block_input, rows, state)
+        assert torch.equal(x_rows, block_input.reshape(-1, 8).index_select(0, rows))
+        names = {type(node).__name__ for node in (x_rows.grad_fn, *(n for n, _ in x_rows.grad_fn.next_functions))}
+        assert ("IndexSelectBackward0" in names) == (change is not None), change
+        assert state.last_norm_call.output() is x, "the recomputation is not recorded as the latest norm call"
