@@ -19,6 +19,8 @@ rows ``rows`` (n,) only (pure tensor code, no model imports; ``SATConfig.context
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -73,21 +75,9 @@ class _LoraOfValue(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight, lora_a, lora_b, low_rank = ctx.saved_tensors
-        need_x, need_w, need_bias, need_a, need_b, _, need_value = ctx.needs_input_grad[:7]
-        grad_x = grad_w = grad_bias = grad_a = grad_b = None
-        # The same products, in the same order, as the chain base <- A <- B of `_LinearOfValue`s: bit for bit.
-        grad_low_rank = _scaled(grad.matmul(lora_b), ctx.scale) if need_x or need_a else None
-        if need_b:
-            grad_b = _scaled(grad.t().matmul(low_rank), ctx.scale)
-        if need_a:
-            grad_a = grad_low_rank.t().matmul(x)
-        if need_x:
-            grad_x = grad.matmul(weight) + grad_low_rank.matmul(lora_a)
-        if need_w:
-            grad_w = grad.t().matmul(x)
-        if need_bias:
-            grad_bias = grad.sum(0)
-        return grad_x, grad_w, grad_bias, grad_a, grad_b, None, grad if need_value else None, None
+        *needs, _, need_value = ctx.needs_input_grad[:7]
+        grads = _projection_grads(grad, grad, x, weight, (lora_a, lora_b, low_rank, ctx.scale), needs)
+        return *grads, None, grad if need_value else None, None
 
 
 class _ProjectionAtRows(torch.autograd.Function):
@@ -161,8 +151,8 @@ def _projection_grads(grad_rows, grad_weights, x, weight, lora, needs, every_row
     """(dL/dx at the rows, dL/dW, dL/db, dL/dA, dL/dB) of ``x W^T + b + s (x A^T) B^T`` (``lora`` = (A, B,
     x A^T, s), A and B None for a plain layer), for ``needs`` = which of the five: the input gradient from
     ``grad_rows``, the weights' from ``grad_weights`` with ``x`` and ``x A^T`` (the same rows, or every row: then
-    ``every_row_index`` picks the rows' part of the rank-r gradient). The products and order of
-    ``_LoraOfValue``: bit for bit on the rows alone."""
+    ``every_row_index`` picks the rows' part of the rank-r gradient). The products, in order, of the chain
+    base <- A <- B of ``_LinearOfValue`` nodes: bit for bit on the rows alone."""
     lora_a, lora_b, low_rank, scale = lora
     need_x, need_w, need_bias, need_a, need_b = needs
     grad_x = grad_w = grad_bias = grad_a = grad_b = None
@@ -290,7 +280,7 @@ def gated_rows_output(
     value: torch.Tensor,
     gate_rows: torch.Tensor,
     up_rows: torch.Tensor,
-    gated,
+    gated: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     rows: torch.Tensor,

@@ -173,7 +173,8 @@ def _rows_graph(
 def _one_node_lora(module, branches, x_rows, value):
     """What ``projection_at_rows`` takes for the module: None for a plain layer, (A, B, x A^T, scale) for one LoRA
     adapter without dropout or biases; False where it does not apply (several adapters, dropout, adapter biases,
-    mixed dtypes, e.g. fp32 adapters on a 16-bit base, or the compute dtype of autocast)."""
+    mixed dtypes, e.g. fp32 adapters on a 16-bit base, or the value's under autocast, the compute dtype: the chain
+    casts)."""
     base = _base(module)
     dtypes = {x_rows.dtype, base.weight.dtype, value.dtype}
     if not branches:
@@ -230,15 +231,11 @@ def _graph(module, x_rows, value_rows, branches, rows) -> torch.Tensor:
     dropout or biases, in the base's dtype (PEFT's defaults), is one autograd node (``lora_of_value``): the chain
     of three costs as much in per-node overhead as the small rank-r products themselves, on every projection."""
     base = _base(module)
-    if len(branches) == 1:
-        dropout_mask, low_rank, lora_a, lora_b, scaling = branches[0]
-        # the value's dtype too: under autocast it is the compute dtype, not the weights' (the chain casts)
-        dtypes = {x_rows.dtype, base.weight.dtype, lora_a.weight.dtype, lora_b.weight.dtype, value_rows.dtype}
-        if dropout_mask is None and lora_a.bias is None and lora_b.bias is None and len(dtypes) == 1:
-            low_rank_rows = low_rank.index_select(0, rows)
-            return lora_of_value(
-                x_rows, base.weight, base.bias, lora_a.weight, lora_b.weight, low_rank_rows, value_rows, scaling
-            )
+    lora = _one_node_lora(module, branches, x_rows, value_rows) if branches else False
+    if lora is not False:
+        lora_a, lora_b, low_rank, scaling = lora
+        low_rank_rows = low_rank.index_select(0, rows)
+        return lora_of_value(x_rows, base.weight, base.bias, lora_a, lora_b, low_rank_rows, value_rows, scaling)
     output = value_rows
     for dropout_mask, low_rank, lora_a, lora_b, scaling in branches:
         x_cast = module._cast_input_dtype(x_rows, lora_a.weight.dtype)
