@@ -163,10 +163,8 @@ class TinyMLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-@pytest.mark.parametrize("kind", ["plain", "lora", "lora+dropout"])
-def test_rows_value_and_rows_output_give_the_dense_value_and_the_rows_gradient(kind):
-    """The MLP pattern: dense values once over every row, the graph of the dense rows on their n rows. The reference
-    is the module's own forward (same dropout draw) with the upstream gradient zero outside the dense rows."""
+def _mlp_case(kind: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """A TinyMLP (``kind``: plain, lora, lora+dropout), an input, an upstream gradient and the tensors to check."""
     torch.manual_seed(0)
     mlp = TinyMLP()
     if kind != "plain":
@@ -175,15 +173,28 @@ def test_rows_value_and_rows_output_give_the_dense_value_and_the_rows_gradient(k
                             init_lora_weights=False, lora_dropout=dropout)  # fmt: skip
         mlp = get_peft_model(mlp, config).base_model.model
     x = torch.randn(7, 6, requires_grad=True)
-    upstream = torch.randn(7, 6)
-    params = [x, *(p for p in mlp.parameters() if p.requires_grad)]
+    return mlp, x, torch.randn(7, 6), [x, *(p for p in mlp.parameters() if p.requires_grad)]
 
+
+def _mlp_values(mlp: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The MLP pattern's first half: gate and up once over every row (dropout drawn from seed 1), the hidden values
+    without a graph, and the dense rows' gate and up with theirs."""
     torch.manual_seed(1)
     x_rows = x.index_select(0, ROWS)
     gate, gate_rows = token_rows.rows_value(mlp.gate_proj, x, x_rows, ROWS)
     up, up_rows = token_rows.rows_value(mlp.up_proj, x, x_rows, ROWS)
     with torch.no_grad():
         hidden = F.silu(gate) * up
+    return hidden, gate_rows, up_rows
+
+
+@pytest.mark.parametrize("kind", ["plain", "lora", "lora+dropout"])
+def test_rows_value_and_rows_output_give_the_dense_value_and_the_rows_gradient(kind):
+    """The MLP pattern: dense values once over every row, the graph of the dense rows on their n rows. The reference
+    is the module's own forward (same dropout draw) with the upstream gradient zero outside the dense rows."""
+    mlp, x, upstream, params = _mlp_case(kind)
+
+    hidden, gate_rows, up_rows = _mlp_values(mlp, x)
     y = token_rows.rows_output(mlp.down_proj, hidden, F.silu(gate_rows) * up_rows, ROWS)
     grads = torch.autograd.grad((y * upstream).sum(), params)
 
@@ -201,24 +212,10 @@ def test_gated_output_recomputes_the_rows_hidden_values_for_the_same_gradients(k
     """``gated_output`` against ``rows_output`` on ``silu(gate_rows) * up_rows``: bit for bit the same gradients; one
     node that saves the gate and up rows only (not the activation's output nor the hidden rows) where the down
     projection is plain or PEFT's default LoRA layer (with dropout it is the graph as before)."""
-    torch.manual_seed(0)
-    mlp = TinyMLP()
-    if kind != "plain":
-        dropout = 0.5 if kind == "lora+dropout" else 0.0
-        config = LoraConfig(r=2, lora_alpha=4, target_modules=["gate_proj", "up_proj", "down_proj"],
-                            init_lora_weights=False, lora_dropout=dropout)  # fmt: skip
-        mlp = get_peft_model(mlp, config).base_model.model
-    x = torch.randn(7, 6, requires_grad=True)
-    upstream = torch.randn(7, 6)
-    params = [x, *(p for p in mlp.parameters() if p.requires_grad)]
+    mlp, x, upstream, params = _mlp_case(kind)
 
     def step(one_node: bool):
-        torch.manual_seed(1)
-        x_rows = x.index_select(0, ROWS)
-        gate, gate_rows = token_rows.rows_value(mlp.gate_proj, x, x_rows, ROWS)
-        up, up_rows = token_rows.rows_value(mlp.up_proj, x, x_rows, ROWS)
-        with torch.no_grad():
-            hidden = F.silu(gate) * up
+        hidden, gate_rows, up_rows = _mlp_values(mlp, x)
         saved = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
             if one_node:
