@@ -123,6 +123,7 @@ class _GatedRowsOutput(torch.autograd.Function):
     @staticmethod
     def forward(ctx, value, gate_rows, up_rows, weight, bias, lora_a, lora_b, low_rank, rows, gated, scale):
         ctx.gated, ctx.scale = gated, scale
+        low_rank = low_rank if ctx.needs_input_grad[6] else None  # (N, r): only B's gradient reads it
         ctx.save_for_backward(rows, gate_rows, up_rows, weight, lora_a, lora_b, low_rank)
         return value.view_as(value)
 
