@@ -54,6 +54,7 @@ class Arm:
             state = peft_sat.get_sat_state(self.model)
             state.set_omission_rate(rate)
             state.dense_fractions.clear()  # one share per forward from here
+            state.live_fractions.clear()
         start, cpu_start = time.perf_counter(), time.process_time()
         loss = self.model(**batch.as_kwargs(), use_cache=False).loss
         loss.backward()
@@ -69,7 +70,9 @@ class Arm:
             shares = state.dense_fractions
             dense = sum(shares) / len(shares) if shares else 0.0  # no split (dense_tokens "none", rate 0): 0
             self.dense_token_fractions.append(dense)
-            self.flops_saved_fractions.append(self.flops.step_saving(self.sat_config, rate, dense))
+            lives = state.live_fractions  # split forwards: the share of positions the blocks computed
+            live = sum(lives) / len(lives) if lives else 1.0
+            self.flops_saved_fractions.append(self.flops.step_saving(self.sat_config, rate, dense, live_fraction=live))
 
     def evaluate(self, step: int, batches) -> float:
         start = time.perf_counter()

@@ -349,10 +349,16 @@ def _sat_config(args: argparse.Namespace) -> peft_sat.SATConfig:
 
 
 def _ideal(
-    case: Case, variant: str, rate: float, config: peft_sat.SATConfig, dense_fraction: float, head_rows: float = 1.0
+    case: Case,
+    variant: str,
+    rate: float,
+    config: peft_sat.SATConfig,
+    dense_fraction: float,
+    head_rows: float = 1.0,
+    live_fraction: float = 1.0,
 ) -> float:
     """Dense / SAT FLOPs of ``config`` at ``rate`` on the case's shape, ``dense_fraction`` of its positions dense,
-    the LM head on ``head_rows`` of them (``peft_sat.flops.training_flops``)."""
+    the LM head on ``head_rows`` of them, the blocks on ``live_fraction`` (``peft_sat.flops.training_flops``)."""
     return ideal_speedup(
         case.shape,
         variant,
@@ -363,6 +369,7 @@ def _ideal(
         dense_fraction=dense_fraction,
         context_forward_only=config.context_tokens == "forward_only",
         head_rows=head_rows,
+        live_fraction=live_fraction,
     )
 
 
@@ -429,13 +436,16 @@ def measure(case: Case, variant: str, args: argparse.Namespace) -> list[Row]:
     config = state.config
     # the share of positions the SAT forwards ran dense (the memory forwards end with a SAT rate); 0 without a split
     dense_fraction = state.dense_fractions[-1] if state.dense_fractions else 0.0
+    live_fraction = state.live_fractions[-1] if state.live_fractions else 1.0
     rows = []
     for rate in arms:
         kept = samples[str(rate)]
         seconds = statistics.median(s.seconds for s in kept)
         ratio = dense_seconds / seconds if rate else None
         quartiles = _paired_quartiles(samples["0.0"], kept) if rate else None
-        ideal = _ideal(case, variant, rate, config, dense_fraction, head_rows(case, args)) if rate else None
+        ideal = (
+            _ideal(case, variant, rate, config, dense_fraction, head_rows(case, args), live_fraction) if rate else None
+        )
         rows.append(
             Row(
                 case=case.name,

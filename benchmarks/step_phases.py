@@ -140,7 +140,9 @@ def main(argv: list[str] | None = None) -> dict[float, dict[str, float]]:
     dense, sparse = medians["dense"], medians[labels["S"]]
     print(f"dense / SAT step time: {dense['step_ms'] / sparse['step_ms']:.3f}x")
     if matmul_samples:
-        flops_ratio = speed._ideal(case, args.variant, args.rate, config, dense_fraction, speed.head_rows(case, bench))
+        live = state.live_fractions[-1] if state.live_fractions else 1.0
+        head_rows = speed.head_rows(case, bench)
+        flops_ratio = speed._ideal(case, args.variant, args.rate, config, dense_fraction, head_rows, live)
         print_saving_estimate(dense, sparse, matmul_samples, flops_ratio, args.rate, dense_fraction)
     return medians
 

@@ -199,6 +199,7 @@ class SATCallback(TrainerCallback, ExportableState):
         if sat_state is not None:
             sat_state.in_training_step = True  # every rank runs this step: a shared selection may all-reduce in it
             sat_state.dense_fractions.clear()
+            sat_state.live_fractions.clear()
             sat_state.head_split_forwards = 0
             sat_state.step_positions = 0
             sat_state.step_loss_positions = None
@@ -224,9 +225,16 @@ class SATCallback(TrainerCallback, ExportableState):
         self.dense_token_fraction = sum(fractions) / len(fractions) if fractions else 0.0
         head_share = min(1.0, sat_state.head_split_forwards / len(fractions)) if fractions else 0.0
         bypassed_head_rows = _loss_share(sat_state) if self.fused_head_on_loss_rows else 1.0
+        lives = sat_state.live_fractions
+        live_fraction = sum(lives) / len(lives) if lives else 1.0
         if self.flops is not None and state.global_step > self.steps_counted:
             self.dense_steps_saved += self.flops.step_saving(
-                sat_state.config, self.current_rate(), self.dense_token_fraction, head_share, bypassed_head_rows
+                sat_state.config,
+                self.current_rate(),
+                self.dense_token_fraction,
+                head_share,
+                bypassed_head_rows,
+                live_fraction,
             )
             self.steps_counted = state.global_step
 

@@ -19,7 +19,8 @@ dense tokens, a share f, run everything, the others a share 1 - f)::
 With ``context_tokens="forward_only"`` a split batch's context tokens run every unit forward and no backward: the
 MLP, the query / output projections and the LM head save their whole backward on the share 1 - f, key / value
 projections their input gradient (their weights still learn from the dense tokens' attention). The LM head saves
-only in the forwards that call it. A loss that reads its weight itself (TRL's fused LM head in ``SFTTrainer``) runs
+only in the forwards that call it. The positions after each sequence's last dense one (a share 1 - l of a split batch,
+``tokens.LiveRows``) skip the MLP blocks: their forward is saved too. A loss that reads its weight itself (TRL's fused LM head in ``SFTTrainer``) runs
 the head on every row or, where TRL scores the labelled positions only (on CUDA; on a CPU with the recipes' patch),
 on the loss positions alone: then the dense step's head costs that share of its FLOPs, and so does the estimate's.
 
@@ -153,6 +154,7 @@ def training_flops(
     dense_fraction: float = 0.0,
     context_forward_only: bool = False,
     head_rows: float = 1.0,
+    live_fraction: float = 1.0,
 ) -> float:
     """Matmul FLOPs of one forward + backward of ``shape`` at omission rate ``rate`` (0: dense).
 
@@ -164,6 +166,8 @@ def training_flops(
     ``min(n_kv, kept q)``. ``head_rows``: the share of the positions the LM head runs on, forward and backward, at
     every rate (below 1: a loss that scores the labelled positions only, as TRL's fused head; SAT's head saves
     nothing then); 1: every position, whose context rows SAT's head runs forward only when the batch splits.
+    ``live_fraction``: with ``context_forward_only``, the share of the positions the MLP blocks compute (the others
+    trail their sequence's last dense position).
     """
     if shape.vocab and head_rows < 1.0:
         body = replace(shape, vocab=0)
@@ -171,15 +175,20 @@ def training_flops(
             shape.tokens * head_rows, shape.hidden, shape.vocab, weight_trains=variant not in ("lora", "qlora")
         )
         return head + training_flops(
-            body, variant, rate, head_granularity, lora_rank, omit, sparse_pass, dense_fraction, context_forward_only
-        )
+            body, variant, rate, head_granularity, lora_rank, omit, sparse_pass, dense_fraction, context_forward_only,
+            live_fraction=live_fraction,
+        )  # fmt: skip
     rank = lora_rank if variant in ("lora", "qlora") else 0
     if context_forward_only and rate > 0 and dense_fraction > 0:
         full = _stack_flops(shape, variant, rank, NOTHING_SLICED, (1.0, 1.0, 1.0))
         forward = _stack_flops(shape, variant, rank, NOTHING_SLICED, (1.0, 1.0, 1.0), backward=False)
         head_dim = shape.head_dim or shape.hidden // shape.heads
         kv_weights = 0.0 if rank else 2 * 2.0 * shape.hidden * shape.kv_heads * head_dim * shape.layers
-        return forward + (full - forward) * dense_fraction + kv_weights * shape.tokens * (1 - dense_fraction)
+        mlp = projection_flops(shape.tokens, shape.hidden, shape.intermediate, lora_rank=rank, backward=False)
+        trailing = 3 * mlp * shape.layers * (1 - live_fraction)  # gate, up, down forward
+        return (
+            forward + (full - forward) * dense_fraction + kv_weights * shape.tokens * (1 - dense_fraction) - trailing
+        )
     sliced = SlicedShare.of(sparse_pass, dense_fraction) if rate > 0 else NOTHING_SLICED
     mlp_kept = num_kept(shape.intermediate, rate) / shape.intermediate if "mlp" in omit else 1.0
     if "attention" not in omit:
@@ -247,8 +256,10 @@ def ideal_speedup(
     dense_fraction: float = 0.0,
     context_forward_only: bool = False,
     head_rows: float = 1.0,
+    live_fraction: float = 1.0,
 ) -> float:
-    """Dense FLOPs / SAT FLOPs: the speed-up of a SAT step at 100% efficiency (``head_rows``: ``training_flops``)."""
+    """Dense FLOPs / SAT FLOPs: the speed-up of a SAT step at 100% efficiency (``head_rows``, ``live_fraction``:
+    ``training_flops``)."""
     dense = training_flops(shape, variant, 0.0, head_granularity, head_rows=head_rows)
     sat = training_flops(
         shape,
@@ -260,6 +271,7 @@ def ideal_speedup(
         dense_fraction=dense_fraction,
         context_forward_only=context_forward_only,
         head_rows=head_rows,
+        live_fraction=live_fraction,
     )
     return dense / sat
 
@@ -285,6 +297,7 @@ class SATFlopsEstimator:
         # per SAT block: (num_units, (forward, input grad, weight grad) of the projections that scale with its
         # units, the same of its projections that skip the backward for context tokens, whether it omits units)
         self.blocks: list[tuple[int, tuple[float, float, float], tuple[float, float, float], bool]] = []
+        self.trailing_cost = 0.0  # per token, what a trailing row of a split batch saves beyond a context row
         for module in model.modules():
             if not isinstance(module, SATBlockMixin) or module.sat_state is not sat_state:
                 continue
@@ -302,6 +315,8 @@ class SATFlopsEstimator:
                 kv = _sum_costs(costs, module, ("k_proj", "v_proj"))
                 cut = (cut[0], cut[1] + kv[1], cut[2])
             self.blocks.append((module.sat_num_units, scaled, cut, getattr(module, "sat_omits_units", True)))
+            if mlp:  # rows trailing their sequence's last dense one skip its forward too
+                self.trailing_cost += cut[0]
         self.num_units = sum(units for units, _, _, omits in self.blocks if omits)
         # the LM head's cost, whether SAT converted it or not (a fused loss may run it on the loss rows only); its
         # backward is saved on the context rows only where SAT converted it
@@ -326,14 +341,16 @@ class SATFlopsEstimator:
         context_forward_only: bool = False,
         head_share: float = 1.0,
         bypassed_head_rows: float = 1.0,
+        live_fraction: float = 1.0,
     ) -> float:
         """Estimated fraction of one dense training step's FLOPs saved by a step at omission rate ``rate``, with
         ``dense_fraction`` of the token positions dense (0: no split) and, when split, the context tokens running
         forward only (``context_forward_only``) or on the sub-network. ``head_share``: the share of the step's
         forwards whose LM head ran through SAT's head (``SATState.head_split_forwards``); a loss that reads the
         head's weight itself saves nothing there, and runs the head on ``bypassed_head_rows`` of the positions
-        (1: every row; the share of positions carrying loss, as TRL's fused head on CUDA). The saving is counted
-        against the dense step's FLOPs with that head, split or not::
+        (1: every row; the share of positions carrying loss, as TRL's fused head on CUDA). ``live_fraction``: with
+        context tokens forward only, the share of positions the MLP blocks compute (``SATState.live_fractions``). The
+        saving is counted against the dense step's FLOPs with that head, split or not::
 
             dense = all projections - head x (1 - head_share) x (1 - bypassed_head_rows)"""
         if rate <= 0 or not self.dense_cost:
@@ -341,7 +358,7 @@ class SATFlopsEstimator:
         dense = self.dense_cost - self.head_cost * (1.0 - head_share) * (1.0 - bypassed_head_rows)
         if context_forward_only and dense_fraction > 0:
             saved = sum(cut[1] + cut[2] for _, _, cut, _ in self.blocks) + self.head_backward * head_share
-            return saved * (1.0 - dense_fraction) / dense
+            return (saved * (1.0 - dense_fraction) + self.trailing_cost * (1.0 - live_fraction)) / dense
         sliced = SlicedShare.of(sparse_pass, dense_fraction)
         shares = (sliced.forward, sliced.input_grad, sliced.weight_grad)
         saved = sum(
@@ -358,6 +375,7 @@ class SATFlopsEstimator:
         dense_fraction: float = 0.0,
         head_share: float = 1.0,
         bypassed_head_rows: float = 1.0,
+        live_fraction: float = 1.0,
     ) -> float:
         """``saved_fraction`` of a step at ``rate`` under ``config``'s ``sparse_pass`` and ``context_tokens``."""
         forward_only = config.context_tokens == "forward_only" and self.sat_state.context_forward_only
@@ -368,6 +386,7 @@ class SATFlopsEstimator:
             context_forward_only=forward_only,
             head_share=head_share,
             bypassed_head_rows=bypassed_head_rows,
+            live_fraction=live_fraction,
         )
 
 

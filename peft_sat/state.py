@@ -63,6 +63,8 @@ class SATState:
     # cannot cut the context tokens' gradient (its context tokens then train as with "sparse")
     context_forward_only: bool = False
     dense_fractions: list[float] = field(default_factory=list, repr=False)  # per forward: dense positions / all
+    # per split forward with context tokens forward only: the share of positions it computes (``live_rows``)
+    live_fractions: list[float] = field(default_factory=list, repr=False)
     # Training forwards of the current step whose LM head ran its context rows without a graph (``blocks.lm_head``).
     # It stays 0 when the loss reads the head's weight itself instead of calling the module (TRL's fused LM head):
     # that head's backward is not saved (it runs every row, or the labelled ones only: ``peft_sat.flops``).
@@ -129,6 +131,20 @@ class SATState:
             batch.dense_rows_cache[key] = rows
             self.dense_fractions.append(0.0 if rows is None else rows.numel() / max(1, math.prod(hidden_shape)))
         return batch.dense_rows_cache[key]
+
+    def live_rows(self, hidden_shape: torch.Size) -> tokens.LiveRows | None:
+        """The rows a split forward computes (``tokens.live_rows``): None without a split or where every row is live;
+        computed once per forward and block input shape."""
+        rows = self.dense_rows(hidden_shape)
+        if rows is None:
+            return None
+        cache = self.batch.dense_rows_cache
+        key = ("live", tuple(hidden_shape))
+        if key not in cache:
+            live = tokens.live_rows(rows, hidden_shape[0], math.prod(hidden_shape[1:]))
+            cache[key] = live
+            self.live_fractions.append(1.0 if live is None else live.rows.numel() / live.size)
+        return cache[key]
 
     def warn_once(self, key: str, message: str) -> None:
         if key not in self.warned:

@@ -17,11 +17,19 @@ token: t = T - 1, the next position is padding, or the next position starts anot
     dense_tokens="none"   no split
 
 Returned positions are flat row indices into the (B * T, H) view of a block's hidden states.
+
+With ``context_tokens="forward_only"`` the positions after their sequence's last dense position carry no loss and,
+attention being causal, feed no position that does: a split step skips them (``LiveRows``, ``live_rows``). In a
+padded SFT batch they are mostly the padding after each shorter sequence.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+from .scatter import place
 
 IGNORE_INDEX = -100
 
@@ -87,3 +95,58 @@ def dense_rows(
         if not bool(context.any()):
             return None
     return dense.reshape(-1).nonzero().squeeze(1)
+
+
+@dataclass(frozen=True)
+class LiveRows:
+    """The rows a split step computes: each sequence's positions up to its last dense position.
+
+    For N flat rows, dense rows D and live rows R (m of them, D a subset)::
+
+        rows      (m,)      R, ascending
+        dense     (n,)      where D sits in R (R[dense] = D)
+        context   (m - n,)  the other positions of R
+        trailing  (N - m,)  the rows outside R: after their sequence's last dense position, carrying no loss, and
+                            read by no later position under causal attention
+    """
+
+    rows: torch.Tensor
+    dense: torch.Tensor
+    context: torch.Tensor
+    trailing: torch.Tensor
+
+    @property
+    def size(self) -> int:
+        return self.rows.numel() + self.trailing.numel()
+
+    def gather(self, flat: torch.Tensor) -> torch.Tensor:
+        """(N, ...) -> (m, ...): the live rows (with their graph, if any)."""
+        return flat.index_select(0, self.rows)
+
+    def place(self, values: torch.Tensor) -> torch.Tensor:
+        """(m, ...) -> (N, ...): ``values`` at the live rows, zeros at the trailing ones (backward: the live rows'
+        gradient)."""
+        zeros = values.new_zeros(()).expand(self.trailing.numel(), *values.shape[1:])
+        return place([(self.rows, values), (self.trailing, zeros)], self.size)
+
+
+def live_rows(rows: torch.Tensor, batch: int, seq: int) -> LiveRows | None:
+    """The live rows of the flat ascending dense ``rows`` (n,) of a (``batch``, ``seq``) grid; None where every row
+    is live (each sequence's last position is dense).
+
+    Example:
+        >>> live = live_rows(torch.tensor([1, 2, 5]), batch=2, seq=4)  # sequence 0 ends at 2, sequence 1 at 1
+        >>> live.rows.tolist(), live.dense.tolist(), live.context.tolist(), live.trailing.tolist()
+        ([0, 1, 2, 4, 5], [1, 2, 4], [0, 3], [3, 6, 7])
+    """
+    last = torch.full((batch,), -1, dtype=rows.dtype, device=rows.device)
+    last = last.scatter_reduce(0, rows // seq, rows % seq, "amax")
+    alive = (torch.arange(seq, device=rows.device) <= last[:, None]).reshape(-1)
+    if bool(alive.all()):
+        return None
+    live = alive.nonzero().squeeze(1)
+    dense = torch.searchsorted(live, rows)
+    is_context = torch.ones(live.numel(), dtype=torch.bool, device=rows.device).index_fill_(0, dense, False)
+    return LiveRows(
+        rows=live, dense=dense, context=is_context.nonzero().squeeze(1), trailing=(~alive).nonzero().squeeze(1)
+    )

@@ -236,11 +236,15 @@ def test_sft_estimate_leaves_out_the_head_that_trls_fused_loss_runs(
         callbacks=[SATCallback(config)],
     )
     loss_shares = []  # per training forward (one per step): positions carrying loss / positions
+    live_shares = []  # with a split: positions up to each sequence's last one carrying loss / positions
 
     def record(module, args, kwargs):
         if module.training:
             carries = loss_positions(kwargs.get("labels"), kwargs.get("shift_labels"))
             loss_shares.append(carries.sum().item() / carries.numel())
+            dense = carries & kwargs["attention_mask"].bool()
+            last = torch.where(dense.any(1), dense.shape[1] - 1 - dense.flip(1).int().argmax(1), -1)
+            live_shares.append((last + 1).sum().item() / carries.numel())
 
     trainer.model.register_forward_pre_hook(record, with_kwargs=True)
     trainer.train()
@@ -254,6 +258,9 @@ def test_sft_estimate_leaves_out_the_head_that_trls_fused_loss_runs(
     if split:  # the split's dense rows are the positions carrying loss
         assert all(e["sat/dense_token_fraction"] == pytest.approx(share) for e, share in sparse_steps)
 
+    if split:  # right padding: the MLP skipped the rows after each sequence's last loss position
+        assert any(share < 1 for share in live_shares)
+
     def saved(head_share: float, labelled_rows: bool = False) -> float:
         return sum(
             estimator.step_saving(
@@ -262,8 +269,9 @@ def test_sft_estimate_leaves_out_the_head_that_trls_fused_loss_runs(
                 e["sat/dense_token_fraction"],
                 head_share,
                 share if labelled_rows else 1,
+                live if split else 1,
             )
-            for e, share in zip(logs, loss_shares)
+            for e, share, live in zip(logs, loss_shares, live_shares)
         )
 
     assert saved(0.0) < saved(0.0, labelled_rows=True)

@@ -95,6 +95,9 @@ def test_estimate_of_a_real_model_matches_the_formula():
     # context tokens forward only: their backward of the MLP and q / o, and k / v's input gradient, at any rate
     cut = _estimator(model).saved_fraction(0.5, dense_fraction=0.25, context_forward_only=True)
     assert cut == pytest.approx(layers * (4 * mlp + 4 * q_o + 2 * k_v) * 0.75 / (6 * macs))
+    # ... and the rows trailing each sequence's last dense one (a share 0.2) skip the MLP's forward too
+    trailing = _estimator(model).saved_fraction(0.5, dense_fraction=0.25, context_forward_only=True, live_fraction=0.8)
+    assert trailing - cut == pytest.approx(layers * 2 * mlp * 0.2 / (6 * macs))
     # q_head: k/v projections are counted dense; rate 0.25 of 4 heads omits 1, of 128 channels 32
     model = peft_sat.apply_sat(tiny_llama(), paper_config(head_granularity="q_head", train_base=True))
     assert _estimator(model).saved_fraction(0.25) == pytest.approx(layers * (mlp + q_o) * 0.25 / macs)
@@ -171,6 +174,10 @@ def test_a_head_on_the_labelled_positions_only_saves_nothing_and_costs_their_sha
             training_flops(body, variant, 0.0) - training_flops(body, variant, 0.5, **split)
         )
         assert ideal_speedup(shape, variant, 0.5, head_rows=0.25, **split) == pytest.approx(dense / sat)
+        # rows trailing each sequence's last dense one (a share 0.2): the MLP's forward is saved on them too
+        trailing = training_flops(shape, variant, 0.5, head_rows=0.25, live_fraction=0.8, **split)
+        mlp_forward = 3 * projection_flops(shape.tokens, 64, 128, lora_rank=16 * (variant == "lora"), backward=False)
+        assert sat - trailing == pytest.approx(shape.layers * mlp_forward * 0.2)
         # every position: SAT's head saves its context rows' backward, so the split saves more
         every = training_flops(shape, variant, 0.0) - training_flops(shape, variant, 0.5, **split)
         assert every > dense - sat

@@ -57,23 +57,43 @@ class SATMLPMixin(SATBlockMixin):
         return assemble_rows(flat.shape[0], rows, dense_y, context, context_y).view_as(x)
 
     def _sat_dense_rows_forward(self, x: torch.Tensor, rows: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """The whole block on every row of x (..., H), flat (N, H), differentiable at the dense ``rows`` only: each
-        projection runs once over all rows (the dense values, bit for bit), and the rows' graph is built on tensors
-        of their n rows (the input's: ``norm_input.rows_input``)::
+        """The whole block on the rows of x (..., H) a split step computes (``_sat_on_live_rows``), flat (N, H),
+        differentiable at the dense ``rows`` only: each projection runs once over those rows (the dense values, bit
+        for bit), and the rows' graph is built on tensors of their n rows (the input's: ``norm_input.rows_input``)::
 
             value  = down(act(gate x) * up x)                          every row, no graph
             graph  : down's backward through h_D = act(gate_D) * up_D,  gate_D / up_D = rows D of the values above
                      (h_D recomputed in backward: ``token_rows.gated_output``)
         """
-        flat = x.reshape(-1, x.shape[-1])
         projections = (self.gate_proj, self.up_proj, self.down_proj)
         if not all(supports_rows(p) for p in projections):  # e.g. 4-bit bases: a split (dense rows, then the rest)
-            return split_rows(super().forward, flat, rows, context)
+            forward = super().forward
+            return self._sat_on_live_rows(
+                x, rows, context, lambda flat, dense, rest: split_rows(forward, flat, dense, rest)
+            )
         x_rows = norm_input.rows_input(x, rows, self.sat_state)
-        (gate, gate_rows), (up, up_rows) = rows_values((self.gate_proj, self.up_proj), flat, x_rows, rows)
-        with torch.no_grad():
-            hidden = self._sat_hidden(gate, up)
-        return gated_output(self.down_proj, hidden, gate_rows, up_rows, rows, self._sat_hidden)
+
+        def run(flat: torch.Tensor, dense: torch.Tensor, _context: torch.Tensor) -> torch.Tensor:
+            (gate, gate_rows), (up, up_rows) = rows_values((self.gate_proj, self.up_proj), flat, x_rows, dense)
+            with torch.no_grad():
+                hidden = self._sat_hidden(gate, up)
+            return gated_output(self.down_proj, hidden, gate_rows, up_rows, dense, self._sat_hidden)
+
+        return self._sat_on_live_rows(x, rows, context, run)
+
+    def _sat_on_live_rows(self, x: torch.Tensor, rows: torch.Tensor, context: torch.Tensor, run) -> torch.Tensor:
+        """``run(flat, dense, context)`` (-> (rows, H)) on the rows of the block input x (..., H) a split step
+        computes: every row of the flat x (N, H), or, where rows trail their sequence's last dense position
+        (``SATState.live_rows``), the live ones (m, H) with ``dense`` and ``context`` indices into them, the result
+        put back as (N, H) with zeros at the trailing rows.
+
+        Only the MLP skips them: its products are three quarters of a layer's, the attention's projections would
+        pay a gather and a write-back per projection for a quarter, and its kernel needs every row of a sequence."""
+        flat = x.reshape(-1, x.shape[-1])
+        live = self.sat_state.live_rows(x.shape[:-1])
+        if live is None:
+            return run(flat, rows, context)
+        return live.place(run(live.gather(flat), live.dense, live.context))
 
     def _sat_sparse_tokens(self, x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
         """The sub-network step of ``sparse_pass`` on the tokens of ``x`` (``token_mask``: their real tokens)."""
@@ -172,8 +192,10 @@ class SATFusedMLPMixin(SATMLPMixin):
         return base_layer(module.gate_up_proj).out_features // 2
 
     def _sat_dense_rows_forward(self, x: torch.Tensor, rows: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])
-        return split_rows(super(SATMLPMixin, self).forward, flat, rows, context)  # the module's own forward
+        forward = super(SATMLPMixin, self).forward  # the module's own forward
+        return self._sat_on_live_rows(
+            x, rows, context, lambda flat, dense, rest: split_rows(forward, flat, dense, rest)
+        )
 
     @property
     def _sat_activation(self) -> Callable[[torch.Tensor], torch.Tensor]:
