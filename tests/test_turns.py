@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from sat_testing import os_threads, tiny_recipe_args
+from sat_testing import tiny_recipe_args
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # `recipes` is a folder of scripts at the repository root, not an installed package
@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))  # `recipes` is a folder of scripts at the reposit
 from recipes import cpt, preflight, sft  # noqa: E402
 from recipes.preflight import RecipeError  # noqa: E402
 from recipes.report import METRICS_FILE, format_summary  # noqa: E402
-from recipes.turns import OtherArmFailed, Turns, release_openmp_threads, run_in_turns  # noqa: E402
+from recipes.turns import OtherArmFailed, Turns, run_in_turns  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("restore_trl_lm_head")
 
@@ -124,28 +124,42 @@ def test_wait_is_the_other_arms_turn_and_misuse_is_refused():
         run_in_turns({"a": lambda between_steps: None}, order=["a", "b"])
 
 
-def _parallel_operator() -> None:
-    torch.ones(1 << 20).add_(1)  # far above ATen's grain size: every OpenMP thread takes part
-
-
 needs_openmp_workers = pytest.mark.skipif(
     torch.get_num_threads() < 2 or not Path("/proc/self/task").is_dir(),
     reason="needs OpenMP worker threads (2+ intra-op threads) and Linux's /proc",
 )
 
 
+# In a process of its own (as the turns script below): a thread left by another test could end while it counts.
+RELEASE_SCRIPT = """
+import sys
+import torch
+sys.path[:0] = sys.argv[1:3]  # the repository, the tests
+from recipes.turns import release_openmp_threads
+from sat_testing import os_threads as threads
+
+torch.ones(1 << 20).add_(1)  # far above ATen's grain size: every OpenMP thread takes part
+with_pool = threads()
+released = release_openmp_threads()
+without = threads(with_pool - (torch.get_num_threads() - 1))
+torch.ones(1 << 20).add_(1)
+print(torch.get_num_threads() - 1, with_pool, int(released), without, threads(with_pool))
+"""
+
+
 @needs_openmp_workers
 def test_releasing_openmp_threads_ends_the_calling_threads_workers_until_its_next_parallel_operator():
-    workers = torch.get_num_threads() - 1
-    _parallel_operator()
-    with_pool = os_threads()
-    assert release_openmp_threads()
-    assert os_threads(with_pool - workers) == with_pool - workers
-    _parallel_operator()
-    assert os_threads(with_pool) == with_pool
+    result = subprocess.run(
+        [sys.executable, "-c", RELEASE_SCRIPT, str(ROOT), str(ROOT / "tests")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    workers, with_pool, released, without, again = map(int, result.stdout.split())
+    assert workers > 0 and released and without == with_pool - workers and again == with_pool
 
 
-# In a process of its own: a thread left by another test could end while it counts.
 TURNS_SCRIPT = """
 import sys
 import torch
