@@ -18,6 +18,9 @@ rows that ``evaluate()`` logs, then carries:
 - ``sat/dense_steps_saved``: the same saving counted in dense optimizer steps;
 - ``sat/dense_token_fraction``: the share of token positions of the latest step that ran the whole block
   (``SATConfig.dense_tokens``; 0 without a split);
+- ``sat/live_token_fraction``: the share of token positions of the latest step that its MLP blocks computed: below 1
+  where a split with ``context_tokens="forward_only"`` skipped the positions after each sequence's last loss token
+  (``peft_sat.tokens.LiveRows``), 1 otherwise;
 - ``sat/crossover_rate``: with ``SATConfig.dense_when_slower``, the highest rate measured not faster than dense steps
   (steps at or below it run dense, and ``sat/omission_rate`` then reports 0); 0 while none is found;
 - ``sat/crossover_dense_steps``: steps the schedule made sparse that ran dense (the crossover check's dense probes and
@@ -109,6 +112,7 @@ class SATCallback(TrainerCallback, ExportableState):
         self.dense_steps_saved = 0.0
         self.steps_counted = 0  # optimizer steps included in `dense_steps_saved`
         self.dense_token_fraction = 0.0  # of the latest step
+        self.live_token_fraction = 1.0  # of the latest step
         self.fused_head_on_loss_rows = False  # TRL's fused LM head scores the loss positions only (the estimate)
         self._trainer: Trainer | None = None  # whose `log` we wrapped, during `train()` only
         self._training = False
@@ -226,7 +230,7 @@ class SATCallback(TrainerCallback, ExportableState):
         head_share = min(1.0, sat_state.head_split_forwards / len(fractions)) if fractions else 0.0
         bypassed_head_rows = _loss_share(sat_state) if self.fused_head_on_loss_rows else 1.0
         lives = sat_state.live_fractions
-        live_fraction = sum(lives) / len(lives) if lives else 1.0
+        self.live_token_fraction = sum(lives) / len(lives) if lives else 1.0
         if self.flops is not None and state.global_step > self.steps_counted:
             self.dense_steps_saved += self.flops.step_saving(
                 sat_state.config,
@@ -234,7 +238,7 @@ class SATCallback(TrainerCallback, ExportableState):
                 self.dense_token_fraction,
                 head_share,
                 bypassed_head_rows,
-                live_fraction,
+                self.live_token_fraction,
             )
             self.steps_counted = state.global_step
 
@@ -315,6 +319,7 @@ class SATCallback(TrainerCallback, ExportableState):
             "sat/flops_saved_fraction": self.dense_steps_saved / self.steps_counted if self.steps_counted else 0.0,
             "sat/dense_steps_saved": self.dense_steps_saved,
             "sat/dense_token_fraction": self.dense_token_fraction,
+            "sat/live_token_fraction": self.live_token_fraction,
             "sat/crossover_rate": check.crossover_rate if check is not None else 0.0,
             "sat/crossover_dense_steps": check.dense_fallback_steps if check is not None else 0,
         }

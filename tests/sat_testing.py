@@ -40,6 +40,8 @@ SAT_KEYS = (
     "sat/kept_fraction",
     "sat/flops_saved_fraction",
     "sat/dense_steps_saved",
+    "sat/dense_token_fraction",
+    "sat/live_token_fraction",
     "sat/crossover_rate",
     "sat/crossover_dense_steps",
 )

@@ -260,6 +260,11 @@ def test_sft_estimate_leaves_out_the_head_that_trls_fused_loss_runs(
 
     if split:  # right padding: the MLP skipped the rows after each sequence's last loss position
         assert any(share < 1 for share in live_shares)
+        assert all(
+            e["sat/live_token_fraction"] == pytest.approx(live) for (e, _), live in zip(sparse_steps, live_shares)
+        )
+    else:
+        assert all(e["sat/live_token_fraction"] == 1 for e in logs)
 
     def saved(head_share: float, labelled_rows: bool = False) -> float:
         return sum(
@@ -269,9 +274,9 @@ def test_sft_estimate_leaves_out_the_head_that_trls_fused_loss_runs(
                 e["sat/dense_token_fraction"],
                 head_share,
                 share if labelled_rows else 1,
-                live if split else 1,
+                e["sat/live_token_fraction"],
             )
-            for e, share, live in zip(logs, loss_shares, live_shares)
+            for e, share in zip(logs, loss_shares)
         )
 
     assert saved(0.0) < saved(0.0, labelled_rows=True)
