@@ -135,7 +135,7 @@ def live_rows(rows: torch.Tensor, batch: int, seq: int) -> LiveRows | None:
     is live (each sequence's last position is dense).
 
     Example:
-        >>> live = live_rows(torch.tensor([1, 2, 5]), batch=2, seq=4)  # sequence 0 ends at 2, sequence 1 at 1
+        >>> live = live_rows(torch.tensor([1, 2, 5]), batch=2, seq=4)  # last dense positions: 2 and 1
         >>> live.rows.tolist(), live.dense.tolist(), live.context.tolist(), live.trailing.tolist()
         ([0, 1, 2, 4, 5], [1, 2, 4], [0, 3], [3, 6, 7])
     """

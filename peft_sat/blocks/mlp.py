@@ -23,6 +23,8 @@ from ..sliced_backward import cols_output, rows_forward, weight_grad_forward
 from ..token_rows import gated_output, rows_values, split_rows, supports_rows
 from .base import SATBlockMixin, assemble_rows
 
+RowsRun = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (flat rows, dense, context) -> output
+
 
 @dataclass(frozen=True)
 class ChannelSelection:
@@ -81,11 +83,13 @@ class SATMLPMixin(SATBlockMixin):
 
         return self._sat_on_live_rows(x, rows, context, run)
 
-    def _sat_on_live_rows(self, x: torch.Tensor, rows: torch.Tensor, context: torch.Tensor, run) -> torch.Tensor:
-        """``run(flat, dense, context)`` (-> (rows, H)) on the rows of the block input x (..., H) a split step
-        computes: every row of the flat x (N, H), or, where rows trail their sequence's last dense position
-        (``SATState.live_rows``), the live ones (m, H) with ``dense`` and ``context`` indices into them, the result
-        put back as (N, H) with zeros at the trailing rows.
+    def _sat_on_live_rows(
+        self, x: torch.Tensor, rows: torch.Tensor, context: torch.Tensor, run: RowsRun
+    ) -> torch.Tensor:
+        """``run(flat, dense, context)``, the block's output at the rows of ``flat``, on the rows of the block input x
+        (..., H) a split step computes: every row of the flat x (N, H), or, where rows trail their sequence's last
+        dense position (``SATState.live_rows``), the live ones (m, H) with ``dense`` and ``context`` indices into
+        them, the (m, H) result put back as (N, H) with zeros at the trailing rows.
 
         Only the MLP skips them: its products are three quarters of a layer's, the attention's projections would
         pay a gather and a write-back per projection for a quarter, and its kernel needs every row of a sequence."""
