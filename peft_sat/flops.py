@@ -19,10 +19,11 @@ dense tokens, a share f, run everything, the others a share 1 - f)::
 With ``context_tokens="forward_only"`` a split batch's context tokens run every unit forward and no backward: the
 MLP, the query / output projections and the LM head save their whole backward on the share 1 - f, key / value
 projections their input gradient (their weights still learn from the dense tokens' attention). The LM head saves
-only in the forwards that call it. The positions after each sequence's last dense one (a share 1 - l of a split batch,
-``tokens.LiveRows``) skip the MLP blocks: their forward is saved too. A loss that reads its weight itself (TRL's fused LM head in ``SFTTrainer``) runs
-the head on every row or, where TRL scores the labelled positions only (on CUDA; on a CPU with the recipes' patch),
-on the loss positions alone: then the dense step's head costs that share of its FLOPs, and so does the estimate's.
+only in the forwards that call it. The positions after each sequence's last dense one (a share 1 - l of a split
+batch, ``tokens.LiveRows``) skip the MLP blocks: their forward is saved too. A loss that reads the head's weight
+itself (TRL's fused LM head in ``SFTTrainer``) runs the head on every row or, where TRL scores the labelled
+positions only (on CUDA; on a CPU with the recipes' patch), on the loss positions alone: then the dense step's head
+costs that share of its FLOPs, and so does the estimate's.
 
 Not counted: embeddings (a gather), norms, activations, 4-bit dequantization, the optimizer, the importance scores.
 ``training_flops`` also counts the attention core (Q K^T and A V, causal: T / 2 keys per query on average, backward

@@ -130,7 +130,14 @@ needs_openmp_workers = pytest.mark.skipif(
 )
 
 
-# In a process of its own (as the turns script below): a thread left by another test could end while it counts.
+def _run_counting(script: str) -> list[int]:
+    """The integers a thread-counting ``script`` prints, run in a process of its own: in this one, a thread left by
+    another test could end while it counts."""
+    args = [sys.executable, "-c", script, str(ROOT), str(ROOT / "tests")]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=120, check=True)
+    return [int(value) for value in result.stdout.split()]
+
+
 RELEASE_SCRIPT = """
 import sys
 import torch
@@ -149,14 +156,7 @@ print(torch.get_num_threads() - 1, with_pool, int(released), without, threads(wi
 
 @needs_openmp_workers
 def test_releasing_openmp_threads_ends_the_calling_threads_workers_until_its_next_parallel_operator():
-    result = subprocess.run(
-        [sys.executable, "-c", RELEASE_SCRIPT, str(ROOT), str(ROOT / "tests")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
-    workers, with_pool, released, without, again = map(int, result.stdout.split())
+    workers, with_pool, released, without, again = _run_counting(RELEASE_SCRIPT)
     assert workers > 0 and released and without == with_pool - workers and again == with_pool
 
 
@@ -186,14 +186,7 @@ print(alone, " ".join(map(str, counts)), threads(alone))
 @needs_openmp_workers
 def test_only_the_arm_holding_the_turn_keeps_openmp_workers():
     """Idle pools' threads would count against the cores and slow every parallel region of the arm that runs."""
-    result = subprocess.run(
-        [sys.executable, "-c", TURNS_SCRIPT, str(ROOT), str(ROOT / "tests")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
-    alone, *counts, after = map(int, result.stdout.split())
+    alone, *counts, after = _run_counting(TURNS_SCRIPT)
     # the two arms' threads and the workers of the one running; the arms' threads gone after, the main's pool too
     assert counts == [alone + 2 + torch.get_num_threads() - 1] * 6
     assert after == alone
