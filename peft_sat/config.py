@@ -132,9 +132,10 @@ class SATConfig(PeftConfig):
                 "`sparse_pass` says) or 'forward_only' (the dense forward; their backward stops at the keys and "
                 "values that the dense tokens read, so no gradient flows down their residual stream and their MLP "
                 "and query / output projections skip the backward; the positions after a sequence's last dense "
-                "token, padding mostly, skip the MLP too: they carry no loss and no later position reads them, so "
-                "a training forward's outputs there are not the model's). 'forward_only' converts the attention "
-                "blocks even when `omit` leaves them dense: they cut the gradient."
+                "token, padding mostly, skip the MLP too where attention is causal: they carry no loss and no "
+                "earlier position reads them, so a training forward's outputs there are not the model's). "
+                "'forward_only' converts the attention blocks even when `omit` leaves them dense: they cut the "
+                "gradient."
             )
         },
     )

@@ -330,6 +330,7 @@ def _new_state(base: nn.Module, config: SATConfig) -> SATState:
         disable_cpu_inference_repack(base)  # dense evaluations between sparse steps must not repack the weights
     state = SATState(config=config, omission_rate=config.omission_rate)
     state.context_forward_only = config.context_tokens == "forward_only" and config.dense_tokens != "none"
+    state.causal_attention = all(getattr(m, "is_causal", True) for m in base.modules() if block_kind(m) == "attention")
     models = [m for m in base.modules() if isinstance(m, PreTrainedModel)] or [base]
     state.attach(models)
     base.sat_state = state

@@ -62,6 +62,9 @@ class SATState:
     # ``context_tokens="forward_only"`` in force: set from the config, cleared when an attention block of the model
     # cannot cut the context tokens' gradient (its context tokens then train as with "sparse")
     context_forward_only: bool = False
+    # Every attention block of the model is causal (``is_causal``; Gemma3 may be bidirectional): no position reads a
+    # later one, so a split forward may skip the positions after each sequence's last dense one (``live_rows``)
+    causal_attention: bool = True
     dense_fractions: list[float] = field(default_factory=list, repr=False)  # per forward: dense positions / all
     # per split forward with context tokens forward only: the share of positions it computes (``live_rows``)
     live_fractions: list[float] = field(default_factory=list, repr=False)
@@ -133,10 +136,10 @@ class SATState:
         return batch.dense_rows_cache[key]
 
     def live_rows(self, hidden_shape: torch.Size) -> tokens.LiveRows | None:
-        """The rows a split forward computes (``tokens.live_rows``): None without a split or where every row is live;
-        computed once per forward and block input shape."""
+        """The rows a split forward computes (``tokens.live_rows``): None without a split, where every row is live, or
+        where an attention block is not causal; computed once per forward and block input shape."""
         rows = self.dense_rows(hidden_shape)
-        if rows is None:
+        if rows is None or not self.causal_attention:
             return None
         cache = self.batch.dense_rows_cache
         key = ("live", tuple(hidden_shape))

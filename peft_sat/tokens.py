@@ -19,8 +19,9 @@ token: t = T - 1, the next position is padding, or the next position starts anot
 Returned positions are flat row indices into the (B * T, H) view of a block's hidden states.
 
 With ``context_tokens="forward_only"`` the positions after their sequence's last dense position carry no loss and,
-attention being causal, feed no position that does: a split step skips them (``LiveRows``, ``live_rows``). In a
-padded SFT batch they are mostly the padding after each shorter sequence.
+where attention is causal, feed no position that does: a split step skips them (``LiveRows``, ``live_rows``; not
+with a bidirectional attention block, ``SATState.causal_attention``). In a padded SFT batch they are mostly the
+padding after each shorter sequence.
 """
 
 from __future__ import annotations

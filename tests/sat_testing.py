@@ -171,8 +171,10 @@ class Stack:
     reference: nn.Module
 
 
-def build_stack(stack: str, family: str, attn: str, sat_config: peft_sat.SATConfig, tmp_path=None) -> Stack:
-    base = tiny_model(family, attn)
+def build_stack(
+    stack: str, family: str, attn: str, sat_config: peft_sat.SATConfig, tmp_path=None, **config_overrides
+) -> Stack:
+    base = tiny_model(family, attn, **config_overrides)
     if stack == "full":
         reference = copy.deepcopy(base)
         sat = get_peft_model(base, sat_config)

@@ -60,17 +60,43 @@ def sft_batch() -> dict[str, torch.Tensor]:
 def test_a_right_padded_batch_trains_as_the_reference_with_the_mlp_on_the_live_rows(stack, family, attn):
     models = build_stack(stack, family, attn, peft_sat.SATConfig(omission_rate=0.5))  # the defaults: forward only
     inputs = sft_batch()
-    outputs = []
-    mlps = [m for m in models.sat.modules() if isinstance(m, SATMLPMixin)]
-    hooks = [m.register_forward_hook(lambda _, args, out: outputs.append(out.detach())) for m in mlps]
-    assert_matches_masked_reference(models.sat, models.reference, inputs)
-    for hook in hooks:
-        hook.remove()
+    outputs = _train_step_recording_mlp_outputs(models, inputs)
     state = peft_sat.get_sat_state(models.sat)
     live = state.live_rows(inputs["labels"].shape)
     # rows 0: 19 live (its last position predicts nothing), 1: 10 (up to the completion's last label), 2: 8
     assert live.rows.numel() == 19 + 10 + 8 and state.live_fractions == [37 / 60]
-    assert len(outputs) == len(mlps)
     for output in outputs:
         flat = output.reshape(-1, output.shape[-1])
         assert not flat[live.trailing].any() and flat[live.rows].abs().sum(-1).gt(0).all()
+
+
+@pytest.mark.parametrize("unpadded", [False, True])
+def test_bidirectional_attention_computes_every_row(unpadded):
+    """Gemma3 with ``use_bidirectional_attention``: earlier positions read later ones, so no row may be skipped; the
+    split step still equals the reference (skipping the trailing rows changed its loss by 1e-3)."""
+    config = peft_sat.SATConfig(omission_rate=0.5)
+    models = build_stack("lora", "gemma3_text", "sdpa", config, use_bidirectional_attention=True)
+    inputs = sft_batch()
+    if unpadded:  # no padding: the model may pass no mask at all
+        inputs = {key: value[:1] for key, value in inputs.items()}
+    state = peft_sat.get_sat_state(models.sat)
+    assert not state.causal_attention
+    outputs = _train_step_recording_mlp_outputs(models, inputs)
+    assert state.live_rows(inputs["labels"].shape) is None and not state.live_fractions
+    rows = state.dense_rows(inputs["labels"].shape)
+    assert rows is not None and rows.numel() < inputs["labels"].numel()
+    assert all(output.reshape(-1, output.shape[-1]).abs().sum(-1).gt(0).all() for output in outputs)
+
+
+def _train_step_recording_mlp_outputs(models, inputs: dict) -> list[torch.Tensor]:
+    """One step of ``models.sat`` checked against the reference; the outputs of its MLP blocks, in order."""
+    outputs = []
+    mlps = [m for m in models.sat.modules() if isinstance(m, SATMLPMixin)]
+    hooks = [m.register_forward_hook(lambda _, args, out: outputs.append(out.detach())) for m in mlps]
+    try:
+        assert_matches_masked_reference(models.sat, models.reference, inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len(outputs) == len(mlps)
+    return outputs
