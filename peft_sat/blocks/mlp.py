@@ -69,10 +69,7 @@ class SATMLPMixin(SATBlockMixin):
         """
         projections = (self.gate_proj, self.up_proj, self.down_proj)
         if not all(supports_rows(p) for p in projections):  # e.g. 4-bit bases: a split (dense rows, then the rest)
-            forward = super().forward
-            return self._sat_on_live_rows(
-                x, rows, context, lambda flat, dense, rest: split_rows(forward, flat, dense, rest)
-            )
+            return self._sat_split_live_rows(x, rows, context, super().forward)
         x_rows = norm_input.rows_input(x, rows, self.sat_state)
 
         def run(flat: torch.Tensor, dense: torch.Tensor, _context: torch.Tensor) -> torch.Tensor:
@@ -82,6 +79,19 @@ class SATMLPMixin(SATBlockMixin):
             return gated_output(self.down_proj, hidden, gate_rows, up_rows, dense, self._sat_hidden)
 
         return self._sat_on_live_rows(x, rows, context, run)
+
+    def _sat_split_live_rows(
+        self,
+        x: torch.Tensor,
+        rows: torch.Tensor,
+        context: torch.Tensor,
+        forward: Callable[[torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """The module's own ``forward`` on the live rows of x as a split: the dense ``rows`` with a graph, the rest
+        without (``token_rows.split_rows``)."""
+        return self._sat_on_live_rows(
+            x, rows, context, lambda flat, dense, rest: split_rows(forward, flat, dense, rest)
+        )
 
     def _sat_on_live_rows(
         self, x: torch.Tensor, rows: torch.Tensor, context: torch.Tensor, run: RowsRun
@@ -196,10 +206,8 @@ class SATFusedMLPMixin(SATMLPMixin):
         return base_layer(module.gate_up_proj).out_features // 2
 
     def _sat_dense_rows_forward(self, x: torch.Tensor, rows: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        forward = super(SATMLPMixin, self).forward  # the module's own forward
-        return self._sat_on_live_rows(
-            x, rows, context, lambda flat, dense, rest: split_rows(forward, flat, dense, rest)
-        )
+        forward = super(SATMLPMixin, self).forward  # Phi3MLP's own forward
+        return self._sat_split_live_rows(x, rows, context, forward)
 
     @property
     def _sat_activation(self) -> Callable[[torch.Tensor], torch.Tensor]:
