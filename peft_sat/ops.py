@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -313,3 +313,33 @@ def gather_linear(
 
 def _scaled(tensor: torch.Tensor, scale: float) -> torch.Tensor:
     return tensor if scale == 1.0 else tensor * scale
+
+
+Gated = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (gate, up) -> h, e.g. act(gate) * up
+GradsOfInputs = Callable[[torch.Tensor | None], tuple[torch.Tensor | None, torch.Tensor | None]]
+
+
+def recompute_gated(
+    gated: Gated,
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    need_gate: bool,
+    need_up: bool,
+) -> tuple[torch.Tensor, GradsOfInputs]:
+    """For a backward that saved ``gate`` and ``up`` instead of ``h = gated(gate, up)`` and the gating's own saved
+    tensors (e.g. act(gate)): ``(h, grads)``, h recomputed (no graph) by the same operations as the forward's, so
+    the same values, and ``grads(dL/dh)`` = (dL/dgate, dL/dup) (None where not needed or dL/dh is None) through
+    those operations' own backward: the gradients the forward's graph would give."""
+    with torch.enable_grad():
+        gate = gate.detach().requires_grad_(need_gate)
+        up = up.detach().requires_grad_(need_up)
+        hidden = gated(gate, up)
+    inputs = [t for t, need in ((gate, need_gate), (up, need_up)) if need]
+
+    def grads(grad_hidden: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if grad_hidden is None or not inputs:
+            return None, None
+        found = iter(torch.autograd.grad(hidden, inputs, grad_hidden))
+        return next(found) if need_gate else None, next(found) if need_up else None
+
+    return hidden.detach(), grads

@@ -10,6 +10,10 @@ None and ``index`` (k,) int64 distinct units:
     cols_to_value(h_K, W, b, index, y)                returns y               backward of h_K W[:, index]^T + b
     lora_cols_to_value(h_K, W, b, A, B, index, y, s)  returns y               ... + s (h_K A[:, index]^T) B^T
 
+Given ``kept_up`` and ``gated`` (an MLP's down projection), the ``cols`` kernels take gate_K in place of h_K and
+recompute h_K = gated(gate_K, up_K) in backward: they save gate_K and up_K, two (..., k) tensors fewer than the
+gating's graph and h_K.
+
 and for ``sparse_pass="weight_grad"`` (the forward and every input gradient dense, the weight gradients of the
 kept units only):
 
@@ -25,7 +29,18 @@ import torch
 import torch.nn.functional as F
 
 from .norm_input import load_input, save_input
-from .ops import _gather_cols, _padded_product, _product, _scaled, _scatter_cols, _source_map, _stack_rows, select_last
+from .ops import (
+    Gated,
+    _gather_cols,
+    _padded_product,
+    _product,
+    _scaled,
+    _scatter_cols,
+    _source_map,
+    _stack_rows,
+    recompute_gated,
+    select_last,
+)
 
 
 class _RowsFromValue(torch.autograd.Function):
@@ -136,51 +151,81 @@ def lora_rows_from_value(
 
 class _ColsToValue(torch.autograd.Function):
     """``value`` (the output of a dense product already computed) with the gradient of ``h_K W[:, index]^T + b``:
-    dL/dh_K = g W[:, index]; dL/dW zero outside columns ``index``; the bias gets its whole gradient."""
+    dL/dh_K = g W[:, index]; dL/dW zero outside columns ``index``; the bias gets its whole gradient. With ``gated``,
+    the first input is gate_K and h_K = gated(gate_K, up_K) is recomputed in backward (``_kept_input``)."""
 
     @staticmethod
-    def forward(ctx, kept_h, weight, bias, index, value):
-        need_h, need_w = ctx.needs_input_grad[:2]
+    def forward(ctx, kept_h, weight, bias, index, value, kept_up, gated):
+        need_w = ctx.needs_input_grad[1]
+        need_h = ctx.needs_input_grad[0] or ctx.needs_input_grad[5]
         ctx.dtypes = (kept_h.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.in_features = weight.shape[1]
-        ctx.save_for_backward(kept_h if need_w else None, weight if need_h else None, index)
+        ctx.gated = gated
+        saves_kept = need_w or (gated is not None and need_h)
+        ctx.save_for_backward(kept_h if saves_kept else None, kept_up, weight if need_h else None, index)
         return value.view_as(value)
 
     @staticmethod
     def backward(ctx, grad_out):
-        kept_h, weight, index = ctx.saved_tensors
-        grad_h, grad_w, grad_b = _cols_backward(grad_out, kept_h, weight, index, ctx, *ctx.needs_input_grad[:3])
-        return grad_h, grad_w, grad_b, None, None
+        first, kept_up, weight, index = ctx.saved_tensors
+        need_first, need_w, need_b, _, _, need_up = ctx.needs_input_grad[:6]
+        kept_h, grads_of_inputs = _kept_input(ctx, first, kept_up, need_first, need_up)
+        need_h = need_first or need_up
+        grad_h, grad_w, grad_b = _cols_backward(grad_out, kept_h, weight, index, ctx, need_h, need_w, need_b)
+        grad_first, grad_up = grads_of_inputs(grad_h)
+        return grad_first, grad_w, grad_b, None, None, grad_up, None
+
+
+def _kept_input(ctx, first, kept_up, need_first: bool, need_up: bool) -> tuple:
+    """``(h_K, grads)`` for a kept-columns backward: h_K as saved (``first``), dL/dh_K its own gradient; or, with
+    ``ctx.gated``, h_K = gated(gate_K, up_K) (gate_K = ``first``) recomputed from the two saved (n, k) tensors, which
+    replace the four the forward's graph would keep (gate_K, act(gate_K), up_K, h_K), and dL/dh_K taken through the
+    gating to (dL/dgate_K, dL/dup_K) (``ops.recompute_gated``)."""
+    if ctx.gated is None:
+        return first, lambda grad_h: (grad_h, None)
+    return recompute_gated(ctx.gated, first, kept_up, need_first, need_up)
 
 
 def cols_to_value(
-    kept_h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, index: torch.Tensor, value: torch.Tensor
+    kept_h: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    index: torch.Tensor,
+    value: torch.Tensor,
+    kept_up: torch.Tensor | None = None,
+    gated: Gated | None = None,
 ) -> torch.Tensor:
     """``value`` (= ``F.linear(h, W, b)`` computed beforehand on the whole input ``h``) with the gradient of the kept
-    columns only: ``kept_h`` (..., k) is ``h[..., index]`` with its graph. Saves ``kept_h``."""
-    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (kept_h, weight, bias)):
+    columns only: ``kept_h`` (..., k) is ``h[..., index]`` with its graph. Saves ``kept_h``. With ``gated``, h_K is
+    ``gated(kept_h, kept_up)`` (``kept_h`` then holds gate_K): saves gate_K and up_K, recomputes h_K in backward."""
+    tensors = (kept_h, weight, bias, kept_up)
+    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors):
         return value
-    return _ColsToValue.apply(kept_h, weight, bias, index, value)
+    return _ColsToValue.apply(kept_h, weight, bias, index, value, kept_up, gated)
 
 
 class _LoraColsToValue(torch.autograd.Function):
     """``value`` (a LoRA layer's output ``h W^T + b + s (h A^T) B^T``, computed beforehand) with the gradient of the
     kept columns ``index`` only, through ``kept_h`` = h[..., index]: the base's as in ``_ColsToValue``, and the
     adapter's ``s (h_K A[:, index]^T) B^T`` (dL/dA zero outside columns ``index``). The adapter's product needs no
-    forward: its value is already in ``value``; backward recomputes the rank-r h_K A[:, index]^T."""
+    forward: its value is already in ``value``; backward recomputes the rank-r h_K A[:, index]^T. ``gated`` as in
+    ``_ColsToValue``."""
 
     @staticmethod
-    def forward(ctx, kept_h, weight, bias, lora_a, lora_b, index, value, scale):
-        ctx.scale = scale
+    def forward(ctx, kept_h, weight, bias, lora_a, lora_b, index, value, scale, kept_up, gated):
+        ctx.scale, ctx.gated = scale, gated
         ctx.dtypes = (kept_h.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.in_features = weight.shape[1]
-        ctx.save_for_backward(kept_h, weight, lora_a, lora_b, index)
+        ctx.save_for_backward(kept_h, kept_up, weight, lora_a, lora_b, index)
         return value.view_as(value)
 
     @staticmethod
     def backward(ctx, grad_out):
-        kept_h, weight, lora_a, lora_b, index = ctx.saved_tensors
-        need_h, need_w, need_b, need_a, need_lora_b = ctx.needs_input_grad[:5]
+        first, kept_up, weight, lora_a, lora_b, index = ctx.saved_tensors
+        need_first, need_w, need_b, need_a, need_lora_b = ctx.needs_input_grad[:5]
+        need_up = ctx.needs_input_grad[8]
+        need_h = need_first or need_up
+        kept_h, grads_of_inputs = _kept_input(ctx, first, kept_up, need_first, need_up)
         grad_h, grad_w, grad_b = _cols_backward(grad_out, kept_h, weight, index, ctx, need_h, need_w, need_b)
         grad_a = grad_lora_b = None
         if need_h or need_a or need_lora_b:  # the chain's order: F.linear(h_K A_K^T, B) * s
@@ -197,7 +242,8 @@ class _LoraColsToValue(torch.autograd.Function):
             if need_h:
                 from_adapter = grad_low_rank.matmul(kept_a)
                 grad_h = from_adapter if grad_h is None else grad_h + from_adapter
-        return grad_h, grad_w, grad_b, grad_a, grad_lora_b, None, None, None
+        grad_first, grad_up = grads_of_inputs(grad_h)
+        return grad_first, grad_w, grad_b, grad_a, grad_lora_b, None, None, None, grad_up, None
 
 
 def _cols_backward(grad_out, kept_h, weight, index, ctx, need_h: bool, need_w: bool, need_b: bool):
@@ -227,13 +273,16 @@ def lora_cols_to_value(
     index: torch.Tensor,
     value: torch.Tensor,
     scale: float,
+    kept_up: torch.Tensor | None = None,
+    gated: Gated | None = None,
 ) -> torch.Tensor:
     """``value`` (a LoRA layer's output on the whole input h, computed beforehand; B without bias) with the gradient
-    of the kept columns only, base and adapter, through ``kept_h`` = h[..., index]. Saves ``kept_h``, W, A and B."""
-    tensors = (kept_h, weight, bias, lora_a, lora_b)
+    of the kept columns only, base and adapter, through ``kept_h`` = h[..., index]. Saves ``kept_h``, W, A and B;
+    ``kept_up`` and ``gated`` as in ``cols_to_value``."""
+    tensors = (kept_h, weight, bias, lora_a, lora_b, kept_up)
     if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors):
         return value
-    return _LoraColsToValue.apply(kept_h, weight, bias, lora_a, lora_b, index, value, scale)
+    return _LoraColsToValue.apply(kept_h, weight, bias, lora_a, lora_b, index, value, scale, kept_up, gated)
 
 
 class _WeightGradRows(torch.autograd.Function):

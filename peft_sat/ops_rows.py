@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .ops import _scaled, transient
+from .ops import _scaled, recompute_gated, transient
 
 
 class _LinearOfValue(torch.autograd.Function):
@@ -131,21 +131,14 @@ class _GatedRowsOutput(torch.autograd.Function):
     def backward(ctx, grad):
         rows, gate_rows, up_rows, weight, lora_a, lora_b, low_rank = ctx.saved_tensors
         need_value, need_gate, need_up, *needs = ctx.needs_input_grad[:7]
-        with torch.enable_grad():  # the forward's own operations on the same rows: the same values and gradients
-            gate = gate_rows.detach().requires_grad_(need_gate)
-            up = up_rows.detach().requires_grad_(need_up)
-            hidden = ctx.gated(gate, up)
+        hidden, grads_of_inputs = recompute_gated(ctx.gated, gate_rows, up_rows, need_gate, need_up)
         grad_rows = grad.index_select(0, rows)
         low_rank = None if low_rank is None else low_rank.index_select(0, rows)
         lora = (lora_a, lora_b, low_rank, ctx.scale)
         grad_hidden, *grads = _projection_grads(
-            grad_rows, grad_rows, hidden.detach(), weight, lora, [need_gate or need_up, *needs]
+            grad_rows, grad_rows, hidden, weight, lora, [need_gate or need_up, *needs]
         )
-        inputs = [t for t, need in ((gate, need_gate), (up, need_up)) if need]
-        input_grads = iter(torch.autograd.grad(hidden, inputs, grad_hidden) if inputs else ())
-        grad_gate = next(input_grads) if need_gate else None
-        grad_up = next(input_grads) if need_up else None
-        return grad if need_value else None, grad_gate, grad_up, *grads, None, None, None, None
+        return grad if need_value else None, *grads_of_inputs(grad_hidden), *grads, None, None, None, None
 
 
 def _projection_grads(grad_rows, grad_weights, x, weight, lora, needs, every_row_index=None) -> tuple:

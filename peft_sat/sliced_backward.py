@@ -10,6 +10,7 @@ gradient graph is built afterwards, on tensors of the kept width. For a projecti
                                                     backward is that of the rows K (``total``: the value, or a sum
                                                     the value is part of, e.g. a LoRA layer's output)
     cols_output(module, h, h_K, K)                  module(h), whose backward runs through h_K = h[..., K] and W[:, K]
+    cols_output(module, h, g_K, K, u_K, gated)      the same for h = gated(g, u), h_K recomputed in backward
 
 ``SATConfig.sparse_pass="weight_grad"`` keeps every input gradient and slices only the base weight's gradient::
 
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import norm_input
-from .ops import gather_linear
+from .ops import Gated, gather_linear
 from .ops_backward import (
     cols_to_value,
     lora_cols_to_value,
@@ -78,15 +79,26 @@ def rows_forward(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, Kept
     return value, kept_rows
 
 
-def cols_output(module: nn.Module, h: torch.Tensor, kept_h: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def cols_output(
+    module: nn.Module,
+    h: torch.Tensor,
+    kept_h: torch.Tensor,
+    index: torch.Tensor,
+    kept_up: torch.Tensor | None = None,
+    gated: Gated | None = None,
+) -> torch.Tensor:
     """``module(h)`` (the dense value, from ``h`` without graph) whose backward runs through ``kept_h`` =
-    ``h[..., index]`` (with its graph) and the columns ``index`` only."""
+    ``h[..., index]`` (with its graph) and the columns ``index`` only. With ``gated`` (an MLP's down projection,
+    h = gated(gate, up)), ``kept_h`` is gate_K and h_K = ``gated(kept_h, kept_up)``: a plain layer and one plain LoRA
+    adapter save gate_K and up_K and recompute h_K in backward; other modules get h_K with its graph."""
     if _is_plain_linear(module):
         with torch.no_grad():
             value = F.linear(h, module.weight, module.bias)
-        return cols_to_value(kept_h, module.weight, module.bias, index, value)
+        return cols_to_value(kept_h, module.weight, module.bias, index, value, kept_up, gated)
     if _is_lora(module) and _plain_lora(module) is not None:
-        return _lora_cols_output(module, h, kept_h, index)
+        return _lora_cols_output(module, h, kept_h, index, kept_up, gated)
+    if gated is not None:
+        kept_h = gated(kept_h, kept_up)
     if _is_bnb_4bit(module):
         from .bnb import linear4bit_cols_to_value
 
@@ -163,9 +175,16 @@ def _lora_rows_forward(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor
     return value, kept_rows
 
 
-def _lora_cols_output(module: nn.Module, h: torch.Tensor, kept_h: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def _lora_cols_output(
+    module: nn.Module,
+    h: torch.Tensor,
+    kept_h: torch.Tensor,
+    index: torch.Tensor,
+    kept_up: torch.Tensor | None = None,
+    gated: Gated | None = None,
+) -> torch.Tensor:
     """PEFT's LoRA forward on ``h`` (bit for bit), with the gradient of the kept columns: A's columns ``index`` see
-    ``kept_h``; one dropout mask serves the value and the gradient."""
+    ``kept_h``; one dropout mask serves the value and the gradient. ``kept_up``, ``gated`` as in ``cols_output``."""
     four_bit = _is_bnb_4bit(module.base_layer)
     with torch.no_grad():
         value = module.base_layer(h) if four_bit else F.linear(h, module.base_layer.weight, module.base_layer.bias)
@@ -174,7 +193,11 @@ def _lora_cols_output(module: nn.Module, h: torch.Tensor, kept_h: torch.Tensor, 
         with torch.no_grad():
             total = value + lora_b(lora_a(h)) * scaling  # PEFT's order: bit for bit its value
         base = module.base_layer
-        return lora_cols_to_value(kept_h, base.weight, base.bias, lora_a.weight, lora_b.weight, index, total, scaling)
+        return lora_cols_to_value(
+            kept_h, base.weight, base.bias, lora_a.weight, lora_b.weight, index, total, scaling, kept_up, gated
+        )
+    if gated is not None:
+        kept_h = gated(kept_h, kept_up)
     output = _base_cols_to_value(module.base_layer, kept_h, index, value)
     result_dtype = value.dtype
     if four_bit:

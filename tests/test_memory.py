@@ -59,3 +59,24 @@ def test_a_sparse_step_saves_within_the_activation_bound(mode, stack):
         sparse, _ = saved_bytes()
         bound = dense * (1 - rate * inside / dense * context) + 0.05 * dense
         assert sparse < min(dense, bound), f"{mode} / {stack} at r = {rate}: {sparse} bytes, bound {bound:.0f}"
+
+
+@pytest.mark.parametrize("stack", ["full", "lora"])
+def test_the_sparse_backward_mlp_saves_its_kept_gate_and_up_only(stack):
+    """CPT's defaults (a dense forward, a backward through the kept MLP channels): inside each MLP, the kept
+    channels' gate and up values (N x k each) are all the step keeps of its own; h_K = act(gate_K) * up_K and
+    act(gate_K) are recomputed in backward, not saved (they were two more N x k tensors)."""
+    model = sat_model(stack, peft_sat.SATConfig(omit=["mlp"], dense_tokens="none")).train()
+    state = peft_sat.get_sat_state(model)
+    inputs = batch(seq_len=32)
+    mlps = [m for m in omitting_blocks(model) if isinstance(m, peft_sat.blocks.mlp.SATMLPMixin)]
+    assert mlps
+    for rate in (0.25, 0.5, 0.75):
+        state.set_omission_rate(rate)
+        _, inside = activation_bytes(model, lambda: model(**inputs).loss, mlps)
+        kept = sum(m.sat_last_kept.numel() for m in mlps)
+        rows = inputs["input_ids"].numel()
+        expected = 2 * rows * kept * 4 + kept * 8  # gate_K and up_K in float32, the kept indices in int64
+        if stack == "lora":  # and the adapters' rank-r inputs x A^T of gate and up, which B's gradient reads
+            expected += sum(2 * rows * m.gate_proj.lora_A["default"].out_features * 4 for m in mlps)
+        assert inside == expected, f"r = {rate}: {inside} bytes saved inside the MLPs, expected {expected}"

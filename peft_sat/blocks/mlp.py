@@ -132,7 +132,8 @@ class SATMLPMixin(SATBlockMixin):
             hidden = self._sat_hidden(gate, up)
         sel = self._sat_select(x, lambda: importance.activation_scores(hidden, token_mask), token_mask=token_mask)
         kept_gate, kept_up = kept_gate_up(sel.kept, gate, up)  # (..., k): the values, with the kept graph
-        return cols_output(self.down_proj, hidden, self._sat_hidden(kept_gate, kept_up), sel.kept)
+        # gate_K and up_K saved, h_K recomputed in backward: two (..., k) tensors fewer kept than its graph's
+        return cols_output(self.down_proj, hidden, kept_gate, sel.kept, kept_up, self._sat_hidden)
 
     def _sat_weight_grad_only(self, x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
         """``sparse_pass="weight_grad"``: the module's own forward and every input gradient; the base weights of the
