@@ -8,6 +8,9 @@ With W (out, in), b (out,) or None and ``index`` (k,) int64:
                                                    (..., in) -> (..., k_1 + k_2)
                                                    y = x [W_1[i_1]; W_2[i_2]]^T + [b_1[i_1]; b_2[i_2]]
 
+``recompute_gated(gated, gate, up, ...)`` serves the kernels that save an MLP's gate and up values instead of its
+hidden value h = gated(gate, up): it recomputes h in backward and takes dL/dh through the gating.
+
 The kernels of ``SATConfig.sparse_pass="backward"`` (a dense forward, a backward through the kept units) live in
 ``peft_sat.ops_backward``, those of token rows (a value over every row, a gradient through some) in
 ``peft_sat.ops_rows``.

@@ -19,12 +19,10 @@ rows ``rows`` (n,) only (pure tensor code, no model imports; ``SATConfig.context
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 
-from .ops import _scaled, recompute_gated, transient
+from .ops import Gated, _scaled, recompute_gated, transient
 
 
 class _LinearOfValue(torch.autograd.Function):
@@ -274,7 +272,7 @@ def gated_rows_output(
     value: torch.Tensor,
     gate_rows: torch.Tensor,
     up_rows: torch.Tensor,
-    gated: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    gated: Gated,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     rows: torch.Tensor,

@@ -30,12 +30,13 @@ tensor; a split reads every weight twice and writes its outputs twice, forward w
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .ops import Gated
 from .ops_rows import (
     gated_rows_output,
     linear_of_value,
@@ -95,7 +96,7 @@ def gated_output(
     gate_rows: torch.Tensor,
     up_rows: torch.Tensor,
     rows: torch.Tensor,
-    gated: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    gated: Gated,
 ) -> torch.Tensor:
     """``module(hidden)`` (N, out) for ``hidden = gated(gate, up)`` (N, I) computed over every row, whose backward
     runs through the dense rows' ``gate_rows`` and ``up_rows`` (n, I, with their graphs): ``rows_output`` on
