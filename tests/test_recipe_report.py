@@ -113,6 +113,15 @@ def test_paired_step_times_compare_the_same_batches():
         "step_time_saved_fraction": pytest.approx(1 - 4 / 5),
         "step_time_ratio_by_rate": {"0.0": 1.0, "0.5": 0.5},
     }
+    # the A/B reports that saving against the FLOPs estimate too, beside the wall-time one
+    curve = [{"step": 3, "train_seconds": 13.0, "eval_loss": 1.0}]
+    compared = compare_arms(
+        fake_arm(curve, sat, [], sat=True, output_dir="out"),
+        fake_arm([{**curve[0], "train_seconds": 14.0}], dense, [], sat=False, output_dir="out/dense"),
+        flops_saved_estimate=0.4,
+    )
+    assert compared["step_time_measured_to_estimated_saving"] == pytest.approx((1 - 4 / 5) / 0.4)
+    assert compared["measured_to_estimated_saving"] == pytest.approx((1 / 14) / 0.4)
 
 
 def test_steady_machine_from_the_dense_steps_of_both_arms():
