@@ -320,31 +320,44 @@ class _WeightGradRows(torch.autograd.Function):
 class _WeightGradCols(torch.autograd.Function):
     """``value`` (a dense product of the input ``h`` computed beforehand) with every unit's input gradient and the
     weight gradient of columns ``index`` only: dL/dh = g W; dL/dW zero outside columns ``index``. Saves the kept
-    columns ``h[..., index]`` only (what the kept weight gradient reads)."""
+    columns ``h[..., index]`` only (what the kept weight gradient reads). With ``gated``, the first input is gate
+    and h = gated(gate, up) is recomputed in backward from gate and up (saved instead of act(gate) and h_K)."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, index, value):
-        need_h, need_w = ctx.needs_input_grad[:2]
+    def forward(ctx, h, weight, bias, index, value, up, gated):
+        need_w = ctx.needs_input_grad[1]
+        need_h = ctx.needs_input_grad[0] or ctx.needs_input_grad[5]
         ctx.dtypes = (h.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.in_features = weight.shape[1]
-        ctx.save_for_backward(select_last(h, index) if need_w else None, weight if need_h else None, index)
+        ctx.gated = gated
+        if gated is None:
+            saved = select_last(h, index) if need_w else None
+        else:
+            saved = h if need_w or need_h else None
+        ctx.save_for_backward(saved, up, weight if need_h else None, index)
         return value.view_as(value)
 
     @staticmethod
     def backward(ctx, grad_out):
-        kept_h, weight, index = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        first, up, weight, index = ctx.saved_tensors
+        need_first, need_w, need_b, _, _, need_up = ctx.needs_input_grad[:6]
         h_dtype, w_dtype, b_dtype = ctx.dtypes
         grad_2d = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
         grad_h = grad_w = grad_b = None
-        if need_h:
+        if ctx.gated is None:
+            kept_h, grads_of_inputs = first, lambda grad: (grad, None)
+        else:
+            hidden, grads_of_inputs = recompute_gated(ctx.gated, first, up, need_first, need_up)
+            kept_h = select_last(hidden, index) if need_w else None
+        if need_first or need_up:
             grad_h = grad_out.matmul(weight.to(grad_out.dtype)).to(h_dtype)
         if need_w:
             kept_2d = kept_h.reshape(-1, index.numel()).to(grad_2d.dtype)  # (N, k)
             grad_w = _scatter_cols(_product(grad_2d, kept_2d), index, ctx.in_features, w_dtype)
         if need_b:
             grad_b = grad_2d.sum(0).to(b_dtype)
-        return grad_h, grad_w, grad_b, None, None
+        grad_first, grad_up = grads_of_inputs(grad_h)
+        return grad_first, grad_w, grad_b, None, None, grad_up, None
 
 
 def weight_grad_from_value(
@@ -354,10 +367,16 @@ def weight_grad_from_value(
     index: torch.Tensor,
     value: torch.Tensor,
     by_rows: bool,
+    up: torch.Tensor | None = None,
+    gated: Gated | None = None,
 ) -> torch.Tensor:
     """``value`` (= ``F.linear(x, W, b)`` computed beforehand) with the input gradient of every unit and the weight
-    gradient of the units ``index`` only (rows: output units; columns: input units)."""
-    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (x, weight, bias)):
+    gradient of the units ``index`` only (rows: output units; columns: input units). Columns only: with ``gated``,
+    the input is ``gated(x, up)`` (``x`` then holds an MLP's gate), recomputed in backward from ``x`` and ``up``."""
+    if gated is not None and by_rows:
+        raise ValueError("weight_grad_from_value: a gated input applies to columns (by_rows=False) only")
+    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (x, weight, bias, up)):
         return value
-    function = _WeightGradRows if by_rows else _WeightGradCols
-    return function.apply(x, weight, bias, index, value)
+    if by_rows:
+        return _WeightGradRows.apply(x, weight, bias, index, value)
+    return _WeightGradCols.apply(x, weight, bias, index, value, up, gated)

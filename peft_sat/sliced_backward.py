@@ -15,6 +15,7 @@ gradient graph is built afterwards, on tensors of the kept width. For a projecti
 ``SATConfig.sparse_pass="weight_grad"`` keeps every input gradient and slices only the base weight's gradient::
 
     value, graph = weight_grad_forward(module, x, by_rows)   graph(K) = value, dL/dx dense, dL/dW zero outside K
+    gated_weight_grad_output(module, h, g, u, K, gated)     the same for a down projection on h = gated(g, u)
 
 In a SAT block the gradient reaching the omitted rows of q / k / v / gate / up is zero (the output projection
 passes none to omitted units), so building the kept rows' graph only is exact, and backward saves and computes
@@ -291,3 +292,22 @@ def weight_grad_forward(module: nn.Module, x: torch.Tensor, by_rows: bool) -> tu
         return value, graph
     output = module(x)  # frozen 4-bit bases, variants, unknown layers: their own forward and backward
     return output.detach(), lambda index: output
+
+
+def gated_weight_grad_output(
+    module: nn.Module,
+    hidden: torch.Tensor,
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    index: torch.Tensor,
+    gated: Gated,
+) -> torch.Tensor:
+    """``weight_grad_forward(module, gated(gate, up), by_rows=False)[1](index)`` for an MLP's down projection, from
+    ``hidden`` (that input's value, no graph) and ``gate``, ``up`` with their graphs: a plain layer saves gate and
+    up and recomputes h = gated(gate, up) in backward, so the forward runs the gating once (for ``hidden``) and
+    keeps neither act(gate) nor h's kept columns; other modules build h's graph here."""
+    if _is_plain_linear(module):
+        with torch.no_grad():
+            value = F.linear(hidden, module.weight, module.bias)
+        return weight_grad_from_value(gate, module.weight, module.bias, index, value, False, up, gated)
+    return weight_grad_forward(module, gated(gate, up), by_rows=False)[1](index)

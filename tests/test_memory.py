@@ -61,22 +61,25 @@ def test_a_sparse_step_saves_within_the_activation_bound(mode, stack):
         assert sparse < min(dense, bound), f"{mode} / {stack} at r = {rate}: {sparse} bytes, bound {bound:.0f}"
 
 
-@pytest.mark.parametrize("stack", ["full", "lora"])
-def test_the_sparse_backward_mlp_saves_its_kept_gate_and_up_only(stack):
-    """CPT's defaults (a dense forward, a backward through the kept MLP channels): inside each MLP, the kept
-    channels' gate and up values (N x k each) are all the step keeps of its own; h_K = act(gate_K) * up_K and
-    act(gate_K) are recomputed in backward, not saved (they were two more N x k tensors)."""
-    model = sat_model(stack, peft_sat.SATConfig(omit=["mlp"], dense_tokens="none")).train()
+@pytest.mark.parametrize("stack,sparse_pass", [("full", "backward"), ("lora", "backward"), ("full", "weight_grad")])
+def test_the_mlp_saves_its_gate_and_up_values_only(stack, sparse_pass):
+    """A dense forward (every token carrying loss, as in CPT): inside each MLP, the gate and up values are all the step
+    keeps of its own, h = act(gate) * up is recomputed in backward. ``"backward"``: the kept channels' (N x k each);
+    ``"weight_grad"``, whose input gradients are dense: every channel's (N x I each). The gating's graph kept
+    act(gate) and h's kept columns as well."""
+    config = peft_sat.SATConfig(omit=["mlp"], dense_tokens="none", sparse_pass=sparse_pass)
+    model = sat_model(stack, config).train()
     state = peft_sat.get_sat_state(model)
     inputs = batch(seq_len=32)
     mlps = [m for m in omitting_blocks(model) if isinstance(m, peft_sat.blocks.mlp.SATMLPMixin)]
     assert mlps
+    rows = inputs["input_ids"].numel()
     for rate in (0.25, 0.5, 0.75):
         state.set_omission_rate(rate)
         _, inside = activation_bytes(model, lambda: model(**inputs).loss, mlps)
         kept = sum(m.sat_last_kept.numel() for m in mlps)
-        rows = inputs["input_ids"].numel()
-        expected = 2 * rows * kept * 4 + kept * 8  # gate_K and up_K in float32, the kept indices in int64
+        channels = kept if sparse_pass == "backward" else sum(m.sat_num_units for m in mlps)
+        expected = 2 * rows * channels * 4 + kept * 8  # gate and up in float32, the kept indices in int64
         if stack == "lora":  # and the adapters' rank-r inputs x A^T of gate and up, which B's gradient reads
             expected += sum(2 * rows * m.gate_proj.lora_A["default"].out_features * 4 for m in mlps)
         assert inside == expected, f"r = {rate}: {inside} bytes saved inside the MLPs, expected {expected}"

@@ -19,7 +19,7 @@ import torch
 
 from .. import importance, norm_input
 from ..sliced import base_layer, base_weight, linear_cols, linear_rows, linear_rows_fused, project_base
-from ..sliced_backward import cols_output, rows_forward, weight_grad_forward
+from ..sliced_backward import cols_output, gated_weight_grad_output, rows_forward, weight_grad_forward
 from ..token_rows import gated_output, rows_values, split_rows, supports_rows
 from .base import SATBlockMixin, assemble_rows
 
@@ -142,9 +142,8 @@ class SATMLPMixin(SATBlockMixin):
         with torch.no_grad():
             hidden = self._sat_hidden(gate, up)
         sel = self._sat_select(x, lambda: importance.activation_scores(hidden, token_mask), token_mask=token_mask)
-        hidden_graph = self._sat_hidden(*graph_gate_up(sel.kept))  # the same values, now with their graph
-        _, down_graph = weight_grad_forward(self.down_proj, hidden_graph, by_rows=False)
-        return down_graph(sel.kept)
+        gate_graph, up_graph = graph_gate_up(sel.kept)  # the same values, now with their graph
+        return gated_weight_grad_output(self.down_proj, hidden, gate_graph, up_graph, sel.kept, self._sat_hidden)
 
     def _sat_hidden(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         return self._sat_activation(gate) * up  # the module's own order: bit for bit its forward
