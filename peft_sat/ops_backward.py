@@ -177,10 +177,10 @@ class _ColsToValue(torch.autograd.Function):
 
 
 def _kept_input(ctx, first, kept_up, need_first: bool, need_up: bool) -> tuple:
-    """``(h_K, grads)`` for a kept-columns backward: h_K as saved (``first``), dL/dh_K its own gradient; or, with
-    ``ctx.gated``, h_K = gated(gate_K, up_K) (gate_K = ``first``) recomputed from the two saved (n, k) tensors, which
-    replace the four the forward's graph would keep (gate_K, act(gate_K), up_K, h_K), and dL/dh_K taken through the
-    gating to (dL/dgate_K, dL/dup_K) (``ops.recompute_gated``)."""
+    """``(h, grads)`` for a columns backward: h as saved (``first``), dL/dh its own gradient; or, with ``ctx.gated``,
+    h = gated(gate, up) (gate = ``first``) recomputed from the two saved tensors, which replace what the forward's
+    graph would keep (gate, act(gate), up, h), and dL/dh taken through the gating to (dL/dgate, dL/dup)
+    (``ops.recompute_gated``)."""
     if ctx.gated is None:
         return first, lambda grad_h: (grad_h, None)
     return recompute_gated(ctx.gated, first, kept_up, need_first, need_up)
@@ -344,11 +344,9 @@ class _WeightGradCols(torch.autograd.Function):
         h_dtype, w_dtype, b_dtype = ctx.dtypes
         grad_2d = grad_out.reshape(-1, grad_out.shape[-1])  # (N, out)
         grad_h = grad_w = grad_b = None
-        if ctx.gated is None:
-            kept_h, grads_of_inputs = first, lambda grad: (grad, None)
-        else:
-            hidden, grads_of_inputs = recompute_gated(ctx.gated, first, up, need_first, need_up)
-            kept_h = select_last(hidden, index) if need_w else None
+        kept_h, grads_of_inputs = _kept_input(ctx, first, up, need_first, need_up)
+        if ctx.gated is not None and need_w:
+            kept_h = select_last(kept_h, index)  # the recomputed h is every column's
         if need_first or need_up:
             grad_h = grad_out.matmul(weight.to(grad_out.dtype)).to(h_dtype)
         if need_w:
