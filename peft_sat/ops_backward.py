@@ -181,7 +181,7 @@ def _kept_input(ctx, first, kept_up, need_first: bool, need_up: bool) -> tuple:
     h = gated(gate, up) (gate = ``first``) recomputed from the two saved tensors, which replace what the forward's
     graph would keep (gate, act(gate), up, h), and dL/dh taken through the gating to (dL/dgate, dL/dup)
     (``ops.recompute_gated``)."""
-    if ctx.gated is None:
+    if ctx.gated is None or first is None:  # None: nothing of h is needed (only the bias takes a gradient)
         return first, lambda grad_h: (grad_h, None)
     return recompute_gated(ctx.gated, first, kept_up, need_first, need_up)
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 import peft_sat.ops
 from peft_sat.ops import gather_linear
+from peft_sat.ops_backward import cols_to_value, weight_grad_from_value
 
 OUT, IN = 12, 10
 TOL = dict(rtol=1e-12, atol=1e-12)
@@ -334,3 +335,25 @@ def test_one_lora_cols_node_gives_the_chains_gradients(base_trains):
     assert grads_fused[0].index_select(-1, omitted).eq(0).all()  # h: the kept columns only
     grad_a = grads_fused[-2]  # A learns at the kept columns only
     assert grad_a.index_select(1, omitted).eq(0).all() and grad_a.index_select(1, index).ne(0).all()
+
+
+@pytest.mark.parametrize("kernel", ["cols_to_value", "weight_grad_from_value"])
+def test_a_gated_down_projection_whose_bias_alone_trains(kernel):
+    """With h = gated(gate, up) recomputed in backward, a step where only the bias takes a gradient saves nothing of
+    h and still gets the bias's whole gradient (the sum of the output gradient over the tokens)."""
+    generator = torch.Generator().manual_seed(0)
+    gate, up = torch.randn(6, 8, generator=generator), torch.randn(6, 8, generator=generator)
+    weight, bias = torch.randn(4, 8, generator=generator), torch.randn(4, requires_grad=True)
+    index = torch.tensor([1, 3, 6])
+
+    def gated(g, u):
+        return F.silu(g) * u
+
+    value = F.linear(gated(gate, up), weight, bias.detach())
+    if kernel == "cols_to_value":
+        output = cols_to_value(gate, weight, bias, index, value, up, gated)
+    else:
+        output = weight_grad_from_value(gate, weight, bias, index, value, False, up, gated)
+    grad_out = torch.randn(6, 4, generator=generator)
+    output.backward(grad_out)
+    assert torch.equal(bias.grad, grad_out.sum(0))
