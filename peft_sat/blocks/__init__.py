@@ -1,11 +1,12 @@
 """SAT blocks: a model's own MLP / attention instances, re-classed in place to subclasses with a sliced forward.
 
-``base`` (selection), ``mlp`` and ``attention`` (sliced forwards per layout), ``registry`` (supported families,
-re-classing).
+``base`` (selection), ``mlp`` and ``attention`` (sliced forwards per layout), ``heads`` (attention units as projection
+rows), ``registry`` (supported families, re-classing).
 """
 
-from .attention import HeadSelection, SATAttentionMixin, SATFusedAttentionMixin
+from .attention import SATAttentionMixin, SATFusedAttentionMixin
 from .base import SATBlockMixin
+from .heads import HeadSelection
 from .mlp import SATFusedMLPMixin, SATMLPMixin
 from .registry import (
     ARCHITECTURES,

@@ -1,10 +1,8 @@
 """Self-attention blocks on kept heads: rows of q / k / v, columns of o, honouring GQA.
 
-Units (``SATConfig.head_granularity``), with n_q query heads in n_kv groups of g = n_q / n_kv, head dim d:
-
-- ``kv_group``: keep whole groups G; query heads ``G * g + j``; ``num_key_value_groups`` is unchanged.
-- ``q_head``: keep any query heads Q; project only the KV heads U = unique(Q // g) they use, then gather one K/V
-  per kept query head, so the kernel sees ``num_key_value_groups = 1``.
+Units (``SATConfig.head_granularity``; their projection rows in ``heads``): whole KV groups (``kv_group``,
+``num_key_value_groups`` unchanged) or single query heads (``q_head``: only the KV heads they read are projected,
+then one K / V is gathered per kept query head, so the kernel sees ``num_key_value_groups = 1``).
 
 One forward covers the Llama layout and its relatives: optional per-head q / k norms (Qwen3, Gemma3), sliding
 windows (Mistral, Qwen2), logit softcapping (Gemma2), each model file's own eager kernel. Phi3's fused
@@ -14,12 +12,10 @@ windows (Mistral, Qwen2), logit softcapping (Gemma2), each model file's own eage
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from .. import importance, norm_input
 from ..query_rows import QueryRows, attention_grad_at_slots
@@ -28,56 +24,16 @@ from ..sliced import base_weight, linear_cols, linear_rows, linear_rows_fused, p
 from ..sliced_backward import cols_output, rows_forward, weight_grad_forward
 from ..token_rows import project_all_rows, project_rows, project_together, supports_rows
 from .base import SATBlockMixin, omitted_units
-
-
-@dataclass(frozen=True)
-class HeadSelection:
-    """Kept attention units as indices into the projections (d = head_dim)."""
-
-    q_heads: torch.Tensor  # (kq,) kept query heads
-    q_rows: torch.Tensor  # (kq * d,) rows of q_proj = columns of o_proj
-    kv_heads: torch.Tensor  # (kkv,) KV heads they read
-    kv_rows: torch.Tensor  # (kkv * d,) rows of k_proj / v_proj
-    kv_for_q: torch.Tensor | None  # q_head granularity: (kq,) position of each query head's KV head among kept
-
-
-KeptHeads = Callable[[HeadSelection, tuple[torch.Tensor, ...]], tuple[torch.Tensor, ...]]
-
-
-def _heads(flat: torch.Tensor, heads: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """The heads ``heads`` of a flat (B, T, n * d) tensor: (B, T, len(heads) * d), copied a whole head at a time."""
-    return flat.unflatten(-1, (-1, head_dim)).index_select(-2, heads).flatten(-2)
-
-
-def _merge_heads(kept: torch.Tensor, omitted: torch.Tensor, sel: AttentionSelection, head_dim: int) -> torch.Tensor:
-    """The (B, T, n_q * d) attention output in head order from the kept and the omitted heads' flat outputs."""
-    heads = sel.kept.q_heads.numel() + sel.omitted.q_heads.numel()
-    whole = kept.new_empty(*kept.shape[:-1], heads, head_dim)
-    whole.index_copy_(-2, sel.kept.q_heads, kept.unflatten(-1, (-1, head_dim)))
-    whole.index_copy_(-2, sel.omitted.q_heads, omitted.unflatten(-1, (-1, head_dim)).to(whole.dtype))
-    return whole.flatten(-2)
-
-
-class _GroupsOverride:
-    """A read-through view of an attention module that reports ``num_key_value_groups = 1``.
-
-    With ``q_head`` granularity K/V are already expanded to one head per kept query head, so the attention kernel
-    must not repeat them again; the module itself stays untouched (no mutation inside forward).
-    """
-
-    num_key_value_groups = 1
-
-    def __init__(self, module: nn.Module) -> None:
-        self._module = module
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._module, name)
-
-
-@dataclass(frozen=True)
-class AttentionSelection:
-    kept: HeadSelection
-    omitted: HeadSelection | None  # None when every head is kept
+from .heads import (
+    AttentionSelection,
+    GroupsOverride,
+    HeadSelection,
+    KeptHeads,
+    head_selection,
+    heads_of,
+    merge_heads,
+    query_heads,
+)
 
 
 class SATAttentionMixin(SATBlockMixin):
@@ -169,10 +125,10 @@ class SATAttentionMixin(SATBlockMixin):
         with torch.no_grad():
             query, key, value = values
             d = self.head_dim
-            omitted_qkv = (_heads(query, omitted.q_heads, d), _heads(key, omitted.kv_heads, d),
-                           _heads(value, omitted.kv_heads, d))  # fmt: skip
+            omitted_qkv = (heads_of(query, omitted.q_heads, d), heads_of(key, omitted.kv_heads, d),
+                           heads_of(value, omitted.kv_heads, d))  # fmt: skip
             omitted_output, omitted_weights = self._sat_core(omitted_qkv, omitted.kv_for_q, *attend)
-            whole = _merge_heads(kept_output.detach(), omitted_output, sel, d)  # (B, T, n_q * d)
+            whole = merge_heads(kept_output.detach(), omitted_output, sel, d)  # (B, T, n_q * d)
             weights = None
             if kept_weights is not None and omitted_weights is not None:  # (B, heads, T, T): eager kernels
                 shape = list(kept_weights.shape)
@@ -241,7 +197,7 @@ class SATAttentionMixin(SATBlockMixin):
         module: Any = self
         if kv_for_q is not None:
             key, value = key[:, kv_for_q], value[:, kv_for_q]  # (B, kq, T, d): one KV per query head
-            module = _GroupsOverride(self)
+            module = GroupsOverride(self)
 
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -385,31 +341,11 @@ class SATAttentionMixin(SATBlockMixin):
         )
 
     def _sat_last_kept(self, kept: torch.Tensor) -> torch.Tensor:
-        return self._sat_query_heads(kept)  # kept query heads, whatever the granularity
-
-    def _sat_query_heads(self, units: torch.Tensor) -> torch.Tensor:
-        if self.sat_head_granularity == "q_head":
-            return units
-        groups = self.num_key_value_groups
-        return (units[:, None] * groups + torch.arange(groups, device=units.device)).reshape(-1)
+        return query_heads(kept, self.num_key_value_groups, self.sat_head_granularity)
 
     def _sat_heads(self, units: torch.Tensor) -> HeadSelection:
         """The projection rows of the attention units ``units`` (KV groups or query heads)."""
-        _, _, head_dim = self._sat_shape
-        groups = self.num_key_value_groups
-        offsets = torch.arange(head_dim, device=units.device)
-        q_heads = self._sat_query_heads(units)
-        if self.sat_head_granularity == "kv_group":
-            kv_heads, kv_for_q = units, None
-        else:
-            kv_heads, kv_for_q = torch.unique(q_heads // groups, sorted=True, return_inverse=True)
-        return HeadSelection(
-            q_heads=q_heads,
-            q_rows=(q_heads[:, None] * head_dim + offsets).reshape(-1),
-            kv_heads=kv_heads,
-            kv_rows=(kv_heads[:, None] * head_dim + offsets).reshape(-1),
-            kv_for_q=kv_for_q,
-        )
+        return head_selection(units, self.num_key_value_groups, self.head_dim, self.sat_head_granularity)
 
 
 class SATFusedAttentionMixin(SATAttentionMixin):
