@@ -73,13 +73,25 @@ class SATAttentionMixin(SATBlockMixin):
             return self._sat_attend_kept_grad(hidden_states, sel, **attend)
         if rows is None and config.sparse_pass == "weight_grad":
             return self._sat_attend_weight_grad(hidden_states, sel.kept, **attend)
-        output, weights = self._sat_attend(hidden_states, sel.kept, **attend)  # (B, T, H): kept heads, every token
         if rows is None or rows.numel() == 0 or sel.omitted is None:
-            return output, weights
+            return self._sat_attend(hidden_states, sel.kept, **attend)  # (B, T, H): kept heads, every token
         # Dense tokens run the whole block: they add the omitted heads, whose keys and values are every position's.
-        extra, _ = self._sat_attend(hidden_states, sel.omitted, rows=rows, add_bias=False, **attend)  # (n, H)
-        flat = add_at(output.reshape(-1, output.shape[-1]), rows, extra)
+        kept_kv, omitted_kv = self._sat_split_kv(hidden_states, sel)
+        output, weights = self._sat_attend(hidden_states, sel.kept, kv=kept_kv, **attend)
+        extra, _ = self._sat_attend(hidden_states, sel.omitted, rows=rows, add_bias=False, kv=omitted_kv, **attend)
+        flat = add_at(output.reshape(-1, output.shape[-1]), rows, extra)  # (n, H) added at the dense rows
         return flat.view_as(output), weights
+
+    def _sat_split_kv(self, x: torch.Tensor, sel: AttentionSelection) -> tuple[tuple | None, tuple | None]:
+        """The flat keys and values of the kept and of the omitted heads of a split batch, or None for each where
+        ``_sat_attend`` projects its own. Every KV head runs on every position once: whole KV groups split into
+        disjoint sets, but with ``q_head`` units a KV head may serve kept and omitted query heads alike, so every
+        KV head is projected once and each side takes its own."""
+        if self.sat_head_granularity != "q_head":
+            return None, None
+        key, value = self._sat_kv(x, None)
+        d = self.head_dim
+        return tuple(tuple(heads_of(t, part.kv_heads, d) for t in (key, value)) for part in (sel.kept, sel.omitted))
 
     def _sat_attend(
         self,
@@ -90,10 +102,12 @@ class SATAttentionMixin(SATBlockMixin):
         kwargs: dict,
         rows: torch.Tensor | None = None,
         add_bias: bool = True,
+        kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, Any]:
         """Attention of the heads in ``sel`` through the o-projection, for every query or, with ``rows`` (flat token
-        positions), for those only: (N or n, hidden)."""
-        qkv = self._sat_qkv(hidden_states, sel)
+        positions), for those only: (N or n, hidden). ``kv``: the heads' flat keys and values, projected by the
+        caller."""
+        qkv = self._sat_qkv(hidden_states, sel) if kv is None else (self._sat_q(hidden_states, sel.q_rows), *kv)
         queries = None if rows is None else self._sat_query_rows(rows, hidden_states.shape[:2])
         attend = (position_embeddings, attention_mask, kwargs)
         attn_output, attn_weights = self._sat_core(qkv, sel.kv_for_q, *attend, queries=queries)  # (B, T or L, kq*d)
@@ -155,6 +169,17 @@ class SATAttentionMixin(SATBlockMixin):
         # the attention kernel saves v for backward, and a view of a fused output would keep q and k alive with it.
         query, key = linear_rows_fused((self.q_proj, self.k_proj), x, (sel.q_rows, sel.kv_rows))
         return query, key, linear_rows(self.v_proj, x, sel.kv_rows)
+
+    def _sat_q(self, x: torch.Tensor, q_rows: torch.Tensor) -> torch.Tensor:
+        """The flat (B, T, kq * d) query of the heads whose q_proj rows are ``q_rows``."""
+        return linear_rows(self.q_proj, x, q_rows)
+
+    def _sat_kv(self, x: torch.Tensor, sel: HeadSelection | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The flat (B, T, kkv * d) key and value of the KV heads of ``sel`` (None: every KV head, still through the
+        sliced kernels: they save the block input as the norm's input, ``peft_sat.norm_input``)."""
+        _, num_kv_heads, head_dim = self._sat_shape
+        kv_rows = sel.kv_rows if sel is not None else torch.arange(num_kv_heads * head_dim, device=x.device)
+        return linear_rows(self.k_proj, x, kv_rows), linear_rows(self.v_proj, x, kv_rows)
 
     def _sat_query_rows(self, rows: torch.Tensor, grid: torch.Size) -> QueryRows | None:
         """The query slots of the dense ``rows`` (made once per forward, with the rows), or None where the kernel
@@ -357,6 +382,17 @@ class SATFusedAttentionMixin(SATAttentionMixin):
         rows = torch.cat([sel.q_rows, q_size + sel.kv_rows, q_size + kv_size + sel.kv_rows])
         kept_kv = sel.kv_rows.numel()
         return linear_rows(self.qkv_proj, x, rows).split([sel.q_rows.numel(), kept_kv, kept_kv], dim=-1)
+
+    def _sat_q(self, x: torch.Tensor, q_rows: torch.Tensor) -> torch.Tensor:
+        return linear_rows(self.qkv_proj, x, q_rows)
+
+    def _sat_kv(self, x: torch.Tensor, sel: HeadSelection | None) -> tuple[torch.Tensor, torch.Tensor]:
+        num_heads, num_kv_heads, head_dim = self._sat_shape
+        q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+        kv_rows = torch.arange(kv_size, device=x.device) if sel is None else sel.kv_rows
+        rows = torch.cat([q_size + kv_rows, q_size + kv_size + kv_rows])
+        key, value = linear_rows(self.qkv_proj, x, rows).split(kv_rows.numel(), dim=-1)
+        return key, value
 
     def _sat_cut_qkv(self, flat, x_rows, rows, context) -> tuple[torch.Tensor, ...]:
         num_heads, num_kv_heads, head_dim = self._sat_shape
