@@ -181,8 +181,8 @@ def training_flops(
         )  # fmt: skip
     rank = lora_rank if variant in ("lora", "qlora") else 0
     if context_forward_only and rate > 0 and dense_fraction > 0:
-        full = _stack_flops(shape, variant, rank, NOTHING_SLICED, (1.0, 1.0, 1.0))
-        forward = _stack_flops(shape, variant, rank, NOTHING_SLICED, (1.0, 1.0, 1.0), backward=False)
+        full = _stack_flops(shape, variant, rank, NOTHING_SLICED, (1.0, 1.0, 1.0, 1.0))
+        forward = _stack_flops(shape, variant, rank, NOTHING_SLICED, (1.0, 1.0, 1.0, 1.0), backward=False)
         head_dim = shape.head_dim or shape.hidden // shape.heads
         kv_weights = 0.0 if rank else 2 * 2.0 * shape.hidden * shape.kv_heads * head_dim * shape.layers
         mlp = projection_flops(shape.tokens, shape.hidden, shape.intermediate, lora_rank=rank, backward=False)
@@ -199,7 +199,9 @@ def training_flops(
     else:
         kept_q = num_kept(shape.heads, rate)
         q_kept, kv_kept = kept_q / shape.heads, min(shape.kv_heads, kept_q) / shape.kv_heads
-    return _stack_flops(shape, variant, rank, sliced, (q_kept, kv_kept, mlp_kept))
+    # a split batch projects the omitted heads' q, k and v on every position (`SATFlopsEstimator`, `BlockCosts`)
+    q_proj_kept, kv_kept = (1.0, 1.0) if rate > 0 and dense_fraction > 0 else (q_kept, kv_kept)
+    return _stack_flops(shape, variant, rank, sliced, (q_proj_kept, kv_kept, mlp_kept, q_kept))
 
 
 def _stack_flops(
@@ -207,13 +209,14 @@ def _stack_flops(
     variant: str,
     rank: int,
     sliced: SlicedShare,
-    kept: tuple[float, float, float],
+    kept: tuple[float, float, float, float],
     backward: bool = True,
 ) -> float:
-    """FLOPs of ``shape`` with the kept fractions (query heads, KV heads, MLP channels) and ``sliced`` shares."""
+    """FLOPs of ``shape`` with the kept fractions (of q_proj's rows, of k / v_proj's rows, of the MLP channels, of
+    the query heads: o_proj's columns and the attention core) and ``sliced`` shares."""
     tokens, hidden = shape.tokens, shape.hidden
     head_dim = shape.head_dim or hidden // shape.heads
-    q_kept, kv_kept, mlp_kept = kept
+    q_proj_kept, kv_kept, mlp_kept, q_kept = kept
     lora = variant in ("lora", "qlora")
 
     def projection(d_in: int, d_out: int, kept: float, input_grad: bool, by_rows: bool = True) -> float:
@@ -234,7 +237,7 @@ def _stack_flops(
     for layer in range(shape.layers):
         input_grad = layer > 0 or not lora or shape.first_input_grad
         q_out, kv_out = shape.heads * head_dim, shape.kv_heads * head_dim
-        total += projection(hidden, q_out, q_kept, input_grad)  # q
+        total += projection(hidden, q_out, q_proj_kept, input_grad)  # q
         total += projection(q_out, hidden, q_kept, True, by_rows=False)  # o
         total += 2 * projection(hidden, kv_out, kv_kept, input_grad)  # k, v
         total += 2 * projection(hidden, shape.intermediate, mlp_kept, input_grad)  # gate, up
@@ -286,39 +289,21 @@ class SATFlopsEstimator:
     Every base-model ``nn.Linear`` (4-bit included) counts per token as in ``projection_flops``: the LM head and the
     blocks SAT does not convert dilute the saving. A SAT block's projections scale with its kept units: MLP
     ``gate_proj`` / ``up_proj`` / ``down_proj``; attention ``q/k/v/o_proj`` with ``kv_group`` units, ``q/o_proj``
-    with ``q_head`` units (``k/v_proj`` counted dense: a KV head is dropped only when all its query heads are).
-    Phi3's fused projections scale as a whole. Input gradients are counted for every projection, LoRA adapter
-    matmuls and the attention core are not.
+    with ``q_head`` units (``k/v_proj`` counted dense: a KV head is dropped only when all its query heads are, so
+    the estimate may understate such a step's saving). Phi3's fused projections count by their q, k and v rows. In a
+    split batch the omitted heads' q, k and v run on every position (``BlockCosts.split``). Input gradients are
+    counted for every projection, LoRA adapter matmuls, the importance scores and the attention core are not.
+    ``tests/test_flops.py`` checks the estimate against the matmul FLOPs each mode's step runs.
     """
 
     def __init__(self, model: nn.Module, sat_state: SATState) -> None:
         self.sat_state = sat_state
         costs = {id(m): _costs(m) for m in _base_linears(model)}
         self.dense_cost = sum(sum(parts) for parts in costs.values())
-        # per SAT block: (num_units, (forward, input grad, weight grad) of the projections that scale with its
-        # units, the same of its projections that skip the backward for context tokens, whether it omits units)
-        self.blocks: list[tuple[int, tuple[float, float, float], tuple[float, float, float], bool]] = []
-        self.trailing_cost = 0.0  # per token, what a trailing row of a split batch saves beyond a context row
-        for module in model.modules():
-            if not isinstance(module, SATBlockMixin) or module.sat_state is not sat_state:
-                continue
-            mlp = block_kind(module) == "mlp"
-            if mlp:
-                names = ("gate_proj", "up_proj", "gate_up_proj", "down_proj")
-            elif getattr(module, "sat_head_granularity", "kv_group") == "kv_group":
-                names = ("q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj")
-            else:
-                names = ("q_proj", "o_proj")
-            scaled = _sum_costs(costs, module, names)
-            # context tokens: the whole backward of the MLP and of q / o; k / v keep their weight gradients
-            cut = _sum_costs(costs, module, names if mlp else ("q_proj", "o_proj"))
-            if not mlp:
-                kv = _sum_costs(costs, module, ("k_proj", "v_proj"))
-                cut = (cut[0], cut[1] + kv[1], cut[2])
-            self.blocks.append((module.sat_num_units, scaled, cut, getattr(module, "sat_omits_units", True)))
-            if mlp:  # rows trailing their sequence's last dense one skip its forward too
-                self.trailing_cost += cut[0]
-        self.num_units = sum(units for units, _, _, omits in self.blocks if omits)
+        self.blocks = [_block_costs(m, costs) for m in model.modules() if _is_sat_block(m, sat_state)]
+        # per token, what a trailing row of a split batch saves beyond a context row: the MLP's forward
+        self.trailing_cost = sum(block.cut[0] for block in self.blocks if block.mlp)
+        self.num_units = sum(block.units for block in self.blocks if block.omits)
         # the LM head's cost, whether SAT converted it or not (a fused loss may run it on the loss rows only); its
         # backward is saved on the context rows only where SAT converted it
         head = lm_head(model)
@@ -331,7 +316,7 @@ class SATFlopsEstimator:
         """Kept units / all units of the SAT blocks at omission rate ``rate`` (1.0 without blocks)."""
         if not self.num_units:
             return 1.0
-        kept = sum(num_kept(units, rate) for units, _, _, omits in self.blocks if omits)
+        kept = sum(num_kept(block.units, rate) for block in self.blocks if block.omits)
         return kept / self.num_units
 
     def saved_fraction(
@@ -358,14 +343,15 @@ class SATFlopsEstimator:
             return 0.0
         dense = self.dense_cost - self.head_cost * (1.0 - head_share) * (1.0 - bypassed_head_rows)
         if context_forward_only and dense_fraction > 0:
-            saved = sum(cut[1] + cut[2] for _, _, cut, _ in self.blocks) + self.head_backward * head_share
+            saved = sum(block.cut[1] + block.cut[2] for block in self.blocks) + self.head_backward * head_share
             return (saved * (1.0 - dense_fraction) + self.trailing_cost * (1.0 - live_fraction)) / dense
         sliced = SlicedShare.of(sparse_pass, dense_fraction)
         shares = (sliced.forward, sliced.input_grad, sliced.weight_grad)
         saved = sum(
-            (1.0 - num_kept(units, rate) / units) * sum(cost * share for cost, share in zip(scaled, shares))
-            for units, scaled, _, omits in self.blocks
-            if omits
+            (1.0 - num_kept(block.units, rate) / block.units)
+            * sum(cost * share for cost, share in zip(block.split if dense_fraction > 0 else block.scaled, shares))
+            for block in self.blocks
+            if block.omits
         )
         return saved / dense
 
@@ -391,9 +377,61 @@ class SATFlopsEstimator:
         )
 
 
-def _sum_costs(costs: dict, module: nn.Module, names: tuple[str, ...]) -> tuple[float, float, float]:
-    parts = [costs.get(id(_base(getattr(module, name))), (0.0, 0.0, 0.0)) for name in names if hasattr(module, name)]
-    return tuple(sum(p[i] for p in parts) for i in range(3))
+Costs = tuple[float, float, float]  # (forward, input grad, weight grad) FLOPs per token
+NONE: Costs = (0.0, 0.0, 0.0)
+
+
+@dataclass(frozen=True)
+class BlockCosts:
+    """What a SAT block's projections cost per token, by the parts a SAT step changes."""
+
+    units: int
+    omits: bool  # whether it omits units (a block converted only to cut context tokens' gradient does not)
+    mlp: bool
+    scaled: Costs  # the projections that scale with the kept units, every token sliced
+    split: Costs  # the same in a split batch: the omitted heads' q / k / v run on every position (their keys and
+    # values are read by the dense rows' queries; their query is projected whole), their o on the dense rows only
+    cut: Costs  # what a context row forward only skips: the MLP's backward, q's and o's (q's weight gradient
+    # only where q has a projection of its own), the input gradient of k and v
+
+
+def _is_sat_block(module: nn.Module, sat_state: SATState) -> bool:
+    return isinstance(module, SATBlockMixin) and module.sat_state is sat_state
+
+
+def _block_costs(module: nn.Module, costs: dict) -> BlockCosts:
+    """``BlockCosts`` of a SAT block from its base projections' ``costs``; Phi3's fused ``qkv_proj`` split into its
+    q, k and v parts by their output rows."""
+    omits = getattr(module, "sat_omits_units", True)
+    if block_kind(module) == "mlp":
+        mlp = _add(*(_cost(costs, module, name) for name in ("gate_proj", "up_proj", "gate_up_proj", "down_proj")))
+        return BlockCosts(module.sat_num_units, omits, True, mlp, mlp, mlp)
+    num_heads, num_kv_heads, head_dim = module._sat_shape
+    o = _cost(costs, module, "o_proj")
+    if hasattr(module, "qkv_proj"):
+        fused = _cost(costs, module, "qkv_proj")
+        q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+        q, k, v = (_scale(fused, size / (q_size + 2 * kv_size)) for size in (q_size, kv_size, kv_size))
+        q_cut = (0.0, q[1], 0.0)  # one projection for every row: its weight learns from the context rows too
+    else:
+        q, k, v = (_cost(costs, module, name) for name in ("q_proj", "k_proj", "v_proj"))
+        q_cut = q
+    # q_head units: k / v counted dense (a KV head is dropped only when all its query heads are)
+    scaled = _add(q, k, v, o) if getattr(module, "sat_head_granularity", "kv_group") == "kv_group" else _add(q, o)
+    cut = _add(q_cut, o, (0.0, k[1] + v[1], 0.0))
+    return BlockCosts(module.sat_num_units, omits, False, scaled, o, cut)
+
+
+def _cost(costs: dict, module: nn.Module, name: str) -> Costs:
+    return costs.get(id(_base(getattr(module, name))), NONE) if hasattr(module, name) else NONE
+
+
+def _add(*parts: Costs) -> Costs:
+    return tuple(sum(part[i] for part in parts) for i in range(3))
+
+
+def _scale(part: Costs, factor: float) -> Costs:
+    return tuple(cost * factor for cost in part)
 
 
 def _base(module: nn.Module) -> nn.Module:

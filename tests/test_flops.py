@@ -4,10 +4,13 @@ model, dense and in every SAT mode, against the formulas of its docstring on han
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 
 import pytest
 from peft import LoraConfig, get_peft_model
-from sat_testing import batch, paper_config, tiny_llama
+from sat_testing import batch, paper_config, tiny_llama, tiny_model, train_step
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 import peft_sat
 from peft_sat import get_sat_state
@@ -42,16 +45,24 @@ def test_ideal_ratio_of_a_bare_layer_at_half_rate():
     assert (dense - mlp_only) + (dense - attention_only) == dense - both  # integer-valued floats: exact
 
 
+# LAYER's forward FLOPs per token: q, k and v 3 x 2 x 256 x 256, o 2 x 256 x 256, the MLP 3 x 2 x 256 x 512, the
+# attention core 2 x 2 x 32 x 32 x 8 (32 keys per query on average, head dim 32, 8 heads); backward twice each
+QKV, O_PROJ, MLP, CORE = 393216, 131072, 786432, 32768
+LAYER_FORWARD = QKV + O_PROJ + MLP + CORE
+
+
 @pytest.mark.parametrize(
-    "sparse_pass,dense_fraction,ideal",
+    "sparse_pass,dense_fraction,omit,ideal",
     [
-        ("backward", 0.0, 3 / (1 + 2 * 0.5)),  # full forward, half of the backward (two thirds of the cost)
-        ("forward_backward", 0.5, 1 / (1 - 0.5 * 0.5)),  # half the tokens dense, half at half cost
-        ("backward", 0.5, 3 / (1 + 2 * (1 - 0.5 * 0.5))),  # dense tokens whole, the others half of the backward
+        ("backward", 0.0, ("mlp", "attention"), 3 / (1 + 2 * 0.5)),  # full forward, half of the backward
+        # half the tokens dense, half at half cost, except the omitted heads' q, k and v: they run on every token
+        ("forward_backward", 0.5, ("mlp", "attention"), 1 / (1 - 0.5 * 0.5 * (O_PROJ + MLP + CORE) / LAYER_FORWARD)),
+        # dense tokens whole, the others half of the MLP's backward
+        ("backward", 0.5, ("mlp",), 3 * LAYER_FORWARD / (3 * LAYER_FORWARD - 2 * MLP * 0.5 * 0.5)),
     ],
 )
-def test_ideal_ratio_of_the_modes_beyond_the_paper(sparse_pass, dense_fraction, ideal):
-    ratio = ideal_speedup(LAYER, "full", 0.5, sparse_pass=sparse_pass, dense_fraction=dense_fraction)
+def test_ideal_ratio_of_the_modes_beyond_the_paper(sparse_pass, dense_fraction, omit, ideal):
+    ratio = ideal_speedup(LAYER, "full", 0.5, omit=omit, sparse_pass=sparse_pass, dense_fraction=dense_fraction)
     assert ratio == pytest.approx(ideal)
 
 
@@ -88,8 +99,10 @@ def test_estimate_of_a_real_model_matches_the_formula():
     # the sparse backward saves the backward's two thirds; dense tokens save nothing in either pass
     backward = _estimator(model).saved_fraction(0.5, "backward")
     assert backward == pytest.approx(layers * (mlp + q_o + k_v) * 0.5 / macs * 2 / 3)
+    # in a split the omitted heads' q / k / v run on every position (keys and values: the dense rows' queries read
+    # them), their o on the dense rows only
     split = _estimator(model).saved_fraction(0.5, "forward_backward", dense_fraction=0.25)
-    assert split == pytest.approx(layers * (mlp + q_o + k_v) * 0.5 / macs * 0.75)
+    assert split == pytest.approx(layers * (mlp + q_o / 2) * 0.5 / macs * 0.75)
     weight_grad = _estimator(model).saved_fraction(0.5, "weight_grad")
     assert weight_grad == pytest.approx(layers * (mlp + q_o + k_v) * 0.5 / macs / 3)
     # context tokens forward only: their backward of the MLP and q / o, and k / v's input gradient, at any rate
@@ -181,3 +194,72 @@ def test_a_head_on_the_labelled_positions_only_saves_nothing_and_costs_their_sha
         # every position: SAT's head saves its context rows' backward, so the split saves more
         every = training_flops(shape, variant, 0.0) - training_flops(shape, variant, 0.5, **split)
         assert every > dense - sat
+
+
+class _MatmulFlops(TorchDispatchMode):
+    """Counts the FLOPs of every matmul op dispatched inside it (torch's own per-op formulas), by op."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flops: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func._overloadpacket in flop_registry:
+            self.flops[str(func._overloadpacket)] += flop_registry[func._overloadpacket](*args, **kwargs, out_val=out)
+        return out
+
+
+def _projection_flops(model, inputs) -> int:
+    """The FLOPs of the projections (2-D products: ``mm`` / ``addmm``; the attention core runs ``bmm`` or a fused
+    kernel) in one forward + backward."""
+    with _MatmulFlops() as counter:
+        train_step(model, inputs)
+    model.zero_grad(set_to_none=True)
+    assert counter.flops, "no matmul counted"
+    return counter.flops["aten.mm"] + counter.flops["aten.addmm"]
+
+
+# magnitude scores: "maxip" would add its sampled tokens' projections, which the estimate leaves out
+SCORED = dict(importance="magnitude")
+MODES = {  # name: (config, prompt tokens per row: > 0 splits the batch)
+    "paper": (paper_config(**SCORED), 0),
+    "paper q_head": (paper_config(head_granularity="q_head", **SCORED), 0),
+    "paper + token split": (paper_config(dense_tokens="loss", **SCORED), 6),
+    "paper + token split, q_head": (paper_config(dense_tokens="loss", head_granularity="q_head", **SCORED), 6),
+    "sparse backward": (peft_sat.SATConfig(omit=["mlp", "attention"], **SCORED), 0),
+    "weight grad": (peft_sat.SATConfig(sparse_pass="weight_grad", omit=["mlp", "attention"], **SCORED), 0),
+    "sparse backward + token split": (peft_sat.SATConfig(dense_tokens="loss", context_tokens="sparse", **SCORED), 6),
+    "defaults, split": (peft_sat.SATConfig(omit=["mlp", "attention"], **SCORED), 6),
+}
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3"])  # separate q / k / v / gate / up, and Phi3's fused ones
+@pytest.mark.parametrize("mode", list(MODES))
+def test_the_estimate_is_the_matmul_flops_a_step_saves(family, mode):
+    """The callback's estimate against the FLOPs of the products a SAT step really runs, counted op by op: equal in
+    every mode (no padding row, so the omitted heads' o-projection at the dense rows' query slots runs on those rows
+    only), except that with ``q_head`` units a step that drops every query head of a KV head also skips its keys
+    and values, which the estimate counts dense: it never overstates the saving."""
+    config, prompt = MODES[mode]
+    model = get_peft_model(tiny_model(family), config).train()
+    state = get_sat_state(model)
+    inputs = batch(prompt=prompt, pad=0)
+    state.set_omission_rate(0.0)
+    dense = _projection_flops(model, inputs)
+    state.set_omission_rate(0.5)
+    state.dense_fractions.clear()
+    state.live_fractions.clear()
+    sparse = _projection_flops(model, inputs)
+    dense_fraction = state.dense_fractions[-1] if state.dense_fractions else 0.0
+    assert (dense_fraction > 0) == (prompt > 0)
+    live_fraction = state.live_fractions[-1] if state.live_fractions else 1.0
+    head_share = min(1.0, state.head_split_forwards)
+    estimate = _estimator(model).step_saving(config, 0.5, dense_fraction, head_share, live_fraction=live_fraction)
+    measured = 1 - sparse / dense
+    assert 0 < estimate < 1
+    if mode == "paper q_head":
+        assert estimate <= measured + 1e-12
+    else:
+        assert measured == pytest.approx(estimate, rel=1e-9, abs=1e-12)
