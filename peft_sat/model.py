@@ -79,11 +79,17 @@ class SATModel(BaseTuner):
         super()._check_new_adapter_config(config)
 
     def _prepare_adapter_config(self, peft_config: SATConfig, model_config: dict) -> SATConfig:
-        if peft_config.target_modules is None:
-            peft_config.target_modules = default_target_modules(model_config.get("model_type"))
-        if peft_config.train_base is None:
-            peft_config.train_base = True  # SAT alone is full-parameter SAT (the paper's setting)
-        return peft_config
+        # A copy, also where PEFT keeps the model's config: the caller's object stays as given, so a config reused
+        # for `apply_sat` under LoRA does not carry `train_base=True` over and train the frozen base weights.
+        prepared = copy.deepcopy(peft_config)
+        if prepared.target_modules is None:
+            prepared.target_modules = default_target_modules(model_config.get("model_type"))
+        if prepared.train_base is None:
+            prepared.train_base = True  # SAT alone is full-parameter SAT (the paper's setting)
+        for name, config in self.peft_config.items():
+            if config is peft_config:
+                self.peft_config[name] = prepared
+        return prepared
 
     def _pre_injection_hook(self, model: nn.Module, config: SATConfig, adapter_name: str) -> None:
         if len(self.peft_config) > 1:

@@ -119,6 +119,21 @@ def test_print_trainable_parameters_tells_the_truth():
     assert frozen.get_nb_trainable_parameters()[0] == 0
 
 
+def test_a_config_reused_under_lora_keeps_the_base_frozen():
+    """``get_peft_model`` prepares a copy of the config (``train_base`` True, the default targets) and keeps that copy:
+    the same config object given afterwards to ``apply_sat`` under LoRA still means "adapters only"."""
+    config = paper_config()
+    full = get_peft_model(tiny_model(), config)
+    assert config.train_base is None and config.target_modules is None  # the caller's object, as given
+    assert full.peft_config["default"].train_base is True and full.peft_config["default"].target_modules
+    assert full.get_nb_trainable_parameters()[0] == sum(p.numel() for p in tiny_model().parameters())
+
+    lora = get_peft_model(tiny_model(), lora_config())
+    expected = lora.get_nb_trainable_parameters()
+    peft_sat.apply_sat(lora, config)
+    assert lora.get_nb_trainable_parameters() == expected
+
+
 def test_lora_checkpoint_is_plain_lora_and_loads_without_peft_sat(tmp_path):
     plain_lora = get_peft_model(tiny_model(), lora_config())
     plain_lora.save_pretrained(tmp_path / "plain")
