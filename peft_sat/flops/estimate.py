@@ -24,7 +24,9 @@ class SATFlopsEstimator:
     with ``q_head`` units (``k/v_proj`` counted dense: a KV head is dropped only when all its query heads are, so
     the estimate may understate such a step's saving). Phi3's fused projections count by their q, k and v rows. In a
     split batch the omitted heads' q, k and v run on every position (``BlockCosts.split``). Input gradients are
-    counted for every projection, LoRA adapter matmuls, the importance scores and the attention core are not.
+    counted for every projection (with frozen embeddings, as under LoRA, layer 0's q / k / v skip theirs in both arms
+    unless the embeddings' output requires a gradient: a share that shrinks with depth); LoRA adapter matmuls, the
+    importance scores and the attention core are not counted.
     ``tests/test_flops.py`` checks the estimate against the matmul FLOPs each mode's step runs.
     """
 
