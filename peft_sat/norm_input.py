@@ -21,7 +21,9 @@ Applies where it is free and safe:
   norm's own hooks).
 
 Projections opt in through ``save_input`` / ``load_input`` (``peft_sat.ops`` and ``peft_sat.ops_backward``) and
-``linear`` (LoRA's ``A``, whose graph would otherwise save ``x``).
+``linear`` (LoRA's ``A``, whose graph would otherwise save ``x``). ``rows_of`` extends this to a copy of some rows of
+``x`` (a split batch's dense rows, where only they need a projection): saved as ``h`` too, its rows taken from the
+recomputed ``x`` in backward.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ class NormInput:
         self.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
         self.users = 0  # projections that saved h and have not run their backward yet
         self._value: torch.Tensor | None = None
+        self.row_views: list[tuple[weakref.ref, int, torch.Tensor]] = []  # (x[rows], its version, rows): `rows_of`
 
     def recompute(self, h: torch.Tensor) -> torch.Tensor:
         """``norm(h)``, computed by the first projection's backward and released after the last one's."""
@@ -138,6 +141,7 @@ def recomputable(x: torch.Tensor, state: Any) -> Iterator[None]:
         yield
     finally:
         _ACTIVE.source.h = None
+        _ACTIVE.source.row_views.clear()
         _ACTIVE.source = previous
 
 
@@ -174,31 +178,51 @@ def _recorded_input(call: NormCall | None, x: torch.Tensor) -> torch.Tensor | No
     return h if h is not None and h._version == call.input_version and h.shape[:-1] == x.shape[:-1] else None
 
 
-def _source_of(x: torch.Tensor | None) -> NormInput | None:
-    """The active block's ``NormInput`` when ``x`` is its input, unchanged since the norm and during its forward."""
-    source = _ACTIVE.source
-    if x is None or source is None or source.h is None or source.x() is not x or x._version != source.version:
+def rows_of(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
+    """The flat rows ``rows`` (n, H) of the active block's recomputable input ``x`` (..., H): a copy, with its graph,
+    that the projections reading it save as the norm's input (no new bytes), taking these rows of ``norm(h)`` in
+    backward. None where ``x`` is not recomputable: a projection would save the copy itself."""
+    found = _source_of(x)
+    if found is None or found[1] is not None:
         return None
-    return source
+    x_rows = x.reshape(-1, x.shape[-1]).index_select(0, rows)
+    found[0].row_views.append((weakref.ref(x_rows), x_rows._version, rows))
+    return x_rows
+
+
+def _source_of(x: torch.Tensor | None) -> tuple[NormInput, torch.Tensor | None] | None:
+    """The active block's ``NormInput`` when ``x`` is its input (rows None) or rows of it (``rows_of``), unchanged
+    since the norm and during its forward."""
+    source = _ACTIVE.source
+    if x is None or source is None or source.h is None:
+        return None
+    if source.x() is x:
+        return (source, None) if x._version == source.version else None
+    for view, version, rows in source.row_views:
+        if view() is x:
+            return (source, rows) if x._version == version and source.x() is not None else None
+    return None
 
 
 def save_input(ctx: Any, x: torch.Tensor | None) -> torch.Tensor | None:
     """What a projection's ``forward`` passes to ``save_for_backward`` for its input ``x``: ``h`` when ``x`` is the
-    active block's recomputable input, else ``x``. Pair with ``load_input`` in backward."""
-    ctx.norm_input = source = _source_of(x)
-    if source is None:
+    active block's recomputable input or rows of it, else ``x``. Pair with ``load_input`` in backward."""
+    ctx.norm_input = found = _source_of(x)
+    if found is None:
         return x
-    source.users += 1
-    return source.h
+    found[0].users += 1
+    return found[0].h
 
 
 def load_input(ctx: Any, saved: torch.Tensor | None) -> torch.Tensor | None:
     """The projection's input in backward, from what ``save_input`` saved."""
-    source = getattr(ctx, "norm_input", None)
-    if saved is None or source is None:
+    found = getattr(ctx, "norm_input", None)
+    if saved is None or found is None:
         return saved
     ctx.norm_input = None
-    return source.recompute(saved)
+    source, rows = found
+    x = source.recompute(saved)
+    return x if rows is None else x.reshape(-1, x.shape[-1]).index_select(0, rows)
 
 
 class _Linear(torch.autograd.Function):

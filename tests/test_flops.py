@@ -44,18 +44,19 @@ def test_ideal_ratio_of_a_bare_layer_at_half_rate():
     assert (dense - mlp_only) + (dense - attention_only) == dense - both  # integer-valued floats: exact
 
 
-# LAYER's forward FLOPs per token: q, k and v 3 x 2 x 256 x 256, o 2 x 256 x 256, the MLP 3 x 2 x 256 x 512, the
-# attention core 2 x 2 x 32 x 32 x 8 (32 keys per query on average, head dim 32, 8 heads); backward twice each
-QKV, O_PROJ, MLP, CORE = 393216, 131072, 786432, 32768
-LAYER_FORWARD = QKV + O_PROJ + MLP + CORE
+# LAYER's forward FLOPs per token: q and o 2 x 256 x 256 each, k and v as much together (8 KV heads), the MLP
+# 3 x 2 x 256 x 512, the attention core 2 x 2 x 32 x 32 x 8 (32 keys per query on average, head dim 32, 8 heads);
+# backward twice each
+Q_AND_O, K_AND_V, MLP, CORE = 262144, 262144, 786432, 32768
+LAYER_FORWARD = Q_AND_O + K_AND_V + MLP + CORE
 
 
 @pytest.mark.parametrize(
     "sparse_pass,dense_fraction,omit,ideal",
     [
         ("backward", 0.0, ("mlp", "attention"), 3 / (1 + 2 * 0.5)),  # full forward, half of the backward
-        # half the tokens dense, half at half cost, except the omitted heads' q, k and v: they run on every token
-        ("forward_backward", 0.5, ("mlp", "attention"), 1 / (1 - 0.5 * 0.5 * (O_PROJ + MLP + CORE) / LAYER_FORWARD)),
+        # half the tokens dense, half at half cost, except the omitted heads' k and v: they run on every token
+        ("forward_backward", 0.5, ("mlp", "attention"), 1 / (1 - 0.5 * 0.5 * (Q_AND_O + MLP + CORE) / LAYER_FORWARD)),
         # dense tokens whole, the others half of the MLP's backward
         ("backward", 0.5, ("mlp",), 3 * LAYER_FORWARD / (3 * LAYER_FORWARD - 2 * MLP * 0.5 * 0.5)),
     ],
@@ -98,10 +99,10 @@ def test_estimate_of_a_real_model_matches_the_formula():
     # the sparse backward saves the backward's two thirds; dense tokens save nothing in either pass
     backward = _estimator(model).saved_fraction(0.5, "backward")
     assert backward == pytest.approx(layers * (mlp + q_o + k_v) * 0.5 / macs * 2 / 3)
-    # in a split the omitted heads' q / k / v run on every position (keys and values: the dense rows' queries read
-    # them), their o on the dense rows only
+    # in a split the omitted heads' k / v run on every position (the dense rows' queries read them), q and o on the
+    # dense rows only
     split = _estimator(model).saved_fraction(0.5, "forward_backward", dense_fraction=0.25)
-    assert split == pytest.approx(layers * (mlp + q_o / 2) * 0.5 / macs * 0.75)
+    assert split == pytest.approx(layers * (mlp + q_o) * 0.5 / macs * 0.75)
     weight_grad = _estimator(model).saved_fraction(0.5, "weight_grad")
     assert weight_grad == pytest.approx(layers * (mlp + q_o + k_v) * 0.5 / macs / 3)
     # context tokens forward only: their backward of the MLP and q / o, and k / v's input gradient, at any rate

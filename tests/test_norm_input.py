@@ -206,3 +206,28 @@ def test_the_dense_rows_come_from_the_norm_only_while_its_input_and_output_are_u
         names = {type(node).__name__ for node in (x_rows.grad_fn, *(n for n, _ in x_rows.grad_fn.next_functions))}
         assert ("IndexSelectBackward0" in names) == (change is not None), change
         assert state.last_norm_call.output() is x, "the recomputation is not recorded as the latest norm call"
+
+
+@pytest.mark.parametrize("stack", ["full", "lora"])
+def test_rows_of_the_block_input_are_saved_as_the_norm_input(stack, monkeypatch):
+    """The paper's mode on a split batch projects the omitted heads' queries at the dense rows only, from rows of the
+    block input (``norm_input.rows_of``): its projections save the norm's input, as those of the whole input do, so
+    the step saves no byte more than projecting every row, and computes the same gradients."""
+    config = peft_sat.SATConfig(omission_rate=0.5, importance="magnitude", **dict(PAPER_MODES, dense_tokens="loss"))
+    model = build_stack(stack, "llama", "sdpa", config).sat
+    inputs = batch(prompt=8, seq_len=32)
+    blocks = omitting_blocks(model)
+    views = []
+    rows_of = norm_input.rows_of
+    monkeypatch.setattr(norm_input, "rows_of", lambda x, rows: views.append(rows_of(x, rows)) or views[-1])
+    at_rows, _ = activation_bytes(model, lambda: model(**inputs).loss, blocks)
+    loss, grads = train_step(model, inputs), gradients(model)
+    # layer 0 under LoRA reads frozen embeddings: not recomputable, its queries run on every row
+    assert sum(view is not None for view in views) == 2 * (2 - (stack == "lora"))  # two forwards of two layers
+    monkeypatch.setattr(norm_input, "rows_of", lambda x, rows: None)  # every row, as without the split
+    every_row, _ = activation_bytes(model, lambda: model(**inputs).loss, blocks)
+    reference_loss, reference = train_step(model, inputs), gradients(model)
+    assert at_rows <= every_row
+    torch.testing.assert_close(loss, reference_loss)
+    for name, grad in reference.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)

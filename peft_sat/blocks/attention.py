@@ -107,7 +107,13 @@ class SATAttentionMixin(SATBlockMixin):
         """Attention of the heads in ``sel`` through the o-projection, for every query or, with ``rows`` (flat token
         positions), for those only: (N or n, hidden). ``kv``: the heads' flat keys and values, projected by the
         caller."""
-        qkv = self._sat_qkv(hidden_states, sel) if kv is None else (self._sat_q(hidden_states, sel.q_rows), *kv)
+        if rows is None and kv is None:
+            qkv = self._sat_qkv(hidden_states, sel)
+        else:  # the rows' queries read the keys and values of every position, but no other position's query
+            query = (
+                self._sat_q(hidden_states, sel.q_rows) if rows is None else self._sat_q_at(hidden_states, sel, rows)
+            )
+            qkv = (query, *(kv if kv is not None else self._sat_kv(hidden_states, sel)))
         queries = None if rows is None else self._sat_query_rows(rows, hidden_states.shape[:2])
         attend = (position_embeddings, attention_mask, kwargs)
         attn_output, attn_weights = self._sat_core(qkv, sel.kv_for_q, *attend, queries=queries)  # (B, T or L, kq*d)
@@ -173,6 +179,16 @@ class SATAttentionMixin(SATBlockMixin):
     def _sat_q(self, x: torch.Tensor, q_rows: torch.Tensor) -> torch.Tensor:
         """The flat (B, T, kq * d) query of the heads whose q_proj rows are ``q_rows``."""
         return linear_rows(self.q_proj, x, q_rows)
+
+    def _sat_q_at(self, x: torch.Tensor, sel: HeadSelection, rows: torch.Tensor) -> torch.Tensor:
+        """``_sat_q`` computed at the flat token positions ``rows`` only, zero elsewhere: (B, T, kq * d). Where the
+        block input is not recomputable from its norm's input (``norm_input.rows_of``; e.g. layer 0 over frozen
+        embeddings), at every position: a projection of the rows would save a copy of them."""
+        x_rows = norm_input.rows_of(x, rows)
+        if x_rows is None:
+            return self._sat_q(x, sel.q_rows)
+        query = self._sat_q(x_rows, sel.q_rows)  # (n, kq * d)
+        return place([(rows, query)], x.shape[:-1].numel()).view(*x.shape[:-1], -1)
 
     def _sat_kv(self, x: torch.Tensor, sel: HeadSelection | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The flat (B, T, kkv * d) key and value of the KV heads of ``sel`` (None: every KV head, still through the

@@ -23,7 +23,7 @@ class SATFlopsEstimator:
     ``gate_proj`` / ``up_proj`` / ``down_proj``; attention ``q/k/v/o_proj`` with ``kv_group`` units, ``q/o_proj``
     with ``q_head`` units (``k/v_proj`` counted dense: a KV head is dropped only when all its query heads are, so
     the estimate may understate such a step's saving). Phi3's fused projections count by their q, k and v rows. In a
-    split batch the omitted heads' q, k and v run on every position (``BlockCosts.split``). Input gradients are
+    split batch the omitted heads' k and v run on every position (``BlockCosts.split``). Input gradients are
     counted for every projection (with frozen embeddings, as under LoRA, layer 0's q / k / v skip theirs in both arms
     unless the embeddings' output requires a gradient: a share that shrinks with depth); LoRA adapter matmuls, the
     importance scores and the attention core are not counted.
@@ -123,8 +123,8 @@ class BlockCosts:
     omits: bool  # whether it omits units (a block converted only to cut context tokens' gradient does not)
     mlp: bool
     scaled: Costs  # the projections that scale with the kept units, every token sliced
-    split: Costs  # the same in a split batch: the omitted heads' q / k / v run on every position (their keys and
-    # values are read by the dense rows' queries; their query is projected whole), their o on the dense rows only
+    split: Costs  # the same in a split batch: the omitted heads' k / v run on every position (the dense rows'
+    # queries read them), their q and o on the dense rows only
     cut: Costs  # what a context row forward only skips: the MLP's backward, q's and o's (q's weight gradient
     # only where q has a projection of its own), the input gradient of k and v
 
@@ -153,7 +153,7 @@ def _block_costs(module: nn.Module, costs: dict) -> BlockCosts:
     # q_head units: k / v counted dense (a KV head is dropped only when all its query heads are)
     scaled = _add(q, k, v, o) if getattr(module, "sat_head_granularity", "kv_group") == "kv_group" else _add(q, o)
     cut = _add(q_cut, o, (0.0, k[1] + v[1], 0.0))
-    return BlockCosts(module.sat_num_units, omits, False, scaled, o, cut)
+    return BlockCosts(module.sat_num_units, omits, False, scaled, _add(q, o), cut)
 
 
 def _cost(costs: dict, module: nn.Module, name: str) -> Costs:

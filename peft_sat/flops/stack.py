@@ -81,8 +81,8 @@ def training_flops(
         )  # fmt: skip
     rank = lora_rank if variant in ("lora", "qlora") else 0
     if context_forward_only and rate > 0 and dense_fraction > 0:
-        full = _stack_flops(shape, variant, rank, NOTHING_SLICED, (1.0, 1.0, 1.0, 1.0))
-        forward = _stack_flops(shape, variant, rank, NOTHING_SLICED, (1.0, 1.0, 1.0, 1.0), backward=False)
+        full = _stack_flops(shape, variant, rank, NOTHING_SLICED, (1.0, 1.0, 1.0))
+        forward = _stack_flops(shape, variant, rank, NOTHING_SLICED, (1.0, 1.0, 1.0), backward=False)
         head_dim = shape.head_dim or shape.hidden // shape.heads
         kv_weights = 0.0 if rank else 2 * 2.0 * shape.hidden * shape.kv_heads * head_dim * shape.layers
         mlp = projection_flops(shape.tokens, shape.hidden, shape.intermediate, lora_rank=rank, backward=False)
@@ -99,9 +99,9 @@ def training_flops(
     else:
         kept_q = num_kept(shape.heads, rate)
         q_kept, kv_kept = kept_q / shape.heads, min(shape.kv_heads, kept_q) / shape.kv_heads
-    # a split batch projects the omitted heads' q, k and v on every position (`SATFlopsEstimator`, `BlockCosts`)
-    q_proj_kept, kv_kept = (1.0, 1.0) if rate > 0 and dense_fraction > 0 else (q_kept, kv_kept)
-    return _stack_flops(shape, variant, rank, sliced, (q_proj_kept, kv_kept, mlp_kept, q_kept))
+    # a split batch projects the omitted heads' k and v on every position (`SATFlopsEstimator`, `BlockCosts`)
+    kv_kept = 1.0 if rate > 0 and dense_fraction > 0 else kv_kept
+    return _stack_flops(shape, variant, rank, sliced, (q_kept, kv_kept, mlp_kept))
 
 
 def _stack_flops(
@@ -109,14 +109,13 @@ def _stack_flops(
     variant: str,
     rank: int,
     sliced: SlicedShare,
-    kept: tuple[float, float, float, float],
+    kept: tuple[float, float, float],
     backward: bool = True,
 ) -> float:
-    """FLOPs of ``shape`` with the kept fractions (of q_proj's rows, of k / v_proj's rows, of the MLP channels, of
-    the query heads: o_proj's columns and the attention core) and ``sliced`` shares."""
+    """FLOPs of ``shape`` with the kept fractions (query heads, KV heads, MLP channels) and ``sliced`` shares."""
     tokens, hidden = shape.tokens, shape.hidden
     head_dim = shape.head_dim or hidden // shape.heads
-    q_proj_kept, kv_kept, mlp_kept, q_kept = kept
+    q_kept, kv_kept, mlp_kept = kept
     lora = variant in ("lora", "qlora")
 
     def projection(d_in: int, d_out: int, kept: float, input_grad: bool, by_rows: bool = True) -> float:
@@ -137,7 +136,7 @@ def _stack_flops(
     for layer in range(shape.layers):
         input_grad = layer > 0 or not lora or shape.first_input_grad
         q_out, kv_out = shape.heads * head_dim, shape.kv_heads * head_dim
-        total += projection(hidden, q_out, q_proj_kept, input_grad)  # q
+        total += projection(hidden, q_out, q_kept, input_grad)  # q
         total += projection(q_out, hidden, q_kept, True, by_rows=False)  # o
         total += 2 * projection(hidden, kv_out, kv_kept, input_grad)  # k, v
         total += 2 * projection(hidden, shape.intermediate, mlp_kept, input_grad)  # gate, up
