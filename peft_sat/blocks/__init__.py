@@ -1,10 +1,11 @@
 """SAT blocks: a model's own MLP / attention instances, re-classed in place to subclasses with a sliced forward.
 
-``base`` (selection), ``mlp`` and ``attention`` (sliced forwards per layout), ``heads`` (attention units as projection
-rows), ``registry`` (supported families, re-classing).
+``base`` (selection), ``mlp`` and ``attention`` (sliced forwards; ``attention_fused``: Phi3's layout), ``heads``
+(attention units as projection rows), ``registry`` (supported families, re-classing).
 """
 
-from .attention import SATAttentionMixin, SATFusedAttentionMixin
+from .attention import SATAttentionMixin
+from .attention_fused import SATFusedAttentionMixin
 from .base import SATBlockMixin
 from .heads import HeadSelection
 from .mlp import SATFusedMLPMixin, SATMLPMixin

@@ -16,7 +16,8 @@ from typing import Any
 from torch import nn
 
 from ..state import SATState
-from .attention import SATAttentionMixin, SATFusedAttentionMixin
+from .attention import SATAttentionMixin
+from .attention_fused import SATFusedAttentionMixin
 from .mlp import SATFusedMLPMixin, SATMLPMixin
 
 
