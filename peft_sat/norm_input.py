@@ -86,8 +86,20 @@ class NormInput:
         return value
 
 
+class _Kept:
+    """A tensor that autograd keeps for backward anyway, saved in place of copies of its rows (``rows_of_kept``)."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.h = tensor
+        self.users = 0
+
+    def recompute(self, saved: torch.Tensor) -> torch.Tensor:
+        return saved
+
+
 class _Active(threading.local):
     source: NormInput | None = None
+    kept_views: list | None = None  # (copy, its version, _Kept, rows) of `rows_of_kept`, during a block's forward
 
 
 _ACTIVE = _Active()
@@ -133,16 +145,20 @@ def recomputable(x: torch.Tensor, state: Any) -> Iterator[None]:
     docstring) when ``x`` is the latest norm call's output and that norm keeps its input."""
     call = getattr(state, "last_norm_call", None)
     h = call.input() if call is not None and call.output() is x else None
-    if h is None or h.dtype != torch.float32 or not h.requires_grad or torch.compiler.is_compiling():
-        yield
-        return
-    previous, _ACTIVE.source = _ACTIVE.source, NormInput(call, x, h)
+    previous_views, _ACTIVE.kept_views = _ACTIVE.kept_views, []
     try:
-        yield
+        if h is None or h.dtype != torch.float32 or not h.requires_grad or torch.compiler.is_compiling():
+            yield
+            return
+        previous, _ACTIVE.source = _ACTIVE.source, NormInput(call, x, h)
+        try:
+            yield
+        finally:
+            _ACTIVE.source.h = None
+            _ACTIVE.source.row_views.clear()
+            _ACTIVE.source = previous
     finally:
-        _ACTIVE.source.h = None
-        _ACTIVE.source.row_views.clear()
-        _ACTIVE.source = previous
+        _ACTIVE.kept_views = previous_views
 
 
 def rows_input(x: torch.Tensor, rows: torch.Tensor, state: Any) -> torch.Tensor:
@@ -190,11 +206,28 @@ def rows_of(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
     return x_rows
 
 
-def _source_of(x: torch.Tensor | None) -> tuple[NormInput, torch.Tensor | None] | None:
-    """The active block's ``NormInput`` when ``x`` is its input (rows None) or rows of it (``rows_of``), unchanged
-    since the norm and during its forward."""
+def rows_of_kept(kept: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The flat rows ``rows`` of ``kept`` (..., k), a tensor that autograd keeps for backward anyway (an attention
+    kernel's output): a copy, with its graph, that the projections reading it save as ``kept`` itself (no new
+    bytes), taking these rows of it in backward. Registered while a SAT block's forward runs (``recomputable``);
+    elsewhere a plain copy."""
+    copy = kept.reshape(-1, kept.shape[-1]).index_select(0, rows)
+    if _ACTIVE.kept_views is not None and not torch.compiler.is_compiling():
+        _ACTIVE.kept_views.append((weakref.ref(copy), copy._version, _Kept(kept), rows))
+    return copy
+
+
+def _source_of(x: torch.Tensor | None) -> tuple[NormInput | _Kept, torch.Tensor | None] | None:
+    """What a projection saves for its input ``x`` and which of its rows ``x`` is (None: all): the active block's
+    ``NormInput`` when ``x`` is its input, or rows of it (``rows_of``), unchanged since the norm and during its
+    forward; a kept tensor when ``x`` is rows of it (``rows_of_kept``), unchanged since."""
+    if x is None:
+        return None
+    for view, version, kept, rows in _ACTIVE.kept_views or ():
+        if view() is x:
+            return (kept, rows) if x._version == version else None
     source = _ACTIVE.source
-    if x is None or source is None or source.h is None:
+    if source is None or source.h is None:
         return None
     if source.x() is x:
         return (source, None) if x._version == source.version else None

@@ -172,14 +172,16 @@ class _GatherLinearCols(torch.autograd.Function):
         kept_weight = _gather_cols(weight, index, transient_out=not need_x or ctx.regather)  # (out, k)
         ctx.in_features = weight.shape[1]
         ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
-        # Saved: the kept columns of the input (what the dense step saves, restricted to them) and W itself.
+        # Saved: the kept columns of the input (what the dense step saves, restricted to them; a tensor autograd
+        # keeps anyway where x is rows of it, `peft_sat.norm_input.rows_of_kept`) and W itself.
         for_x = (weight if ctx.regather else kept_weight) if need_x else None
-        ctx.save_for_backward(x if need_w else None, for_x, index)
+        ctx.save_for_backward(save_input(ctx, x) if need_w else None, for_x, index)
         return F.linear(x, kept_weight, bias)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, for_x, index = ctx.saved_tensors  # for_x: W (re-gather) or the gathered W[:, index]
+        x = load_input(ctx, x)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         x_dtype, w_dtype, b_dtype = ctx.dtypes  # differ from grad_out's under autocast
         grad_x = grad_w = grad_b = None

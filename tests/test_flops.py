@@ -246,9 +246,9 @@ MODES = {  # name: (config, prompt tokens per row: > 0 splits the batch)
 @pytest.mark.parametrize("mode", list(MODES))
 def test_the_estimate_is_the_matmul_flops_a_step_saves(family, mode, stack):
     """The callback's estimate against the FLOPs of the base projections' products a SAT step really runs, counted
-    op by op: equal in every mode (no padding row, so the omitted heads' o-projection at the dense rows' query slots
-    runs on those rows only), except that with ``q_head`` units a step that drops every query head of a KV head also
-    skips its keys and values, which the estimate counts dense: it never overstates the saving.
+    op by op, on a batch with padding (its sequences hold different numbers of dense rows): equal in every mode,
+    except that with ``q_head`` units a step that drops every query head of a KV head also skips its keys and
+    values, which the estimate counts dense: it never overstates the saving.
 
     Under LoRA the estimate counts every projection's input gradient, and so does this step: the embeddings'
     output requires a gradient (``enable_input_require_grads``, as PEFT sets it for gradient checkpointing).
@@ -262,7 +262,7 @@ def test_the_estimate_is_the_matmul_flops_a_step_saves(family, mode, stack):
     else:
         model = get_peft_model(tiny_model(family), config).train()
     state = get_sat_state(model)
-    inputs = batch(prompt=prompt, pad=0)
+    inputs = batch(prompt=prompt)
     state.set_omission_rate(0.0)
     dense = _projection_flops(model, inputs, lora)
     state.set_omission_rate(0.5)

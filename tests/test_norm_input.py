@@ -231,3 +231,23 @@ def test_rows_of_the_block_input_are_saved_as_the_norm_input(stack, monkeypatch)
     torch.testing.assert_close(loss, reference_loss)
     for name, grad in reference.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("stack", ["full", "lora"])
+def test_rows_of_the_attention_output_are_saved_as_the_kernel_output(stack, monkeypatch):
+    """The omitted heads' o-projection on a split batch runs at the dense rows' query slots only, the padding slots
+    left out; on a CPU it saves the attention kernel's output, which the kernel keeps for its own backward, instead
+    of a copy of those rows (``norm_input.rows_of_kept``): fewer bytes than the copy, the same gradients."""
+    config = peft_sat.SATConfig(omission_rate=0.5, importance="magnitude", **dict(PAPER_MODES, dense_tokens="loss"))
+    model = build_stack(stack, "llama", "sdpa", config).sat
+    inputs = batch(prompt=8, seq_len=32)  # left padding on the first row: its sequence has fewer dense rows
+    blocks = omitting_blocks(model)
+    kept, _ = activation_bytes(model, lambda: model(**inputs).loss, blocks)
+    loss, grads = train_step(model, inputs), gradients(model)
+    monkeypatch.setattr(norm_input, "rows_of_kept", lambda tensor, rows: tensor.reshape(-1, tensor.shape[-1])[rows])
+    copied, _ = activation_bytes(model, lambda: model(**inputs).loss, blocks)
+    reference_loss, reference = train_step(model, inputs), gradients(model)
+    assert kept < copied
+    assert torch.equal(loss, reference_loss)
+    for name, grad in reference.items():
+        assert torch.equal(grads[name], grad), name

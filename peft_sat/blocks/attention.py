@@ -117,9 +117,14 @@ class SATAttentionMixin(SATBlockMixin):
         queries = None if rows is None else self._sat_query_rows(rows, hidden_states.shape[:2])
         attend = (position_embeddings, attention_mask, kwargs)
         attn_output, attn_weights = self._sat_core(qkv, sel.kv_for_q, *attend, queries=queries)  # (B, T or L, kq*d)
-        if queries is not None:  # the o-projection on every slot (a view of the kernel's output), then the rows'
+        if queries is not None:  # the o-projection at the dense rows' slots, the padding slots left out
             slots = attn_output.reshape(-1, attn_output.shape[-1])
-            return queries.dense(linear_cols(self.o_proj, slots, sel.q_rows, add_bias=add_bias)), attn_weights
+            if queries.valid is not None:
+                # torch's CPU kernel keeps its output for backward, and the slots are a view of it: the o-projection
+                # saves that instead of a copy of the rows (`rows_of_kept`); other kernels' outputs are copies
+                kept = self._sat_cpu_sdpa(slots.device)
+                slots = norm_input.rows_of_kept(slots, queries.valid) if kept else queries.dense(slots)
+            return linear_cols(self.o_proj, slots, sel.q_rows, add_bias=add_bias), attn_weights
         if rows is not None:
             attn_output = attn_output.reshape(-1, attn_output.shape[-1]).index_select(0, rows)  # (n, kq * d)
         return linear_cols(self.o_proj, attn_output, sel.q_rows, add_bias=add_bias), attn_weights
