@@ -23,7 +23,8 @@ Applies where it is free and safe:
 Projections opt in through ``save_input`` / ``load_input`` (``peft_sat.ops`` and ``peft_sat.ops_backward``) and
 ``linear`` (LoRA's ``A``, whose graph would otherwise save ``x``). ``rows_of`` extends this to a copy of some rows of
 ``x`` (a split batch's dense rows, where only they need a projection): saved as ``h`` too, its rows taken from the
-recomputed ``x`` in backward.
+recomputed ``x`` in backward. ``rows_of_kept`` does the same for rows of a tensor that autograd keeps anyway (an
+attention kernel's output): the projection saves that tensor instead of the copy.
 """
 
 from __future__ import annotations
