@@ -273,20 +273,21 @@ def weight_grad_forward(module: nn.Module, x: torch.Tensor, by_rows: bool) -> tu
         return value, lambda index: weight_grad_from_value(x, module.weight, module.bias, index, value, by_rows)
     if _is_lora(module) and _plain_lora(module) is not None and _is_plain_linear(module.base_layer):
         base_value, base_graph = weight_grad_forward(module.base_layer, x, by_rows)
-        value, branches = base_value, []
+        value, deltas = base_value, []
         for adapter in _plain_lora(module):
             lora_a, lora_b = module.lora_A[adapter], module.lora_B[adapter]
             x_cast = module._cast_input_dtype(x, lora_a.weight.dtype)
             low_rank = norm_input.linear(lora_a, module.lora_dropout[adapter](x_cast))  # one dropout draw
-            with torch.no_grad():
-                value = value + lora_b(low_rank) * module.scaling[adapter]
-            branches.append((low_rank, lora_b, module.scaling[adapter]))
+            # the adapters train whole whatever the units: their delta's graph needs no index, so it runs once
+            delta = lora_b(low_rank) * module.scaling[adapter]
+            value = value + delta.detach()
+            deltas.append(delta)
         value = value.to(base_value.dtype)
 
         def graph(index: torch.Tensor) -> torch.Tensor:
             output = base_graph(index)
-            for low_rank, lora_b, scaling in branches:
-                output = output + lora_b(low_rank) * scaling  # the same products as the value: the same numbers
+            for delta in deltas:
+                output = output + delta  # the value's own sums, in the same order: the same numbers
             return output.to(base_value.dtype)
 
         return value, graph
