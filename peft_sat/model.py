@@ -171,8 +171,8 @@ def apply_sat(model: nn.Module, config: SATConfig | Mapping[str, Any]) -> nn.Mod
     Example:
         >>> lora_model = apply_sat(get_peft_model(model, LoraConfig(...)), SATConfig(omission_rate=0.5))  # doctest: +SKIP
     """
-    if isinstance(config, Mapping):
-        config = SATConfig.from_dict(config)
+    # A copy, as `get_peft_model` prepares one: the caller's object stays as given (its `target_modules` unfilled).
+    config = SATConfig.from_dict(config) if isinstance(config, Mapping) else copy.deepcopy(config)
     config.validate()
     remove_sat(model)
     base = _transformers_model(model)

@@ -132,6 +132,8 @@ def test_a_config_reused_under_lora_keeps_the_base_frozen():
     expected = lora.get_nb_trainable_parameters()
     peft_sat.apply_sat(lora, config)
     assert lora.get_nb_trainable_parameters() == expected
+    assert config.train_base is None and config.target_modules is None  # apply_sat works on a copy too
+    assert peft_sat.get_sat_state(lora).config.target_modules == ["mlp", "self_attn"]
 
 
 def test_lora_checkpoint_is_plain_lora_and_loads_without_peft_sat(tmp_path):
