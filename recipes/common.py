@@ -23,7 +23,6 @@ from transformers import AutoModelForCausalLM, set_seed
 from trl import SFTTrainer, get_peft_config, get_quantization_config
 
 from peft_sat import SATCallback, SATConfig, cpu_allocator
-from peft_sat.bnb import disable_cpu_inference_repack
 
 from . import cpu_lm_head, turns
 from .measure import RunRecorder, final_eval_point
@@ -117,6 +116,9 @@ def load_model(model_path: str, model_args: Any, training_args: Any) -> Any:
     model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
     model.config.use_cache = False  # training builds no KV cache (transformers creates one otherwise)
     if quantization_config is not None:
+        # Imported here: bitsandbytes is needed for QLoRA only (preflight reports it missing before training).
+        from peft_sat.bnb import disable_cpu_inference_repack
+
         disable_cpu_inference_repack(model)  # the held-out loss is evaluated before training (and SAT)
     return model
 
