@@ -293,3 +293,69 @@ def test_smollm2_random_weights_is_the_wheels_architecture_without_the_wheel(mon
     inputs = case.inputs(args.device)
     assert inputs["input_ids"].shape == (1, 8) and int(inputs["input_ids"].max()) < wheel_config.vocab_size
     assert torch.isfinite(case.loss(model, inputs))
+
+
+def test_cuda_offline_steps_parse_and_run_in_order(tmp_path, monkeypatch):
+    """``benchmarks/cuda_offline.py``: every step's command line parses as its script's own (a flag renamed there
+    fails here, not on a lent GPU), and ``run`` runs the steps in order, logs each, keeps the files it names and
+    goes on after a failure."""
+    sys.path.insert(0, str(BENCHMARKS))
+    import shlex
+
+    import cuda_offline
+    import speed
+
+    from recipes import cpt, sft
+
+    fields = {"bundle": "B", "out": "O", "work": "W"}
+    for step in cuda_offline.STEPS:
+        script, *args = shlex.split(step.command.format(**fields))
+        if script == "benchmarks/speed.py":
+            speed.parse_args(args)
+        elif script.startswith("recipes/"):
+            recipe = {"recipes/cpt.py": cpt, "recipes/sft.py": sft}[script]
+            recipe.make_parser().parse_args_and_config(args)
+        elif script == "-m":
+            assert args[:2] == ["pytest", "-q"] and (BENCHMARKS.parent / args[3]).is_file()
+        else:
+            assert script == "benchmarks/cuda_offline.py" and args[0] == "random-weights"
+    assert sum(step.seconds for step in cuda_offline.STEPS) <= 560  # one 10-minute command, the install included
+
+    steps = (
+        cuda_offline.Step("writes", 30, "-c \"open('{work}/made.txt', 'w').write('x')\"", keep=("made.txt",)),
+        cuda_offline.Step("fails", 30, "-c 'raise SystemExit(3)'"),
+        cuda_offline.Step("last", 30, "-c \"print('ran last')\""),
+    )
+    monkeypatch.setattr(cuda_offline, "STEPS", steps)
+    (tmp_path / "bundle").mkdir()
+    assert cuda_offline.run(tmp_path / "bundle", tmp_path / "out") == 1
+    log = (tmp_path / "out" / cuda_offline.LOG).read_text()
+    assert log.index("writes: exit 0") < log.index("fails: exit 3") < log.index("ran last") < log.index("last: exit 0")
+    assert (tmp_path / "out" / "writes_made.txt").read_text() == "x"
+    with pytest.raises(SystemExit, match="unknown steps"):
+        cuda_offline.run(tmp_path / "bundle", tmp_path / "out", ["nope"])
+
+
+def test_cuda_offline_pack_and_random_weights(tmp_path):
+    """``pack --no-wheels`` writes SmolLM2's config and tokenizer and the SFT recipe's conversations; the model folder
+    then loads with random weights (``random-weights``) and its tokenizer templates a conversation."""
+    sys.path.insert(0, str(BENCHMARKS))
+    import cuda_offline
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    bundle = tmp_path / "bundle"
+    cuda_offline.pack(bundle, "3.12", wheels=False)
+    folder = bundle / cuda_offline.MODEL_DIR
+    assert sorted(p.name for p in folder.iterdir()) == sorted(cuda_offline.MODEL_FILES)
+    conversations = load_dataset("json", data_files=str(bundle / cuda_offline.SFT_DATA), split="train")
+    assert len(conversations) > 1000 and conversations.column_names == ["prompt", "completion"]
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    ids = tokenizer.apply_chat_template(conversations[0]["prompt"] + conversations[0]["completion"], return_dict=False)
+    assert 0 < len(ids) <= 128  # the recipe's max_length: every example fits whole
+
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 1}))  # one layer: seconds
+    assert cuda_offline.main(["random-weights", str(folder)]) == 0
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert model.config.num_hidden_layers == 1 and model.dtype == torch.float32
