@@ -361,3 +361,18 @@ def test_cuda_offline_pack_and_random_weights(tmp_path):
     assert cuda_offline.main(["random-weights", str(folder)]) == 0
     model = AutoModelForCausalLM.from_pretrained(folder)
     assert model.config.num_hidden_layers == 1 and model.dtype == torch.float32
+
+
+def test_recipe_steps_times_the_sft_recipes_batches(tiny_model_dir, chat_file, tmp_path, capsys):
+    """``benchmarks/recipe_steps.py`` builds the SFT recipe's trainer from its arguments and times its first batches
+    dense and sparse, each next to the callback's estimate (timings not checked)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    import recipe_steps
+    from sat_testing import TINY_RECIPE_ARGS
+
+    paths = ["--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(chat_file)]
+    argv = ["--batches", "2", "--repeats", "2", *paths, "--output_dir", str(tmp_path), *TINY_RECIPE_ARGS]
+    summary = recipe_steps.main(argv)
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" ")[:2] for line in lines[:2]] == [["batch", "1"], ["batch", "2"]]
+    assert 0 < summary["estimate"] < 1 and summary["efficiency"] == summary["measured"] / summary["estimate"]
