@@ -363,7 +363,7 @@ def test_cuda_offline_pack_and_random_weights(tmp_path):
     assert model.config.num_hidden_layers == 1 and model.dtype == torch.float32
 
 
-def test_recipe_steps_times_the_sft_recipes_batches(tiny_model_dir, chat_file, tmp_path, capsys):
+def test_recipe_steps_times_the_sft_recipes_batches(tiny_model_dir, chat_file, tmp_path, capsys, restore_trl_lm_head):
     """``benchmarks/recipe_steps.py`` builds the SFT recipe's trainer from its arguments and times its first batches
     dense and sparse, each next to the callback's estimate (timings not checked)."""
     sys.path.insert(0, str(BENCHMARKS))
